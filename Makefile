@@ -1,0 +1,33 @@
+# The two set-up commands (as root): `make run` and `make test`. Each installs what is missing.
+VENV ?= /opt/coroot-agent/venv
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup setup-test run test unit lint bench check
+
+setup:
+	@scripts/setup.sh
+
+setup-test:
+	@scripts/setup.sh --test
+
+# The agent in the foreground, with the embedded store under /var/lib/coroot-agent.
+run: setup
+	coroot-agent run $(ARGS)
+
+check: setup
+	coroot-agent check $(ARGS)
+
+# Unit and system tests together (system tests need root, the real kernel and BPF).
+test: setup-test
+	$(VENV)/bin/ruff check agent tests bench
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+unit: setup-test
+	$(VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
+
+lint: setup-test
+	$(VENV)/bin/ruff check agent tests bench
+
+bench: setup-test
+	$(VENV)/bin/python bench/startup.py

@@ -1,0 +1,98 @@
+"""Command line: `coroot-agent [run]`, `check`, `--version`. Parses, configures logging, and
+hands over to the module that does the work. Exit codes: 0 ok, 1 runtime failure, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from agent import __version__, config
+
+COMMANDS = ("run", "check")
+
+DESCRIPTION = """\
+eBPF node agent: sees every process on this host through eBPF (process lifecycle, TCP, L7
+requests, CPU stacks) plus cgroups and logs, and exposes them in the Coroot node agent's data
+model. Needs root (or CAP_BPF + CAP_PERFMON) and kernel headers; `coroot-agent check` says
+what is missing.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="coroot-agent", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Commands: run (the default), check. `coroot-agent COMMAND --help` lists the options.",
+    )
+    p.add_argument("--version", action="version", version=f"coroot-agent {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the agent in the foreground (the default)",
+                         description="Run the agent in the foreground. SIGTERM/SIGINT detach the "
+                         "probes, flush what is buffered and exit 0.")
+    config.add_arguments(run)
+
+    check = sub.add_parser("check", help="preflight: can the agent run here?",
+                           description="Check the kernel, BTF, tracefs, headers, capabilities, "
+                           "cgroups, event buffers and that each probe family loads. Exits 0 "
+                           "only when the agent can run; each failure says how to fix it.")
+    check.add_argument("--no-probe", action="store_true", help="skip compiling and loading the probes")
+    config.add_arguments(check)
+    return p
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "run")
+    ns = _parser().parse_args(argv)
+    try:
+        cfg = config.from_namespace(ns)
+    except config.ConfigError as e:
+        print(f"coroot-agent: config error: {e}", file=sys.stderr)
+        return 2
+    _setup_logging(cfg.log_level)
+    if ns.command == "check":
+        return _check(cfg, probe=not ns.no_probe)
+    return _run(cfg)
+
+
+def _check(cfg: config.Config, probe: bool) -> int:
+    from agent.check import FAIL, render, run_checks
+
+    rows = run_checks(cfg, probe=probe)
+    print(render(rows))
+    return 1 if any(r.status == FAIL for r in rows) else 0
+
+
+def _run(cfg: config.Config) -> int:
+    from agent.run import Agent
+
+    agent = Agent(cfg)
+    signal.signal(signal.SIGTERM, lambda *_: agent.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
+    try:
+        agent.start()
+    except Exception as e:  # noqa: BLE001 - start-up failures end with a message, not a trace
+        logging.getLogger("agent").error("cannot start: %s", e)
+        logging.getLogger("agent").debug("start-up failure", exc_info=True)
+        agent.stop()
+        return 1
+    agent.wait()
+    agent.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,465 @@
+"""One validated, typed configuration from agent.yaml + environment + flags.
+
+Precedence: command-line flag > environment variable > agent.yaml > default.
+Every option is declared once, as a field of `Config` with its flag, environment name,
+YAML key, default and help; the CLI, the loader and the README's options table are all
+derived from those declarations. This module reads and validates; it starts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from agent import units
+
+DEFAULT_CONFIG_PATH = "/etc/coroot-agent/agent.yaml"
+
+
+class ConfigError(Exception):
+    """A bad configuration input. The message names the key (and the line, for YAML)."""
+
+
+@dataclass(frozen=True)
+class Option:
+    field: str
+    kind: str
+    default: Any
+    help: str
+    flag: str | None = None
+    env: str | None = None
+    yaml: str | None = None
+    invert: bool = False  # the flag/env is `--disable-X` for a YAML `enabled: true` key
+    secret: bool = False
+    check: Callable[[Any], None] | None = None
+
+    @property
+    def env_name(self) -> str | None:
+        if self.env:
+            return self.env
+        if self.flag:
+            return self.flag.lstrip("-").upper().replace("-", "_")
+        return None
+
+
+def _opt(default: Any, kind: str, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"option": (kind, help, kw)})
+
+
+def _between(lo: float, hi: float) -> Callable[[Any], None]:
+    def check(v: Any) -> None:
+        if not lo <= v <= hi:
+            raise ValueError(f"must be between {lo:g} and {hi:g}, got {v:g}")
+
+    return check
+
+
+def _positive(v: Any) -> None:
+    if v <= 0:
+        raise ValueError(f"must be greater than 0, got {v}")
+
+
+def _log_level(v: str) -> None:
+    if v.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError(f"must be one of debug, info, warning, error; got {v!r}")
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- agent process ---
+    listen: str = _opt("127.0.0.1:8080", "hostport", "address of the agent HTTP API (/metrics, /healthz, /api/*)", flag="--listen", yaml="listen")
+    api_key: str = _opt("", "str", "project API key: sent as X-Api-Key and required by /api/* from non-loopback clients", flag="--api-key", yaml="api_key", secret=True)
+    log_level: str = _opt("info", "str", "log level: debug, info, warning, error", flag="--log-level", yaml="log_level", check=_log_level)
+    cgroupfs_root: str = _opt("/sys/fs/cgroup", "str", "where the cgroup filesystem is mounted", flag="--cgroupfs-root", yaml="cgroupfs_root")
+    procfs_root: str = _opt("/proc", "str", "where the host's procfs is mounted", flag="--procfs-root", yaml="procfs_root")
+    # --- what is collected ---
+    tracer_enabled: bool = _opt(True, "bool", "produce spans for traced requests (metrics are counted either way)", flag="--disable-traces", yaml="nodeAgent.ebpfTracer.enabled", invert=True)
+    traces_sampling: float = _opt(1.0, "float", "fraction of requests that become spans, 0.0-1.0 (never applied to metrics)", flag="--traces-sampling", yaml="nodeAgent.ebpfTracer.sampling", check=_between(0.0, 1.0))
+    l7_tracing: bool = _opt(True, "bool", "attach the L7 (request) probes at all", flag="--disable-l7-tracing", yaml="l7_tracing", invert=True)
+    exclude_http_requests_by_path: tuple[str, ...] = _opt((), "list", "HTTP paths that produce no spans (repeatable)", flag="--exclude-http-requests-by-path", yaml="exclude_http_requests_by_path")
+    profiler_enabled: bool = _opt(True, "bool", "run the CPU profiler", flag="--disable-profiling", yaml="nodeAgent.ebpfProfiler.enabled", invert=True)
+    profiling_frequency: int = _opt(99, "int", "CPU profiler sampling frequency in Hz (1-1000)", flag="--profiling-frequency", yaml="nodeAgent.ebpfProfiler.frequency", check=_between(1, 1000))
+    profiling_interval: float = _opt(60.0, "duration", "how often profiles are written to the store", flag="--profiling-interval", yaml="nodeAgent.ebpfProfiler.interval", check=_positive)
+    log_metrics_enabled: bool = _opt(True, "bool", "count log messages by level and pattern (container_log_messages_total)", flag="--disable-log-parsing", yaml="nodeAgent.logCollector.collectLogBasedMetrics", invert=True)
+    log_entries_enabled: bool = _opt(True, "bool", "store log records in otel_logs", flag="--disable-log-entries", yaml="nodeAgent.logCollector.collectLogEntries", invert=True)
+    log_patterns_per_container: int = _opt(256, "int", "distinct log patterns kept per container", flag="--log-patterns-per-container", yaml="log_patterns_per_container", check=_positive)
+    track_public_networks: tuple[str, ...] = _opt(("0.0.0.0/0",), "cidrs", "public destinations inside these prefixes are labelled (repeatable; private, CGNAT and loopback always are)", flag="--track-public-network", yaml="nodeAgent.trackPublicNetworks")
+    ephemeral_port_range: str = _opt("32768-60999", "portrange", "listen sockets on ports in this range are not reported", flag="--ephemeral-port-range", yaml="ephemeral_port_range")
+    max_fqdns_per_container: int = _opt(50, "int", "distinct DNS domains kept per container", flag="--max-fqdns-per-container", yaml="max_fqdns_per_container", check=_positive)
+    max_label_length: int = _opt(4096, "int", "longer label values are truncated", flag="--max-label-length", yaml="max_label_length", check=_positive)
+    # --- containers ---
+    container_allowlist: tuple[str, ...] = _opt((), "regexes", "only containers whose id matches one of these regexes (repeatable)", flag="--container-allowlist", yaml="container_allowlist")
+    container_denylist: tuple[str, ...] = _opt((), "regexes", "containers whose id matches one of these regexes are ignored (repeatable)", flag="--container-denylist", yaml="container_denylist")
+    min_container_age: float = _opt(30.0, "duration", "containers younger than this are not reported yet (0s disables)", flag="--min-container-age", yaml="min_container_age")
+    dead_container_ttl: float = _opt(60.0, "duration", "a container whose last process exited is forgotten after this", flag="--dead-container-ttl", yaml="dead_container_ttl")
+    # --- metrics shipping ---
+    metrics_endpoint: str = _opt("", "str", "Prometheus remote_write URL (alias --remote-write-url)", flag="--metrics-endpoint", yaml="global_prometheus.remote_write_url")
+    prometheus_url: str = _opt("", "str", "Prometheus query URL (informational; the agent only writes)", yaml="global_prometheus.url")
+    prometheus_refresh_interval: float = _opt(15.0, "duration", "Coroot server setting, accepted and unused by the agent", yaml="global_prometheus.refresh_interval")
+    prometheus_user: str = _opt("", "str", "basic-auth user for remote_write", flag="--prometheus-user", yaml="global_prometheus.user")
+    prometheus_password: str = _opt("", "str", "basic-auth password for remote_write", flag="--prometheus-password", yaml="global_prometheus.password", secret=True)
+    prometheus_custom_headers: tuple[tuple[str, str], ...] = _opt((), "map", "extra HTTP headers on remote_write requests", yaml="global_prometheus.custom_headers")
+    insecure_skip_verify: bool = _opt(False, "bool", "skip TLS verification for remote_write", flag="--insecure-skip-verify", yaml="global_prometheus.tls_skip_verify")
+    ca_file: str = _opt("", "str", "CA bundle for remote_write TLS", flag="--ca-file", yaml="global_prometheus.ca_file")
+    scrape_interval: float = _opt(15.0, "duration", "how often metrics are gathered and sent", flag="--scrape-interval", yaml="scrape_interval", check=_positive)
+    wal_dir: str = _opt("/var/lib/coroot-agent/wal", "str", "remote_write spool directory", flag="--wal-dir", yaml="wal_dir")
+    max_spool_size: int = _opt(500_000_000, "size", "disk bound of each spool; the oldest is dropped beyond it", flag="--max-spool-size", yaml="max_spool_size")
+    # --- store (ClickHouse) ---
+    storage_path: str = _opt("/var/lib/coroot-agent", "str", "embedded store directory (used when no ClickHouse address is set)", flag="--storage-path", yaml="storage.path")
+    clickhouse_address: str = _opt("", "str", "remote ClickHouse host:port over HTTP(S); empty = embedded store", flag="--clickhouse-address", yaml="global_clickhouse.address")
+    clickhouse_user: str = _opt("default", "str", "ClickHouse user", flag="--clickhouse-user", yaml="global_clickhouse.user")
+    clickhouse_password: str = _opt("", "str", "ClickHouse password", flag="--clickhouse-password", yaml="global_clickhouse.password", secret=True)
+    clickhouse_database: str = _opt("coroot", "str", "ClickHouse database", flag="--clickhouse-database", yaml="global_clickhouse.database")
+    clickhouse_tls: bool = _opt(False, "bool", "use HTTPS to reach ClickHouse", flag="--clickhouse-tls", yaml="global_clickhouse.tls_enable")
+    clickhouse_tls_skip_verify: bool = _opt(False, "bool", "skip ClickHouse TLS verification", flag="--clickhouse-tls-skip-verify", yaml="global_clickhouse.tls_skip_verify")
+    clickhouse_ca_file: str = _opt("", "str", "CA bundle for ClickHouse TLS", flag="--clickhouse-ca-file", yaml="global_clickhouse.ca_file")
+    clickhouse_cluster: str = _opt("", "str", "ClickHouse cluster name: ON CLUSTER DDL, replicated and distributed tables", flag="--clickhouse-cluster", yaml="global_clickhouse.cluster")
+    traces_ttl: float = _opt(7 * 86400.0, "duration", "how long spans are kept", flag="--traces-ttl", yaml="storage.traces_ttl", check=_positive)
+    logs_ttl: float = _opt(7 * 86400.0, "duration", "how long log records are kept", flag="--logs-ttl", yaml="storage.logs_ttl", check=_positive)
+    profiles_ttl: float = _opt(7 * 86400.0, "duration", "how long profiles are kept", flag="--profiles-ttl", yaml="storage.profiles_ttl", check=_positive)
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return units.parse_host_port(self.listen)
+
+    @property
+    def embedded_store(self) -> bool:
+        return not self.clickhouse_address
+
+    def redacted(self) -> dict[str, Any]:
+        """Field values with secrets masked: safe to log or print."""
+        out: dict[str, Any] = {}
+        for opt in OPTIONS:
+            v = getattr(self, opt.field)
+            out[opt.field] = "<set>" if opt.secret and v else v
+        return out
+
+
+# Sections that belong to the Coroot server or the operator: the seed's snippets carry them,
+# so they load, but the agent reads nothing from them.
+IGNORED_SUBTREES = ("auth", "projects", "nodeAgent.resources")
+
+
+def _collect_options() -> tuple[Option, ...]:
+    out = []
+    for f in dataclasses.fields(Config):
+        kind, help_, kw = f.metadata["option"]
+        out.append(Option(field=f.name, kind=kind, default=f.default, help=help_, **kw))
+    return tuple(out)
+
+
+OPTIONS: tuple[Option, ...] = _collect_options()
+OPTIONS_BY_FIELD = {o.field: o for o in OPTIONS}
+_BY_YAML = {o.yaml: o for o in OPTIONS if o.yaml}
+# Extra flag spellings: Coroot's and ours name the same thing.
+FLAG_ALIASES = {"metrics_endpoint": ("--remote-write-url",)}
+ENV_ALIASES = {"metrics_endpoint": ("REMOTE_WRITE_URL",)}
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _convert(opt: Option, value: Any, *, from_text: bool) -> Any:
+    """Turn a raw value (YAML-typed, or text from env/flags) into the option's type."""
+    k = opt.kind
+    if k == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ValueError(f"expected true or false, got {value!r}")
+    if k == "str" or k == "hostport" or k == "portrange":
+        if isinstance(value, bool) or isinstance(value, list | dict) or value is None:
+            raise ValueError(f"expected a string, got {value!r}")
+        s = str(value)
+        if k == "hostport":
+            units.parse_host_port(s)
+        if k == "portrange":
+            units.parse_port_range(s)
+        return s
+    if k == "int":
+        if isinstance(value, bool):
+            raise ValueError(f"expected a whole number, got {value!r}")
+        try:
+            return int(str(value).strip()) if isinstance(value, str) else _int_exact(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a whole number, got {value!r}") from None
+    if k == "float":
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+    if k == "duration":
+        return units.parse_duration(value)
+    if k == "size":
+        return units.parse_size(value)
+    if k in ("list", "cidrs", "regexes"):
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and from_text:
+            items = [x for v in value for x in re.split(r"[,\s]+", str(v)) if x]
+        elif isinstance(value, list):
+            items = value
+        else:
+            raise ValueError(f"expected a list, got {value!r}")
+        out = []
+        for item in items:
+            if not isinstance(item, str):
+                raise ValueError(f"expected a list of strings, got item {item!r}")
+            if k == "cidrs":
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError(f"expected a network prefix like 10.0.0.0/8, got {item!r}") from None
+            if k == "regexes":
+                try:
+                    re.compile(item)
+                except re.error as e:
+                    raise ValueError(f"bad regular expression {item!r}: {e}") from None
+            out.append(item)
+        return tuple(out)
+    if k == "map":
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping of names to strings, got {value!r}")
+        pairs = []
+        for key, v in value.items():
+            if not isinstance(key, str) or isinstance(v, list | dict) or v is None:
+                raise ValueError(f"expected string values, got {key!r}: {v!r}")
+            pairs.append((key, str(v)))
+        return tuple(pairs)
+    raise AssertionError(f"unknown option kind {k}")
+
+
+def _int_exact(value: Any) -> int:
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError
+    return int(value)
+
+
+# ---------------------------------------------------------------- YAML -----
+
+
+@dataclass
+class _Leaf:
+    value: Any
+    line: int
+
+
+def _expand(value: Any, environ: Mapping[str, str], where: str) -> Any:
+    if isinstance(value, str):
+        def sub(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in environ:
+                raise ConfigError(
+                    f"{where}: environment variable {name} is not set "
+                    f"(referenced as ${{{name}}}); export it or remove the reference"
+                )
+            return environ[name]
+
+        return _VAR_RE.sub(sub, value)
+    if isinstance(value, list):
+        return [_expand(v, environ, where) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand(v, environ, where) for k, v in value.items()}
+    return value
+
+
+def _walk(node: yaml.Node, prefix: str, src: str, out: dict[str, _Leaf]) -> None:
+    """Flatten a YAML mapping into dotted keys, keeping line numbers and refusing duplicates."""
+    constructor = yaml.constructor.SafeConstructor()
+    seen: set[str] = set()
+    for key_node, value_node in node.value:
+        key = constructor.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if not isinstance(key, str):
+            raise ConfigError(f"{src}:{line}: keys must be strings, got {key!r}")
+        path = f"{prefix}.{key}" if prefix else key
+        if key in seen:
+            raise ConfigError(f"{src}:{line}: duplicate key '{path}'")
+        seen.add(key)
+        if any(path == s or path.startswith(s + ".") for s in IGNORED_SUBTREES):
+            continue
+        if path in _BY_YAML:
+            out[path] = _Leaf(constructor.construct_object(value_node, deep=True), line)
+        elif _is_section(path):
+            if isinstance(value_node, yaml.MappingNode):
+                _walk(value_node, path, src, out)
+            elif value_node.tag != "tag:yaml.org,2002:null":
+                raise ConfigError(f"{src}:{line}: '{path}' must be a mapping")
+            # else: an empty section, e.g. `global_clickhouse:` with nothing under it
+        else:
+            known = sorted(_BY_YAML) + list(IGNORED_SUBTREES)
+            hint = difflib.get_close_matches(path, known, n=1)
+            more = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"{src}:{line}: unknown key '{path}'{more}")
+
+
+def _is_section(path: str) -> bool:
+    below = path + "."
+    return any(k.startswith(below) for k in _BY_YAML) or any(
+        s.startswith(below) for s in IGNORED_SUBTREES
+    )
+
+
+def parse_yaml(text: str, src: str = "agent.yaml") -> dict[str, _Leaf]:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{src}: not valid YAML: {e}") from None
+    if root is None:
+        return {}
+    if not isinstance(root, yaml.MappingNode):
+        raise ConfigError(f"{src}: the top level must be a mapping of keys")
+    out: dict[str, _Leaf] = {}
+    _walk(root, "", src, out)
+    return out
+
+
+# -------------------------------------------------------------- loading ----
+
+
+def load(
+    args: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_path: str | None = None,
+) -> Config:
+    """Build the Config. `args` holds values given as flags (field name -> raw value)."""
+    args = dict(args or {})
+    environ = dict(os.environ if environ is None else environ)
+    values: dict[str, Any] = {}
+
+    path = config_path or environ.get("CONFIG")
+    if path is None and os.path.exists(DEFAULT_CONFIG_PATH):
+        path = DEFAULT_CONFIG_PATH
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        src = os.path.basename(path)
+        for ykey, leaf in parse_yaml(text, src).items():
+            opt = _BY_YAML[ykey]
+            where = f"{src}:{leaf.line}: {ykey}"
+            raw = _expand(leaf.value, environ, where)
+            try:
+                values[opt.field] = _convert(opt, raw, from_text=False)
+            except ValueError as e:
+                raise ConfigError(f"{where}: {e}") from None
+
+    for opt in OPTIONS:
+        names = [opt.env_name] if opt.env_name else []
+        names += list(ENV_ALIASES.get(opt.field, ()))
+        for name in names:
+            if name in environ:
+                try:
+                    v = _convert(opt, environ[name], from_text=True)
+                except ValueError as e:
+                    raise ConfigError(f"environment {name}: {e}") from None
+                values[opt.field] = (not v) if opt.invert else v
+                break
+
+    for fname, raw in args.items():
+        opt = OPTIONS_BY_FIELD[fname]
+        try:
+            v = _convert(opt, raw, from_text=True)
+        except ValueError as e:
+            raise ConfigError(f"flag {opt.flag}: {e}") from None
+        values[fname] = (not v) if opt.invert else v
+
+    for fname, v in values.items():
+        opt = OPTIONS_BY_FIELD[fname]
+        if opt.check:
+            try:
+                opt.check(v)
+            except ValueError as e:
+                raise ConfigError(f"{_describe(opt)}: {e}") from None
+    return Config(**values)
+
+
+def _describe(opt: Option) -> str:
+    names = [n for n in (opt.yaml, opt.flag) if n]
+    return " / ".join(names) or opt.field
+
+
+# ------------------------------------------------------------ argparse -----
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare every option as a flag. Unset flags stay absent from the namespace."""
+    parser.add_argument(
+        "--config", metavar="PATH", default=argparse.SUPPRESS,
+        help=f"agent.yaml to read (env CONFIG; default {DEFAULT_CONFIG_PATH} when it exists)",
+    )
+    for opt in OPTIONS:
+        if not opt.flag:
+            continue
+        flags = [opt.flag, *FLAG_ALIASES.get(opt.field, ())]
+        env = f" [env {opt.env_name}]"
+        if opt.kind == "bool":
+            # A flag given at all means the word in its name: --disable-x, --clickhouse-tls.
+            parser.add_argument(
+                *flags, dest=opt.field, action="store_const", const="true",
+                default=argparse.SUPPRESS, help=opt.help + env,
+            )
+        elif opt.kind in ("list", "cidrs", "regexes"):
+            parser.add_argument(
+                *flags, dest=opt.field, action="append", metavar="VALUE",
+                default=argparse.SUPPRESS, help=opt.help + env,
+            )
+        else:
+            parser.add_argument(
+                *flags, dest=opt.field, metavar=opt.kind.upper(),
+                default=argparse.SUPPRESS, help=f"{opt.help} (default {_show_default(opt)})" + env,
+            )
+
+
+def from_namespace(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
+    given = {o.field: getattr(ns, o.field) for o in OPTIONS if hasattr(ns, o.field)}
+    # A `--disable-x` flag carries "true" meaning disabled; `load` inverts it.
+    return load(given, environ, getattr(ns, "config", None))
+
+
+def _show_default(opt: Option) -> str:
+    d = opt.default
+    if opt.kind == "duration":
+        return units.format_duration(d)
+    if opt.kind == "size":
+        return f"{d // 1_000_000}MB" if d % 1_000_000 == 0 else str(d)
+    if isinstance(d, tuple):
+        return ",".join(d) if d and isinstance(d[0], str) else "none"
+    if isinstance(d, bool):
+        if opt.invert:
+            return "enabled" if d else "disabled"
+        return "true" if d else "false"
+    return str(d) if d != "" else "unset"
+
+
+def options_table() -> str:
+    """The README's options table, generated from the declarations."""
+    rows = ["| flag | env | agent.yaml key | default | meaning |", "|---|---|---|---|---|"]
+    rows.append(f"| `--config` | `CONFIG` | | `{DEFAULT_CONFIG_PATH}` if present | the YAML file to read |")
+    for opt in OPTIONS:
+        flags = ", ".join(f"`{f}`" for f in [opt.flag, *FLAG_ALIASES.get(opt.field, ())] if f)
+        envs = ", ".join(f"`{e}`" for e in [opt.env_name, *ENV_ALIASES.get(opt.field, ())] if e)
+        ykey = f"`{opt.yaml}`" if opt.yaml else ""
+        if opt.invert:
+            ykey += " (flag/env disable it)"
+        rows.append(f"| {flags} | {envs} | {ykey} | `{_show_default(opt)}` | {opt.help} |")
+    return "\n".join(rows)
+
+
+def option_names(opts: Sequence[Option] = OPTIONS) -> list[str]:
+    return [o.field for o in opts]

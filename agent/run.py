@@ -1,0 +1,164 @@
+"""The running agent: wires tracefs, headers, the BPF loader, the registry, collectors and the
+HTTP API together, polls event buffers on one thread, and shuts everything down in order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from urllib.parse import parse_qs
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
+
+from agent import __version__
+from agent.api.server import ApiServer, Response
+from agent.config import Config
+from agent.containers.registry import Registry
+from agent.ebpf import headers as headers_mod
+from agent.ebpf import loader, tracefs
+from agent.metrics import Families, host_labels
+from agent.node.cgroups import CgroupCollector
+from agent.node.node import NodeCollector
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 100
+HOUSEKEEPING_SECONDS = 1.0
+RESYNC_SECONDS = 30.0
+
+
+class SelfCollector:
+    """The agent's own health: events lost per buffer, what the registry tracks."""
+
+    def __init__(self, agent: Agent, const: dict[str, str]) -> None:
+        self.agent = agent
+        self.const = const
+
+    def collect(self) -> Iterator[Metric]:
+        f = Families(self.const)
+        a = self.agent
+        bpf = a.bpf
+        if bpf is not None:
+            for buf, n in bpf.lost().items():
+                f.counter("coroot_agent_lost_events_total", "events the kernel could not hand to the agent (full buffer)", n, what=buf)
+            f.gauge("coroot_agent_bpf_compile_seconds", "time to compile and attach the BPF programs", bpf.compile_seconds)
+        f.gauge("coroot_agent_tracked_processes", "processes the registry knows", len(a.registry.pids()))
+        f.gauge("coroot_agent_tracked_containers", "containers reported", len(a.registry.containers()))
+        f.counter("coroot_agent_process_events_total", "process events received from the kernel", a.registry.events_seen)
+        yield from f
+
+
+class Agent:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.registry = Registry(
+            procfs=cfg.procfs_root,
+            cgroupfs=cfg.cgroupfs_root,
+            min_container_age=cfg.min_container_age,
+            dead_container_ttl=cfg.dead_container_ttl,
+            allowlist=cfg.container_allowlist,
+            denylist=cfg.container_denylist,
+        )
+        self.bpf: loader.Loaded | None = None
+        self.metrics = CollectorRegistry(auto_describe=False)
+        self.api: ApiServer | None = None
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        self.started_at = 0.0
+
+    def families(self) -> list[str]:
+        return ["proc"]
+
+    def start(self) -> None:
+        t0 = time.monotonic()
+        log.info("coroot-agent %s starting", __version__)
+        mounts = tracefs.ensure_mounted()
+        if not mounts.ok:
+            raise RuntimeError(f"tracefs is not available ({mounts.error}); run `coroot-agent check`")
+        hdr = headers_mod.resolve()
+        if not hdr.found:
+            raise RuntimeError(hdr.detail)
+        log.info("kernel headers: %s", hdr.detail)
+        host, port = self.cfg.listen_address
+        try:  # bind before the slow part, so a taken port fails at once
+            self.api = ApiServer(host, port, self.metrics, self.cfg.api_key, self._health)
+        except OSError as e:
+            raise RuntimeError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --listen") from None
+        self.api.route("/api/processes", self._api_processes)
+        n = self.registry.scan()
+        log.info("registry: %d processes, %d containers", n, len(self.registry.containers()))
+        log.info("compiling BPF programs (%s); this takes a few seconds", ", ".join(self.families()))
+        self.bpf = loader.load(self.families(), {"proc_events": self.registry.handle_event}, hdr)
+        # Processes that started between the scan and the attach are caught here.
+        self.registry.scan()
+
+        const = host_labels(self.cfg.procfs_root)
+        for c in (NodeCollector(const, self.cfg.procfs_root), CgroupCollector(self.registry, const),
+                  SelfCollector(self, const)):
+            self.metrics.register(c)
+        self.api.start()
+        self._poller = threading.Thread(target=self._poll_loop, name="bpf-poll", daemon=True)
+        self._poller.start()
+        self.started_at = time.monotonic()
+        log.info("ready in %.1fs: serving /metrics on http://%s:%d", self.started_at - t0, host, self.api.port)
+
+    def _api_processes(self, query: str, _body: bytes) -> Response:
+        """Every process the registry knows: pid, comm, container and opt-outs (?pid=N for one)."""
+        want = parse_qs(query).get("pid")
+        pids = [int(p) for p in want if p.isdigit()] if want else sorted(self.registry.pids())
+        out = []
+        for pid in pids:
+            p = self.registry.process(pid)
+            if p is None:
+                continue
+            c = self.registry.container_of(pid)
+            out.append({"pid": p.pid, "comm": p.comm, "cgroup": p.cgroup_path,
+                        "container_id": c.id if c else None, "opt_out": sorted(p.opt_out)})
+        return Response(200, json.dumps(out).encode() + b"\n")
+
+    def _health(self) -> tuple[bool, str]:
+        if self._poller is None or not self._poller.is_alive():
+            return False, "event polling is not running"
+        return True, "ok"
+
+    def _poll_loop(self) -> None:
+        assert self.bpf is not None
+        next_housekeeping = next_resync = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self.bpf.poll(POLL_MS)
+                now = time.monotonic()
+                if now >= next_housekeeping:
+                    self.registry.housekeeping()
+                    next_housekeeping = now + HOUSEKEEPING_SECONDS
+                if now >= next_resync:
+                    self.registry.scan()
+                    next_resync = now + RESYNC_SECONDS
+            except Exception:  # noqa: BLE001 - one bad event must not stop the agent
+                log.exception("event loop")
+                time.sleep(0.1)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def wait(self) -> None:
+        while not self._stop.wait(0.5):
+            pass
+
+    def stop(self) -> None:
+        """Detach probes, stop serving. Safe to call twice."""
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(timeout=3)
+            self._poller = None
+        if self.bpf is not None:
+            self.bpf.close()
+            self.bpf = None
+        if self.api is not None:
+            self.api.stop()
+            self.api = None
+        log.info("stopped")

@@ -1,0 +1,56 @@
+/* Process lifecycle for the registry: a new process (fork without CLONE_THREAD), exec, exit of
+ * a thread-group leader, and OOM kills. Reads tracepoint arguments only. */
+#include "common.h"
+
+#define PROC_EVENT_FORK 1
+#define PROC_EVENT_EXEC 2
+#define PROC_EVENT_EXIT 3
+#define PROC_EVENT_OOM_KILL 4
+
+/* Mirror: agent/containers/events.py PROC_EVENT ("<IIII"). */
+struct proc_event {
+    u32 type;
+    u32 pid;
+    u32 ppid;
+    u32 _pad;
+};
+
+CA_EVENTS(proc_events);
+
+static __always_inline void submit(void *ctx, struct proc_event *e) {
+#ifdef CA_RINGBUF
+    if (proc_events.ringbuf_output(e, sizeof(*e), 0) < 0)
+#else
+    if (proc_events.perf_submit(ctx, e, sizeof(*e)) < 0)
+#endif
+        proc_events_lost.increment(0);
+}
+
+TRACEPOINT_PROBE(task, task_newtask) {
+    if (args->clone_flags & CLONE_THREAD)
+        return 0;
+    struct proc_event e = {.type = PROC_EVENT_FORK, .pid = args->pid, .ppid = ca_tgid()};
+    submit(args, &e);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec) {
+    struct proc_event e = {.type = PROC_EVENT_EXEC, .pid = ca_tgid()};
+    submit(args, &e);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit) {
+    u64 id = bpf_get_current_pid_tgid();
+    if ((u32)id != (u32)(id >> 32))
+        return 0; /* a thread, not the process */
+    struct proc_event e = {.type = PROC_EVENT_EXIT, .pid = id >> 32};
+    submit(args, &e);
+    return 0;
+}
+
+TRACEPOINT_PROBE(oom, mark_victim) {
+    struct proc_event e = {.type = PROC_EVENT_OOM_KILL, .pid = args->pid};
+    submit(args, &e);
+    return 0;
+}

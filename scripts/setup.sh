@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Installs what coroot-agent needs on a Debian machine, idempotently; seconds when nothing is
+# missing. `scripts/setup.sh` for running the agent, `scripts/setup.sh --test` adds what the
+# test suite needs. Must run as root (it installs Debian packages).
+set -euo pipefail
+
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+VENV="${COROOT_AGENT_VENV:-/opt/coroot-agent/venv}"
+WANT_TEST=0
+[ "${1:-}" = "--test" ] && WANT_TEST=1
+
+say() { echo "setup: $*" >&2; }
+
+if [ "$(id -u)" != 0 ]; then
+    say "must run as root (it installs Debian packages and BPF needs root): sudo make ..."
+    exit 1
+fi
+
+# --- Debian packages -------------------------------------------------------------------
+pkgs=(python3-bpfcc python3-venv python3-pip)
+if [ "$WANT_TEST" = 1 ]; then
+    pkgs+=(gcc iproute2 procps curl)
+fi
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+# Kernel headers: the running kernel's, built in, or any installed Debian linux-headers-*
+# (the agent links the closest one itself; see agent/ebpf/headers.py).
+rel="$(uname -r)"
+have_headers=0
+if [ -d "/lib/modules/$rel/build/include" ] || [ -e /sys/kernel/kheaders.tar.xz ] \
+    || compgen -G "/usr/src/linux-headers-*-common" >/dev/null; then
+    have_headers=1
+fi
+
+if [ "${#missing[@]}" -gt 0 ] || [ "$have_headers" = 0 ]; then
+    say "apt-get update"
+    apt-get update -qq
+    if [ "$have_headers" = 0 ]; then
+        if apt-cache show "linux-headers-$rel" >/dev/null 2>&1; then
+            missing+=("linux-headers-$rel")
+        else
+            missing+=("linux-headers-$(dpkg --print-architecture)")
+            say "no linux-headers-$rel package: installing the distribution's current headers;" \
+                "the agent will use the closest version"
+        fi
+    fi
+    say "installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- virtualenv (Debian's python, so that `import bcc` works) ------------------------------
+if ! "$VENV/bin/python" -c "import bcc" >/dev/null 2>&1; then
+    say "creating virtualenv $VENV"
+    rm -rf "$VENV"
+    mkdir -p "$(dirname "$VENV")"
+    /usr/bin/python3 -m venv --system-site-packages "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip
+fi
+
+extras=""
+[ "$WANT_TEST" = 1 ] && extras="[test]"
+stamp="$VENV/.coroot-agent-installed"
+want="$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1) $REPO $extras"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    say "installing coroot-agent$extras into $VENV"
+    if ! "$VENV/bin/pip" install -q --disable-pip-version-check -e "$REPO$extras" >/tmp/coroot-agent-pip.log 2>&1; then
+        cat /tmp/coroot-agent-pip.log >&2; exit 1
+    fi
+    echo "$want" > "$stamp"
+fi
+
+ln -sf "$VENV/bin/coroot-agent" /usr/local/bin/coroot-agent
+say "ready: $(coroot-agent --version)"

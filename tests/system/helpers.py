@@ -1,0 +1,144 @@
+"""What system tests share: the agent as a real subprocess, test cgroups ("containers"),
+and reading its /metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Mapping, Sequence
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.containers.cgroup import detect_layout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AgentProcess:
+    """`python -m agent run` with a private port; logs kept for failure messages."""
+
+    def __init__(self, args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.args = ["--listen", f"127.0.0.1:{self.port}", *args]
+        self.env = {k: v for k, v in os.environ.items() if k != "CONFIG"} | dict(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = f"/tmp/coroot-agent-test-{self.port}.log"
+
+    def start(self, timeout: float = 60) -> float:
+        """Start and wait for the first /metrics answer; returns seconds it took."""
+        t0 = time.monotonic()
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", *self.args],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                self.get("/metrics")
+                return time.monotonic() - t0
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"agent did not answer in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def get(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as r:
+            return r.read().decode()
+
+    def processes(self, pid: int | None = None) -> list[dict]:
+        return json.loads(self.get("/api/processes" + (f"?pid={pid}" if pid else "")))
+
+    def metrics(self) -> list[tuple[str, dict[str, str], float]]:
+        out = []
+        for fam in text_string_to_metric_families(self.get("/metrics")):
+            for s in fam.samples:
+                out.append((s.name, dict(s.labels), s.value))
+        return out
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """The one sample of `name` whose labels include `labels`, or None."""
+        found = [v for n, lb, v in self.metrics() if n == name and labels.items() <= lb.items()]
+        assert len(found) <= 1, f"{name}{labels} matches {len(found)} series"
+        return found[0] if found else None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._log.close()
+        return code
+
+
+class TestCgroups:
+    """Containers without a runtime: cgroups under system.slice in the v2 hierarchy."""
+
+    __test__ = False  # not a test class
+
+    def __init__(self) -> None:
+        layout = detect_layout()
+        assert layout.unified, "the tests need a cgroup v2 (or hybrid) hierarchy"
+        self.base = os.path.join(layout.unified, "system.slice")
+        os.makedirs(self.base, exist_ok=True)
+        self.made: list[str] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def create(self, prefix: str = "catest") -> str:
+        """A new cgroup; returns its container_id (/system.slice/<name>.service)."""
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}.service"
+        os.mkdir(os.path.join(self.base, name))
+        self.made.append(name)
+        return f"/system.slice/{name}"
+
+    def spawn(self, container_id: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
+              **kw: object) -> subprocess.Popen[bytes]:
+        """Start argv inside the cgroup: the shell joins it, then execs argv."""
+        procs = os.path.join(self.base, os.path.basename(container_id), "cgroup.procs")
+        p = subprocess.Popen(["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *argv],
+                             env=dict(env) if env is not None else None, **kw)  # type: ignore[arg-type]
+        self.procs.append(p)
+        return p
+
+    def cleanup(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for name in self.made:
+            path = os.path.join(self.base, name)
+            for _ in range(50):
+                try:
+                    os.rmdir(path)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.1)
+
+
+def wait_for(pred, timeout: float, interval: float = 0.05):  # noqa: ANN001, ANN201
+    """Poll pred() until it returns something truthy; returns it, or the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v or time.monotonic() >= deadline:
+            return v
+        time.sleep(interval)
