@@ -11,7 +11,7 @@ import sys
 
 from agent import __version__, config
 
-COMMANDS = ("run", "check")
+COMMANDS = ("run", "check", "query")
 
 DESCRIPTION = """\
 eBPF node agent: sees every process on this host through eBPF (process lifecycle, TCP, L7
@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="coroot-agent", description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Commands: run (the default), check. `coroot-agent COMMAND --help` lists the options.",
+        epilog="Commands: run (the default), check, query. `coroot-agent COMMAND --help` lists the options.",
     )
     p.add_argument("--version", action="version", version=f"coroot-agent {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -41,6 +41,19 @@ def _parser() -> argparse.ArgumentParser:
                            "only when the agent can run; each failure says how to fix it.")
     check.add_argument("--no-probe", action="store_true", help="skip compiling and loading the probes")
     config.add_arguments(check)
+
+    query = sub.add_parser(
+        "query", help="read-only SQL against the store",
+        description="Run one read-only statement (SELECT, SHOW, DESCRIBE, EXPLAIN, WITH, EXISTS) "
+        "against the configured store: through the running agent's /api/query while it holds "
+        "the embedded store, otherwise directly. Tables: otel_traces, otel_logs, "
+        "profiling_samples, profiling_stacks, metrics, ...",
+        epilog='example: coroot-agent query "SELECT ServiceName, count() FROM otel_traces GROUP BY 1"',
+    )
+    query.add_argument("sql", metavar="SQL", help="the statement")
+    query.add_argument("--format", choices=("tsv", "json"), default="tsv",
+                       help="tsv: tab-separated with a header line (default); json: one JSON object per row, one per line")
+    config.add_arguments(query)
     return p
 
 
@@ -62,10 +75,28 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as e:
         print(f"coroot-agent: config error: {e}", file=sys.stderr)
         return 2
-    _setup_logging(cfg.log_level)
+    _setup_logging(cfg.log_level if ns.command != "query" else "warning")
     if ns.command == "check":
         return _check(cfg, probe=not ns.no_probe)
+    if ns.command == "query":
+        return _query(cfg, ns.sql, ns.format)
     return _run(cfg)
+
+
+def _query(cfg: config.Config, sql: str, fmt: str) -> int:
+    from agent.query import QueryRefused, run
+    from agent.sinks.store import StoreError
+
+    try:
+        run(cfg, sql, fmt, sys.stdout.buffer)
+    except QueryRefused as e:
+        print(f"coroot-agent query: refused: {e}", file=sys.stderr)
+        return 2
+    except StoreError as e:
+        print(f"coroot-agent query: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.flush()
+    return 0
 
 
 def _check(cfg: config.Config, probe: bool) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +24,10 @@ from agent.ebpf import loader, tracefs
 from agent.metrics import Families, host_labels
 from agent.node.cgroups import CgroupCollector
 from agent.node.node import NodeCollector
+from agent.query import StoreLock, api_handler
+from agent.sinks.batcher import Sink, SinkCollector
+from agent.sinks.spool import Spool
+from agent.sinks.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,9 @@ class Agent:
         self.bpf: loader.Loaded | None = None
         self.metrics = CollectorRegistry(auto_describe=False)
         self.api: ApiServer | None = None
+        self.store: Store | None = None
+        self.sink: Sink | None = None
+        self._lock: StoreLock | None = None
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self.started_at = 0.0
@@ -89,6 +97,7 @@ class Agent:
         except OSError as e:
             raise RuntimeError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --listen") from None
         self.api.route("/api/processes", self._api_processes)
+        self._open_store()
         n = self.registry.scan()
         log.info("registry: %d processes, %d containers", n, len(self.registry.containers()))
         log.info("compiling BPF programs (%s); this takes a few seconds", ", ".join(self.families()))
@@ -100,11 +109,45 @@ class Agent:
         for c in (NodeCollector(const, self.cfg.procfs_root), CgroupCollector(self.registry, const),
                   SelfCollector(self, const)):
             self.metrics.register(c)
+        if self.sink is not None:
+            self.metrics.register(SinkCollector(self.sink, const))
         self.api.start()
         self._poller = threading.Thread(target=self._poll_loop, name="bpf-poll", daemon=True)
         self._poller.start()
         self.started_at = time.monotonic()
         log.info("ready in %.1fs: serving /metrics on http://%s:%d", self.started_at - t0, host, self.api.port)
+
+    def _open_store(self) -> None:
+        cfg = self.cfg
+        store = Store(cfg)  # a bad address fails here, with the fix in the message
+        if store.embedded:
+            lock = StoreLock.for_config(cfg)
+            deadline = time.monotonic() + 10
+            assert self.api is not None
+            info = {"pid": os.getpid(), "listen": f"{self.api.host}:{self.api.port}"}
+            while not lock.acquire(info):
+                if time.monotonic() > deadline:
+                    holder = lock.holder() or {}
+                    raise RuntimeError(f"the store at {cfg.storage_path} is held by another process "
+                                       f"(pid {holder.get('pid', '?')}); use another --storage-path")
+                time.sleep(0.2)
+            self._lock = lock
+            log.info("opening %s", store.describe())
+            store.open()
+            store.migrate()
+        else:
+            log.info("using %s", store.describe())
+            try:
+                store.open()
+                store.migrate()
+            except StoreError as e:
+                log.error("%s; spooling to disk and retrying", e)
+        self.store = store
+        spool = Spool(os.path.join(cfg.wal_dir, "clickhouse"), cfg.store_spool_size)
+        self.sink = Sink(store, spool, max_rows=cfg.store_batch_rows, max_age=cfg.store_batch_age)
+        self.sink.start()
+        assert self.api is not None
+        self.api.route("/api/query", api_handler(store))
 
     def _api_processes(self, query: str, _body: bytes) -> Response:
         """Every process the registry knows: pid, comm, container and opt-outs (?pid=N for one)."""
@@ -158,6 +201,15 @@ class Agent:
         if self.bpf is not None:
             self.bpf.close()
             self.bpf = None
+        if self.sink is not None:
+            self.sink.close()
+            self.sink = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
         if self.api is not None:
             self.api.stop()
             self.api = None

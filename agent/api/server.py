@@ -60,6 +60,10 @@ class ApiServer:
     def port(self) -> int:
         return self._httpd.server_address[1]
 
+    @property
+    def host(self) -> str:
+        return str(self._httpd.server_address[0])
+
     def route(self, path: str, handler: ApiHandler) -> None:
         if not path.startswith("/api/"):
             raise ValueError("routes live under /api/")
@@ -70,7 +74,9 @@ class ApiServer:
         self._thread.start()
 
     def stop(self) -> None:
-        self._httpd.shutdown()
+        if self._thread is not None:  # shutdown() waits for serve_forever: only if it runs
+            self._httpd.shutdown()
+            self._thread = None
         self._httpd.server_close()
 
     def _authorized(self, req: BaseHTTPRequestHandler) -> bool:

@@ -30,7 +30,9 @@ class AgentProcess:
 
     def __init__(self, args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> None:
         self.port = free_port()
-        self.args = ["--listen", f"127.0.0.1:{self.port}", *args]
+        self.storage = f"/tmp/coroot-agent-test-{self.port}"
+        self.args = ["--listen", f"127.0.0.1:{self.port}", "--storage-path", self.storage,
+                     "--wal-dir", f"{self.storage}/wal", *args]
         self.env = {k: v for k, v in os.environ.items() if k != "CONFIG"} | dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = f"/tmp/coroot-agent-test-{self.port}.log"

@@ -184,7 +184,7 @@ def test_example_agent_yaml_names_every_yaml_key() -> None:
 
 def test_readme_options_table_matches_the_code() -> None:
     readme = (ROOT / "README.md").read_text()
-    assert config.options_table() in readme, "regenerate it with: python scripts/options_table.py"
+    assert config.options_table() in readme, "regenerate it with: python scripts/options_table.py --write"
 
 
 @pytest.mark.parametrize("command", [["--help"], ["run", "--help"], ["check", "--help"]])

@@ -1,0 +1,212 @@
+"""Batching between producers (spans, logs, profiles, metrics) and the ClickHouse store.
+
+Rows go into a per-table batch; a batch is sealed at `max_rows` or `max_age` and written by a
+background thread. Producers never wait on the store: while it fails, sealed batches go to the
+disk spool (bounded; the oldest are dropped and counted by table) and are retried, oldest
+first, with exponential backoff. Each batch carries a deduplication token, so a batch retried
+after an ambiguous failure is stored once. close() flushes everything, or spools what it cannot
+write so that the next start sends it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.core import Metric
+
+from agent.metrics import Families
+from agent.sinks import schema
+from agent.sinks.spool import Spool
+from agent.sinks.store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    table: str
+    created: float
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    rows: list[Sequence[Any]] = field(default_factory=list)
+
+
+@dataclass
+class SinkStats:
+    written: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    dropped: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    spooled: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    errors: int = 0
+    last_error: str = ""
+    last_success: float = 0.0
+
+
+class Sink:
+    def __init__(
+        self,
+        store: Store,
+        spool: Spool,
+        max_rows: int = 10_000,
+        max_age: float = 5.0,
+        max_pending: int = 4,
+        backoff: tuple[float, float] = (1.0, 30.0),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.spool = spool
+        self.max_rows = max_rows
+        self.max_age = max_age
+        self.max_pending = max_pending
+        self.backoff_min, self.backoff_max = backoff
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._open: dict[str, Batch] = {}
+        self._ready: deque[Batch] = deque()
+        self._delay = 0.0
+        self._next_try = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._columns = {t: schema.TABLES_BY_NAME[t].insert_columns for t in schema.WRITTEN}
+        self.stats = SinkStats()
+
+    def columns(self, table: str) -> list[str]:
+        return self._columns[table]
+
+    # ---------------------------------------------------------- producers --
+
+    def add(self, table: str, row: Sequence[Any]) -> None:
+        """Queue one row (a tuple in `columns(table)` order). Never blocks on the store."""
+        with self._lock:
+            b = self._open.get(table)
+            if b is None:
+                b = self._open[table] = Batch(table, self._clock())
+            b.rows.append(row)
+            if len(b.rows) >= self.max_rows:
+                self._seal_locked(b)
+
+    def add_many(self, table: str, rows: Sequence[Sequence[Any]]) -> None:
+        for row in rows:
+            self.add(table, row)
+
+    def _seal_locked(self, b: Batch) -> None:
+        del self._open[b.table]
+        self._ready.append(b)
+        while len(self._ready) > self.max_pending:
+            self._to_spool(self._ready.popleft())  # memory stays bounded while the store lags
+
+    # ------------------------------------------------------------ flusher --
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="store-sink", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                self.flush_once()
+            except Exception:  # noqa: BLE001 - keep flushing whatever happens
+                log.exception("store sink")
+
+    def flush_once(self, force: bool = False) -> None:
+        """Seal aged batches and write what can be written now."""
+        now = self._clock()
+        with self._lock:
+            for b in list(self._open.values()):
+                if force or now - b.created >= self.max_age:
+                    self._seal_locked(b)
+        if not force and now < self._next_try:
+            return
+        while (item := self.spool.oldest()) is not None:
+            entry, payload = item
+            data = json.loads(payload)
+            if not self._write(data["table"], data["columns"], data["rows"], data["token"]):
+                self._spool_ready()
+                return
+            self.spool.remove(entry)
+        while True:
+            with self._lock:
+                if not self._ready:
+                    return
+                b = self._ready.popleft()
+            if not self._write(b.table, self._columns[b.table], b.rows, b.token):
+                with self._lock:
+                    self._ready.appendleft(b)
+                self._spool_ready()
+                return
+
+    def _write(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], token: str) -> bool:
+        try:
+            self.store.insert(table, columns, rows, token)
+        except StoreError as e:
+            self.stats.errors += 1
+            if str(e) != self.stats.last_error:
+                log.warning("store: %s; spooling to %s and retrying", e, self.spool.dir)
+            self.stats.last_error = str(e)
+            self._delay = min(self.backoff_max, max(self.backoff_min, self._delay * 2))
+            self._next_try = self._clock() + self._delay
+            return False
+        if self._delay:
+            log.info("store: writing again after %s", self.stats.last_error or "an error")
+        self._delay = 0.0
+        self.stats.last_error = ""
+        self.stats.written[table] += len(rows)
+        self.stats.last_success = time.time()
+        return True
+
+    def _spool_ready(self) -> None:
+        with self._lock:
+            batches = list(self._ready)
+            self._ready.clear()
+        for b in batches:
+            self._to_spool(b)
+
+    def _to_spool(self, b: Batch) -> None:
+        payload = json.dumps({"table": b.table, "columns": self._columns[b.table], "rows": b.rows,
+                              "token": b.token}, separators=(",", ":")).encode()
+        for dropped in self.spool.push(b.table, len(b.rows), payload):
+            self.stats.dropped[dropped.tag] += dropped.count
+            log.warning("store spool full (%d bytes): dropped a batch of %d %s rows",
+                        self.spool.max_bytes, dropped.count, dropped.tag)
+        self.stats.spooled[b.table] += len(b.rows)
+
+    def close(self) -> None:
+        """Stop the thread and write everything (or spool it for the next start)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        self.flush_once(force=True)
+        self._spool_ready()
+
+    def pending_rows(self) -> int:
+        with self._lock:
+            return sum(len(b.rows) for b in self._open.values()) + sum(len(b.rows) for b in self._ready)
+
+
+class SinkCollector:
+    """Self-metrics of the store sink, read at scrape time."""
+
+    def __init__(self, sink: Sink, const: dict[str, str]) -> None:
+        self.sink = sink
+        self.const = const
+
+    def collect(self) -> Iterator[Metric]:
+        f = Families(self.const)
+        s = self.sink.stats
+        for table in schema.WRITTEN:
+            f.counter("coroot_agent_store_rows_written_total", "rows written to ClickHouse", s.written[table], table=table)
+            f.counter("coroot_agent_store_dropped_rows_total", "rows dropped because the spool was full", s.dropped[table], table=table)
+            f.counter("coroot_agent_store_spooled_rows_total", "rows that went through the disk spool", s.spooled[table], table=table)
+        f.counter("coroot_agent_store_errors_total", "failed writes to ClickHouse", s.errors)
+        f.gauge("coroot_agent_store_spool_bytes", "bytes waiting in the store spool", self.sink.spool.bytes)
+        f.gauge("coroot_agent_store_pending_rows", "rows batched in memory", self.sink.pending_rows())
+        if s.last_success:
+            f.gauge("coroot_agent_store_last_success_timestamp_seconds", "time of the last successful write", s.last_success)
+        yield from f

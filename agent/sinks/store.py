@@ -1,0 +1,246 @@
+"""The ClickHouse store behind one clickhouse-connect Client: the embedded engine (chDB) at
+`storage.path` when no address is configured, otherwise a remote ClickHouse over HTTP(S).
+
+Opens the connection with errors that say what to fix, creates the schema, keeps each table's
+TTL equal to the configuration, inserts batches and runs read-only queries. Batching and
+spooling live in agent/sinks/batcher.py; this module only talks to ClickHouse.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent.config import Config
+from agent.sinks import schema
+
+log = logging.getLogger(__name__)
+
+NATIVE_PORTS = {9000: 8123, 9440: 8443}
+CHDB_SUBDIR = "chdb"
+
+
+class StoreError(Exception):
+    """The store cannot be used; the message names the setting to fix."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+    secure: bool
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.secure else 'http'}://{self.host}:{self.port}"
+
+
+def parse_address(address: str, tls: bool) -> Endpoint:
+    """'host:port' (or a URL) -> Endpoint. The native-protocol ports get a clear refusal."""
+    text = address.strip()
+    m = re.fullmatch(r"(?:(https?)://)?(\[[^\]]+\]|[^:/\s]+)(?::(\d+))?/?", text)
+    if not m:
+        raise StoreError(f"global_clickhouse.address: expected host:port like clickhouse:8123, got {address!r}")
+    scheme, host, port_s = m.groups()
+    secure = tls or scheme == "https"
+    port = int(port_s) if port_s else (8443 if secure else 8123)
+    if port in NATIVE_PORTS:
+        http_port = 8443 if (secure or port == 9440) else NATIVE_PORTS[port]
+        raise StoreError(
+            f"global_clickhouse.address {address!r}: port {port} is ClickHouse's native TCP protocol, "
+            f"and coroot-agent talks to ClickHouse over HTTP(S). Use {host.strip('[]')}:{http_port}"
+            + (" (HTTPS)" if http_port == 8443 else " (HTTP; or :8443 with tls_enable: true)")
+        )
+    return Endpoint(host.strip("[]"), port, secure)
+
+
+def explain(err: Exception, where: str) -> str:
+    """A connection or query failure, as a sentence with the fix."""
+    text = str(err)
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return (f"{where}: TLS certificate verification failed; set global_clickhouse.ca_file "
+                "(--clickhouse-ca-file) to the CA that signed the server's certificate, or "
+                "tls_skip_verify: true to skip verification")
+    if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text:
+        return f"{where}: the server does not speak TLS on this port; turn tls_enable off or use the HTTPS port"
+    if "AUTHENTICATION_FAILED" in text or "Code: 516" in text or "Authentication failed" in text:
+        return (f"{where}: authentication failed: check global_clickhouse.user and password "
+                "(--clickhouse-user, --clickhouse-password)")
+    if "ACCESS_DENIED" in text or "Code: 497" in text:
+        return f"{where}: access denied: the ClickHouse user lacks a grant (see deploy/clickhouse/)"
+    if any(s in text for s in ("Connection refused", "Max retries exceeded", "timed out", "Name or service not known")):
+        first = text.splitlines()[0][:200]
+        return f"{where}: cannot reach ClickHouse ({first})"
+    return f"{where}: {text.splitlines()[0][:300] if text else type(err).__name__}"
+
+
+class Store:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.database = cfg.clickhouse_database
+        self.cluster = cfg.clickhouse_cluster
+        self.embedded = cfg.embedded_store
+        self.endpoint = None if self.embedded else parse_address(cfg.clickhouse_address, cfg.clickhouse_tls)
+        self._client: Any = None
+        self._migrated = False
+        self._lock = threading.Lock()  # one client; chDB is not to be used from two threads at once
+
+    @property
+    def chdb_path(self) -> str:
+        return os.path.join(self.cfg.storage_path, CHDB_SUBDIR)
+
+    def describe(self) -> str:
+        if self.embedded:
+            return f"embedded ClickHouse engine (chDB) at {self.chdb_path}, database {self.database}"
+        assert self.endpoint is not None
+        return f"ClickHouse at {self.endpoint.url}, database {self.database}"
+
+    # ------------------------------------------------------------ connect --
+
+    def open(self) -> None:
+        import clickhouse_connect
+
+        where = self.describe()
+        try:
+            if self.embedded:
+                os.makedirs(self.chdb_path, exist_ok=True)
+                client = clickhouse_connect.get_client(dsn=f"chdb://{self.chdb_path}")
+            else:
+                assert self.endpoint is not None
+                kw: dict[str, Any] = {
+                    "host": self.endpoint.host, "port": self.endpoint.port,
+                    "username": self.cfg.clickhouse_user, "password": self.cfg.clickhouse_password,
+                    "secure": self.endpoint.secure, "connect_timeout": 5, "send_receive_timeout": 30,
+                }
+                if self.endpoint.secure:
+                    kw["verify"] = not self.cfg.clickhouse_tls_skip_verify
+                    if self.cfg.clickhouse_ca_file:
+                        kw["ca_cert"] = self.cfg.clickhouse_ca_file
+                client = clickhouse_connect.get_client(**kw)
+        except Exception as e:  # noqa: BLE001 - the driver raises many kinds
+            raise StoreError(explain(e, where)) from e
+        self._client = client
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                try:
+                    self._client.close()
+                finally:
+                    self._client = None
+
+    def _need(self) -> Any:
+        if self._client is None:
+            self.open()
+        return self._client
+
+    # ------------------------------------------------------------- schema --
+
+    def ttls(self) -> dict[str, int]:
+        c = self.cfg
+        return {"traces": int(c.traces_ttl), "logs": int(c.logs_ttl), "profiles": int(c.profiles_ttl),
+                "metrics": int(c.traces_ttl)}
+
+    def migrate(self) -> list[str]:
+        """Create what is missing, then bring every table's TTL to the configured value.
+        Returns the TTL changes made, as 'table: old -> new' lines."""
+        ttls = self.ttls()
+        with self._lock:
+            client = self._need()
+            stmts = schema.migration(self.database, ttls, self.cluster)
+            try:
+                client.command(stmts[0])
+            except Exception as e:  # noqa: BLE001
+                # Without CREATE DATABASE the database must already exist (deploy/clickhouse/).
+                log.warning("%s; assuming database %s exists", explain(e, "CREATE DATABASE"), self.database)
+            for stmt in stmts[1:]:
+                try:
+                    client.command(stmt)
+                except Exception as e:  # noqa: BLE001
+                    raise StoreError(explain(e, f"creating the schema ({stmt.split('(')[0].strip()})")) from e
+            client.database = self.database
+            changes = self._sync_ttls(client, ttls)
+            self._migrated = True
+            return changes
+
+    def _sync_ttls(self, client: Any, ttls: dict[str, int]) -> list[str]:
+        rows = client.query(
+            "SELECT name, create_table_query FROM system.tables WHERE database = {db:String}",
+            parameters={"db": self.database},
+        ).result_rows
+        existing = dict(rows)
+        changes = []
+        for table in schema.TABLES:
+            query = existing.get(table.name)
+            if query is None:
+                continue
+            want = ttls[table.signal]
+            have = schema.ttl_seconds_of(query)
+            if have == want:
+                continue
+            try:
+                client.command(schema.modify_ttl(table, self.database, want, self.cluster))
+            except Exception as e:  # noqa: BLE001
+                raise StoreError(explain(e, f"ALTER TABLE {table.name} MODIFY TTL")) from e
+            line = f"{table.name}: {_fmt_ttl(have)} -> {_fmt_ttl(want)}"
+            log.info("TTL changed on %s", line)
+            changes.append(line)
+        return changes
+
+    # -------------------------------------------------------------- data ---
+
+    def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], token: str) -> None:
+        """Insert one batch. `token` makes a retried batch count once. A store that was not
+        reachable at start-up gets its schema first."""
+        if not self._migrated:
+            self.migrate()
+        with self._lock:
+            client = self._need()
+            try:
+                client.insert(f"{self.database}.{table}", rows, column_names=list(columns),
+                              settings={"insert_deduplication_token": token})
+            except Exception as e:  # noqa: BLE001
+                # A broken connection is rebuilt on the next try.
+                if not self.embedded:
+                    self._drop_client()
+                raise StoreError(explain(e, f"insert into {table}")) from e
+
+    def _drop_client(self) -> None:
+        try:
+            self._client.close()
+        except Exception:  # noqa: BLE001
+            pass
+        self._client = None
+
+    def query(self, sql: str, fmt: str = "TSVWithNames") -> bytes:
+        """Run a read-only query; the server refuses anything else too (readonly=1)."""
+        with self._lock:
+            client = self._need()
+            client.database = self.database
+            try:
+                return client.raw_query(sql, fmt=fmt, settings={"readonly": "1"})
+            except Exception as e:  # noqa: BLE001
+                raise StoreError(explain(e, "query")) from e
+
+    def ping(self) -> bool:
+        with self._lock:
+            try:
+                self._need().command("SELECT 1")
+                return True
+            except Exception:  # noqa: BLE001
+                if not self.embedded:
+                    self._client = None
+                return False
+
+
+def _fmt_ttl(seconds: int | None) -> str:
+    if seconds is None:
+        return "none"
+    from agent.units import format_duration
+
+    return format_duration(seconds)
