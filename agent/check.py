@@ -99,6 +99,7 @@ def run_checks(cfg: Config, probe: bool = True) -> list[Row]:
         have_bcc = False
 
     rows.append(_listen_row(cfg))
+    rows.append(_store_row(cfg))
 
     ready = have_bcc and hdr.found and mounts.ok and bpf_ok
     for name, fam in loader.FAMILIES.items():
@@ -130,6 +131,35 @@ def _listen_row(cfg: Config) -> Row:
         return Row("listen", FAIL, f"{host}:{port}: {why}", "choose another address with --listen")
     finally:
         s.close()
+
+
+def _store_row(cfg: Config) -> Row:
+    from agent.query import StoreLock
+    from agent.sinks.store import Store, StoreError
+
+    try:
+        store = Store(cfg)
+    except StoreError as e:
+        return Row("store", FAIL, str(e), "point global_clickhouse.address at the HTTP(S) port")
+    if store.embedded:
+        holder = StoreLock.for_config(cfg).holder()
+        if holder is not None:
+            return Row("store", OK, f"{store.describe()} (held by the running agent, pid {holder.get('pid')})")
+        parent = cfg.storage_path
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.access(parent, os.W_OK):
+            return Row("store", FAIL, f"{cfg.storage_path} is not writable",
+                       "choose a writable --storage-path")
+        return Row("store", OK, store.describe())
+    try:
+        store.open()
+        store.ping()
+        return Row("store", OK, f"{store.describe()} answers")
+    except StoreError as e:
+        return Row("store", FAIL, str(e), "the message names the setting to fix")
+    finally:
+        store.close()
 
 
 def render(rows: list[Row]) -> str:

@@ -129,6 +129,7 @@ class Config:
     traces_ttl: float = _opt(7 * 86400.0, "duration", "how long spans are kept", flag="--traces-ttl", yaml="storage.traces_ttl", check=_positive)
     logs_ttl: float = _opt(7 * 86400.0, "duration", "how long log records are kept", flag="--logs-ttl", yaml="storage.logs_ttl", check=_positive)
     profiles_ttl: float = _opt(7 * 86400.0, "duration", "how long profiles are kept", flag="--profiles-ttl", yaml="storage.profiles_ttl", check=_positive)
+    metrics_ttl: float = _opt(7 * 86400.0, "duration", "how long metric history is kept in the store's metrics table", flag="--metrics-ttl", yaml="storage.metrics_ttl", check=_positive)
 
     @property
     def listen_address(self) -> tuple[str, int]:

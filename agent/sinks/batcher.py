@@ -10,8 +10,8 @@ write so that the next start sends it.
 
 from __future__ import annotations
 
-import json
 import logging
+import marshal
 import threading
 import time
 import uuid
@@ -125,7 +125,13 @@ class Sink:
             return
         while (item := self.spool.oldest()) is not None:
             entry, payload = item
-            data = json.loads(payload)
+            try:
+                data = marshal.loads(payload)
+            except (ValueError, EOFError, TypeError):
+                log.error("store spool: unreadable entry %s dropped", entry.path)
+                self.stats.dropped[entry.tag] += entry.count
+                self.spool.remove(entry)
+                continue
             if not self._write(data["table"], data["columns"], data["rows"], data["token"]):
                 self._spool_ready()
                 return
@@ -168,8 +174,10 @@ class Sink:
             self._to_spool(b)
 
     def _to_spool(self, b: Batch) -> None:
-        payload = json.dumps({"table": b.table, "columns": self._columns[b.table], "rows": b.rows,
-                              "token": b.token}, separators=(",", ":")).encode()
+        # marshal: several times faster than JSON for rows of tuples, dicts and lists, and it
+        # builds plain data only (never arbitrary objects, unlike pickle).
+        payload = marshal.dumps({"table": b.table, "columns": self._columns[b.table], "rows": b.rows,
+                                 "token": b.token}, 4)
         for dropped in self.spool.push(b.table, len(b.rows), payload):
             self.stats.dropped[dropped.tag] += dropped.count
             log.warning("store spool full (%d bytes): dropped a batch of %d %s rows",

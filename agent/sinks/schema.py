@@ -261,9 +261,10 @@ def create_table(table: Table, db: str, ttl_seconds: int, cluster: str = "") -> 
     parts.append(f"ORDER BY {table.order_by or table.primary_key}")
     parts.append(f"TTL {table.ttl_expr(ttl_seconds)}")
     settings = [table.settings] if table.settings else []
-    if not cluster and table.name in WRITTEN:
+    if not cluster:
         # A batch retried after an ambiguous failure carries the same insert_deduplication_token:
-        # the store keeps it once. (Replicated tables deduplicate by default.)
+        # the store keeps it once, and so do the views' target tables (which is why every table
+        # has the window). Replicated tables deduplicate by default.
         settings.append(f"non_replicated_deduplication_window = {DEDUP_WINDOW}")
     if settings:
         parts.append("SETTINGS " + ", ".join(settings))

@@ -144,3 +144,49 @@ def wait_for(pred, timeout: float, interval: float = 0.05):  # noqa: ANN001, ANN
         if v or time.monotonic() >= deadline:
             return v
         time.sleep(interval)
+
+
+class ClickHouseFront:
+    """The test-only ClickHouse HTTP(S) front (tests/system/chfront.py) in a subprocess."""
+
+    def __init__(self, data: str, user: str = "coroot", password: str = "secret",
+                 cert: tuple[str, str] | None = None, env: Mapping[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.data, self.user, self.password, self.cert = data, user, password, cert
+        self.env = dict(os.environ) | dict(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = [sys.executable, "-m", "tests.system.chfront", "--port", str(self.port),
+                "--data", self.data, "--user", self.user, "--password", self.password]
+        if self.cert:
+            args += ["--certfile", self.cert[0], "--keyfile", self.cert[1]]
+        self.proc = subprocess.Popen(args, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if b"listening" not in line:
+            raise RuntimeError(f"chfront did not start: {line!r}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
+def make_test_ca(directory: str, name: str = "ca") -> tuple[str, str, str]:
+    """A CA and a server certificate for localhost/127.0.0.1, made with openssl.
+    Returns (ca.pem, server.pem, server.key)."""
+    d = directory
+    ca, ca_key = f"{d}/{name}.pem", f"{d}/{name}.key"
+    srv, srv_key, csr, ext = f"{d}/{name}-server.pem", f"{d}/{name}-server.key", f"{d}/{name}.csr", f"{d}/{name}.ext"
+    with open(ext, "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
+        "-days", "2", "-subj", f"/CN=coroot-agent test {name}")
+    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", srv_key, "-out", csr, "-subj", "/CN=localhost")
+    run("openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+        "-out", srv, "-days", "2", "-extfile", ext)
+    return ca, srv, srv_key
