@@ -31,3 +31,4 @@ lint: setup-test
 
 bench: setup-test
 	$(VENV)/bin/python bench/startup.py
+	$(VENV)/bin/python bench/store.py
