@@ -32,3 +32,4 @@ lint: setup-test
 bench: setup-test
 	$(VENV)/bin/python bench/startup.py
 	$(VENV)/bin/python bench/store.py
+	$(VENV)/bin/python bench/remote_write.py

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +27,8 @@ from agent.node.cgroups import CgroupCollector
 from agent.node.node import NodeCollector
 from agent.query import StoreLock, api_handler
 from agent.sinks.batcher import Sink, SinkCollector
+from agent.sinks.history import MetricHistory
+from agent.sinks.remote_write import RemoteWriter, WriterCollector
 from agent.sinks.spool import Spool
 from agent.sinks.store import Store, StoreError
 
@@ -74,6 +77,8 @@ class Agent:
         self.store: Store | None = None
         self.sink: Sink | None = None
         self._lock: StoreLock | None = None
+        self.writer: RemoteWriter | None = None
+        self.history: MetricHistory | None = None
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self.started_at = 0.0
@@ -111,6 +116,7 @@ class Agent:
             self.metrics.register(c)
         if self.sink is not None:
             self.metrics.register(SinkCollector(self.sink, const))
+        self._start_metrics_shipping(const)
         self.api.start()
         self._poller = threading.Thread(target=self._poll_loop, name="bpf-poll", daemon=True)
         self._poller.start()
@@ -148,6 +154,26 @@ class Agent:
         self.sink.start()
         assert self.api is not None
         self.api.route("/api/query", api_handler(store))
+
+    def _start_metrics_shipping(self, const: dict[str, str]) -> None:
+        cfg = self.cfg
+        instance = socket.gethostname()
+        if cfg.metrics_endpoint:
+            spool = Spool(os.path.join(cfg.wal_dir, "remote_write"), cfg.max_spool_size)
+            self.writer = RemoteWriter(
+                cfg.metrics_endpoint, self.metrics, spool, interval=cfg.scrape_interval,
+                user=cfg.prometheus_user, password=cfg.prometheus_password,
+                headers=cfg.prometheus_custom_headers, api_key=cfg.api_key,
+                skip_verify=cfg.insecure_skip_verify, ca_file=cfg.ca_file, instance=instance,
+            )
+            self.metrics.register(WriterCollector(self.writer, const))
+            self.writer.start()
+            log.info("remote_write to %s every %gs", cfg.metrics_endpoint, cfg.scrape_interval)
+        elif self.store is not None and self.store.embedded and self.sink is not None:
+            self.history = MetricHistory(self.metrics, self.sink, cfg.scrape_interval, instance)
+            self.history.start()
+            log.info("no remote_write URL: metric history goes to the store's metrics table every %gs",
+                     cfg.scrape_interval)
 
     def _api_processes(self, query: str, _body: bytes) -> Response:
         """Every process the registry knows: pid, comm, container and opt-outs (?pid=N for one)."""
@@ -201,6 +227,12 @@ class Agent:
         if self.bpf is not None:
             self.bpf.close()
             self.bpf = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.history is not None:
+            self.history.close()
+            self.history = None
         if self.sink is not None:
             self.sink.close()
             self.sink = None

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Mapping, Sequence
@@ -190,3 +191,76 @@ def make_test_ca(directory: str, name: str = "ca") -> tuple[str, str, str]:
     run("openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
         "-out", srv, "-days", "2", "-extfile", ext)
     return ca, srv, srv_key
+
+
+class PrometheusServer:
+    """Debian's Prometheus with the remote-write receiver, on a private port and data dir."""
+
+    def __init__(self, data: str, basic_auth: tuple[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.data = data
+        self.basic_auth = basic_auth
+        self.proc: subprocess.Popen[bytes] | None = None
+        os.makedirs(data, exist_ok=True)
+        self.config = os.path.join(data, "prometheus.yml")
+        with open(self.config, "w") as f:
+            f.write("global: {scrape_interval: 1h}\nscrape_configs: []\n")
+        self.web_config = None
+        if basic_auth:
+            import bcrypt
+
+            self.web_config = os.path.join(data, "web.yml")
+            hashed = bcrypt.hashpw(basic_auth[1].encode(), bcrypt.gensalt(rounds=4)).decode()
+            with open(self.web_config, "w") as f:
+                f.write(f"basic_auth_users:\n  {basic_auth[0]}: '{hashed}'\n")
+
+    @property
+    def write_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/v1/write"
+
+    def start(self, timeout: float = 30) -> None:
+        args = ["prometheus", f"--config.file={self.config}", f"--storage.tsdb.path={self.data}/tsdb",
+                f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-remote-write-receiver",
+                "--log.level=warn"]
+        if self.web_config:
+            args.append(f"--web.config.file={self.web_config}")
+        self.log = open(os.path.join(self.data, "prometheus.log"), "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self._get("/-/ready")
+                return
+            except urllib.error.HTTPError as e:
+                if e.code == 401:
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("prometheus did not become ready")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+            self.log.close()
+        self.proc = None
+
+    def _get(self, path: str) -> bytes:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
+        if self.basic_auth:
+            import base64
+
+            token = base64.b64encode(f"{self.basic_auth[0]}:{self.basic_auth[1]}".encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.read()
+
+    def query(self, promql: str, at: float | None = None) -> list[dict]:
+        from urllib.parse import urlencode
+
+        params = {"query": promql}
+        if at is not None:
+            params["time"] = str(at)
+        data = json.loads(self._get("/api/v1/query?" + urlencode(params)))
+        assert data["status"] == "success", data
+        return data["data"]["result"]

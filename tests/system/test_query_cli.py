@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 from agent.sinks import schema
 from tests.system.helpers import AgentProcess, free_port
@@ -57,3 +58,19 @@ def test_the_agent_refuses_the_native_clickhouse_port_and_names_the_http_one() -
                         "--clickhouse-address", "ch.example:9440"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert "store           FAIL  global_clickhouse.address 'ch.example:9440': port 9440" in r.stdout
+
+
+def test_without_remote_write_metric_history_goes_to_the_store() -> None:
+    a = AgentProcess(["--scrape-interval", "1s", "--store-batch-age", "1s"])
+    a.start()
+    time.sleep(3.5)
+    assert a.stop() == 0
+    r = query(a.storage, "SELECT count(), uniqExact(Timestamp), any(Labels['job']), min(Value), max(Value) "
+                         "FROM metrics WHERE MetricName = 'node_agent_info'")
+    assert r.returncode == 0, r.stderr
+    count, stamps, job, lo, hi = r.stdout.splitlines()[1].split("\t")
+    assert int(count) == int(stamps) >= 3  # one row per scrape, the last one at shutdown
+    assert (job, lo, hi) == ("coroot-node-agent", "1", "1")
+    r = query(a.storage, "SELECT count() FROM metrics WHERE MetricName = 'node_resources_cpu_usage_seconds_total' "
+                         "AND Labels['mode'] = 'idle'")
+    assert int(r.stdout.splitlines()[1]) == int(count)
