@@ -196,7 +196,8 @@ def make_test_ca(directory: str, name: str = "ca") -> tuple[str, str, str]:
 class PrometheusServer:
     """Debian's Prometheus with the remote-write receiver, on a private port and data dir."""
 
-    def __init__(self, data: str, basic_auth: tuple[str, str] | None = None) -> None:
+    def __init__(self, data: str, basic_auth: tuple[str, str] | None = None,
+                 tls: tuple[str, str] | None = None) -> None:
         self.port = free_port()
         self.data = data
         self.basic_auth = basic_auth
@@ -206,17 +207,23 @@ class PrometheusServer:
         with open(self.config, "w") as f:
             f.write("global: {scrape_interval: 1h}\nscrape_configs: []\n")
         self.web_config = None
+        self.tls = tls
+        web = ""
         if basic_auth:
             import bcrypt
 
-            self.web_config = os.path.join(data, "web.yml")
             hashed = bcrypt.hashpw(basic_auth[1].encode(), bcrypt.gensalt(rounds=4)).decode()
+            web += f"basic_auth_users:\n  {basic_auth[0]}: '{hashed}'\n"
+        if tls:
+            web += f"tls_server_config:\n  cert_file: {tls[0]}\n  key_file: {tls[1]}\n"
+        if web:
+            self.web_config = os.path.join(data, "web.yml")
             with open(self.web_config, "w") as f:
-                f.write(f"basic_auth_users:\n  {basic_auth[0]}: '{hashed}'\n")
+                f.write(web)
 
     @property
     def write_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api/v1/write"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/api/v1/write"
 
     def start(self, timeout: float = 30) -> None:
         args = ["prometheus", f"--config.file={self.config}", f"--storage.tsdb.path={self.data}/tsdb",
@@ -246,13 +253,16 @@ class PrometheusServer:
         self.proc = None
 
     def _get(self, path: str) -> bytes:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
+        req = urllib.request.Request(f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}{path}")
         if self.basic_auth:
             import base64
 
             token = base64.b64encode(f"{self.basic_auth[0]}:{self.basic_auth[1]}".encode()).decode()
             req.add_header("Authorization", f"Basic {token}")
-        with urllib.request.urlopen(req, timeout=10) as r:
+        import ssl
+
+        ctx = ssl._create_unverified_context() if self.tls else None
+        with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
             return r.read()
 
     def query(self, promql: str, at: float | None = None) -> list[dict]:

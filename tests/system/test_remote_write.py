@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from agent.sinks.remote_write import RemoteWriter
 from agent.sinks.spool import Spool
-from tests.system.helpers import AgentProcess, PrometheusServer, free_port, wait_for
+from tests.system.helpers import AgentProcess, PrometheusServer, free_port, make_test_ca, wait_for
 
 
 @pytest.fixture
@@ -170,3 +170,29 @@ def test_a_400_answer_is_dropped_not_retried_forever(prom: PrometheusServer, tmp
     w.scrape()  # and a good one still goes through
     w.send_pending()
     assert w.stats.requests == 3 and value(prom, 'rwtest_events_total{kind="old"}') == 2
+
+
+def test_tls_with_the_test_ca_a_wrong_ca_and_skip_verify(tmp_path: Path) -> None:
+    ca, cert, key = make_test_ca(str(tmp_path), "ca")
+    other, _, _ = make_test_ca(str(tmp_path), "other")
+    prom = PrometheusServer(str(tmp_path / "prom"), tls=(cert, key))
+    prom.start()
+    try:
+        reg, c = registry_with_counter()
+        c.labels(kind="tls").inc(3)
+        wrong = RemoteWriter(prom.write_url, reg, Spool(str(tmp_path / "s1"), 10_000_000), ca_file=other)
+        wrong.scrape()
+        wrong.send_pending()
+        assert len(wrong.spool) == 1 and "CERTIFICATE_VERIFY_FAILED" in wrong.stats.last_error
+        right = RemoteWriter(prom.write_url, reg, Spool(str(tmp_path / "s1"), 10_000_000), ca_file=ca)
+        right.send_pending()  # the request spooled under the wrong CA, now delivered
+        assert len(right.spool) == 0 and right.stats.sent > 0
+        c.labels(kind="tls").inc(2)
+        skip = RemoteWriter(prom.write_url, reg, Spool(str(tmp_path / "s2"), 10_000_000), ca_file=other,
+                            skip_verify=True)
+        skip.scrape()
+        skip.send_pending()
+        assert len(skip.spool) == 0 and skip.stats.last_error == ""
+        assert value(prom, 'rwtest_events_total{kind="tls"}') == 5
+    finally:
+        prom.stop()
