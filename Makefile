@@ -20,16 +20,17 @@ check: setup
 
 # Unit and system tests together (system tests need root, the real kernel and BPF).
 test: setup-test
-	$(VENV)/bin/ruff check agent tests bench
+	$(VENV)/bin/ruff check agent tests bench scripts
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 unit: setup-test
 	$(VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: setup-test
-	$(VENV)/bin/ruff check agent tests bench
+	$(VENV)/bin/ruff check agent tests bench scripts
 
 bench: setup-test
 	$(VENV)/bin/python bench/startup.py
 	$(VENV)/bin/python bench/store.py
 	$(VENV)/bin/python bench/remote_write.py
+	$(VENV)/bin/python bench/tcp.py

@@ -16,13 +16,16 @@ from urllib.parse import parse_qs
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
-from agent import __version__
+from agent import __version__, units
 from agent.api.server import ApiServer, Response
 from agent.config import Config
 from agent.containers.registry import Registry
 from agent.ebpf import headers as headers_mod
 from agent.ebpf import loader, tracefs
 from agent.metrics import Families, host_labels
+from agent.net.public import PublicFilter
+from agent.net.tcp import TcpCollector, TcpTracker
+from agent.net.tcp import seed as seed_tcp
 from agent.node.cgroups import CgroupCollector
 from agent.node.node import NodeCollector
 from agent.query import StoreLock, api_handler
@@ -54,6 +57,8 @@ class SelfCollector:
             for buf, n in bpf.lost().items():
                 f.counter("coroot_agent_lost_events_total", "events the kernel could not hand to the agent (full buffer)", n, what=buf)
             f.gauge("coroot_agent_bpf_compile_seconds", "time to compile and attach the BPF programs", bpf.compile_seconds)
+            for prog, n in bpf.missed_runs().items():
+                f.counter("coroot_agent_bpf_missed_runs_total", "program runs the kernel skipped (it fired while another BPF program ran on that CPU)", n, program=prog)
         f.gauge("coroot_agent_tracked_processes", "processes the registry knows", len(a.registry.pids()))
         f.gauge("coroot_agent_tracked_containers", "containers reported", len(a.registry.containers()))
         f.counter("coroot_agent_process_events_total", "process events received from the kernel", a.registry.events_seen)
@@ -71,6 +76,9 @@ class Agent:
             allowlist=cfg.container_allowlist,
             denylist=cfg.container_denylist,
         )
+        self.tcp = TcpTracker(self.registry, PublicFilter(cfg.track_public_networks),
+                              units.parse_port_range(cfg.ephemeral_port_range), procfs=cfg.procfs_root)
+        self.registry.subscribe(self.tcp.on_process)
         self.bpf: loader.Loaded | None = None
         self.metrics = CollectorRegistry(auto_describe=False)
         self.api: ApiServer | None = None
@@ -84,7 +92,7 @@ class Agent:
         self.started_at = 0.0
 
     def families(self) -> list[str]:
-        return ["proc"]
+        return ["proc", "tcp"]
 
     def start(self) -> None:
         t0 = time.monotonic()
@@ -106,13 +114,17 @@ class Agent:
         n = self.registry.scan()
         log.info("registry: %d processes, %d containers", n, len(self.registry.containers()))
         log.info("compiling BPF programs (%s); this takes a few seconds", ", ".join(self.families()))
-        self.bpf = loader.load(self.families(), {"proc_events": self.registry.handle_event}, hdr)
+        handlers = {"proc_events": self.registry.handle_event, "tcp_events": self.tcp.handle_event}
+        self.bpf = loader.load(self.families(), handlers, hdr)
         # Processes that started between the scan and the attach are caught here.
         self.registry.scan()
+        self.tcp.attach(self.bpf.table("conns"))
+        n = seed_tcp(self.tcp, self.registry.pids())
+        log.info("TCP: %d connections open before the agent started are tracked", n)
 
         const = host_labels(self.cfg.procfs_root)
         for c in (NodeCollector(const, self.cfg.procfs_root), CgroupCollector(self.registry, const),
-                  SelfCollector(self, const)):
+                  TcpCollector(self.tcp, const), SelfCollector(self, const)):
             self.metrics.register(c)
         if self.sink is not None:
             self.metrics.register(SinkCollector(self.sink, const))
@@ -202,7 +214,8 @@ class Agent:
                 self.bpf.poll(POLL_MS)
                 now = time.monotonic()
                 if now >= next_housekeeping:
-                    self.registry.housekeeping()
+                    self.tcp.forget_containers(self.registry.housekeeping())
+                    self.tcp.resolve_pending()
                     next_housekeeping = now + HOUSEKEEPING_SECONDS
                 if now >= next_resync:
                     self.registry.scan()

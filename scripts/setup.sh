@@ -19,7 +19,7 @@ fi
 # --- Debian packages -------------------------------------------------------------------
 pkgs=(python3-bpfcc python3-venv python3-pip)
 if [ "$WANT_TEST" = 1 ]; then
-    pkgs+=(gcc iproute2 procps curl openssl prometheus)
+    pkgs+=(gcc iproute2 procps curl openssl prometheus nftables ethtool)
 fi
 missing=()
 for p in "${pkgs[@]}"; do

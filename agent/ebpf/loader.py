@@ -38,6 +38,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "proc": Family("proc", "proc.c", ("proc_events",), "process lifecycle and OOM kills (tracepoints)"),
+    "tcp": Family("tcp", "tcp.c", ("tcp_events",), "TCP connects, listens, closes, retransmits, bytes (tracepoints)"),
 }
 
 Handler = Callable[[bytes], None]
@@ -55,6 +56,21 @@ def kernel_version(release: str | None = None) -> tuple[int, int]:
 
 def ringbuf_supported(release: str | None = None) -> bool:
     return kernel_version(release) >= RINGBUF_MIN_KERNEL
+
+
+def feature_defines(events_dir: str | None = None) -> dict[str, int]:
+    """Defines that depend on what this kernel's tracepoints carry (from their format files)."""
+    from agent.ebpf.tracefs import tracefs_events_dir
+
+    events_dir = events_dir or tracefs_events_dir() or ""
+    out: dict[str, int] = {}
+    try:
+        with open(os.path.join(events_dir, "tcp", "tcp_retransmit_skb", "format")) as f:
+            if re.search(r"field:int err;", f.read()):
+                out["CA_TCP_RETRANSMIT_HAS_ERR"] = 1
+    except OSError:
+        pass
+    return out
 
 
 def program_text(families: Iterable[str], bpf_dir: Path = BPF_DIR) -> str:
@@ -84,7 +100,25 @@ class Loaded:
 
     @property
     def tracepoints(self) -> list[str]:
-        return sorted(k.decode() if isinstance(k, bytes) else k for k in self.bpf.tracepoint_fds)
+        """Attached tracepoints; raw ones as 'raw:<name>'."""
+        names = [k.decode() if isinstance(k, bytes) else k for k in self.bpf.tracepoint_fds]
+        names += ["raw:" + (k.decode() if isinstance(k, bytes) else k) for k in self.bpf.raw_tracepoint_fds]
+        return sorted(names)
+
+    def missed_runs(self) -> dict[str, int]:
+        """Runs the kernel skipped per program (recursion_misses: a program that fired while
+        another BPF program ran on that CPU). Each is an event that was not seen."""
+        out = {}
+        for fname, fn in self.bpf.funcs.items():
+            try:
+                with open(f"/proc/self/fdinfo/{fn.fd}") as f:
+                    for line in f:
+                        if line.startswith("recursion_misses:"):
+                            name = fname.decode() if isinstance(fname, bytes) else fname
+                            out[name] = int(line.split()[1])
+            except (OSError, ValueError):
+                continue
+        return out
 
     def poll(self, timeout_ms: int) -> None:
         if self.ringbuf:
@@ -155,7 +189,7 @@ def load(
     cflags = [f"-I{bpf_dir / 'include'}", f"-DCA_EVENTS_PAGES={pages}", "-Wno-macro-redefined"]
     if ringbuf:
         cflags.append("-DCA_RINGBUF")
-    for k, v in (defines or {}).items():
+    for k, v in (feature_defines() | (defines or {})).items():
         cflags.append(f"-D{k}={v}")
     text = program_text(families, bpf_dir)
     t0 = time.monotonic()

@@ -274,3 +274,47 @@ class PrometheusServer:
         data = json.loads(self._get("/api/v1/query?" + urlencode(params)))
         assert data["status"] == "success", data
         return data["data"]["result"]
+
+
+def sh(*args: str, check: bool = True) -> str:
+    return subprocess.run(args, check=check, capture_output=True, text=True).stdout
+
+
+class TwoHosts:
+    """Two network namespaces ("hosts") joined by a veth pair: cli at 10.201.K.1, srv at
+    10.201.K.2 (and any extra addresses given, routed from cli). Offloads are off and
+    gso_max_segs is 1, so one retransmitted skb (what tcp:tcp_retransmit_skb reports) is one
+    segment (what the kernel's RetransSegs counts)."""
+
+    def __init__(self, extra_srv_addrs: Sequence[str] = ()) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.k = int(tag[:2], 16) % 250 + 1
+        self.cli, self.srv = f"ca-cli-{tag}", f"ca-srv-{tag}"
+        self.cli_ip, self.srv_ip = f"10.201.{self.k}.1", f"10.201.{self.k}.2"
+        vc, vs = f"vc{tag}", f"vs{tag}"
+        sh("ip", "netns", "add", self.cli)
+        sh("ip", "netns", "add", self.srv)
+        sh("ip", "link", "add", vc, "netns", self.cli, "type", "veth", "peer", "name", vs, "netns", self.srv)
+        for ns, dev, ip in ((self.cli, vc, self.cli_ip), (self.srv, vs, self.srv_ip)):
+            self.run(ns, "ip", "link", "set", "lo", "up")
+            self.run(ns, "ip", "addr", "add", f"{ip}/24", "dev", dev)
+            self.run(ns, "ip", "link", "set", dev, "up")
+            self.run(ns, "ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off")
+            self.run(ns, "ip", "link", "set", "dev", dev, "gso_max_segs", "1")
+        for addr in extra_srv_addrs:
+            self.run(self.srv, "ip", "addr", "add", f"{addr}/32", "dev", vs)
+            self.run(self.cli, "ip", "route", "add", f"{addr}/32", "dev", vc)
+
+    def run(self, ns: str, *args: str) -> str:
+        return sh("ip", "netns", "exec", ns, *args)
+
+    def argv(self, ns: str, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", ns, *args]
+
+    def snmp(self, ns: str, field: str) -> int:
+        lines = [ln.split() for ln in self.run(ns, "cat", "/proc/net/snmp").splitlines() if ln.startswith("Tcp:")]
+        return int(lines[1][lines[0].index(field)])
+
+    def cleanup(self) -> None:
+        for ns in (self.cli, self.srv):
+            sh("ip", "netns", "del", ns, check=False)

@@ -1,0 +1,420 @@
+"""The connection table and the TCP metrics of reference §1 (TCP), per container and
+destination.
+
+Fed by bpf/tcp.c events (connect, failed connect, listen, close) and by a /proc seed of the
+connections and listening sockets that existed before the agent started. Byte and retransmit
+counters of live connections stay in the kernel's `conns` map and are read at scrape time;
+closed connections' final values are added to per-destination totals. actual_destination comes
+from conntrack, resolved in batches (one table read per network namespace per tick).
+Decodes and aggregates; ships nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import struct
+import threading
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from prometheus_client.core import Metric
+
+from agent.containers.registry import Process, Registry
+from agent.metrics import Families
+from agent.net.conntrack import Conntrack
+from agent.net.public import PublicFilter, normalize
+
+log = logging.getLogger(__name__)
+
+# Mirror of struct tcp_event in bpf/tcp.c.
+TCP_EVENT = struct.Struct("<QQQQIIIIHHHH16s16s")
+EV_CONNECT, EV_CONNECT_FAILED, EV_LISTEN_OPEN, EV_LISTEN_CLOSE, EV_CLOSE, EV_LATE_RETRANSMITS = 1, 2, 3, 4, 5, 6
+RECENTLY_CLOSED = 8192  # closed connections remembered for retransmits after close()
+AF_INET, AF_INET6 = 2, 10
+CONN_OUTBOUND = 1
+MAX_CONNS = 65536  # user-space mirror of the kernel's bound
+
+
+def _addr(family: int, raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    ip = ipaddress.IPv4Address(raw[:4]) if family == AF_INET else ipaddress.IPv6Address(raw)
+    return normalize(ip)
+
+
+def endpoint(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | str, port: int) -> str:
+    ip = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+@dataclass
+class Conn:
+    """One outbound connection. `container_id` is taken when the connection is first seen, so
+    its counts survive the process (a short-lived client exits before its batch is resolved)."""
+
+    pid: int
+    fd: int
+    container_id: str
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    destination: str
+    actual: str | None = None  # None until conntrack resolution
+    netns: int | None = None
+    start_ns: int = 0
+
+
+DestKey = tuple[str, str, str]  # container_id, destination, actual_destination
+
+
+class TcpTracker:
+    def __init__(self, registry: Registry, public: PublicFilter, ephemeral: tuple[int, int],
+                 conntrack: Conntrack | None = None, procfs: str = "/proc") -> None:
+        self.registry = registry
+        self.public = public
+        self.ephemeral = ephemeral
+        self.conntrack = conntrack or Conntrack(procfs)
+        self.procfs = procfs
+        self._lock = threading.Lock()
+        self._conns: dict[tuple[int, int], Conn] = {}
+        self._pending: list[Conn] = []
+        self._pending_connects: list[tuple[Conn, float, int]] = []  # (conn, seconds, retransmits)
+        self._connects: dict[DestKey, list[float]] = defaultdict(lambda: [0, 0.0])  # count, seconds
+        self._failed: dict[tuple[str, str], int] = defaultdict(int)
+        self._closed: dict[DestKey, list[int]] = defaultdict(lambda: [0, 0, 0])  # sent, received, retransmits
+        self._listens: dict[tuple[int, str], str] = {}  # (pid, listen_addr) -> container_id
+        # closed connections, for retransmits after close(): their totals' key, or the Conn
+        # itself while it waits for its batch
+        self._recently_closed: OrderedDict[tuple[int, int, int], DestKey | Conn] = OrderedDict()
+        self._closed_pending: list[tuple[Conn, tuple[int, int, int]]] = []
+        self._late_pending: list[tuple[Conn, int]] = []
+        self._bpf_conns = None
+        self.events = 0
+        # Hot-path caches (bounded): destination bytes -> (tracked, ip, "ip:port"); pid -> netns.
+        self._dst_cache: dict[tuple[int, bytes, int], tuple[bool, str, str]] = {}
+        self._src_cache: dict[tuple[int, bytes], str] = {}
+        self._netns: dict[int, int | None] = {}
+
+    def attach(self, bpf_conns: object) -> None:
+        """The kernel's `conns` map: live byte and retransmit counters."""
+        self._bpf_conns = bpf_conns
+
+    # --------------------------------------------------------------- events --
+
+    def handle_event(self, raw: bytes) -> None:
+        (start, duration, sent, received, kind, pid, fd, retrans, family, sport, dport, _,
+         saddr, daddr) = TCP_EVENT.unpack_from(raw)
+        self.events += 1
+        with self._lock:
+            if kind == EV_CONNECT or kind == EV_CONNECT_FAILED:
+                tracked, dst, dst_ep = self._destination(family, daddr, dport)
+                if not tracked:
+                    return
+                c = self.registry.container_of(pid)
+                if c is None:
+                    return
+                if kind == EV_CONNECT_FAILED:
+                    self._failed[(c.id, dst_ep)] += 1
+                    return
+                src = self._src_cache.get((family, saddr))
+                if src is None:
+                    if len(self._src_cache) > 4096:
+                        self._src_cache.clear()
+                    src = self._src_cache[(family, saddr)] = str(_addr(family, saddr))
+                conn = Conn(pid, fd, c.id, src, sport, dst, dport, dst_ep, start_ns=start)
+                netns = self._netns.get(pid, -1)
+                if netns == -1:  # now, while the process surely lives
+                    netns = self._netns[pid] = self.conntrack.netns_of(pid)
+                conn.netns = netns
+                old = self._conns.pop((pid, fd), None)
+                if old is not None:
+                    self._account_close(old, None)
+                if len(self._conns) < MAX_CONNS:
+                    self._conns[(pid, fd)] = conn
+                self._pending_connects.append((conn, duration / 1e9, retrans))
+                self._pending.append(conn)
+            elif kind == EV_CLOSE:
+                conn = self._conns.pop((pid, fd), None)
+                if conn is not None:
+                    self._account_close(conn, (sent, received, retrans))
+            elif kind == EV_LATE_RETRANSMITS:
+                late = self._recently_closed.get((pid, fd, start))
+                if isinstance(late, Conn):  # its close waits for the next batch: so does this
+                    self._late_pending.append((late, retrans))
+                elif late is not None:
+                    self._closed[late][2] += retrans
+            elif kind == EV_LISTEN_OPEN:
+                self._listen(pid, endpoint(_addr(family, saddr), sport), sport)
+            elif kind == EV_LISTEN_CLOSE:
+                self._listens.pop((pid, endpoint(_addr(family, saddr), sport)), None)
+
+    def _destination(self, family: int, daddr: bytes, dport: int) -> tuple[bool, str, str]:
+        key = (family, daddr, dport)
+        hit = self._dst_cache.get(key)
+        if hit is None:
+            if len(self._dst_cache) > 65536:
+                self._dst_cache.clear()
+            ip = _addr(family, daddr)
+            hit = self._dst_cache[key] = (self.public.should_track(ip), str(ip), endpoint(ip, dport))
+        return hit
+
+    def _listen(self, pid: int, addr: str, port: int) -> None:
+        lo, hi = self.ephemeral
+        if lo <= port <= hi:
+            return  # Coroot's rule: a listener on an ephemeral port is a client-side artifact
+        c = self.registry.container_of(pid)
+        if c is not None:
+            self._listens[(pid, addr)] = c.id
+
+    def _account_close(self, conn: Conn, final: tuple[int, int, int] | None) -> DestKey | None:
+        """Move a connection's counters to the closed totals. `final` comes with the close
+        event; otherwise (process gone, fd reused) read what the kernel map still has."""
+        if final is None:
+            final = self._read_live(conn) or (0, 0, 0)
+            self._delete_live(conn)
+        if conn.actual is None:
+            # Not resolved yet (a short connection): resolved with the next batch, where one
+            # conntrack read serves every connection of the namespace.
+            self._closed_pending.append((conn, final))
+            self._recently_closed[(conn.pid, conn.fd, conn.start_ns)] = conn  # type: ignore[assignment]
+            return None
+        return self._add_closed(conn, final)
+
+    def _add_closed(self, conn: Conn, final: tuple[int, int, int]) -> DestKey:
+        key = (conn.container_id, conn.destination, conn.actual or conn.destination)
+        totals = self._closed[key]
+        for i in range(3):
+            totals[i] += final[i]
+        self._recently_closed[(conn.pid, conn.fd, conn.start_ns)] = key
+        if len(self._recently_closed) > RECENTLY_CLOSED:
+            self._recently_closed.popitem(last=False)
+        return key
+
+    def on_process(self, what: str, proc: Process) -> None:
+        """Registry listener: a process that exited takes its connections and listens along."""
+        if what != "removed":
+            return
+        with self._lock:
+            self._netns.pop(proc.pid, None)
+            for key in [k for k in self._conns if k[0] == proc.pid]:
+                self._account_close(self._conns.pop(key), None)
+            for key in [k for k in self._listens if k[0] == proc.pid]:
+                del self._listens[key]
+
+    # --------------------------------------------------------- kernel map --
+
+    def _key(self, conn: Conn) -> object | None:
+        t = self._bpf_conns
+        return t.Key(conn.pid, conn.fd) if t is not None else None  # type: ignore[attr-defined]
+
+    def _read_live(self, conn: Conn) -> tuple[int, int, int] | None:
+        if self._bpf_conns is None:
+            return None
+        try:
+            v = self._bpf_conns[self._key(conn)]  # type: ignore[index]
+        except KeyError:
+            return None
+        return int(v.bytes_sent), int(v.bytes_received), int(v.retransmits)
+
+    def _delete_live(self, conn: Conn) -> None:
+        if self._bpf_conns is None:
+            return
+        try:
+            del self._bpf_conns[self._key(conn)]  # type: ignore[attr-defined]
+        except KeyError:
+            pass
+
+    def track_existing(self, conn: Conn) -> None:
+        """A connection found in /proc at start: count it from now on, in the kernel too."""
+        with self._lock:
+            conn.netns = self.conntrack.netns_of(conn.pid)
+            self._conns[(conn.pid, conn.fd)] = conn
+            self._pending.append(conn)
+            t = self._bpf_conns
+            if t is not None:
+                leaf = t.Leaf()  # type: ignore[attr-defined]
+                leaf.flags = CONN_OUTBOUND
+                t[self._key(conn)] = leaf  # type: ignore[index]
+
+    # ---------------------------------------------------------- conntrack --
+
+    def _resolve(self, conns: list[Conn]) -> None:
+        items = [(c.netns, (c.src, c.sport, c.dst, c.dport)) for c in conns]
+        for conn, peer in zip(conns, self.conntrack.resolve(items), strict=True):
+            conn.actual = endpoint(peer[0], peer[1]) if peer else conn.destination
+
+    def resolve_pending(self) -> None:
+        """Label new connections with their actual destination and count their connects."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+            connects, self._pending_connects = self._pending_connects, []
+            closed, self._closed_pending = self._closed_pending, []
+            late, self._late_pending = self._late_pending, []
+            todo = [c for c in pending if c.actual is None]
+            if todo:
+                self._resolve(todo)
+            for conn, final in closed:
+                self._add_closed(conn, final)  # maps the connection to its totals' key
+            for conn, n in late:
+                key = self._recently_closed.get((conn.pid, conn.fd, conn.start_ns))
+                if isinstance(key, tuple):
+                    self._closed[key][2] += n
+            for conn, seconds, _retrans in connects:
+                agg = self._connects[(conn.container_id, conn.destination, conn.actual or conn.destination)]
+                agg[0] += 1
+                agg[1] += seconds
+
+    # ------------------------------------------------------------ metrics --
+
+    def collect(self, f: Families) -> None:
+        self.resolve_pending()
+        with self._lock:
+            live: dict[DestKey, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # sent, recv, retrans, active
+            for conn in self._conns.values():
+                if conn.actual is None:
+                    continue
+                agg = live[(conn.container_id, conn.destination, conn.actual)]
+                agg[3] += 1
+                counters = self._read_live(conn)
+                if counters:
+                    for i in range(3):
+                        agg[i] += counters[i]
+            apps = {c.id: c.app_id for c in self.registry.containers()}
+            for (cid, dst, actual), (n, secs) in self._connects.items():
+                if cid not in apps:
+                    continue
+                lbl = {"container_id": cid, "app_id": apps[cid], "destination": dst, "actual_destination": actual}
+                f.counter("container_net_tcp_successful_connects_total", "successful TCP connects", n, **lbl)
+                f.counter("container_net_tcp_connection_time_seconds_total", "time spent in TCP connect", secs, **lbl)
+            for (cid, dst), n in self._failed.items():
+                if cid in apps:
+                    f.counter("container_net_tcp_failed_connects_total", "failed TCP connects", n,
+                              container_id=cid, app_id=apps[cid], destination=dst)
+            keys = set(self._closed) | set(live)
+            for key in keys:
+                cid, dst, actual = key
+                if cid not in apps:
+                    continue
+                closed = self._closed.get(key, [0, 0, 0])
+                now = live.get(key, [0, 0, 0, 0])
+                lbl = {"container_id": cid, "app_id": apps[cid], "destination": dst, "actual_destination": actual}
+                f.counter("container_net_tcp_bytes_sent_total", "bytes sent", closed[0] + now[0], **lbl)
+                f.counter("container_net_tcp_bytes_received_total", "bytes received", closed[1] + now[1], **lbl)
+                f.counter("container_net_tcp_retransmits_total", "TCP segments retransmitted", closed[2] + now[2], **lbl)
+                f.gauge("container_net_tcp_active_connections", "open TCP connections", now[3], **lbl)
+            for (_pid, addr), cid in sorted(self._listens.items()):
+                if cid in apps:
+                    f.gauge("container_net_tcp_listen_info", "a listening TCP socket", 1,
+                            container_id=cid, app_id=apps[cid], listen_addr=addr, proxy="")
+
+    def forget_containers(self, gone: list[str]) -> None:
+        """Drop totals of containers the registry forgot (bounded memory)."""
+        if not gone:
+            return
+        dead = set(gone)
+        with self._lock:
+            for d in (self._connects, self._closed):
+                for k in [k for k in d if k[0] in dead]:
+                    del d[k]
+            for k in [k for k in self._failed if k[0] in dead]:
+                del self._failed[k]
+
+
+class TcpCollector:
+    def __init__(self, tracker: TcpTracker, const: dict[str, str]) -> None:
+        self.tracker = tracker
+        self.const = const
+
+    def collect(self) -> Iterator[Metric]:
+        f = Families(self.const)
+        self.tracker.collect(f)
+        yield from f
+
+
+# ------------------------------------------------------------- /proc seed ---
+
+_STATE_ESTABLISHED, _STATE_LISTEN = "01", "0A"
+
+
+def _hex_addr(text: str) -> tuple[str, int]:
+    addr, port = text.split(":")
+    raw = bytes.fromhex(addr)
+    if len(raw) == 4:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv4Address(raw[::-1])
+    else:
+        ip = ipaddress.IPv6Address(b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+    return str(normalize(ip)), int(port, 16)
+
+
+def read_sockets(procfs: str, pid: int) -> dict[int, tuple[str, tuple[str, int], tuple[str, int]]]:
+    """inode -> (state, local, remote) for the TCP sockets of pid's network namespace."""
+    out = {}
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"{procfs}/{pid}/net/{name}") as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            p = line.split()
+            if len(p) < 10:
+                continue
+            out[int(p[9])] = (p[3], _hex_addr(p[1]), _hex_addr(p[2]))
+    return out
+
+
+def socket_fds(procfs: str, pid: int) -> dict[int, int]:
+    """inode -> fd for pid's sockets."""
+    out = {}
+    base = f"{procfs}/{pid}/fd"
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return out
+    for name in names:
+        try:
+            target = os.readlink(f"{base}/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out[int(target[8:-1])] = int(name)
+    return out
+
+
+def seed(tracker: TcpTracker, pids: list[int]) -> int:
+    """Register the established outbound connections and listening sockets of processes in
+    containers. Returns the connections seeded."""
+    n = 0
+    by_netns: dict[int, dict] = {}
+    for pid in pids:
+        if tracker.registry.container_of(pid) is None:
+            continue
+        fds = socket_fds(tracker.procfs, pid)
+        if not fds:
+            continue
+        try:
+            netns = os.stat(f"{tracker.procfs}/{pid}/ns/net").st_ino
+        except OSError:
+            continue
+        socks = by_netns.get(netns)
+        if socks is None:
+            socks = by_netns[netns] = read_sockets(tracker.procfs, pid)
+        listening = {local[1] for state, local, _ in socks.values() if state == _STATE_LISTEN}
+        for inode, fd in fds.items():
+            entry = socks.get(inode)
+            if entry is None:
+                continue
+            state, local, remote = entry
+            if state == _STATE_LISTEN:
+                with tracker._lock:
+                    tracker._listen(pid, endpoint(local[0], local[1]), local[1])
+            elif state == _STATE_ESTABLISHED and local[1] not in listening:
+                if not tracker.public.should_track(ipaddress.ip_address(remote[0])):
+                    continue
+                cid = tracker.registry.container_of(pid).id  # type: ignore[union-attr]
+                tracker.track_existing(Conn(pid, fd, cid, local[0], local[1], remote[0], remote[1],
+                                            endpoint(remote[0], remote[1])))
+                n += 1
+    return n

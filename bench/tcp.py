@@ -1,0 +1,107 @@
+"""Connect storm: short TCP connections at a target rate for a while, from a test cgroup, with
+the agent running. Prints events lost (target 0), connects counted vs made, agent CPU µs per
+connection, and in-kernel ns per program run (kernel.bpf_stats_enabled). Asserts nothing.
+
+Run as root: `python bench/tcp.py [--rate 5000] [--seconds 10]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.system.helpers import AgentProcess, TestCgroups  # noqa: E402
+
+CLIENT = """
+import socket, sys, time
+port, rate, seconds = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+n, start = 0, time.monotonic()
+while time.monotonic() - start < seconds:
+    s = socket.create_connection(("127.0.0.1", port))
+    s.close()
+    n += 1
+    ahead = n / rate - (time.monotonic() - start)
+    if ahead > 0:
+        time.sleep(ahead)
+print(n, time.monotonic() - start, flush=True)
+"""
+
+
+def prog_stats(pid: int) -> dict[str, tuple[int, int]]:
+    """(run_time_ns, run_cnt) of each BPF program the agent holds, from its fds' fdinfo."""
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                info = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        if "prog_id" in info and "run_cnt" in info:
+            out[info["prog_id"].strip()] = (int(info["run_time_ns"]), int(info["run_cnt"]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rate", type=float, default=5000)
+    ap.add_argument("--seconds", type=float, default=10)
+    args = ap.parse_args()
+    subprocess.run(["sysctl", "-qw", "kernel.bpf_stats_enabled=1"], check=True)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4096)
+    port = srv.getsockname()[1]
+
+    def accept() -> None:
+        while True:
+            c, _ = srv.accept()
+            c.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    cg = TestCgroups()
+    agent = AgentProcess(["--min-container-age", "0s"])
+    agent.start()
+    try:
+        cid = cg.create("storm")
+        proc = psutil.Process(agent.proc.pid)
+        time.sleep(1)
+        cpu0 = sum(proc.cpu_times()[:2])
+        stats0 = prog_stats(agent.proc.pid)
+        client = cg.spawn(cid, [sys.executable, "-c", CLIENT, str(port), str(args.rate), str(args.seconds)],
+                          stdout=subprocess.PIPE)
+        made, took = client.communicate()[0].split()
+        made = int(made)
+        time.sleep(3)
+        cpu = sum(proc.cpu_times()[:2]) - cpu0
+        stats1 = prog_stats(agent.proc.pid)
+        series = [(lb, v) for n, lb, v in agent.metrics()
+                  if n == "container_net_tcp_successful_connects_total" and lb.get("container_id") == cid]
+        counted = sum(v for _, v in series)
+        if len(series) != 1:
+            print("series:", series)
+        lost = sum(v for n, _, v in agent.metrics() if n == "coroot_agent_lost_events_total")
+        missed = sum(v for n, _, v in agent.metrics() if n == "coroot_agent_bpf_missed_runs_total")
+        ns = sum(stats1[k][0] - stats0.get(k, (0, 0))[0] for k in stats1)
+        runs = sum(stats1[k][1] - stats0.get(k, (0, 0))[1] for k in stats1)
+        print(f"connections made: {made} in {float(took):.1f} s ({made / float(took):,.0f}/s); counted by the agent: {counted:.0f}")
+        print(f"events lost: {lost:.0f} (target 0); program runs skipped by the kernel: {missed:.0f}")
+        print(f"agent CPU: {cpu * 1e6 / made:.1f} µs per connection ({cpu / float(took) * 100:.1f}% of one core)")
+        print(f"in-kernel: {ns / max(runs, 1):.0f} ns per program run, {ns / made:.0f} ns per connection "
+              f"({runs / made:.1f} runs per connection, all programs of the agent)")
+    finally:
+        agent.stop()
+        cg.cleanup()
+        subprocess.run(["sysctl", "-qw", "kernel.bpf_stats_enabled=0"], check=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+/* TCP connections: connects (successful and failed, with their duration), listens, closes,
+ * retransmits, and bytes sent/received per connection, counted in the kernel.
+ *
+ * Tracepoints only: sock:inet_sock_set_state, tcp:tcp_retransmit_skb (raw), syscalls connect,
+ * accept/accept4, close and the read/write family (for byte counts). Reads tracepoint arguments
+ * and helper results only, never kernel struct fields.
+ *
+ * A connection is keyed by (tgid, fd); its value remembers the socket pointer and start time,
+ * so a reused fd number starts a new connection (the old one is closed first) and the two can
+ * never mix. Maps are LRU with the sizes below: a full map evicts the least recently used
+ * entry, never blocks. */
+#include "common.h"
+
+#ifndef CA_MAX_CONNS
+#define CA_MAX_CONNS 65536 /* tracked connections (tgid, fd) */
+#endif
+#ifndef CA_MAX_CONNECTING
+#define CA_MAX_CONNECTING 16384 /* sockets between SYN_SENT and ESTABLISHED/CLOSE */
+#endif
+
+#define TCP_EVENT_CONNECT 1
+#define TCP_EVENT_CONNECT_FAILED 2
+#define TCP_EVENT_LISTEN_OPEN 3
+#define TCP_EVENT_LISTEN_CLOSE 4
+#define TCP_EVENT_CLOSE 5
+#define TCP_EVENT_LATE_RETRANSMITS 6 /* retransmits between close() and the socket's end */
+
+#define CA_TCP_ESTABLISHED 1
+#define CA_TCP_SYN_SENT 2
+#define CA_TCP_CLOSE 7
+#define CA_TCP_LISTEN 10
+#define CA_AF_INET 2
+#define CA_AF_INET6 10
+#define CA_IPPROTO_TCP 6
+
+#define CONN_OUTBOUND 1
+#define CONN_INBOUND 2
+
+struct conn_key {
+    u32 tgid;
+    u32 fd;
+};
+
+struct conn {
+    u64 sk;
+    u64 start_ns;
+    u64 bytes_sent;
+    u64 bytes_received;
+    u32 retransmits;
+    u32 flags;
+};
+
+struct connecting {
+    u32 tgid;
+    u32 fd;
+    u64 start_ns;
+    u32 retransmits;
+    u32 _pad;
+};
+
+/* Mirror: agent/net/tcp.py TCP_EVENT ("<QQQQIIIIHHHH16s16s"), no implicit padding. */
+struct tcp_event {
+    u64 start_ns;
+    u64 duration_ns;
+    u64 bytes_sent;
+    u64 bytes_received;
+    u32 type;
+    u32 tgid;
+    u32 fd;
+    u32 retransmits;
+    u16 family;
+    u16 sport;
+    u16 dport;
+    u16 _pad;
+    u8 saddr[16];
+    u8 daddr[16];
+};
+
+BPF_TABLE("lru_hash", struct conn_key, struct conn, conns, CA_MAX_CONNS);
+BPF_TABLE("lru_hash", u64, struct conn_key, sk_conns, CA_MAX_CONNS);
+BPF_TABLE("lru_hash", u64, struct connecting, connecting, CA_MAX_CONNECTING);
+/* Sockets closed by the application whose FIN (or unacked data) may still be retransmitted. */
+BPF_TABLE("lru_hash", u64, struct connecting, closing, CA_MAX_CONNECTING);
+BPF_TABLE("lru_hash", u64, u32, connect_fds, 16384); /* pid_tgid -> fd inside connect() */
+BPF_TABLE("lru_hash", u64, u32, io_fds, 16384);      /* pid_tgid -> fd inside read/write */
+BPF_PERCPU_ARRAY(tcp_scratch, struct tcp_event, 1);
+CA_EVENTS(tcp_events);
+
+static __always_inline void tcp_submit(void *ctx, struct tcp_event *e) {
+#ifdef CA_RINGBUF
+    if (tcp_events.ringbuf_output(e, sizeof(*e), 0) < 0)
+#else
+    if (tcp_events.perf_submit(ctx, e, sizeof(*e)) < 0)
+#endif
+        tcp_events_lost.increment(0);
+}
+
+static __always_inline struct tcp_event *tcp_event_new(u32 type) {
+    int zero = 0;
+    struct tcp_event *e = tcp_scratch.lookup(&zero);
+    if (!e)
+        return 0;
+    __builtin_memset(e, 0, sizeof(*e));
+    e->type = type;
+    return e;
+}
+
+/* A macro, not a function: BCC defines the tracepoint's argument struct at the probe itself. */
+#define FILL_ADDRS(e, args)                                                                   \
+    do {                                                                                       \
+        (e)->family = (args)->family;                                                          \
+        (e)->sport = (args)->sport;                                                            \
+        (e)->dport = (args)->dport;                                                            \
+        if ((args)->family == CA_AF_INET) {                                                    \
+            __builtin_memcpy((e)->saddr, (args)->saddr, 4);                                    \
+            __builtin_memcpy((e)->daddr, (args)->daddr, 4);                                    \
+        } else {                                                                               \
+            __builtin_memcpy((e)->saddr, (args)->saddr_v6, 16);                                \
+            __builtin_memcpy((e)->daddr, (args)->daddr_v6, 16);                                \
+        }                                                                                      \
+    } while (0)
+
+/* `by_app`: the application called close(); the socket lives on (FIN_WAIT...) and may still
+ * retransmit, so it is remembered in `closing` until its state becomes CLOSE. */
+static __always_inline void emit_close(void *ctx, struct conn_key *key, struct conn *c, int by_app) {
+    if (c->flags & CONN_OUTBOUND) {
+        struct tcp_event *e = tcp_event_new(TCP_EVENT_CLOSE);
+        if (e) {
+            e->tgid = key->tgid;
+            e->fd = key->fd;
+            e->start_ns = c->start_ns;
+            e->bytes_sent = c->bytes_sent;
+            e->bytes_received = c->bytes_received;
+            e->retransmits = c->retransmits;
+            tcp_submit(ctx, e);
+        }
+    }
+    u64 sk = c->sk;
+    if (sk) {
+        sk_conns.delete(&sk);
+        if (by_app && (c->flags & CONN_OUTBOUND)) {
+            struct connecting late = {.tgid = key->tgid, .fd = key->fd, .start_ns = c->start_ns};
+            closing.update(&sk, &late);
+        }
+    }
+    conns.delete(key);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_connect) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 fd = args->fd;
+    connect_fds.update(&id, &fd);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_connect) {
+    u64 id = bpf_get_current_pid_tgid();
+    connect_fds.delete(&id);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state) {
+    if (args->protocol != CA_IPPROTO_TCP)
+        return 0;
+    u64 sk = (u64)args->skaddr;
+    int from = args->oldstate, to = args->newstate;
+
+    if (from == CA_TCP_CLOSE && to == CA_TCP_SYN_SENT) { /* inside connect(): process context */
+        u64 id = bpf_get_current_pid_tgid();
+        u32 *fd = connect_fds.lookup(&id);
+        if (!fd)
+            return 0;
+        struct connecting p = {.tgid = id >> 32, .fd = *fd, .start_ns = bpf_ktime_get_ns()};
+        connecting.update(&sk, &p);
+        return 0;
+    }
+    if (from == CA_TCP_SYN_SENT) {
+        struct connecting *p = connecting.lookup(&sk);
+        if (!p)
+            return 0;
+        u64 now = bpf_ktime_get_ns();
+        struct tcp_event *e = tcp_event_new(to == CA_TCP_ESTABLISHED ? TCP_EVENT_CONNECT : TCP_EVENT_CONNECT_FAILED);
+        if (e) {
+            FILL_ADDRS(e, args);
+            e->tgid = p->tgid;
+            e->fd = p->fd;
+            e->start_ns = p->start_ns;
+            e->duration_ns = now - p->start_ns;
+            e->retransmits = p->retransmits;
+            tcp_submit(args, e);
+        }
+        if (to == CA_TCP_ESTABLISHED) {
+            struct conn_key key = {.tgid = p->tgid, .fd = p->fd};
+            struct conn *old = conns.lookup(&key);
+            if (old) /* the fd was reused without a close we saw */
+                emit_close(args, &key, old, 0);
+            struct conn c = {.sk = sk, .start_ns = p->start_ns, .retransmits = p->retransmits, .flags = CONN_OUTBOUND};
+            conns.update(&key, &c);
+            sk_conns.update(&sk, &key);
+        }
+        connecting.delete(&sk);
+        return 0;
+    }
+    if (from == CA_TCP_CLOSE && to == CA_TCP_LISTEN) {
+        struct tcp_event *e = tcp_event_new(TCP_EVENT_LISTEN_OPEN);
+        if (e) {
+            FILL_ADDRS(e, args);
+            e->tgid = ca_tgid();
+            tcp_submit(args, e);
+        }
+        return 0;
+    }
+    if (from == CA_TCP_LISTEN && to == CA_TCP_CLOSE) {
+        struct tcp_event *e = tcp_event_new(TCP_EVENT_LISTEN_CLOSE);
+        if (e) {
+            FILL_ADDRS(e, args);
+            e->tgid = ca_tgid();
+            tcp_submit(args, e);
+        }
+        return 0;
+    }
+    if (to == CA_TCP_CLOSE) { /* an established connection ends without close(): RST, exit */
+        struct conn_key *k = sk_conns.lookup(&sk);
+        if (!k) {
+            struct connecting *late = closing.lookup(&sk);
+            if (!late)
+                return 0;
+            if (late->retransmits) {
+                struct tcp_event *e = tcp_event_new(TCP_EVENT_LATE_RETRANSMITS);
+                if (e) {
+                    e->tgid = late->tgid;
+                    e->fd = late->fd;
+                    e->start_ns = late->start_ns;
+                    e->retransmits = late->retransmits;
+                    tcp_submit(args, e);
+                }
+            }
+            closing.delete(&sk);
+            return 0;
+        }
+        struct conn_key key = *k;
+        struct conn *c = conns.lookup(&key);
+        if (c && c->sk == sk)
+            emit_close(args, &key, c, 0);
+        else
+            sk_conns.delete(&sk);
+    }
+    return 0;
+}
+
+/* A raw tracepoint, whose arguments are the tracepoint's own (sk, skb[, err]): the kernel skips
+ * a classic tracepoint program that fires (here, in softirq) while another of our programs runs
+ * on the same CPU, which lost ~1% of retransmits under load; raw tracepoints only guard against
+ * recursion of the same program. Only the argument values are used, no struct fields. */
+RAW_TRACEPOINT_PROBE(tcp_retransmit_skb) {
+#ifdef CA_TCP_RETRANSMIT_HAS_ERR
+    /* Newer kernels also report attempts that sent nothing (e.g. -EBUSY while the original is
+     * still queued below TCP); the kernel's RetransSegs counts only those that went out. */
+    if ((int)ctx->args[2])
+        return 0;
+#endif
+    u64 sk = ctx->args[0];
+    struct conn_key *k = sk_conns.lookup(&sk);
+    if (k) {
+        struct conn_key key = *k;
+        struct conn *c = conns.lookup(&key);
+        if (c)
+            __sync_fetch_and_add(&c->retransmits, 1);
+        return 0;
+    }
+    struct connecting *p = connecting.lookup(&sk);
+    if (!p)
+        p = closing.lookup(&sk);
+    if (p)
+        __sync_fetch_and_add(&p->retransmits, 1);
+    return 0;
+}
+
+static __always_inline int accepted(long ret) {
+    if (ret < 0)
+        return 0;
+    struct conn_key key = {.tgid = ca_tgid(), .fd = (u32)ret};
+    struct conn c = {.start_ns = bpf_ktime_get_ns(), .flags = CONN_INBOUND};
+    conns.update(&key, &c);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_accept) { return accepted(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { return accepted(args->ret); }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close) {
+    struct conn_key key = {.tgid = ca_tgid(), .fd = args->fd};
+    struct conn *c = conns.lookup(&key);
+    if (c)
+        emit_close(args, &key, c, 1);
+    return 0;
+}
+
+/* Bytes: remember the fd at syscall entry when it is a tracked connection, count the result at
+ * exit. Entry does one map lookup for every read/write on the host and stops there for files. */
+static __always_inline int io_enter(u32 fd) {
+    struct conn_key key = {.tgid = ca_tgid(), .fd = fd};
+    if (!conns.lookup(&key))
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    io_fds.update(&id, &fd);
+    return 0;
+}
+
+static __always_inline int io_exit(long ret, int sent) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 *fd = io_fds.lookup(&id);
+    if (!fd)
+        return 0;
+    struct conn_key key = {.tgid = id >> 32, .fd = *fd};
+    io_fds.delete(&id);
+    if (ret <= 0)
+        return 0;
+    struct conn *c = conns.lookup(&key);
+    if (!c)
+        return 0;
+    if (sent)
+        __sync_fetch_and_add(&c->bytes_sent, ret);
+    else
+        __sync_fetch_and_add(&c->bytes_received, ret);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_write) { return io_enter(args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_exit_write) { return io_exit(args->ret, 1); }
+TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return io_enter(args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return io_exit(args->ret, 1); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return io_enter(args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return io_exit(args->ret, 1); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return io_enter(args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return io_exit(args->ret, 1); }
+TRACEPOINT_PROBE(syscalls, sys_enter_read) { return io_enter(args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_exit_read) { return io_exit(args->ret, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return io_enter(args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return io_exit(args->ret, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return io_enter(args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return io_exit(args->ret, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return io_enter(args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return io_exit(args->ret, 0); }
