@@ -11,7 +11,7 @@ import sys
 
 from agent import __version__, config
 
-COMMANDS = ("run", "check", "query")
+COMMANDS = ("run", "check", "query", "flamegraph")
 
 DESCRIPTION = """\
 eBPF node agent: sees every process on this host through eBPF (process lifecycle, TCP, L7
@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="coroot-agent", description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Commands: run (the default), check, query. `coroot-agent COMMAND --help` lists the options.",
+        epilog="Commands: run (the default), check, query, flamegraph. `coroot-agent COMMAND --help` lists the options.",
     )
     p.add_argument("--version", action="version", version=f"coroot-agent {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -54,6 +54,19 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--format", choices=("tsv", "json"), default="tsv",
                        help="tsv: tab-separated with a header line (default); json: one JSON object per row, one per line")
     config.add_arguments(query)
+
+    fg = sub.add_parser(
+        "flamegraph", help="write a CPU flame graph from the stored profiles",
+        description="Read the eBPF CPU profiles from the store (through the running agent while "
+        "it holds the embedded store) and write a self-contained SVG flame graph, or folded "
+        "stacks for other viewers.",
+        epilog="example: coroot-agent flamegraph --service /system.slice/nginx.service --since 1h -o nginx.svg",
+    )
+    fg.add_argument("--service", help="the service (app_id), e.g. /system.slice/nginx.service; default: all, one root per service")
+    fg.add_argument("--since", default="15m", help="how far back, e.g. 15m, 1h, 2d (default 15m)")
+    fg.add_argument("--format", choices=("svg", "folded"), default="svg", help="svg (default) or folded stacks")
+    fg.add_argument("-o", "--output", default="-", help="file to write (default: standard output)")
+    config.add_arguments(fg)
     return p
 
 
@@ -75,12 +88,41 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as e:
         print(f"coroot-agent: config error: {e}", file=sys.stderr)
         return 2
-    _setup_logging(cfg.log_level if ns.command != "query" else "warning")
+    _setup_logging(cfg.log_level if ns.command not in ("query", "flamegraph") else "warning")
     if ns.command == "check":
         return _check(cfg, probe=not ns.no_probe)
     if ns.command == "query":
         return _query(cfg, ns.sql, ns.format)
+    if ns.command == "flamegraph":
+        return _flamegraph(cfg, ns)
     return _run(cfg)
+
+
+def _flamegraph(cfg: config.Config, ns: argparse.Namespace) -> int:
+    from agent.profiling import flamegraph
+    from agent.query import QueryRefused
+    from agent.sinks.store import StoreError
+
+    try:
+        profile = flamegraph.load(cfg, ns.service, ns.since)
+    except ValueError as e:
+        print(f"coroot-agent flamegraph: --since: {e}", file=sys.stderr)
+        return 2
+    except (StoreError, QueryRefused) as e:
+        print(f"coroot-agent flamegraph: {e}", file=sys.stderr)
+        return 1
+    if not profile:
+        what = f"service {ns.service}" if ns.service else "any service"
+        print(f"coroot-agent flamegraph: no CPU samples for {what} in the last {ns.since}", file=sys.stderr)
+        return 1
+    text = flamegraph.folded(profile) if ns.format == "folded" else flamegraph.svg(
+        profile, f"CPU: {ns.service or 'all services'}, last {ns.since}")
+    if ns.output == "-":
+        sys.stdout.write(text)
+    else:
+        with open(ns.output, "w") as f:
+            f.write(text)
+    return 0
 
 
 def _query(cfg: config.Config, sql: str, fmt: str) -> int:

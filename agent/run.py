@@ -28,6 +28,7 @@ from agent.net.tcp import TcpCollector, TcpTracker
 from agent.net.tcp import seed as seed_tcp
 from agent.node.cgroups import CgroupCollector
 from agent.node.node import NodeCollector
+from agent.profiling.profiler import Profiler
 from agent.query import StoreLock, api_handler
 from agent.sinks.batcher import Sink, SinkCollector
 from agent.sinks.history import MetricHistory
@@ -59,6 +60,12 @@ class SelfCollector:
             f.gauge("coroot_agent_bpf_compile_seconds", "time to compile and attach the BPF programs", bpf.compile_seconds)
             for prog, n in bpf.missed_runs().items():
                 f.counter("coroot_agent_bpf_missed_runs_total", "program runs the kernel skipped (it fired while another BPF program ran on that CPU)", n, program=prog)
+        prof = a.profiler
+        if prof is not None:
+            f.counter("coroot_agent_profiler_samples_total", "CPU samples written to the store", prof.samples_written)
+            f.counter("coroot_agent_profiler_dropped_samples_total", "samples not counted: the kernel's count map was full", prof.drops)
+            for cache, n in prof.symbols.sizes.items():
+                f.gauge("coroot_agent_profiler_symbol_cache_entries", "entries in the symbolizer's caches", n, cache=cache)
         f.gauge("coroot_agent_tracked_processes", "processes the registry knows", len(a.registry.pids()))
         f.gauge("coroot_agent_tracked_containers", "containers reported", len(a.registry.containers()))
         f.counter("coroot_agent_process_events_total", "process events received from the kernel", a.registry.events_seen)
@@ -79,6 +86,7 @@ class Agent:
         self.tcp = TcpTracker(self.registry, PublicFilter(cfg.track_public_networks),
                               units.parse_port_range(cfg.ephemeral_port_range), procfs=cfg.procfs_root)
         self.registry.subscribe(self.tcp.on_process)
+        self.profiler: Profiler | None = None
         self.bpf: loader.Loaded | None = None
         self.metrics = CollectorRegistry(auto_describe=False)
         self.api: ApiServer | None = None
@@ -92,7 +100,10 @@ class Agent:
         self.started_at = 0.0
 
     def families(self) -> list[str]:
-        return ["proc", "tcp"]
+        fams = ["proc", "tcp"]
+        if self.cfg.profiler_enabled:
+            fams.append("profiler")
+        return fams
 
     def start(self) -> None:
         t0 = time.monotonic()
@@ -115,10 +126,16 @@ class Agent:
         log.info("registry: %d processes, %d containers", n, len(self.registry.containers()))
         log.info("compiling BPF programs (%s); this takes a few seconds", ", ".join(self.families()))
         handlers = {"proc_events": self.registry.handle_event, "tcp_events": self.tcp.handle_event}
-        self.bpf = loader.load(self.families(), handlers, hdr)
+        self.bpf = loader.load(self.families(), handlers, hdr, sample_hz=self.cfg.profiling_frequency)
         # Processes that started between the scan and the attach are caught here.
         self.registry.scan()
         self.tcp.attach(self.bpf.table("conns"))
+        if "profiler" in self.families():
+            self.profiler = Profiler(self.registry, self.sink, self.cfg.profiling_frequency,
+                                     self.cfg.profiling_interval)
+            self.registry.subscribe(self.profiler.on_process)
+            self.profiler.attach(self.bpf.bpf)
+            self.profiler.start()
         n = seed_tcp(self.tcp, self.registry.pids())
         log.info("TCP: %d connections open before the agent started are tracked", n)
 
@@ -237,6 +254,9 @@ class Agent:
         if self._poller is not None:
             self._poller.join(timeout=3)
             self._poller = None
+        if self.profiler is not None:
+            self.profiler.close()  # its last drain needs the BPF maps
+            self.profiler = None
         if self.bpf is not None:
             self.bpf.close()
             self.bpf = None

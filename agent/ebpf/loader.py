@@ -34,11 +34,14 @@ class Family:
     source: str
     buffers: tuple[str, ...]
     purpose: str
+    perf_functions: tuple[str, ...] = ()  # attached to a cpu-clock perf event on every CPU
 
 
 FAMILIES: dict[str, Family] = {
     "proc": Family("proc", "proc.c", ("proc_events",), "process lifecycle and OOM kills (tracepoints)"),
     "tcp": Family("tcp", "tcp.c", ("tcp_events",), "TCP connects, listens, closes, retransmits, bytes (tracepoints)"),
+    "profiler": Family("profiler", "profiler.c", (), "CPU stacks sampled by a cpu-clock perf event",
+                       perf_functions=("on_cpu_sample",)),
 }
 
 Handler = Callable[[bytes], None]
@@ -95,6 +98,7 @@ class Loaded:
     families: tuple[str, ...]
     ringbuf: bool
     compile_seconds: float
+    perf_events: int = 0
     _perf_lost: dict[str, int] = field(default_factory=dict)
     _callbacks: list[object] = field(default_factory=list)  # keep ctypes callbacks alive
 
@@ -177,6 +181,7 @@ def load(
     ringbuf: bool | None = None,
     bpf_dir: Path = BPF_DIR,
     pages: int = 64,
+    sample_hz: int = 99,
 ) -> Loaded:
     """Compile and attach `families`; route each buffer's raw events to handlers[buffer]."""
     from bcc import BPF  # imported here: `check` and the unit tests must work without it
@@ -199,6 +204,16 @@ def load(
         raise LoadError(f"probe families {', '.join(families)}: {e}") from e
     took = time.monotonic() - t0
     loaded = Loaded(bpf=bpf, families=families, ringbuf=ringbuf, compile_seconds=took)
+    for name in families:
+        for fn in FAMILIES[name].perf_functions:
+            from bcc import PerfSWConfig, PerfType
+
+            try:
+                bpf.attach_perf_event(ev_type=PerfType.SOFTWARE, ev_config=PerfSWConfig.CPU_CLOCK,
+                                      fn_name=fn, sample_freq=sample_hz, cpu=-1)
+            except Exception as e:  # noqa: BLE001
+                raise LoadError(f"probe family {name}: cannot attach {fn} to a cpu-clock perf event: {e}") from e
+            loaded.perf_events += 1
     for name in families:
         for buf in FAMILIES[name].buffers:
             handler = handlers.get(buf)

@@ -1,0 +1,137 @@
+"""The CPU profiler on real workloads compiled by the test (with frame pointers), in test
+cgroups; profiles read back from the store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.system.helpers import AgentProcess, TestCgroups
+
+SRC = Path(__file__).parent / "workloads" / "burn.c"
+
+
+@pytest.fixture(scope="module")
+def burn(tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = str(tmp_path_factory.mktemp("bin") / "burn")
+    # -O0: GCC 12 drops the frame of a leaf function at -O1 even with -mno-omit-leaf-frame-pointer
+    subprocess.run(["gcc", "-O0", "-fno-omit-frame-pointer", "-mno-omit-leaf-frame-pointer", "-fno-inline",
+                    "-o", out, str(SRC)], check=True)
+    return out
+
+
+def query(storage: str, sql: str) -> list[dict]:
+    r = subprocess.run([sys.executable, "-m", "agent", "query", "--storage-path", storage, "--format", "json", sql],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def frames_by_service(storage: str) -> dict[str, list[tuple[list[str], int]]]:
+    rows = query(storage, (
+        "SELECT p.ServiceName AS service, s.Stack AS stack, sum(p.Value) AS value FROM profiling_samples p "
+        "JOIN (SELECT ServiceName, Hash, any(Stack) AS Stack FROM profiling_stacks GROUP BY ServiceName, Hash) s "
+        "ON s.ServiceName = p.ServiceName AND s.Hash = p.StackHash "
+        "WHERE p.Type = 'ebpf:cpu:nanoseconds' GROUP BY service, stack"))
+    out: dict[str, list[tuple[list[str], int]]] = {}
+    for r in rows:
+        out.setdefault(r["service"], []).append((r["stack"], int(r["value"])))
+    return out
+
+
+@pytest.fixture(scope="module")
+def profiled(burn: str) -> Iterator[dict]:
+    """One agent run with every workload side by side; the store is read after it stopped."""
+    cg = TestCgroups()
+    agent = AgentProcess(["--min-container-age", "0s", "--profiling-interval", "3s", "--store-batch-age", "1s"])
+    agent.start()
+    try:
+        main, off, sys_cid, jit_cid, churn = (cg.create(n) for n in ("prof-main", "prof-off", "prof-sys", "prof-jit", "prof-churn"))
+        env = dict(os.environ)
+        p_main = cg.spawn(main, [burn, "burn", "10"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        p_off = cg.spawn(off, [burn, "burn", "3"], env=env | {"COROOT_EBPF_PROFILING": "disabled"},
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        p_sys = cg.spawn(sys_cid, [burn, "syscalls", "3"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        p_jit = cg.spawn(jit_cid, [burn, "jit"], stdout=subprocess.PIPE)
+        assert p_jit.stdout is not None and p_jit.stdout.readline().strip() == b"ready"
+        time.sleep(3)  # longer than one drain (1 s), so it is symbolized while it lives
+        p_jit.kill()
+        # 500 short-lived processes: the symbol caches must not keep them
+        for _ in range(50):
+            batch = [cg.spawn(churn, [burn, "burn", "0.01"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+                     for _ in range(10)]
+            for b in batch:
+                b.wait()
+        cpu = {}
+        for name, p in (("main", p_main), ("off", p_off), ("sys", p_sys)):
+            assert p.stdout is not None
+            cpu[name] = float(p.stdout.readline())
+        time.sleep(4)  # one more profiling interval, so the caches saw the churn go
+        caches = {lb["cache"]: v for n, lb, v in agent.metrics() if n == "coroot_agent_profiler_symbol_cache_entries"}
+        for p in (p_main, p_off, p_sys):
+            p.communicate(b"\n")
+    finally:
+        assert agent.stop() == 0
+        cg.cleanup()
+    yield {"storage": agent.storage, "cpu": cpu, "caches": caches, "main": main, "off": off, "sys": sys_cid,
+           "jit": jit_cid, "profiles": frames_by_service(agent.storage)}
+
+
+def test_cpu_splits_3_to_1_and_totals_the_processes_cpu_time(profiled: dict) -> None:
+    stacks = profiled["profiles"][profiled["main"]]
+    total = sum(v for _, v in stacks)
+    alpha = sum(v for s, v in stacks if s and s[0] == "burn_alpha")
+    beta = sum(v for s, v in stacks if s and s[0] == "burn_beta")
+    assert abs(alpha / total - 0.75) <= 0.07, (alpha / total, beta / total)
+    assert abs(beta / total - 0.25) <= 0.07, (alpha / total, beta / total)
+    own = profiled["cpu"]["main"]
+    assert abs(total / 1e9 - own) <= 0.15 * own, (total / 1e9, own)
+    # leaf first: the caller is below the hot function
+    assert any(s[:2] == ["burn_alpha", "main"] for s, _ in stacks), sorted(stacks, key=lambda x: -x[1])[:3]
+
+
+def test_an_opted_out_process_is_never_sampled(profiled: dict) -> None:
+    assert profiled["off"] not in profiled["profiles"]
+    assert profiled["cpu"]["off"] >= 1.0  # it did burn CPU
+
+
+def test_kernel_frames_appear_for_a_syscall_heavy_workload(profiled: dict) -> None:
+    frames = {f for s, _ in profiled["profiles"][profiled["sys"]] for f in s}
+    assert frames & {"ksys_read", "__x64_sys_read", "vfs_read", "read_zero", "iov_iter_zero"}, sorted(frames)[:40]
+
+
+def test_a_perf_map_names_jit_frames(profiled: dict) -> None:
+    frames = [s[0] for s, _ in profiled["profiles"][profiled["jit"]]]
+    assert "jitted_spin_loop" in frames, frames
+
+
+def test_symbol_caches_stay_bounded_after_500_short_processes(profiled: dict) -> None:
+    caches = profiled["caches"]
+    assert caches["processes"] <= 10, caches  # exited processes are forgotten
+    assert caches["binaries"] <= 256, caches
+
+
+def test_flamegraph_svg_names_the_hot_function(profiled: dict, tmp_path: Path) -> None:
+    out = tmp_path / "main.svg"
+    r = subprocess.run([sys.executable, "-m", "agent", "flamegraph", "--storage-path", profiled["storage"],
+                        "--service", profiled["main"], "--since", "1h", "-o", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    root = ET.parse(out).getroot()
+    texts = " ".join(t.text or "" for t in root.iter("{http://www.w3.org/2000/svg}title"))
+    assert "burn_alpha" in texts and "burn_beta" in texts
+    r = subprocess.run([sys.executable, "-m", "agent", "flamegraph", "--storage-path", profiled["storage"],
+                        "--service", profiled["main"], "--since", "1h", "--format", "folded"],
+                       capture_output=True, text=True, timeout=120)
+    assert any(line.rsplit(" ", 1)[0].endswith(";main;burn_alpha") for line in r.stdout.splitlines()), r.stdout[:500]
+    r = subprocess.run([sys.executable, "-m", "agent", "flamegraph", "--storage-path", profiled["storage"],
+                        "--service", "/system.slice/none.service"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "no CPU samples for service /system.slice/none.service" in r.stderr
