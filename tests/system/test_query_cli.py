@@ -4,6 +4,7 @@ agent's refusal of a native-protocol ClickHouse address."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -57,7 +58,7 @@ def test_the_agent_refuses_the_native_clickhouse_port_and_names_the_http_one() -
     r = subprocess.run([sys.executable, "-m", "agent", "check", "--no-probe", "--listen", f"127.0.0.1:{free_port()}",
                         "--clickhouse-address", "ch.example:9440"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
-    assert "store           FAIL  global_clickhouse.address 'ch.example:9440': port 9440" in r.stdout
+    assert re.search(r"^store\s+FAIL\s+global_clickhouse.address 'ch.example:9440': port 9440", r.stdout, re.M), r.stdout
 
 
 def test_without_remote_write_metric_history_goes_to_the_store() -> None:
