@@ -8,7 +8,6 @@ Run as root: `python bench/profiler.py [--seconds 20]`.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -17,20 +16,16 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.system.helpers import AgentProcess, TestCgroups  # noqa: E402
+from tests.system.helpers import AgentProcess, TestCgroups, bpf_programs  # noqa: E402
 
 BUSY = "import time\nend = time.time() + float(__import__('sys').argv[1])\nwhile time.time() < end: pass\n"
 
 
 def sample_prog(pid: int) -> tuple[int, int]:
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                info = dict(line.split(":", 1) for line in f if ":" in line)
-        except OSError:
-            continue
-        if info.get("prog_type", "").strip() == "7":  # BPF_PROG_TYPE_PERF_EVENT
-            return int(info.get("run_time_ns", 0)), int(info.get("run_cnt", 0))
+    """(run_time_ns, run_cnt) of the agent's perf-event program (BPF_PROG_TYPE_PERF_EVENT = 7)."""
+    for v in bpf_programs(pid).values():
+        if v.get("prog_type") == 7:
+            return v.get("run_time_ns", 0), v.get("run_cnt", 0)
     return 0, 0
 
 

@@ -8,7 +8,6 @@ Run as root: `python bench/tcp.py [--rate 5000] [--seconds 10]`.
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.system.helpers import AgentProcess, TestCgroups  # noqa: E402
+from tests.system.helpers import AgentProcess, TestCgroups, bpf_programs  # noqa: E402
 
 CLIENT = """
 import socket, sys, time
@@ -37,17 +36,7 @@ print(n, time.monotonic() - start, flush=True)
 
 
 def prog_stats(pid: int) -> dict[str, tuple[int, int]]:
-    """(run_time_ns, run_cnt) of each BPF program the agent holds, from its fds' fdinfo."""
-    out = {}
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                info = dict(line.split(":", 1) for line in f if ":" in line)
-        except OSError:
-            continue
-        if "prog_id" in info and "run_cnt" in info:
-            out[info["prog_id"].strip()] = (int(info["run_time_ns"]), int(info["run_cnt"]))
-    return out
+    return {k: (v.get("run_time_ns", 0), v.get("run_cnt", 0)) for k, v in bpf_programs(pid).items()}
 
 
 def main() -> None:

@@ -318,3 +318,19 @@ class TwoHosts:
     def cleanup(self) -> None:
         for ns in (self.cli, self.srv):
             sh("ip", "netns", "del", ns, check=False)
+
+
+def bpf_programs(pid: int) -> dict[str, dict[str, int]]:
+    """The BPF programs a process holds, from its fds' fdinfo: prog_id -> {prog_type,
+    run_time_ns, run_cnt, recursion_misses} (run_* need kernel.bpf_stats_enabled=1)."""
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                info = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        if "prog_id" in info:
+            out[info["prog_id"].strip()] = {k: int(info[k]) for k in
+                                             ("prog_type", "run_time_ns", "run_cnt", "recursion_misses") if k in info}
+    return out
