@@ -187,7 +187,7 @@ def test_readme_options_table_matches_the_code() -> None:
     assert config.options_table() in readme, "regenerate it with: python scripts/options_table.py --write"
 
 
-@pytest.mark.parametrize("command", [["--help"], ["run", "--help"], ["check", "--help"]])
+@pytest.mark.parametrize("command", [["--help"], ["run", "--help"], ["check", "--help"], ["query", "--help"], ["flamegraph", "--help"]])
 def test_help_on_every_command(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         cli.main(command)
@@ -196,3 +196,18 @@ def test_help_on_every_command(command: list[str], capsys: pytest.CaptureFixture
     assert "usage: coroot-agent" in out
     if command[0] != "--help":
         assert "--min-container-age" in out and "[env MIN_CONTAINER_AGE]" in out
+
+
+def test_flamegraph_bad_since_exits_2_naming_the_option(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    code, err = run_cli(["flamegraph", "--since", "a while"], capsys, monkeypatch)
+    assert code == 2
+    assert err.strip() == "coroot-agent flamegraph: --since: expected a duration like 30s, 36h or 7d, got 'a while'"
+
+
+def test_query_refuses_writes_before_touching_the_store(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    code, err = run_cli(["query", "--storage-path", str(tmp_path / "none"), "DELETE FROM otel_logs WHERE 1"],
+                        capsys, monkeypatch)
+    assert code == 2
+    assert "refused DELETE" in err
+    assert not (tmp_path / "none").exists()
