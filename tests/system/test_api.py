@@ -1,0 +1,53 @@
+"""The agent's HTTP API from another host (a network namespace joined to this one by veth):
+/metrics and /healthz are open, /api/* needs the API key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+
+from tests.system.helpers import AgentProcess, sh
+
+CLIENT = """
+import sys, urllib.request, urllib.error
+url, key = sys.argv[1], sys.argv[2]
+req = urllib.request.Request(url, headers={"X-Api-Key": key} if key else {})
+try:
+    with urllib.request.urlopen(req, timeout=10) as r:
+        print(r.status)
+except urllib.error.HTTPError as e:
+    print(e.code)
+"""
+
+
+def test_api_needs_the_key_from_other_hosts_and_not_from_loopback() -> None:
+    tag = uuid.uuid4().hex[:6]
+    ns, host_if, ns_if = f"ca-api-{tag}", f"vh{tag}", f"vn{tag}"
+    k = int(tag[:2], 16) % 250 + 1
+    sh("ip", "netns", "add", ns)
+    a = AgentProcess(["--api-key", "s3cret-key"])
+    a.args[1] = f"0.0.0.0:{a.port}"  # listen on every address
+    try:
+        sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if, "netns", ns)
+        sh("ip", "addr", "add", f"10.202.{k}.1/24", "dev", host_if)
+        sh("ip", "link", "set", host_if, "up")
+        sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"10.202.{k}.2/24", "dev", ns_if)
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up")
+        a.start()
+
+        def status(path: str, key: str = "") -> int:
+            r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT,
+                                f"http://10.202.{k}.1:{a.port}{path}", key], capture_output=True, text=True, timeout=30)
+            return int(r.stdout.strip())
+
+        assert status("/metrics") == 200
+        assert status("/healthz") == 200
+        assert status("/api/processes") == 401
+        assert status("/api/processes", "wrong") == 401
+        assert status("/api/processes", "s3cret-key") == 200
+        assert a.processes() != []  # loopback: no key needed
+    finally:
+        a.stop()
+        sh("ip", "link", "del", host_if, check=False)
+        sh("ip", "netns", "del", ns, check=False)
