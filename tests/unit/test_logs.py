@@ -1,0 +1,135 @@
+"""Log parsing pieces: PII scrubber, levels, patterns, runtime formats, multi-line joining, and
+the file tailer (on real files in a temporary directory)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.logs.formats import Line, MultilineJoiner, PartialJoiner, parse_time_ns
+from agent.logs.patterns import PatternSet, detect_level, level_of_priority, level_of_word
+from agent.logs.pii import Scrubber, luhn_ok
+from agent.logs.tailer import Tailer
+
+
+def test_scrubber_masks_email_card_token_jwt_and_secrets() -> None:
+    s = Scrubber()
+    line = ("user bob@example.com paid with 4111 1111 1111 1111 using Authorization: Bearer abcDEF123456789xyz "
+            "jwt=eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.sflKxwRJSMeKKF2QT4fwpM password=hunter2 id=4111111111111112")
+    out = s(line)
+    assert out == ("user <email> paid with <card> using Authorization: Bearer <token> "
+                   "jwt=<jwt> password=<secret> id=4111111111111112")  # the last fails Luhn: kept
+    assert Scrubber(ipv4=True)("from 10.1.2.3") == "from <ip>"
+    assert Scrubber()("from 10.1.2.3") == "from 10.1.2.3"
+    assert luhn_ok("4111111111111111") and not luhn_ok("4111111111111112")
+
+
+def test_masks_keep_the_pattern_stable() -> None:
+    ps, s = PatternSet(), Scrubber()
+    a = ps.match(s("login failed for alice@example.com from 10.0.0.1"))
+    b = ps.match(s("login failed for bob@corp.io from 10.0.0.7"))
+    assert a is b
+
+
+def test_levels() -> None:
+    assert detect_level("2024-01-01 ERROR db down") == "error"
+    assert detect_level("[WARN] slow") == "warning"
+    assert detect_level("FATAL: out of memory") == "critical"
+    assert detect_level("level=info msg=ok") == "info"
+    assert detect_level("DEBUG x") == "debug"
+    assert detect_level("all good here") == "unknown"
+    assert level_of_word("WARNING") == "warning" and level_of_word("bogus") == "unknown"
+    assert [level_of_priority(p) for p in range(8)] == ["critical"] * 3 + ["error", "warning", "info", "info", "debug"]
+
+
+def test_patterns_group_variants_and_cap_overflows_to_unclassified() -> None:
+    ps = PatternSet(cap=2)
+    p1 = ps.match("ERROR order 1234 failed: timeout after 30s")
+    assert ps.match("ERROR order 99 failed: timeout after 5s") is p1
+    p2 = ps.match("ERROR payment \"abc\" declined by 3f2a9c1e-0b7d-4c2e-9f1a-2b3c4d5e6f70")
+    assert p2 is not p1 and ps.match("ERROR payment \"x\" declined by 00000000-0b7d-4c2e-9f1a-2b3c4d5e6f70") is p2
+    p3 = ps.match("something entirely different happened here")
+    assert p3.hash == "unclassified"
+    assert len(p1.hash) == 16
+
+
+def test_cri_partial_lines_are_joined() -> None:
+    j = PartialJoiner()
+    assert j.cri("2024-05-01T10:00:00.123456789Z stdout P hello ") is None
+    line = j.cri("2024-05-01T10:00:00.223456789Z stdout F world")
+    assert line == Line("hello world", parse_time_ns("2024-05-01T10:00:00.223456789Z"), "stdout")
+    assert line.ts_ns == 1714557600223456789
+
+
+def test_docker_json_partial_pieces_are_joined() -> None:
+    j = PartialJoiner()
+    assert j.docker('{"log":"part one ","stream":"stderr","time":"2024-05-01T10:00:00.5Z"}') is None
+    line = j.docker('{"log":"part two\\n","stream":"stderr","time":"2024-05-01T10:00:00.6Z"}')
+    assert line is not None and line.text == "part one part two" and line.stream == "stderr"
+    assert j.docker("not json") == Line("not json")
+
+
+def test_a_java_stack_trace_is_one_record() -> None:
+    out: list[Line] = []
+    j = MultilineJoiner(out.append)
+    text = ["ERROR request failed", "java.lang.IllegalStateException: boom",
+            "\tat com.example.Foo.bar(Foo.java:10)", "\tat com.example.Main.main(Main.java:3)",
+            "Caused by: java.io.IOException: eof", "\t... 2 more", "INFO next"]
+    for i, t in enumerate(text):
+        j.feed(Line(t), now=float(i) * 0.01)
+    j.tick(10.0)
+    assert len(out) == 3
+    assert out[0].text == "ERROR request failed"
+    assert out[1].text.startswith("java.lang.IllegalStateException: boom\n\tat com.example.Foo.bar")
+    assert out[1].text.endswith("\t... 2 more") and out[2].text == "INFO next"
+
+
+def test_tailer_starts_at_the_end_and_follows_both_rotations(tmp_path: Path) -> None:
+    p = tmp_path / "app.log"
+    p.write_text("old 1\nold 2\n")
+    t = Tailer(str(p))
+    assert t.open(from_end=True)
+    with open(p, "a") as f:
+        f.write("new 1\nnew 2\npart")
+    assert t.poll() == ["new 1", "new 2"]
+    with open(p, "a") as f:
+        f.write("ial\n")
+    assert t.poll() == ["partial"]
+    # rename + create
+    os.rename(p, tmp_path / "app.log.1")
+    with open(tmp_path / "app.log.1", "a") as f:
+        f.write("late in old\n")
+    p.write_text("first in new\n")
+    assert t.poll() == ["late in old", "first in new"]
+    # copytruncate: the file is emptied and written again, even past our old position
+    with open(p, "r+") as f:
+        f.truncate(0)
+    with open(p, "a") as f:
+        f.write("after truncate " + "x" * 100 + "\n")
+    assert t.poll() == ["after truncate " + "x" * 100]
+    assert t.rotations == 2
+
+
+def test_tailer_cuts_long_lines_and_skips_binary(tmp_path: Path) -> None:
+    p = tmp_path / "big.log"
+    p.write_text("")
+    t = Tailer(str(p), max_line=1000)
+    t.open(from_end=True)
+    with open(p, "ab") as f:
+        f.write(b"a" * 1_000_000 + b"\nok\nbin\x00ary\nend\n")
+    assert t.poll() == ["a" * 1000, "ok", "end"]
+    assert t.truncated_lines == 1 and t.binary_lines == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_parsers_never_raise_on_garbage(data: bytes) -> None:
+    text = data.decode("utf-8", errors="replace")
+    PartialJoiner().cri(text)
+    PartialJoiner().docker(text)
+    PatternSet().match(text)
+    detect_level(text)
+    Scrubber(ipv4=True)(text)
