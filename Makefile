@@ -35,3 +35,4 @@ bench: setup-test
 	$(VENV)/bin/python bench/remote_write.py
 	$(VENV)/bin/python bench/tcp.py
 	$(VENV)/bin/python bench/profiler.py
+	$(VENV)/bin/python bench/logs.py

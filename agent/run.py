@@ -22,6 +22,7 @@ from agent.config import Config
 from agent.containers.registry import Registry
 from agent.ebpf import headers as headers_mod
 from agent.ebpf import loader, tracefs
+from agent.logs.collector import LogCollector
 from agent.metrics import Families, host_labels
 from agent.net.public import PublicFilter
 from agent.net.tcp import TcpCollector, TcpTracker
@@ -87,6 +88,7 @@ class Agent:
                               units.parse_port_range(cfg.ephemeral_port_range), procfs=cfg.procfs_root)
         self.registry.subscribe(self.tcp.on_process)
         self.profiler: Profiler | None = None
+        self.logs: LogCollector | None = None
         self.bpf: loader.Loaded | None = None
         self.metrics = CollectorRegistry(auto_describe=False)
         self.api: ApiServer | None = None
@@ -101,6 +103,8 @@ class Agent:
 
     def families(self) -> list[str]:
         fams = ["proc", "tcp"]
+        if self.cfg.log_metrics_enabled or self.cfg.log_entries_enabled:
+            fams.append("logs")
         if self.cfg.profiler_enabled:
             fams.append("profiler")
         return fams
@@ -125,7 +129,15 @@ class Agent:
         n = self.registry.scan()
         log.info("registry: %d processes, %d containers", n, len(self.registry.containers()))
         log.info("compiling BPF programs (%s); this takes a few seconds", ", ".join(self.families()))
+        const = host_labels(self.cfg.procfs_root)
+        if "logs" in self.families():
+            self.logs = LogCollector(self.registry, self.sink, metrics=self.cfg.log_metrics_enabled,
+                                     entries=self.cfg.log_entries_enabled,
+                                     patterns_per_container=self.cfg.log_patterns_per_container,
+                                     const_labels=const)
         handlers = {"proc_events": self.registry.handle_event, "tcp_events": self.tcp.handle_event}
+        if self.logs is not None:
+            handlers["log_events"] = self.logs.handle_event
         self.bpf = loader.load(self.families(), handlers, hdr, sample_hz=self.cfg.profiling_frequency)
         # Processes that started between the scan and the attach are caught here.
         self.registry.scan()
@@ -136,15 +148,18 @@ class Agent:
             self.registry.subscribe(self.profiler.on_process)
             self.profiler.attach(self.bpf.bpf)
             self.profiler.start()
+        if self.logs is not None:
+            self.logs.start()
         n = seed_tcp(self.tcp, self.registry.pids())
         log.info("TCP: %d connections open before the agent started are tracked", n)
 
-        const = host_labels(self.cfg.procfs_root)
         for c in (NodeCollector(const, self.cfg.procfs_root), CgroupCollector(self.registry, const),
                   TcpCollector(self.tcp, const), SelfCollector(self, const)):
             self.metrics.register(c)
         if self.sink is not None:
             self.metrics.register(SinkCollector(self.sink, const))
+        if self.logs is not None:
+            self.metrics.register(self.logs)
         self._start_metrics_shipping(const)
         self.api.start()
         self._poller = threading.Thread(target=self._poll_loop, name="bpf-poll", daemon=True)
@@ -257,6 +272,9 @@ class Agent:
         if self.profiler is not None:
             self.profiler.close()  # its last drain needs the BPF maps
             self.profiler = None
+        if self.logs is not None:
+            self.logs.close()
+            self.logs = None
         if self.bpf is not None:
             self.bpf.close()
             self.bpf = None

@@ -110,6 +110,11 @@ class Registry:
         c = self._containers.get(p.container_id)
         return c if c is not None and self._visible(c) else None
 
+    def container(self, cid: str) -> Container | None:
+        """A reported container by id."""
+        c = self._containers.get(cid)
+        return c if c is not None and self._visible(c) else None
+
     def opted_out(self, pid: int, what: str) -> bool:
         p = self._procs.get(pid)
         return p is not None and what in p.opt_out

@@ -40,6 +40,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "proc": Family("proc", "proc.c", ("proc_events",), "process lifecycle and OOM kills (tracepoints)"),
     "tcp": Family("tcp", "tcp.c", ("tcp_events",), "TCP connects, listens, closes, retransmits, bytes (tracepoints)"),
+    "logs": Family("logs", "logs.c", ("log_events",), "log files opened for writing under /var/log (tracepoint)"),
     "profiler": Family("profiler", "profiler.c", (), "CPU stacks sampled by a cpu-clock perf event",
                        perf_functions=("on_cpu_sample",)),
 }

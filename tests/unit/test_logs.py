@@ -133,3 +133,19 @@ def test_parsers_never_raise_on_garbage(data: bytes) -> None:
     PatternSet().match(text)
     detect_level(text)
     Scrubber(ipv4=True)(text)
+
+
+def test_journald_entries_are_attributed_by_unit_with_priority_levels() -> None:
+    from agent.logs.journald import JournalEntry, parse_entry
+
+    # as `journalctl -o json` prints them (recorded shape)
+    line = ('{"__REALTIME_TIMESTAMP":"1714557600123456","PRIORITY":"3","_SYSTEMD_UNIT":"nginx.service",'
+            '"_SYSTEMD_SLICE":"system.slice","MESSAGE":"connect() failed (111: Connection refused)","_PID":"812"}')
+    assert parse_entry(line) == JournalEntry("/system.slice/nginx.service", 1714557600123456000, "error",
+                                             "connect() failed (111: Connection refused)")
+    binary = '{"__REALTIME_TIMESTAMP":"1","PRIORITY":"6","_SYSTEMD_UNIT":"x.service","MESSAGE":[104,105,0,255]}'
+    entry = parse_entry(binary)
+    assert entry is not None and entry.message.startswith("hi") and entry.level == "info"
+    assert parse_entry('{"MESSAGE":"kernel says hi","PRIORITY":"6"}') is None  # no unit: no container
+    assert parse_entry('{"_SYSTEMD_UNIT":"session-1.scope","MESSAGE":"x"}') is None
+    assert parse_entry("garbage") is None and parse_entry("[1,2]") is None

@@ -1,0 +1,195 @@
+"""Container logs end to end: real files written by processes in test cgroups, fake CRI and
+Docker runtime files, rotation, flags, opt-out and PII masking; counted exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.system.helpers import AgentProcess, TestCgroups, wait_for
+
+WRITER = [sys.executable, "-m", "tests.system.workloads.log_writer"]
+
+
+class Writer:
+    def __init__(self, cgroups: TestCgroups, cid: str, env: dict[str, str] | None = None) -> None:
+        self.p = cgroups.spawn(cid, WRITER, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def __call__(self, cmd: str) -> None:
+        assert self.p.stdin is not None and self.p.stdout is not None
+        self.p.stdin.write(cmd + "\n")
+        self.p.stdin.flush()
+        assert self.p.stdout.readline().strip() == "ok"
+
+    def close(self) -> None:
+        self.p.communicate("exit\n")
+
+
+def counts(agent: AgentProcess, cid: str) -> dict[tuple[str, str], float]:
+    """(level, pattern_hash) -> count for the container."""
+    return {(lb["level"], lb["pattern_hash"]): v for n, lb, v in agent.metrics()
+            if n == "container_log_messages_total" and lb.get("container_id") == cid}
+
+
+def rows(agent: AgentProcess, sql: str) -> list[dict]:
+    r = subprocess.run([sys.executable, "-m", "agent", "query", "--storage-path", agent.storage, "--listen",
+                        f"127.0.0.1:{agent.port}", "--format", "json", sql], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def agent() -> Iterator[AgentProcess]:
+    a = AgentProcess(["--min-container-age", "0s", "--store-batch-age", "1s"])
+    a.start()
+    yield a
+    a.stop()
+
+
+@pytest.fixture
+def logfile() -> Iterator[str]:
+    path = f"/var/log/catest-{uuid.uuid4().hex[:8]}.log"
+    yield path
+    for p in (path, path + ".1"):
+        if os.path.exists(p):
+            os.unlink(p)
+
+
+def test_a_file_under_var_log_is_counted_by_level_and_pattern_and_stored(
+        agent: AgentProcess, cgroups: TestCgroups, logfile: str) -> None:
+    cid = cgroups.create("logs-file")
+    w = Writer(cgroups, cid)
+    w(f"open {logfile}")
+    w("lines 10 2024-05-01 10:00:0{i} ERROR failed to connect to db-{i}:5432 after 30{i} ms")
+    w("lines 10 ERROR user {i} not found in tenant t{i}")
+    w("lines 10 ERROR payment declined: card expired")
+    w("lines 10 INFO request {i} served in {i} ms")
+    got = wait_for(lambda: sum(counts(agent, cid).values()) == 40 and counts(agent, cid), 5)
+    assert got, counts(agent, cid)
+    errors = sorted(v for (lvl, _), v in got.items() if lvl == "error")
+    assert errors == [10, 10, 10]
+    assert [v for (lvl, _), v in got.items() if lvl == "info"] == [10]
+    source = {lb["source"] for n, lb, _ in agent.metrics() if n == "container_log_messages_total" and lb.get("container_id") == cid}
+    assert source == {logfile}
+    stored = wait_for(lambda: rows(agent, f"SELECT SeverityText AS s, SeverityNumber AS n, count() AS c FROM otel_logs "
+                                          f"WHERE ResourceAttributes['container.id'] = '{cid}' GROUP BY s, n ORDER BY s"), 5)
+    assert stored == [{"s": "error", "n": 17, "c": 30}, {"s": "info", "n": 9, "c": 10}]
+    w.close()
+
+
+def test_cri_and_docker_files_are_attributed_and_partial_lines_joined(agent: AgentProcess) -> None:
+    tag = uuid.uuid4().hex[:8]
+    pod_dir = f"/var/log/pods/catest_web-{tag}_{uuid.uuid4()}/app"
+    docker_id = uuid.uuid4().hex + uuid.uuid4().hex
+    docker_dir = f"/var/lib/docker/containers/{docker_id}"
+    os.makedirs(pod_dir)
+    os.makedirs(docker_dir)
+    try:
+        with open(f"{pod_dir}/0.log", "a") as cri, open(f"{docker_dir}/{docker_id}-json.log", "a") as dj:
+            now = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())  # recent: older rows expire by TTL
+            for i in range(7):
+                cri.write(f"{now}.00000000{i}Z stdout P WARN disk {i} is \n")
+                cri.write(f"{now}.10000000{i}Z stdout F almost full\n")
+                dj.write(json.dumps({"log": f"ERROR job {i} crashed", "stream": "stderr", "time": f"{now}Z"}) + "\n")
+                dj.write(json.dumps({"log": " with code 137\n", "stream": "stderr", "time": f"{now}Z"}) + "\n")
+        pod_cid, docker_cid = f"/k8s/catest/web-{tag}/app", f"/docker/{docker_id[:12]}"
+        assert wait_for(lambda: sum(counts(agent, pod_cid).values()) == 7, 10), counts(agent, pod_cid)
+        assert wait_for(lambda: sum(counts(agent, docker_cid).values()) == 7, 10), counts(agent, docker_cid)
+        assert {lvl for lvl, _ in counts(agent, pod_cid)} == {"warning"}
+        assert {lvl for lvl, _ in counts(agent, docker_cid)} == {"error"}
+        bodies = wait_for(lambda: rows(agent, f"SELECT DISTINCT Body AS b FROM otel_logs WHERE ResourceAttributes['container.id'] = '{pod_cid}' ORDER BY b"), 5)
+        assert [r["b"] for r in bodies] == [f"WARN disk {i} is almost full" for i in range(7)]
+    finally:
+        shutil.rmtree(os.path.dirname(pod_dir))
+        shutil.rmtree(docker_dir)
+
+
+@pytest.mark.parametrize("how", ["rename", "copytruncate"])
+def test_rotation_in_the_middle_loses_and_repeats_nothing(agent: AgentProcess, cgroups: TestCgroups,
+                                                         logfile: str, how: str) -> None:
+    cid = cgroups.create(f"logs-{how}")
+    w = Writer(cgroups, cid)
+    w(f"open {logfile}")
+    w("lines 5000 rotation line {i} of the first half")
+    assert wait_for(lambda: sum(counts(agent, cid).values()) == 5000, 10)
+    if how == "rename":
+        os.rename(logfile, logfile + ".1")
+        w("lines 100 rotation line {i} still in the old file")
+        w(f"open {logfile}")  # the application reopens its log, as after a SIGHUP
+    else:
+        shutil.copyfile(logfile, logfile + ".1")
+        with open(logfile, "r+") as f:
+            f.truncate(0)
+        w("lines 100 rotation line {i} after the truncate")
+    w("lines 4900 rotation line {i} of the second half")
+    assert wait_for(lambda: sum(counts(agent, cid).values()) >= 10_000, 10)
+    time.sleep(0.5)
+    assert sum(counts(agent, cid).values()) == 10_000
+    stored = wait_for(lambda: rows(agent, f"SELECT count() AS c, uniqExact(Body) AS u FROM otel_logs "
+                                          f"WHERE ResourceAttributes['container.id'] = '{cid}'") == [{"c": 10000, "u": 10000}], 10)
+    assert stored
+    w.close()
+
+
+def test_a_java_stack_trace_is_one_record(agent: AgentProcess, cgroups: TestCgroups, logfile: str) -> None:
+    cid = cgroups.create("logs-java")
+    w = Writer(cgroups, cid)
+    w(f"open {logfile}")
+    w("raw ERROR request failed\\njava.lang.IllegalStateException: boom\\n\\tat com.example.Foo.bar(Foo.java:10)\\n"
+      "\\tat com.example.Main.main(Main.java:3)\\nCaused by: java.io.IOException: eof\\n\\t... 2 more\\nINFO next\\n")
+    assert wait_for(lambda: sum(counts(agent, cid).values()) == 3, 5), counts(agent, cid)
+    got = wait_for(lambda: rows(agent, f"SELECT Body AS b FROM otel_logs WHERE ResourceAttributes['container.id'] = '{cid}' "
+                                       "AND Body LIKE 'java.lang%'"), 5)
+    assert len(got) == 1 and got[0]["b"].count("\n") == 4 and got[0]["b"].endswith("\t... 2 more")
+    w.close()
+
+
+def test_pii_is_masked_before_it_is_stored(agent: AgentProcess, cgroups: TestCgroups, logfile: str) -> None:
+    cid = cgroups.create("logs-pii")
+    w = Writer(cgroups, cid)
+    w(f"open {logfile}")
+    w("write WARN charge for jane.doe@example.com card 4111 1111 1111 1111 auth Bearer s3cr3tT0kenValue123")
+    got = wait_for(lambda: rows(agent, f"SELECT Body AS b FROM otel_logs WHERE ResourceAttributes['container.id'] = '{cid}'"), 5)
+    assert got == [{"b": "WARN charge for <email> card <card> auth Bearer <token>"}]
+    for raw in ("jane.doe@example.com", "4111 1111 1111 1111", "s3cr3tT0kenValue123"):
+        assert rows(agent, f"SELECT count() AS c FROM otel_logs WHERE Body LIKE '%{raw}%'") == [{"c": 0}]
+        assert raw not in agent.get("/metrics")
+    w.close()
+
+
+@pytest.mark.parametrize(("flag", "metrics", "entries"), [
+    ("--disable-log-parsing", False, True), ("--disable-log-entries", True, False)])
+def test_each_flag_turns_off_exactly_its_part(cgroups: TestCgroups, logfile: str, flag: str, metrics: bool, entries: bool) -> None:
+    a = AgentProcess(["--min-container-age", "0s", "--store-batch-age", "1s", flag])
+    a.start()
+    try:
+        cid = cgroups.create("logs-flag")
+        w = Writer(cgroups, cid)
+        w(f"open {logfile}")
+        w("lines 5 ERROR flag test {i}")
+        time.sleep(2.5)
+        assert sum(counts(a, cid).values()) == (5 if metrics else 0)
+        stored = rows(a, f"SELECT count() AS c FROM otel_logs WHERE ResourceAttributes['container.id'] = '{cid}'")
+        assert stored == [{"c": 5 if entries else 0}]
+        w.close()
+    finally:
+        a.stop()
+
+
+def test_log_monitoring_opt_out_means_nothing_for_that_container(agent: AgentProcess, cgroups: TestCgroups, logfile: str) -> None:
+    cid = cgroups.create("logs-optout")
+    w = Writer(cgroups, cid, env=dict(os.environ) | {"COROOT_LOG_MONITORING": "disabled"})
+    w(f"open {logfile}")
+    w("lines 5 ERROR opted out {i}")
+    time.sleep(2.5)
+    assert counts(agent, cid) == {}
+    assert rows(agent, f"SELECT count() AS c FROM otel_logs WHERE ResourceAttributes['container.id'] = '{cid}'") == [{"c": 0}]
+    w.close()
