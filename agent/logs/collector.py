@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from prometheus_client.core import Metric
 
 from agent.containers.registry import Registry
+from agent.logs.birth import birth_time
 from agent.logs.formats import Line, MultilineJoiner, PartialJoiner
 from agent.logs.journald import JournalEntry, JournalFollower
 from agent.logs.patterns import SEVERITY_NUMBER, PatternSet, detect_level, level_of_word
@@ -76,6 +77,7 @@ class LogCollector:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.records = 0
+        self.started_wall = time.time()
 
     # ------------------------------------------------------------- sources --
 
@@ -99,12 +101,19 @@ class LogCollector:
         if c is None or "logs" in c.opt_out:
             return
         real = f"{self.registry.procfs}/{pid}/root{path}"
-        try:
-            small = os.stat(real).st_size <= NEW_FILE_MAX
-        except OSError:
-            small = True
         with self._lock:
-            self._add_file(c.id, path, real, "plain", from_end=not small)
+            self._add_file(c.id, path, real, "plain", from_end=not self._is_new(real))
+
+    def _is_new(self, path: str) -> bool:
+        """Created after the agent started (read it whole), or older (read from its end).
+        Where the filesystem keeps no creation time, a small file counts as new."""
+        born = birth_time(path)
+        if born is not None:
+            return born >= self.started_wall - 1.0
+        try:
+            return os.stat(path).st_size <= NEW_FILE_MAX
+        except OSError:
+            return True
 
     def scan(self, startup: bool = False) -> None:
         """Find runtime log files, and (at start-up) files container processes hold open."""

@@ -41,29 +41,36 @@ def level_of_priority(priority: int) -> str:
     return _PRIORITY.get(priority, "unknown")
 
 
+_ANY_WORD = re.compile(
+    r"(?i)\b(crit(?:ical)?|fatal|panic|emerg(?:ency)?|alert|error|err|severe|exception|warn(?:ing)?"
+    r"|info|notice|debug|trace|fine)\b")
+_RANK = {level: i for i, (level, _) in enumerate(_WORDS)}
+
+
 def detect_level(message: str) -> str:
-    head = message[:64]
-    for level, rx in _WORDS:
-        if rx.search(head):
-            return level
-    return "unknown"
+    """The most severe level word in the first 64 characters (one regex pass)."""
+    best = "unknown"
+    for word in _ANY_WORD.findall(message[:64]):
+        for level, rx in _WORDS:
+            if rx.fullmatch(word):
+                if best == "unknown" or _RANK[level] < _RANK[best]:
+                    best = level
+                break
+    return best
 
 
-_MASKS = [
-    re.compile(r"\"[^\"]*\"|'[^']*'"),
-    re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b"),
-    re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b"),
-    re.compile(r"\b0x[0-9a-fA-F]+\b|\b[0-9a-fA-F]*\d[0-9a-fA-F]*[a-fA-F][0-9a-fA-F]*\b"),
-    re.compile(r"[-+]?\b\d[\d.,:]*\b"),
-]
+# One pass: quoted strings, UUIDs, IPs, hex, numbers (alternatives tried in that order).
+_MASK = re.compile(
+    r"\"[^\"]*\"|'[^']*'"
+    r"|\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b"
+    r"|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b"
+    r"|\b0x[0-9a-fA-F]+\b|\b[0-9a-fA-F]*\d[0-9a-fA-F]*[a-fA-F][0-9a-fA-F]*\b"
+    r"|[-+]?\b\d[\d.,:]*\b")
 MAX_TOKENS = 64
 
 
 def mask(message: str) -> list[str]:
-    first = message.split("\n", 1)[0][:1024]
-    for rx in _MASKS:
-        first = rx.sub("<*>", first)
-    return first.split()[:MAX_TOKENS]
+    return _MASK.sub("<*>", message.split("\n", 1)[0][:1024]).split()[:MAX_TOKENS]
 
 
 @dataclass

@@ -193,3 +193,15 @@ def test_log_monitoring_opt_out_means_nothing_for_that_container(agent: AgentPro
     assert counts(agent, cid) == {}
     assert rows(agent, f"SELECT count() AS c FROM otel_logs WHERE ResourceAttributes['container.id'] = '{cid}'") == [{"c": 0}]
     w.close()
+
+
+def test_a_new_file_filled_before_the_agent_sees_its_open_is_read_whole(
+        agent: AgentProcess, cgroups: TestCgroups, logfile: str) -> None:
+    cid = cgroups.create("logs-burst")
+    w = Writer(cgroups, cid)
+    w(f"open {logfile}")
+    w("lines 50000 burst line {i} written at once")  # ~2 MB before the open event is handled
+    assert wait_for(lambda: sum(counts(agent, cid).values()) >= 50_000, 20)
+    time.sleep(0.5)
+    assert sum(counts(agent, cid).values()) == 50_000
+    w.close()
