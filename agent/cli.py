@@ -5,6 +5,7 @@ hands over to the module that does the work. Exit codes: 0 ok, 1 runtime failure
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import signal
 import sys
@@ -153,6 +154,8 @@ def _run(cfg: config.Config) -> int:
     from agent.run import Agent
 
     agent = Agent(cfg)
+    # `kill -USR2 <pid>` prints every thread's stack to stderr: for "why is it stuck?"
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     signal.signal(signal.SIGTERM, lambda *_: agent.request_stop())
     signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
     try:

@@ -230,14 +230,25 @@ class Store:
         self._client = None
 
     def query(self, sql: str, fmt: str = "TSVWithNames") -> bytes:
-        """Run a read-only query on the reader client, whose session is readonly=1: the store
-        itself refuses anything but reads."""
+        """Run one read-only statement. Every statement passes the read-keyword guard first.
+        A remote store also runs it on a client whose requests carry readonly=1. The embedded
+        engine is driven through one client only, serialized: two chDB clients used from two
+        threads at once were seen to stall the whole process, and a readonly setting given
+        with a query stays on that chDB session (so it cannot be set per query there)."""
+        from agent.query import check_read_only
+
+        stmt = check_read_only(sql)
         with self._lock:
-            if self._reader is None:
-                self._reader = self._connect({"readonly": "1"})
-                self._reader.database = self.database
+            if self.embedded:
+                client = self._need()
+                client.database = self.database
+            else:
+                if self._reader is None:
+                    self._reader = self._connect({"readonly": "1"})
+                    self._reader.database = self.database
+                client = self._reader
             try:
-                return self._reader.raw_query(sql, fmt=fmt)
+                return client.raw_query(stmt, fmt=fmt)
             except Exception as e:  # noqa: BLE001
                 if not self.embedded:
                     self._reader = None
