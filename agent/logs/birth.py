@@ -21,7 +21,8 @@ class _Statx(ctypes.Structure):
         ("stx_mode", ctypes.c_uint16), ("_spare0", ctypes.c_uint16), ("stx_ino", ctypes.c_uint64),
         ("stx_size", ctypes.c_uint64), ("stx_blocks", ctypes.c_uint64), ("stx_attributes_mask", ctypes.c_uint64),
         ("stx_atime", _Timestamp), ("stx_btime", _Timestamp), ("stx_ctime", _Timestamp), ("stx_mtime", _Timestamp),
-        ("_rest", ctypes.c_uint64 * 14),
+        # the kernel fills 256 bytes; keep room to spare, never less
+        ("_rest", ctypes.c_uint64 * 40),
     ]
 
 

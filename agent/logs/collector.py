@@ -98,6 +98,10 @@ class LogCollector:
         pid, _flags, path_b = LOG_OPEN_EVENT.unpack_from(raw)
         path = path_b.split(b"\0", 1)[0].decode(errors="replace")
         c = self.registry.container_of(pid)
+        if c is None:
+            # The exec that put it in its container may wait in the other event buffer: read it now.
+            self.registry.add(pid)
+            c = self.registry.container_of(pid)
         if c is None or "logs" in c.opt_out:
             return
         real = f"{self.registry.procfs}/{pid}/root{path}"
