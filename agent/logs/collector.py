@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.core import Metric
 
+from agent.containers.procfs import fd_targets
 from agent.containers.registry import Registry
 from agent.logs.birth import birth_time
 from agent.logs.formats import Line, MultilineJoiner, PartialJoiner
@@ -262,18 +263,12 @@ class LogCollector:
 
 
 def _open_log_files(procfs: str, pid: int) -> list[str]:
-    """Paths under /var/log that pid holds open for writing."""
+    """Paths under /var/log that pid holds open for writing (O_WRONLY or O_RDWR)."""
     out = []
-    base = f"{procfs}/{pid}/fd"
-    try:
-        fds = os.listdir(base)
-    except OSError:
-        return out
-    for fd in fds:
+    for fd, target in fd_targets(procfs, pid).items():
+        if not target.startswith("/var/log/"):
+            continue
         try:
-            target = os.readlink(f"{base}/{fd}")
-            if not target.startswith("/var/log/"):
-                continue
             with open(f"{procfs}/{pid}/fdinfo/{fd}") as f:
                 flags = next((int(line.split()[1], 8) for line in f if line.startswith("flags:")), 0)
         except (OSError, ValueError):
@@ -281,4 +276,3 @@ def _open_log_files(procfs: str, pid: int) -> list[str]:
         if flags & 3:
             out.append(target)
     return out
-

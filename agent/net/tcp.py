@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from prometheus_client.core import Metric
 
+from agent.containers.procfs import fd_targets
 from agent.containers.registry import Process, Registry
 from agent.metrics import Families
 from agent.net.conntrack import Conntrack
@@ -367,20 +368,7 @@ def read_sockets(procfs: str, pid: int) -> dict[int, tuple[str, tuple[str, int],
 
 def socket_fds(procfs: str, pid: int) -> dict[int, int]:
     """inode -> fd for pid's sockets."""
-    out = {}
-    base = f"{procfs}/{pid}/fd"
-    try:
-        names = os.listdir(base)
-    except OSError:
-        return out
-    for name in names:
-        try:
-            target = os.readlink(f"{base}/{name}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            out[int(target[8:-1])] = int(name)
-    return out
+    return {int(t[8:-1]): fd for fd, t in fd_targets(procfs, pid).items() if t.startswith("socket:[")}
 
 
 def seed(tracker: TcpTracker, pids: list[int]) -> int:

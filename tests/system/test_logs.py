@@ -205,3 +205,20 @@ def test_a_new_file_filled_before_the_agent_sees_its_open_is_read_whole(
     time.sleep(0.5)
     assert sum(counts(agent, cid).values()) == 50_000
     w.close()
+
+
+def test_a_file_open_before_the_agent_started_is_followed_from_its_end(cgroups: TestCgroups, logfile: str) -> None:
+    cid = cgroups.create("logs-before")
+    w = Writer(cgroups, cid)
+    w(f"open {logfile}")
+    w("lines 3 ERROR written before the agent {i}")
+    a = AgentProcess(["--min-container-age", "0s", "--store-batch-age", "1s"])
+    a.start()
+    try:
+        w("lines 4 ERROR written after the agent {i}")
+        assert wait_for(lambda: sum(counts(a, cid).values()) >= 4, 5)
+        time.sleep(0.5)
+        assert sum(counts(a, cid).values()) == 4  # no backfill
+        w.close()
+    finally:
+        a.stop()
