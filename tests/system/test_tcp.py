@@ -188,3 +188,16 @@ def test_a_client_that_exits_at_once_is_counted_fully(env: Env) -> None:
     assert wait_for(lambda: env.metric("container_net_tcp_successful_connects_total", **lbl)
                     == before["container_net_tcp_successful_connects_total"] + 50, 3)
     assert env.metric("container_net_tcp_bytes_sent_total", **lbl) == before["container_net_tcp_bytes_sent_total"] + 50 * 108
+
+
+def test_ipv6_connections_are_counted_with_bracketed_destinations(env: Env) -> None:
+    srv = env.cgroups.spawn(env.server_cid, [*PEER, "server", "::1", "18093"], stdout=subprocess.PIPE)
+    assert srv.stdout is not None and srv.stdout.readline().strip() == b"ready"
+    p = env.cgroups.spawn(env.client_cid, [*PEER, "transfer", "::1", "18093", "4", "50", "20"],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    finish(p)  # type: ignore[arg-type]
+    lbl = {"destination": "[::1]:18093", "actual_destination": "[::1]:18093"}
+    assert wait_for(lambda: env.metric("container_net_tcp_successful_connects_total", **lbl) == 4, 3)
+    assert env.metric("container_net_tcp_bytes_sent_total", **lbl) == 4 * (50 + HEADER)
+    assert env.metric("container_net_tcp_bytes_received_total", **lbl) == 4 * 20
+    p.communicate("\n")
