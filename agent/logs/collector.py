@@ -83,7 +83,9 @@ class LogCollector:
     # ------------------------------------------------------------- sources --
 
     def _add_file(self, cid: str, label: str, path: str, fmt: str, from_end: bool) -> None:
-        key = (cid, path)
+        # One tailer per container and file: a plain file is named by its path in the
+        # container (two processes writing it are one source), a runtime file by its own path.
+        key = (cid, label if fmt == "plain" else path)
         if key in self._sources or len(self._sources) >= MAX_SOURCES:
             return
         t = Tailer(path)
@@ -138,13 +140,17 @@ class LogCollector:
                 full = os.path.join(self.docker_dir, cid, f"{cid}-json.log")
                 if os.path.exists(full):
                     self._add_file(f"/docker/{cid[:12]}", "stdout/stderr", full, "docker", from_end=startup)
-            if startup:
-                for pid in self.registry.pids():
-                    c = self.registry.container_of(pid)
-                    if c is None or "logs" in c.opt_out:
-                        continue
-                    for path in _open_log_files(self.registry.procfs, pid):
-                        self._add_file(c.id, path, f"{self.registry.procfs}/{pid}/root{path}", "plain", from_end=True)
+            # Files container processes hold open for writing: at start-up (read from their end),
+            # and on every scan after, in case an open event was missed (read like an event's).
+            for pid in self.registry.pids():
+                c = self.registry.container_of(pid)
+                if c is None or "logs" in c.opt_out:
+                    continue
+                for path in _open_log_files(self.registry.procfs, pid):
+                    if (c.id, path) in self._sources:
+                        continue  # already followed
+                    real = f"{self.registry.procfs}/{pid}/root{path}"
+                    self._add_file(c.id, path, real, "plain", from_end=startup or not self._is_new(real))
 
     def _journal_entry(self, e: JournalEntry) -> None:
         with self._lock:
