@@ -169,7 +169,7 @@ class TcpTracker:
         if c is not None:
             self._listens[(pid, addr)] = c.id
 
-    def _account_close(self, conn: Conn, final: tuple[int, int, int] | None) -> DestKey | None:
+    def _account_close(self, conn: Conn, final: tuple[int, int, int] | None) -> None:
         """Move a connection's counters to the closed totals. `final` comes with the close
         event; otherwise (process gone, fd reused) read what the kernel map still has."""
         if final is None:
@@ -179,9 +179,9 @@ class TcpTracker:
             # Not resolved yet (a short connection): resolved with the next batch, where one
             # conntrack read serves every connection of the namespace.
             self._closed_pending.append((conn, final))
-            self._recently_closed[(conn.pid, conn.fd, conn.start_ns)] = conn  # type: ignore[assignment]
-            return None
-        return self._add_closed(conn, final)
+            self._recently_closed[(conn.pid, conn.fd, conn.start_ns)] = conn
+            return
+        self._add_closed(conn, final)
 
     def _add_closed(self, conn: Conn, final: tuple[int, int, int]) -> DestKey:
         key = (conn.container_id, conn.destination, conn.actual or conn.destination)

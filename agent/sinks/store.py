@@ -107,8 +107,7 @@ class Store:
         self._client = self._connect()
 
     def _connect(self, settings: dict[str, str] | None = None) -> Any:
-        """A new client. Writes and reads use separate clients: a setting given with a query
-        (readonly for reads) stays with the client's session."""
+        """A new client, with session settings (a remote store's reads get readonly=1)."""
         import clickhouse_connect
 
         where = self.describe()
