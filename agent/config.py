@@ -63,6 +63,14 @@ def _between(lo: float, hi: float) -> Callable[[Any], None]:
     return check
 
 
+def _power_of_two(lo: int, hi: int) -> Callable[[Any], None]:
+    def check(v: Any) -> None:
+        if not lo <= v <= hi or v & (v - 1):
+            raise ValueError(f"must be a power of two between {lo} and {hi}, got {v}")
+
+    return check
+
+
 def _positive(v: Any) -> None:
     if v <= 0:
         raise ValueError(f"must be greater than 0, got {v}")
@@ -85,6 +93,10 @@ class Config:
     tracer_enabled: bool = _opt(True, "bool", "produce spans for traced requests (metrics are counted either way)", flag="--disable-traces", yaml="nodeAgent.ebpfTracer.enabled", invert=True)
     traces_sampling: float = _opt(1.0, "float", "fraction of requests that become spans, 0.0-1.0 (never applied to metrics)", flag="--traces-sampling", yaml="nodeAgent.ebpfTracer.sampling", check=_between(0.0, 1.0))
     l7_tracing: bool = _opt(True, "bool", "attach the L7 (request) probes at all", flag="--disable-l7-tracing", yaml="l7_tracing", invert=True)
+    l7_payload_size: int = _opt(1024, "int", "request bytes captured per L7 request: 64-4096, a power of two", flag="--l7-payload-size", yaml="nodeAgent.ebpfTracer.payloadSize", check=_power_of_two(64, 4096))
+    mask_url_query: bool = _opt(True, "bool", "mask URL query-string values before they are stored (HTTP headers are never stored)", flag="--disable-url-query-masking", yaml="privacy.mask_url_query", invert=True)
+    mask_sql_literals: bool = _opt(True, "bool", "mask SQL string and number literals (Postgres statements) before they are stored", flag="--disable-sql-literal-masking", yaml="privacy.mask_sql_literals", invert=True)
+    mask_redis_values: bool = _opt(True, "bool", "mask Redis arguments other than the key (AUTH passwords, SET values) before they are stored", flag="--disable-redis-value-masking", yaml="privacy.mask_redis_values", invert=True)
     exclude_http_requests_by_path: tuple[str, ...] = _opt((), "list", "HTTP paths that produce no spans (repeatable)", flag="--exclude-http-requests-by-path", yaml="exclude_http_requests_by_path")
     profiler_enabled: bool = _opt(True, "bool", "run the CPU profiler", flag="--disable-profiling", yaml="nodeAgent.ebpfProfiler.enabled", invert=True)
     profiling_frequency: int = _opt(99, "int", "CPU profiler sampling frequency in Hz (1-1000)", flag="--profiling-frequency", yaml="nodeAgent.ebpfProfiler.frequency", check=_between(1, 1000))

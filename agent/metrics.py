@@ -8,8 +8,20 @@ global counters on the hot path.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Protocol
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+
+class Histogram(Protocol):
+    sum: float
+
+    def cumulative(self) -> list[tuple[str, float]]: ...
 
 
 class Families:
@@ -24,7 +36,8 @@ class Families:
         fam = self._fams.get(name)
         if fam is None:
             names = list(self._const) + list(labels)
-            cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            cls = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily,
+                   "histogram": HistogramMetricFamily}[kind]
             fam = cls(name, help_, labels=names)
             self._fams[name] = fam
             self._label_names[name] = names
@@ -35,6 +48,11 @@ class Families:
 
     def counter(self, name: str, help_: str, value: float, **labels: str) -> None:
         self._family("counter", name, help_, labels).add_metric(self._values(labels), value)
+
+    def histogram(self, name: str, help_: str, hist: Histogram, **labels: str) -> None:
+        """`hist.cumulative()`: (upper bound, cumulative count) pairs ending with +Inf."""
+        self._family("histogram", name, help_, labels).add_metric(  # type: ignore[call-arg]
+            self._values(labels), buckets=hist.cumulative(), sum_value=hist.sum)
 
     def _values(self, labels: Mapping[str, str]) -> list[str]:
         return [*self._const.values(), *(str(v) for v in labels.values())]

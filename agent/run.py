@@ -22,6 +22,8 @@ from agent.config import Config
 from agent.containers.registry import Registry
 from agent.ebpf import headers as headers_mod
 from agent.ebpf import loader, tracefs
+from agent.l7.tls import TlsAttacher
+from agent.l7.tracer import L7Collector, L7Tracer, Masks
 from agent.logs.collector import LogCollector
 from agent.metrics import Families, host_labels
 from agent.net.public import PublicFilter
@@ -67,6 +69,8 @@ class SelfCollector:
             f.counter("coroot_agent_profiler_dropped_samples_total", "samples not counted: the kernel's count map was full", prof.drops)
             for cache, n in prof.symbols.sizes.items():
                 f.gauge("coroot_agent_profiler_symbol_cache_entries", "entries in the symbolizer's caches", n, cache=cache)
+        if a.tls is not None:
+            f.gauge("coroot_agent_tls_libraries", "OpenSSL libraries with uprobes attached", len(a.tls.libraries))
         f.gauge("coroot_agent_tracked_processes", "processes the registry knows", len(a.registry.pids()))
         f.gauge("coroot_agent_tracked_containers", "containers reported", len(a.registry.containers()))
         f.counter("coroot_agent_process_events_total", "process events received from the kernel", a.registry.events_seen)
@@ -89,6 +93,8 @@ class Agent:
         self.registry.subscribe(self.tcp.on_process)
         self.profiler: Profiler | None = None
         self.logs: LogCollector | None = None
+        self.l7: L7Tracer | None = None
+        self.tls: TlsAttacher | None = None
         self.bpf: loader.Loaded | None = None
         self.metrics = CollectorRegistry(auto_describe=False)
         self.api: ApiServer | None = None
@@ -103,6 +109,8 @@ class Agent:
 
     def families(self) -> list[str]:
         fams = ["proc", "tcp"]
+        if self.cfg.l7_tracing:
+            fams.append("l7")
         if self.cfg.log_metrics_enabled or self.cfg.log_entries_enabled:
             fams.append("logs")
         if self.cfg.profiler_enabled:
@@ -138,7 +146,17 @@ class Agent:
         handlers = {"proc_events": self.registry.handle_event, "tcp_events": self.tcp.handle_event}
         if self.logs is not None:
             handlers["log_events"] = self.logs.handle_event
-        self.bpf = loader.load(self.families(), handlers, hdr, sample_hz=self.cfg.profiling_frequency)
+        defines: dict[str, str | int] = {}
+        if "l7" in self.families():
+            cfg = self.cfg
+            self.l7 = L7Tracer(self.registry, self.tcp, self.sink, spans=cfg.tracer_enabled,
+                               sampling=cfg.traces_sampling, exclude_paths=cfg.exclude_http_requests_by_path,
+                               max_fqdns=cfg.max_fqdns_per_container, host_id=const["machine_id"],
+                               masks=Masks(cfg.mask_url_query, cfg.mask_sql_literals, cfg.mask_redis_values))
+            handlers["l7_events"] = self.l7.handle_event
+            defines = {"CA_SELF_TGID": os.getpid(), "CA_L7_PAYLOAD": cfg.l7_payload_size}
+        self.bpf = loader.load(self.families(), handlers, hdr, defines=defines,
+                               sample_hz=self.cfg.profiling_frequency)
         # Processes that started between the scan and the attach are caught here.
         self.registry.scan()
         self.tcp.attach(self.bpf.table("conns"))
@@ -152,6 +170,11 @@ class Agent:
             self.logs.start()
         n = seed_tcp(self.tcp, self.registry.pids())
         log.info("TCP: %d connections open before the agent started are tracked", n)
+        if self.l7 is not None:
+            self.tls = TlsAttacher(self.bpf.bpf, self.cfg.procfs_root)
+            self.tls.scan(self.registry.pids())
+            self.registry.subscribe(self.tls.on_process)
+            log.info("TLS: OpenSSL uprobes on %d libraries", len(self.tls.libraries))
 
         for c in (NodeCollector(const, self.cfg.procfs_root), CgroupCollector(self.registry, const),
                   TcpCollector(self.tcp, const), SelfCollector(self, const)):
@@ -160,6 +183,8 @@ class Agent:
             self.metrics.register(SinkCollector(self.sink, const))
         if self.logs is not None:
             self.metrics.register(self.logs)
+        if self.l7 is not None:
+            self.metrics.register(L7Collector(self.l7, const))
         self._start_metrics_shipping(const)
         self.api.start()
         self._poller = threading.Thread(target=self._poll_loop, name="bpf-poll", daemon=True)
@@ -246,8 +271,14 @@ class Agent:
                 self.bpf.poll(POLL_MS)
                 now = time.monotonic()
                 if now >= next_housekeeping:
-                    self.tcp.forget_containers(self.registry.housekeeping())
+                    gone = self.registry.housekeeping()
+                    self.tcp.forget_containers(gone)
                     self.tcp.resolve_pending()
+                    if self.l7 is not None:
+                        self.l7.forget_containers(gone)
+                        self.l7.retry_deferred()
+                    if self.tls is not None:
+                        self.tls.tick()
                     next_housekeeping = now + HOUSEKEEPING_SECONDS
                 if now >= next_resync:
                     self.registry.scan()

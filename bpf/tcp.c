@@ -35,6 +35,7 @@
 
 #define CONN_OUTBOUND 1
 #define CONN_INBOUND 2
+#define CONN_DNS 4 /* a UDP socket connected to port 53 (bpf/l7.c) */
 
 struct conn_key {
     u32 tgid;
@@ -82,9 +83,13 @@ BPF_TABLE("lru_hash", u64, struct connecting, connecting, CA_MAX_CONNECTING);
 /* Sockets closed by the application whose FIN (or unacked data) may still be retransmitted. */
 BPF_TABLE("lru_hash", u64, struct connecting, closing, CA_MAX_CONNECTING);
 BPF_TABLE("lru_hash", u64, u32, connect_fds, 16384); /* pid_tgid -> fd inside connect() */
-BPF_TABLE("lru_hash", u64, u32, io_fds, 16384);      /* pid_tgid -> fd inside read/write */
 BPF_PERCPU_ARRAY(tcp_scratch, struct tcp_event, 1);
 CA_EVENTS(tcp_events);
+
+#ifdef CA_L7 /* bpf/l7.c, compiled after this file */
+static __always_inline void l7_forget(struct conn_key *key, struct conn *c);
+static __always_inline void l7_on_connect(struct conn_key *key, u64 sockaddr);
+#endif
 
 static __always_inline void tcp_submit(void *ctx, struct tcp_event *e) {
 #ifdef CA_RINGBUF
@@ -135,6 +140,9 @@ static __always_inline void emit_close(void *ctx, struct conn_key *key, struct c
             tcp_submit(ctx, e);
         }
     }
+#ifdef CA_L7
+    l7_forget(key, c);
+#endif
     u64 sk = c->sk;
     if (sk) {
         sk_conns.delete(&sk);
@@ -150,6 +158,10 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect) {
     u64 id = bpf_get_current_pid_tgid();
     u32 fd = args->fd;
     connect_fds.update(&id, &fd);
+#ifdef CA_L7
+    struct conn_key key = {.tgid = id >> 32, .fd = fd};
+    l7_on_connect(&key, (u64)args->uservaddr);
+#endif
     return 0;
 }
 
@@ -297,48 +309,83 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
 }
 
 /* Bytes: remember the fd at syscall entry when it is a tracked connection, count the result at
- * exit. Entry does one map lookup for every read/write on the host and stops there for files. */
-static __always_inline int io_enter(u32 fd) {
+ * exit. Entry does one map lookup for every read/write on the host and stops there for files.
+ * With the L7 family compiled in (CA_L7), the same hooks hand the syscall's buffer to
+ * bpf/l7.c: written data at entry (it is in user memory then), read data at exit. */
+#define IO_BUF 0 /* (buf, len) */
+#define IO_IOV 1 /* (struct iovec *, count) */
+#define IO_MSG 2 /* (struct user_msghdr *, -) */
+
+struct io_call {
+    u64 buf;
+    u32 fd;
+    u32 kind;
+};
+
+BPF_TABLE("lru_hash", u64, struct io_call, io_calls, 16384); /* pid_tgid -> read/write in progress */
+
+#ifdef CA_L7
+static __always_inline void l7_on_io(void *ctx, struct conn_key *key, struct conn *c, u64 buf, u32 kind,
+                                     u64 size, int sent);
+static __always_inline int l7_in_ssl_call(u64 id, u32 fd);
+#endif
+
+static __always_inline int io_enter(void *ctx, u32 fd, u64 buf, u64 len, u32 kind, int sent) {
     struct conn_key key = {.tgid = ca_tgid(), .fd = fd};
-    if (!conns.lookup(&key))
+    struct conn *c = conns.lookup(&key);
+    if (!c)
         return 0;
     u64 id = bpf_get_current_pid_tgid();
-    io_fds.update(&id, &fd);
+    struct io_call call = {.buf = buf, .fd = fd, .kind = kind};
+    io_calls.update(&id, &call);
+#ifdef CA_L7
+    if (sent && !l7_in_ssl_call(id, fd))
+        l7_on_io(ctx, &key, c, buf, kind, len, 1);
+#endif
     return 0;
 }
 
-static __always_inline int io_exit(long ret, int sent) {
+static __always_inline int io_exit(void *ctx, long ret, int sent) {
     u64 id = bpf_get_current_pid_tgid();
-    u32 *fd = io_fds.lookup(&id);
-    if (!fd)
+    struct io_call *call = io_calls.lookup(&id);
+    if (!call)
         return 0;
-    struct conn_key key = {.tgid = id >> 32, .fd = *fd};
-    io_fds.delete(&id);
+    struct conn_key key = {.tgid = id >> 32, .fd = call->fd};
+#ifdef CA_L7
+    u64 buf = call->buf;
+    u32 kind = call->kind;
+#endif
+    io_calls.delete(&id);
     if (ret <= 0)
         return 0;
     struct conn *c = conns.lookup(&key);
     if (!c)
         return 0;
-    if (sent)
+    if (sent) {
         __sync_fetch_and_add(&c->bytes_sent, ret);
-    else
+    } else {
         __sync_fetch_and_add(&c->bytes_received, ret);
+#ifdef CA_L7
+        if (!l7_in_ssl_call(id, key.fd))
+            l7_on_io(ctx, &key, c, buf, kind, ret, 0);
+#endif
+    }
     return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_write) { return io_enter(args->fd); }
-TRACEPOINT_PROBE(syscalls, sys_exit_write) { return io_exit(args->ret, 1); }
-TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return io_enter(args->fd); }
-TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return io_exit(args->ret, 1); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return io_enter(args->fd); }
-TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return io_exit(args->ret, 1); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return io_enter(args->fd); }
-TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return io_exit(args->ret, 1); }
-TRACEPOINT_PROBE(syscalls, sys_enter_read) { return io_enter(args->fd); }
-TRACEPOINT_PROBE(syscalls, sys_exit_read) { return io_exit(args->ret, 0); }
-TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return io_enter(args->fd); }
-TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return io_exit(args->ret, 0); }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return io_enter(args->fd); }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return io_exit(args->ret, 0); }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return io_enter(args->fd); }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return io_exit(args->ret, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_write) { return io_enter(args, args->fd, (u64)args->buf, args->count, IO_BUF, 1); }
+TRACEPOINT_PROBE(syscalls, sys_exit_write) { return io_exit(args, args->ret, 1); }
+TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return io_enter(args, args->fd, (u64)args->vec, 0, IO_IOV, 1); }
+TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return io_exit(args, args->ret, 1); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return io_enter(args, args->fd, (u64)args->buff, args->len, IO_BUF, 1); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return io_exit(args, args->ret, 1); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return io_enter(args, args->fd, (u64)args->msg, 0, IO_MSG, 1); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return io_exit(args, args->ret, 1); }
+TRACEPOINT_PROBE(syscalls, sys_enter_read) { return io_enter(args, args->fd, (u64)args->buf, args->count, IO_BUF, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_read) { return io_exit(args, args->ret, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return io_enter(args, args->fd, (u64)args->vec, 0, IO_IOV, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return io_exit(args, args->ret, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return io_enter(args, args->fd, (u64)args->ubuf, args->size, IO_BUF, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return io_exit(args, args->ret, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return io_enter(args, args->fd, (u64)args->msg, 0, IO_MSG, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return io_exit(args, args->ret, 0); }

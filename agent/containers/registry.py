@@ -14,6 +14,7 @@ import re
 import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 # Mirror of struct proc_event in bpf/proc.c.
 PROC_EVENT = struct.Struct("<IIII")
+RECENT_EXITS = 4096  # exited processes whose container is remembered for late events
 EVENT_FORK, EVENT_EXEC, EVENT_EXIT, EVENT_OOM_KILL = 1, 2, 3, 4
 
 # Per-process opt-outs (reference §3): a value containing "disabled" opts out.
@@ -93,6 +95,7 @@ class Registry:
         self._procs: dict[int, Process] = {}
         self._containers: dict[str, Container] = {}
         self._listeners: list[Listener] = []
+        self._exited: OrderedDict[int, str] = OrderedDict()  # pid -> container id, recent exits
         self.events_seen = 0
 
     # ----------------------------------------------------------- queries ---
@@ -109,6 +112,16 @@ class Registry:
             return None
         c = self._containers.get(p.container_id)
         return c if c is not None and self._visible(c) else None
+
+    def container_of_recent(self, pid: int) -> Container | None:
+        """container_of, also for a process that exited moments ago (its events may arrive
+        after its exit event)."""
+        c = self.container_of(pid)
+        if c is None and pid not in self._procs:
+            cid = self._exited.get(pid)
+            if cid is not None:
+                return self.container(cid)
+        return c
 
     def container(self, cid: str) -> Container | None:
         """A reported container by id."""
@@ -196,6 +209,10 @@ class Registry:
             if proc is None:
                 return
             self._detach(proc)
+            if proc.container_id is not None:
+                self._exited[pid] = proc.container_id
+                if len(self._exited) > RECENT_EXITS:
+                    self._exited.popitem(last=False)
         for cb in self._listeners:
             cb("removed", proc)
 

@@ -35,11 +35,18 @@ class Family:
     buffers: tuple[str, ...]
     purpose: str
     perf_functions: tuple[str, ...] = ()  # attached to a cpu-clock perf event on every CPU
+    uprobe_functions: tuple[str, ...] = ()  # loaded at start, attached later by their owner
+    defines: tuple[str, ...] = ()  # set when the family is compiled in (other files test them)
 
 
 FAMILIES: dict[str, Family] = {
     "proc": Family("proc", "proc.c", ("proc_events",), "process lifecycle and OOM kills (tracepoints)"),
     "tcp": Family("tcp", "tcp.c", ("tcp_events",), "TCP connects, listens, closes, retransmits, bytes (tracepoints)"),
+    "l7": Family("l7", "l7.c", ("l7_events",), "HTTP, Postgres, Redis and DNS requests paired with responses; "
+                 "OpenSSL plaintext (tracepoints, uprobes); needs tcp",
+                 uprobe_functions=tuple(f"ssl_{op}{ex}_{end}" for op in ("write", "read") for ex in ("", "_ex")
+                                        for end in ("enter", "exit")),
+                 defines=("CA_L7",)),
     "logs": Family("logs", "logs.c", ("log_events",), "log files opened for writing under /var/log (tracepoint)"),
     "profiler": Family("profiler", "profiler.c", (), "CPU stacks sampled by a cpu-clock perf event",
                        perf_functions=("on_cpu_sample",)),
@@ -79,7 +86,8 @@ def feature_defines(events_dir: str | None = None) -> dict[str, int]:
 
 def program_text(families: Iterable[str], bpf_dir: Path = BPF_DIR) -> str:
     lines = []
-    for name in families:
+    wanted = set(families)
+    for name in [n for n in FAMILIES if n in wanted]:  # FAMILIES order: l7 follows tcp
         fam = FAMILIES[name]
         path = bpf_dir / fam.source
         text = path.read_text()
@@ -197,6 +205,8 @@ def load(
         cflags.append("-DCA_RINGBUF")
     for k, v in (feature_defines() | (defines or {})).items():
         cflags.append(f"-D{k}={v}")
+    for name in families:
+        cflags += [f"-D{d}=1" for d in FAMILIES[name].defines]
     text = program_text(families, bpf_dir)
     t0 = time.monotonic()
     try:
@@ -215,6 +225,12 @@ def load(
             except Exception as e:  # noqa: BLE001
                 raise LoadError(f"probe family {name}: cannot attach {fn} to a cpu-clock perf event: {e}") from e
             loaded.perf_events += 1
+    for name in families:
+        for fn in FAMILIES[name].uprobe_functions:
+            try:  # now: compiled code is freed below, and uprobes attach later
+                bpf.load_func(fn, BPF.KPROBE)
+            except Exception as e:  # noqa: BLE001
+                raise LoadError(f"probe family {name}: cannot load {fn}: {e}") from e
     for name in families:
         for buf in FAMILIES[name].buffers:
             handler = handlers.get(buf)

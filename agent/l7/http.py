@@ -54,8 +54,9 @@ def _next_message(data: bytes, head_end: int, headers: bytes) -> int:
     return head_end + 4 + (int(m.group(1)) if m else 0)
 
 
-def parse_requests(data: bytes) -> list[Request]:
-    """Every request in the payload: several when requests are pipelined."""
+def parse_requests(data: bytes, mask: bool = True) -> list[Request]:
+    """Every request in the payload: several when requests are pipelined. `mask`: query-string
+    values become `*` (on by default)."""
     out: list[Request] = []
     pos = 0
     try:
@@ -64,7 +65,7 @@ def parse_requests(data: bytes) -> list[Request]:
             if not m:
                 break
             path = m.group(2).decode("latin-1")
-            out.append(Request(m.group(1).decode(), mask_query(path), "1." + m.group(3).decode()))
+            out.append(Request(m.group(1).decode(), mask_query(path) if mask else path, "1." + m.group(3).decode()))
             head_end = data.find(b"\r\n\r\n", m.end() - 2)
             if head_end < 0:
                 break

@@ -63,7 +63,11 @@ def is_startup_or_password(data: bytes) -> bool:
     return False
 
 
-def parse_queries(data: bytes, conn: Connection | None = None) -> list[Query]:
+def parse_queries(data: bytes, conn: Connection | None = None, mask: bool = True) -> list[Query]:
+    """Queries a frontend payload runs: one per simple Query, per unnamed Parse and per Bind of a
+    statement. A Bind of a statement prepared before the agent saw it runs with an empty text.
+    `mask`: literals become `?` (on by default)."""
+    masker = mask_literals if mask else (lambda s: s)
     out: list[Query] = []
     if is_startup_or_password(data):
         return out
@@ -71,11 +75,11 @@ def parse_queries(data: bytes, conn: Connection | None = None) -> list[Query]:
         for kind, body in _messages(data):
             if kind == b"Q":
                 sql = body.split(b"\0", 1)[0].decode("utf-8", errors="replace")
-                out.append(Query(mask_literals(sql), "simple"))
+                out.append(Query(masker(sql), "simple"))
             elif kind == b"P":
                 name, pos = _cstring(body, 0)
                 sql, _ = _cstring(body, pos) if b"\0" in body[pos:] else (body[pos:].decode(errors="replace"), 0)
-                masked = mask_literals(sql)
+                masked = masker(sql)
                 if conn is not None and len(conn.prepared) < conn.max_prepared:
                     conn.prepared[name] = masked
                 if not name:  # an unnamed statement runs right away
@@ -83,8 +87,8 @@ def parse_queries(data: bytes, conn: Connection | None = None) -> list[Query]:
             elif kind == b"B":
                 _portal, pos = _cstring(body, 0)
                 stmt, _ = _cstring(body, pos)
-                if stmt and conn is not None and stmt in conn.prepared:
-                    out.append(Query(conn.prepared[stmt], "extended"))
+                if stmt:  # a named statement (an unnamed one ran with its Parse)
+                    out.append(Query(conn.prepared.get(stmt, "") if conn is not None else "", "extended"))
             elif kind == b"C" and body[:1] == b"S":  # Close statement
                 name, _ = _cstring(body, 1)
                 if conn is not None:

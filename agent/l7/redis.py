@@ -50,8 +50,10 @@ def _array(data: bytes, pos: int) -> tuple[list[bytes], int] | None:
     return items, pos
 
 
-def _statement(args: list[bytes]) -> Command:
+def _statement(args: list[bytes], mask: bool = True) -> Command:
     name = args[0].decode("latin-1").upper()
+    if not mask:
+        return Command(name, " ".join(a.decode("utf-8", errors="replace") for a in args))
     if name == "AUTH":
         return Command(name, "AUTH " + " ".join("?" for _ in args[1:]))
     if name in _KEY_COMMANDS and len(args) > 1:
@@ -60,8 +62,9 @@ def _statement(args: list[bytes]) -> Command:
     return Command(name, name + " ?" * (len(args) - 1))
 
 
-def parse_commands(data: bytes) -> list[Command]:
-    """Every command in the payload (a pipeline holds several); inline commands too."""
+def parse_commands(data: bytes, mask: bool = True) -> list[Command]:
+    """Every command in the payload (a pipeline holds several); inline commands too. `mask`:
+    arguments other than the key become `?` (on by default)."""
     out: list[Command] = []
     pos = 0
     try:
@@ -70,13 +73,13 @@ def parse_commands(data: bytes) -> list[Command]:
                 arr = _array(data, pos)
                 if arr is None or not arr[0]:
                     break
-                out.append(_statement(arr[0]))
+                out.append(_statement(arr[0], mask))
                 pos = arr[1]
             else:
                 line = _read_line(data, pos)
                 if line is None or not line[0] or not line[0][:1].isalpha():
                     break
-                out.append(_statement(line[0].split()))
+                out.append(_statement(line[0].split(), mask))
                 pos = line[1]
     except (ValueError, IndexError):
         return out

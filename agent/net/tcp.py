@@ -193,6 +193,19 @@ class TcpTracker:
             self._recently_closed.popitem(last=False)
         return key
 
+    def connection(self, pid: int, fd: int, start_ns: int) -> Conn | None:
+        """The outbound connection (pid, fd) that started at start_ns: open, or recently closed."""
+        with self._lock:
+            conn = self._conns.get((pid, fd))
+            if conn is not None and conn.start_ns == start_ns:
+                return conn
+            late = self._recently_closed.get((pid, fd, start_ns))
+            if isinstance(late, Conn) or late is None:
+                return late
+            cid, dst, actual = late  # its totals' key: enough for a request's labels
+            ip, _, port = dst.rpartition(":")
+            return Conn(pid, fd, cid, "", 0, ip.strip("[]"), int(port), dst, actual, start_ns=start_ns)
+
     def on_process(self, what: str, proc: Process) -> None:
         """Registry listener: a process that exited takes its connections and listens along."""
         if what != "removed":

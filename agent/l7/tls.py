@@ -1,0 +1,106 @@
+"""OpenSSL uprobes: find each libssl that processes map, attach bpf/l7.c's SSL_write/SSL_read
+(and their _ex variants) once per library file (device, inode), also for processes started
+after the agent.
+
+A uprobe on a file applies to every process that maps it, so one attach covers all users of
+the host's libssl; a container's own copy is another file, found through /proc/PID/root. New
+processes are looked at twice (1 s and 5 s after their exec), because the dynamic loader — or a
+program's own dlopen — maps libssl after the exec event.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+# (library symbol, program prefix in bpf/l7.c)
+SYMBOLS = (("SSL_write", "ssl_write"), ("SSL_read", "ssl_read"),
+           ("SSL_write_ex", "ssl_write_ex"), ("SSL_read_ex", "ssl_read_ex"))
+RECHECK_AFTER = (1.0, 5.0)
+MAX_QUEUED = 4096
+
+
+@dataclass
+class Library:
+    path: str
+    probes: int
+    missing: list[str] = field(default_factory=list)
+
+
+def ssl_libraries(procfs: str, pid: int) -> list[str]:
+    """Paths (as the process sees them) of the libssl files a process maps."""
+    out: list[str] = []
+    try:
+        with open(f"{procfs}/{pid}/maps", "rb") as f:
+            for line in f:
+                if b"libssl.so" not in line:
+                    continue
+                parts = line.split(None, 5)
+                if len(parts) == 6:
+                    path = parts[5].strip().decode(errors="replace")
+                    if path.startswith("/") and path not in out:
+                        out.append(path)
+    except OSError:
+        pass
+    return out
+
+
+class TlsAttacher:
+    def __init__(self, bpf: object, procfs: str = "/proc") -> None:
+        self.bpf = bpf
+        self.procfs = procfs
+        self.libraries: dict[tuple[int, int], Library] = {}
+        self.failed: set[tuple[int, int]] = set()
+        self._queue: list[tuple[float, int]] = []
+
+    def scan(self, pids: list[int]) -> None:
+        for pid in pids:
+            self.scan_pid(pid)
+
+    def on_process(self, what: str, proc: object) -> None:
+        """Registry listener: look at a new process's libraries a little later."""
+        if what != "added" or len(self._queue) >= MAX_QUEUED:
+            return
+        now = time.monotonic()
+        for delay in RECHECK_AFTER:
+            heapq.heappush(self._queue, (now + delay, proc.pid))  # type: ignore[attr-defined]
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        while self._queue and self._queue[0][0] <= now:
+            _, pid = heapq.heappop(self._queue)
+            self.scan_pid(pid)
+
+    def scan_pid(self, pid: int) -> None:
+        for path in ssl_libraries(self.procfs, pid):
+            host_path = f"{self.procfs}/{pid}/root{path}"
+            try:
+                st = os.stat(host_path)
+            except OSError:
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in self.libraries or key in self.failed:
+                continue
+            self._attach(key, host_path, path)
+
+    def _attach(self, key: tuple[int, int], host_path: str, path: str) -> None:
+        lib = Library(path, 0)
+        for sym, prefix in SYMBOLS:
+            try:
+                self.bpf.attach_uprobe(name=host_path, sym=sym, fn_name=f"{prefix}_enter")  # type: ignore[attr-defined]
+                self.bpf.attach_uretprobe(name=host_path, sym=sym, fn_name=f"{prefix}_exit")  # type: ignore[attr-defined]
+                lib.probes += 2
+            except Exception:  # noqa: BLE001 - OpenSSL 1.0 has no SSL_*_ex; a stripped copy has none
+                lib.missing.append(sym)
+        if lib.probes:
+            self.libraries[key] = lib
+            log.info("TLS: %d uprobes on %s%s", lib.probes, path,
+                     f" (no {', '.join(lib.missing)})" if lib.missing else "")
+        else:
+            self.failed.add(key)
+            log.warning("TLS: no OpenSSL symbols found in %s: its plaintext is not traced", path)

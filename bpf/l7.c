@@ -1,0 +1,349 @@
+/* L7 requests: the first bytes of each request and of its response on a tracked connection,
+ * paired in the kernel, one event per pair with its duration measured here.
+ *
+ * Compiled after bpf/tcp.c (it uses the `conns` map and is called from tcp.c's read/write
+ * hooks): a connection's role decides which direction is the request — outbound (connect()ed,
+ * the process is the client): writes are requests, reads responses; inbound (accept()ed):
+ * reads are requests, writes responses. UDP sockets connected to port 53 carry DNS.
+ *
+ * A request is recognised from its first bytes (HTTP/1.x method, Redis RESP array, Postgres
+ * Query or Parse/Bind...Sync, DNS query); it waits in `l7_pending`, keyed by (tgid, fd,
+ * connection start, stream) — the stream is the DNS query id, 0 otherwise — until the first
+ * bytes of the response arrive. A request written while an earlier one on the connection still
+ * waits (a pipeline's next write, a body) does not replace it; user space counts every
+ * request of a pipeline from the first write's payload.
+ *
+ * TLS: uprobes on OpenSSL's SSL_write/SSL_read(_ex) see the plaintext; the socket fd is learnt
+ * from the syscall the library makes inside the call (or remembered per SSL object), and that
+ * nested ciphertext syscall is not parsed. The agent's own process is never traced. */
+#include "common.h"
+
+#ifndef CA_L7_PAYLOAD
+#define CA_L7_PAYLOAD 1024 /* request bytes kept (power of two) */
+#endif
+#define CA_L7_RESP 512 /* response bytes kept: status lines, error frames, DNS answers */
+#ifndef CA_L7_MAX_PENDING
+#define CA_L7_MAX_PENDING 8192
+#endif
+#ifndef CA_SELF_TGID
+#define CA_SELF_TGID 0
+#endif
+
+#define L7_HTTP 1
+#define L7_POSTGRES 2
+#define L7_REDIS 3
+#define L7_DNS 4
+
+#define L7_OUTBOUND 1
+#define L7_INBOUND 2
+#define L7_TLS 4
+
+#define CA_DNS_PORT 53
+
+struct l7_key {
+    u32 tgid;
+    u32 fd;
+    u64 conn_start;
+    u32 stream;
+    u32 _pad;
+};
+
+struct l7_request {
+    u64 start_ns;
+    u32 protocol;
+    u32 flags;
+    u32 len;  /* bytes in payload */
+    u32 size; /* bytes the call carried */
+    u8 payload[CA_L7_PAYLOAD];
+};
+
+/* Mirror: agent/l7/tracer.py L7_HEADER ("<QQQIIIIIIII"), then resp[CA_L7_RESP], then the
+ * first req_len bytes of the request: the event is sent without the unused request tail. */
+struct l7_event {
+    u64 start_ns;
+    u64 duration_ns;
+    u64 conn_start;
+    u32 tgid;
+    u32 fd;
+    u32 protocol;
+    u32 flags;
+    u32 req_len; /* bytes of the request in the event */
+    u32 req_size; /* size of the write that carried it */
+    u32 resp_len;
+    u32 payload_max;
+    u8 resp[CA_L7_RESP];
+    u8 req[CA_L7_PAYLOAD];
+};
+
+struct ssl_call {
+    u64 ssl;
+    u64 buf;
+    u64 out_len; /* SSL_*_ex: where the library stores the byte count */
+    u32 fd;
+    u32 has_fd;
+};
+
+struct ssl_key {
+    u64 ssl;
+    u32 tgid;
+    u32 _pad;
+};
+
+BPF_TABLE("lru_hash", struct l7_key, struct l7_request, l7_pending, CA_L7_MAX_PENDING);
+BPF_TABLE("lru_hash", u64, struct ssl_call, ssl_calls, 16384); /* pid_tgid inside SSL_read/write */
+BPF_TABLE("lru_hash", struct ssl_key, u32, ssl_fds, 16384);     /* SSL object -> its socket fd */
+BPF_PERCPU_ARRAY(l7_req_scratch, struct l7_request, 1);
+BPF_PERCPU_ARRAY(l7_event_scratch, struct l7_event, 1);
+BPF_ARRAY(l7_stats, u64, 4); /* 0: requests, 1: written while the connection's previous one waited, 2: paired */
+CA_EVENTS(l7_events);
+
+static __always_inline void l7_submit(void *ctx, struct l7_event *e, u32 size) {
+    if (size > sizeof(*e))
+        size = sizeof(*e);
+#ifdef CA_RINGBUF
+    if (l7_events.ringbuf_output(e, size, 0) < 0)
+#else
+    if (l7_events.perf_submit(ctx, e, size) < 0)
+#endif
+        l7_events_lost.increment(0);
+}
+
+static __always_inline void l7_count(int i) {
+    u64 *v = l7_stats.lookup(&i);
+    if (v)
+        __sync_fetch_and_add(v, 1);
+}
+
+/* The user buffer behind a syscall's arguments: (ptr, size) of its first segment. */
+static __always_inline int l7_segment(u64 buf, u32 kind, u64 size, u64 *ptr, u64 *len) {
+    if (kind == IO_BUF) {
+        *ptr = buf;
+        *len = size;
+        return 1;
+    }
+    u64 iov = buf;
+    if (kind == IO_MSG) { /* struct user_msghdr: msg_iov at offset 16 */
+        if (bpf_probe_read_user(&iov, sizeof(iov), (void *)(buf + 16)) < 0)
+            return 0;
+    }
+    u64 seg[2]; /* struct iovec: base, len */
+    if (bpf_probe_read_user(seg, sizeof(seg), (void *)iov) < 0)
+        return 0;
+    *ptr = seg[0];
+    *len = seg[1];
+    return 1;
+}
+
+static __always_inline u32 be32(u8 *p) { return ((u32)p[0] << 24) | ((u32)p[1] << 16) | ((u32)p[2] << 8) | p[3]; }
+
+static __always_inline u32 l7_detect(u8 *b, u64 size, u64 ptr) {
+    if (size < 5)
+        return 0;
+    u32 w = *(u32 *)b;
+    if (w == 0x20544547 /* "GET " */ || w == 0x54534f50 /* POST */ || w == 0x20545550 /* "PUT " */ ||
+        w == 0x44414548 /* HEAD */ || w == 0x454c4544 /* DELE */ || w == 0x43544150 /* PATC */ ||
+        w == 0x4954504f /* OPTI */)
+        return L7_HTTP;
+    if (b[0] == '*' && b[1] >= '1' && b[1] <= '9')
+        return L7_REDIS;
+    if (b[0] == 'Q' && (u64)be32(b + 1) + 1 == size)
+        return L7_POSTGRES;
+    if ((b[0] == 'P' || b[0] == 'B') && be32(b + 1) >= 4 && be32(b + 1) < size) {
+        /* the extended protocol: Parse/Bind ... Sync ('S', length 4) at the end */
+        u8 tail[5] = {};
+        if (bpf_probe_read_user(tail, sizeof(tail), (void *)(ptr + size - 5)) < 0)
+            return 0;
+        if (tail[0] == 'S' && tail[1] == 0 && tail[2] == 0 && tail[3] == 0 && tail[4] == 4)
+            return L7_POSTGRES;
+    }
+    return 0;
+}
+
+/* One read or write on a tracked connection: `size` is the byte count for (buf, len) calls and
+ * reads; 0 for a vectored write (the first segment's length is used). */
+static __always_inline void l7_on_io_tls(void *ctx, struct conn_key *ckey, struct conn *c, u64 buf, u32 kind,
+                                         u64 size, int sent, u32 tls) {
+    if (ckey->tgid == CA_SELF_TGID)
+        return;
+    u32 flags = c->flags;
+    int client = flags & (CONN_OUTBOUND | CONN_DNS);
+    int request = client ? sent : !sent;
+    u64 ptr = 0, seg = 0;
+    if (!l7_segment(buf, kind, size, &ptr, &seg))
+        return;
+    if (kind != IO_BUF && (size == 0 || seg < size))
+        size = seg;
+    if (size == 0 || !ptr)
+        return;
+    struct l7_key key = {.tgid = ckey->tgid, .fd = ckey->fd, .conn_start = c->start_ns};
+    int zero = 0;
+    if (request) {
+        struct l7_request *r = l7_req_scratch.lookup(&zero);
+        if (!r)
+            return;
+        u32 n = size < CA_L7_PAYLOAD ? size : CA_L7_PAYLOAD;
+        if (bpf_probe_read_user(r->payload, n, (void *)ptr) < 0)
+            return;
+        u32 proto;
+        if (flags & CONN_DNS) {
+            if (n < 12 || (r->payload[2] & 0x80)) /* a DNS header with QR=0: a query */
+                return;
+            proto = L7_DNS;
+            key.stream = ((u32)r->payload[0] << 8) | r->payload[1];
+        } else {
+            proto = l7_detect(r->payload, size, ptr);
+            if (!proto)
+                return;
+            if (l7_pending.lookup(&key)) { /* the connection's earlier request still waits */
+                l7_count(1);
+                return;
+            }
+        }
+        r->start_ns = bpf_ktime_get_ns();
+        r->protocol = proto;
+        r->flags = (client ? L7_OUTBOUND : L7_INBOUND) | tls;
+        r->len = n;
+        r->size = size > 0xffffffff ? 0xffffffff : (u32)size;
+        l7_pending.update(&key, r);
+        l7_count(0);
+        return;
+    }
+    struct l7_event *e = l7_event_scratch.lookup(&zero);
+    if (!e)
+        return;
+    u32 n = size < CA_L7_RESP ? size : CA_L7_RESP;
+    if (bpf_probe_read_user(e->resp, n, (void *)ptr) < 0)
+        return;
+    if (flags & CONN_DNS) {
+        if (n < 12 || !(e->resp[2] & 0x80))
+            return;
+        key.stream = ((u32)e->resp[0] << 8) | e->resp[1];
+    }
+    struct l7_request *r = l7_pending.lookup(&key);
+    if (!r)
+        return;
+    e->start_ns = r->start_ns;
+    e->duration_ns = bpf_ktime_get_ns() - r->start_ns;
+    e->conn_start = c->start_ns;
+    e->tgid = ckey->tgid;
+    e->fd = ckey->fd;
+    e->protocol = r->protocol;
+    e->flags = r->flags | tls;
+    e->req_size = r->size;
+    e->resp_len = n;
+    e->payload_max = CA_L7_PAYLOAD;
+    u32 rn = r->len;
+    if (rn > CA_L7_PAYLOAD)
+        rn = CA_L7_PAYLOAD;
+    e->req_len = rn;
+    bpf_probe_read_kernel(e->req, rn, r->payload);
+    l7_pending.delete(&key);
+    l7_count(2);
+    l7_submit(ctx, e, sizeof(*e) - CA_L7_PAYLOAD + rn);
+}
+
+static __always_inline void l7_on_io(void *ctx, struct conn_key *ckey, struct conn *c, u64 buf, u32 kind,
+                                     u64 size, int sent) {
+    l7_on_io_tls(ctx, ckey, c, buf, kind, size, sent, 0);
+}
+
+static __always_inline void l7_forget(struct conn_key *ckey, struct conn *c) {
+    struct l7_key key = {.tgid = ckey->tgid, .fd = ckey->fd, .conn_start = c->start_ns};
+    l7_pending.delete(&key);
+}
+
+/* connect() on any socket to port 53: a DNS client (UDP; a TCP connect replaces the entry
+ * when it is established). */
+static __always_inline void l7_on_connect(struct conn_key *key, u64 sockaddr) {
+    u16 sa[2] = {}; /* sa_family, port (network order) */
+    if (bpf_probe_read_user(sa, sizeof(sa), (void *)sockaddr) < 0)
+        return;
+    if ((sa[0] != CA_AF_INET && sa[0] != CA_AF_INET6) || sa[1] != __builtin_bswap16(CA_DNS_PORT))
+        return;
+    struct conn c = {.start_ns = bpf_ktime_get_ns(), .flags = CONN_DNS};
+    conns.update(key, &c);
+}
+
+/* glibc's resolver sends the A and AAAA queries of one lookup with one sendmmsg(). */
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmmsg) {
+    struct conn_key key = {.tgid = ca_tgid(), .fd = args->fd};
+    struct conn *c = conns.lookup(&key);
+    if (!c || !(c->flags & CONN_DNS))
+        return 0;
+    u64 base = (u64)args->mmsg;
+    u32 vlen = args->vlen;
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        if (i >= vlen)
+            break;
+        l7_on_io(args, &key, c, base + i * 64 /* sizeof(struct mmsghdr) */, IO_MSG, 0, 1);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------- TLS --- */
+
+static __always_inline int l7_in_ssl_call(u64 id, u32 fd) {
+    struct ssl_call *call = ssl_calls.lookup(&id);
+    if (!call)
+        return 0;
+    call->fd = fd;
+    call->has_fd = 1;
+    return 1;
+}
+
+static __always_inline int ssl_enter(struct pt_regs *ctx, int ex) {
+    u64 id = bpf_get_current_pid_tgid();
+    if ((id >> 32) == CA_SELF_TGID)
+        return 0;
+    struct ssl_call call = {.ssl = PT_REGS_PARM1(ctx), .buf = PT_REGS_PARM2(ctx)};
+    if (ex)
+        call.out_len = PT_REGS_PARM4(ctx);
+    ssl_calls.update(&id, &call);
+    return 0;
+}
+
+static __always_inline int ssl_exit(struct pt_regs *ctx, int ex, int sent) {
+    u64 id = bpf_get_current_pid_tgid();
+    struct ssl_call *call = ssl_calls.lookup(&id);
+    if (!call)
+        return 0;
+    struct ssl_call cc = *call;
+    ssl_calls.delete(&id);
+    long ret = PT_REGS_RC(ctx);
+    u64 n = 0;
+    if (ex) {
+        if (ret != 1 || bpf_probe_read_user(&n, sizeof(n), (void *)cc.out_len) < 0)
+            return 0;
+    } else {
+        if (ret <= 0)
+            return 0;
+        n = ret;
+    }
+    struct ssl_key sk = {.ssl = cc.ssl, .tgid = id >> 32};
+    u32 fd;
+    if (cc.has_fd) {
+        fd = cc.fd;
+        ssl_fds.update(&sk, &fd);
+    } else {
+        u32 *known = ssl_fds.lookup(&sk);
+        if (!known)
+            return 0;
+        fd = *known;
+    }
+    struct conn_key key = {.tgid = id >> 32, .fd = fd};
+    struct conn *c = conns.lookup(&key);
+    if (!c)
+        return 0;
+    l7_on_io_tls(ctx, &key, c, cc.buf, IO_BUF, n, sent, L7_TLS);
+    return 0;
+}
+
+int ssl_write_enter(struct pt_regs *ctx) { return ssl_enter(ctx, 0); }
+int ssl_write_exit(struct pt_regs *ctx) { return ssl_exit(ctx, 0, 1); }
+int ssl_write_ex_enter(struct pt_regs *ctx) { return ssl_enter(ctx, 1); }
+int ssl_write_ex_exit(struct pt_regs *ctx) { return ssl_exit(ctx, 1, 1); }
+int ssl_read_enter(struct pt_regs *ctx) { return ssl_enter(ctx, 0); }
+int ssl_read_exit(struct pt_regs *ctx) { return ssl_exit(ctx, 0, 0); }
+int ssl_read_ex_enter(struct pt_regs *ctx) { return ssl_enter(ctx, 1); }
+int ssl_read_ex_exit(struct pt_regs *ctx) { return ssl_exit(ctx, 1, 0); }
