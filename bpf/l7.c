@@ -92,6 +92,9 @@ struct ssl_key {
 BPF_TABLE("lru_hash", struct l7_key, struct l7_request, l7_pending, CA_L7_MAX_PENDING);
 BPF_TABLE("lru_hash", u64, struct ssl_call, ssl_calls, 16384); /* pid_tgid inside SSL_read/write */
 BPF_TABLE("lru_hash", struct ssl_key, u32, ssl_fds, 16384);     /* SSL object -> its socket fd */
+/* A process's latest accepted connection, until it forks: a pre-forking server (Postgres's
+ * postmaster) accepts, forks, and the child serves the socket under its own tgid. */
+BPF_TABLE("lru_hash", u32, struct conn, last_accept, 4096);
 BPF_PERCPU_ARRAY(l7_req_scratch, struct l7_request, 1);
 BPF_PERCPU_ARRAY(l7_event_scratch, struct l7_event, 1);
 BPF_ARRAY(l7_stats, u64, 4); /* 0: requests, 1: written while the connection's previous one waited, 2: paired */
@@ -250,6 +253,23 @@ static __always_inline void l7_on_io(void *ctx, struct conn_key *ckey, struct co
 static __always_inline void l7_forget(struct conn_key *ckey, struct conn *c) {
     struct l7_key key = {.tgid = ckey->tgid, .fd = ckey->fd, .conn_start = c->start_ns};
     l7_pending.delete(&key);
+}
+
+static __always_inline void l7_on_accept(struct conn_key *key, struct conn *c) {
+    struct conn copy = *c;
+    copy.sk = key->fd; /* the fd, kept in the otherwise unused socket field */
+    last_accept.update(&key->tgid, &copy);
+}
+
+static __always_inline void l7_on_fork(u32 child) {
+    u32 parent = ca_tgid();
+    struct conn *a = last_accept.lookup(&parent);
+    if (!a)
+        return;
+    struct conn_key key = {.tgid = child, .fd = (u32)a->sk};
+    struct conn c = {.start_ns = a->start_ns, .flags = CONN_INBOUND};
+    conns.update(&key, &c);
+    last_accept.delete(&parent);
 }
 
 /* connect() on any socket to port 53: a DNS client (UDP; a TCP connect replaces the entry

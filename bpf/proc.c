@@ -26,9 +26,16 @@ static __always_inline void submit(void *ctx, struct proc_event *e) {
         proc_events_lost.increment(0);
 }
 
+#ifdef CA_L7 /* bpf/l7.c: a forked child inherits the socket its parent just accepted */
+static __always_inline void l7_on_fork(u32 child);
+#endif
+
 TRACEPOINT_PROBE(task, task_newtask) {
     if (args->clone_flags & CLONE_THREAD)
         return 0;
+#ifdef CA_L7
+    l7_on_fork(args->pid);
+#endif
     struct proc_event e = {.type = PROC_EVENT_FORK, .pid = args->pid, .ppid = ca_tgid()};
     submit(args, &e);
     return 0;

@@ -89,6 +89,7 @@ CA_EVENTS(tcp_events);
 #ifdef CA_L7 /* bpf/l7.c, compiled after this file */
 static __always_inline void l7_forget(struct conn_key *key, struct conn *c);
 static __always_inline void l7_on_connect(struct conn_key *key, u64 sockaddr);
+static __always_inline void l7_on_accept(struct conn_key *key, struct conn *c);
 #endif
 
 static __always_inline void tcp_submit(void *ctx, struct tcp_event *e) {
@@ -294,6 +295,9 @@ static __always_inline int accepted(long ret) {
     struct conn_key key = {.tgid = ca_tgid(), .fd = (u32)ret};
     struct conn c = {.start_ns = bpf_ktime_get_ns(), .flags = CONN_INBOUND};
     conns.update(&key, &c);
+#ifdef CA_L7
+    l7_on_accept(&key, &c);
+#endif
     return 0;
 }
 

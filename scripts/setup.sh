@@ -19,7 +19,8 @@ fi
 # --- Debian packages -------------------------------------------------------------------
 pkgs=(python3-bpfcc python3-venv python3-pip)
 if [ "$WANT_TEST" = 1 ]; then
-    pkgs+=(gcc iproute2 procps curl openssl prometheus nftables ethtool)
+    pkgs+=(gcc iproute2 procps curl openssl prometheus nftables ethtool
+           nginx-light postgresql redis-server dnsmasq-base wrk python3-psycopg python3-redis)
 fi
 missing=()
 for p in "${pkgs[@]}"; do
@@ -48,7 +49,14 @@ if [ "${#missing[@]}" -gt 0 ] || [ "$have_headers" = 0 ]; then
         fi
     fi
     say "installing ${missing[*]}"
+    # The test servers (nginx, postgresql, redis) must not start as system services: the tests
+    # run their own. Without a policy-rc.d, one is in place for the install only.
+    made_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && made_policy=1
+    fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    if [ "$made_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
 
 # --- virtualenv (Debian's python, so that `import bcc` works) ------------------------------

@@ -151,9 +151,10 @@ class Redis(Server):
 
 class Dnsmasq(Server):
     """An authoritative-only dnsmasq on `host`:53 (run it inside a network namespace): each
-    name in `records` answers with its address; names in `nxdomain` answer NXDOMAIN."""
+    name in `records` answers with its addresses (A and AAAA); names in `nxdomain` answer
+    NXDOMAIN; a type a name has no address of is REFUSED (there is no upstream)."""
 
-    def __init__(self, host: str, records: dict[str, str], nxdomain: Sequence[str] = ()) -> None:
+    def __init__(self, host: str, records: dict[str, Sequence[str]], nxdomain: Sequence[str] = ()) -> None:
         super().__init__()
         self.host = host
         self.records = records
@@ -164,7 +165,7 @@ class Dnsmasq(Server):
         argv = [*netns_argv, "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-daemon",
                 f"--listen-address={self.host}", "--bind-interfaces", "--port=53", "--user=root",
                 f"--pid-file={self.dir}/dnsmasq.pid", "--log-facility=-"]
-        argv += [f"--address=/{name}/{ip}" for name, ip in self.records.items()]
+        argv += [f"--address=/{name}/{ip}" for name, ips in self.records.items() for ip in ips]
         argv += [f"--address=/{name}/" for name in self.nxdomain]
         self._spawn(argv, cgroups, cid)
         time.sleep(0.3)

@@ -1,0 +1,302 @@
+"""L7 tracing against real servers from Debian (nginx plain and TLS, PostgreSQL, Redis, dnsmasq)
+with clients in test cgroups: exact request counts by status on both sides, spans with what
+the client sent, secrets masked."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from tests.system.helpers import AgentProcess, TestCgroups, TwoHosts, bpf_programs, wait_for
+from tests.system.servers import Dnsmasq, Nginx, Postgres, Redis
+from tests.system.test_logs import rows
+
+CLIENT = [sys.executable, "-m", "tests.system.workloads.l7_client"]
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclass
+class Client:
+    proc: subprocess.Popen[str]
+    result: dict
+
+    def finish(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+def run_client(cgroups: TestCgroups, cid: str, *args: str, argv_prefix: tuple[str, ...] = (),
+               env: dict[str, str] | None = None) -> Client:
+    p = cgroups.spawn(cid, [*argv_prefix, *CLIENT, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                      text=True, cwd=REPO, env={**os.environ, **(env or {})})
+    assert p.stdout is not None
+    line = p.stdout.readline()
+    assert line, f"client {args[0]} failed (exit {p.wait()})"
+    return Client(p, json.loads(line))  # type: ignore[arg-type]
+
+
+def by_status(agent: AgentProcess, name: str, **labels: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for n, lb, v in agent.metrics():
+        if n == name and labels.items() <= lb.items():
+            out[lb["status"]] = out.get(lb["status"], 0) + v
+    return out
+
+
+def wait_counts(agent: AgentProcess, name: str, want: dict[str, float], **labels: str) -> dict[str, float]:
+    got: dict[str, float] = {}
+
+    def done() -> bool:
+        nonlocal got
+        got = by_status(agent, name, **labels)
+        return sum(got.values()) >= sum(want.values())
+
+    wait_for(done, 20)
+    return got
+
+
+def spans(agent: AgentProcess, service: str, want: int) -> list[dict]:
+    sql = ("SELECT SpanName, SpanKind, SpanAttributes, Duration, StatusCode, StatusMessage, ResourceAttributes "
+           f"FROM otel_traces WHERE ServiceName = '{service}'")
+    got: list[dict] = []
+
+    def enough() -> bool:
+        nonlocal got
+        got = rows(agent, sql)
+        return len(got) >= want
+
+    wait_for(enough, 30, interval=0.5)
+    return got
+
+
+@pytest.fixture(scope="module")
+def cgroups() -> Iterator[TestCgroups]:
+    cg = TestCgroups()
+    try:
+        yield cg
+    finally:
+        cg.cleanup()
+
+
+@pytest.fixture(scope="module")
+def agent() -> Iterator[AgentProcess]:
+    a = AgentProcess(["--min-container-age", "0s", "--store-batch-age", "1s", "--max-fqdns-per-container", "2",
+                      "--exclude-http-requests-by-path", "/excluded"])
+    try:
+        a.start()
+        yield a
+    finally:
+        a.stop()
+        shutil.rmtree(a.storage, ignore_errors=True)
+
+
+@pytest.fixture
+def nginx(cgroups: TestCgroups) -> Iterator[tuple[Nginx, str]]:
+    cid = cgroups.create("nginx")
+    n = Nginx()
+    try:
+        n.start(cgroups, cid)
+        yield n, cid
+    finally:
+        n.stop()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_nginx_requests_by_status_on_both_sides_and_one_span_each(
+        agent: AgentProcess, cgroups: TestCgroups, nginx: tuple[Nginx, str], tls: bool) -> None:
+    server, server_cid = nginx
+    if tls:  # the OpenSSL uprobes are attached (kprobe-type programs), which --disable-l7-tracing must not do
+        assert 2 in {p.get("prog_type") for p in bpf_programs(agent.proc.pid).values()}  # type: ignore[union-attr]
+        assert agent.value("coroot_agent_tls_libraries") >= 1
+    cid = cgroups.create("http-client")
+    port = server.tls_port if tls else server.port
+    args = ["http", "127.0.0.1", str(port), *(["--ca", server.ca] if tls else []),
+            "/ok?token=s3cret:100", "/missing:30", "/fail:20"]
+    client = run_client(cgroups, cid, *args)
+    assert client.result["statuses"] == {"200": 100, "404": 30, "500": 20}
+    want = {"2xx": 100, "4xx": 30, "5xx": 20}
+    dest = f"127.0.0.1:{port}"
+    assert wait_counts(agent, "container_http_requests_total", want, container_id=cid) == want
+    assert by_status(agent, "container_http_requests_total", container_id=cid, destination=dest,
+                     actual_destination=dest) == want
+    assert wait_counts(agent, "container_http_inbound_requests_total", want, container_id=server_cid) == want
+    assert by_status(agent, "container_http_requests_duration_seconds_total_count", container_id=cid) == want
+
+    got = spans(agent, cid, 150)
+    client.finish()
+    assert len(got) == 150
+    scheme = "https" if tls else "http"
+    urls: dict[tuple[str, str], int] = {}
+    for s in got:
+        attrs = s["SpanAttributes"]
+        assert s["SpanName"] == "GET" and s["SpanKind"] == "SPAN_KIND_CLIENT"
+        assert attrs["http.method"] == "GET" and attrs["net.peer.port"] == str(port)
+        assert attrs["net.peer.name"] == "127.0.0.1" and attrs["net.sock.peer.addr"] == "127.0.0.1"
+        assert (attrs.get("tls") == "true") is tls
+        assert s["ResourceAttributes"]["container.id"] == cid and s["ResourceAttributes"]["service.name"] == cid
+        key = (attrs["http.url"], attrs["http.status_code"])
+        urls[key] = urls.get(key, 0) + 1
+        assert s["StatusCode"] == ("STATUS_CODE_OK" if attrs["http.status_code"] == "200" else "STATUS_CODE_ERROR")
+    assert urls == {(f"{scheme}://{dest}/ok?token=*", "200"): 100, (f"{scheme}://{dest}/missing", "404"): 30,
+                    (f"{scheme}://{dest}/fail", "500"): 20}
+    # The kernel measures from the request's write to the response's read; the client adds its
+    # own work around both, so its figure is larger, by well under a millisecond per request.
+    kernel = sum(int(s["Duration"]) for s in got) / 1e9
+    measured = sum(client.result["durations"])
+    assert 0 < kernel <= measured
+    assert (measured - kernel) / 150 < 0.001, (kernel, measured)
+
+
+def test_excluded_path_and_opted_out_container_have_metrics_but_no_spans(
+        agent: AgentProcess, cgroups: TestCgroups, nginx: tuple[Nginx, str]) -> None:
+    server, _ = nginx
+    cid, quiet = cgroups.create("http-excl"), cgroups.create("http-optout")
+    a = run_client(cgroups, cid, "http", "127.0.0.1", str(server.port), "/excluded:7", "/kept:3")
+    b = run_client(cgroups, quiet, "http", "127.0.0.1", str(server.port), "/kept:4",
+                   env={"COROOT_EBPF_TRACES": "disabled"})
+    assert wait_counts(agent, "container_http_requests_total", {"2xx": 10}, container_id=cid) == {"2xx": 10}
+    assert wait_counts(agent, "container_http_requests_total", {"2xx": 4}, container_id=quiet) == {"2xx": 4}
+    got = spans(agent, cid, 3)
+    assert sorted(s["SpanAttributes"]["http.url"].rsplit("/", 1)[1] for s in got) == ["kept"] * 3
+    assert rows(agent, f"SELECT count() AS n FROM otel_traces WHERE ServiceName = '{quiet}'") == [{"n": 0}]
+    a.finish()
+    b.finish()
+
+
+def test_postgres_queries_ok_and_failed_with_literals_masked(agent: AgentProcess, cgroups: TestCgroups) -> None:
+    server_cid, cid = cgroups.create("postgres"), cgroups.create("pg-client")
+    pg = Postgres()
+    try:
+        pg.start(cgroups, server_cid)
+        client = run_client(cgroups, cid, "pg", pg.dsn)
+        assert client.result == {"ok": 50, "failed": 5}
+        want = {"ok": 50, "failed": 5}
+        assert wait_counts(agent, "container_postgres_queries_total", want, container_id=cid) == want
+        assert wait_counts(agent, "container_postgres_inbound_queries_total", want, container_id=server_cid) == want
+        got = spans(agent, cid, 55)
+        client.finish()
+        assert len(got) == 55
+        statements: dict[str, int] = {}
+        for s in got:
+            a = s["SpanAttributes"]
+            assert s["SpanName"] == "query" and a["db.system"] == "postgresql"
+            statements[a["db.statement"]] = statements.get(a["db.statement"], 0) + 1
+        assert statements == {
+            "SELECT ? AS n, ? AS s": 20,
+            "SELECT $1::int + ?, $2::text": 15,
+            "SELECT $1::int * ?": 15,
+            "SELECT * FROM missing_table_0": 1, "SELECT * FROM missing_table_2": 1, "SELECT * FROM missing_table_4": 1,
+            "SELECT ? / ?": 2,
+        }
+        errors = sorted(s["StatusMessage"] for s in got if s["StatusCode"] == "STATUS_CODE_ERROR")
+        assert errors == ["22012", "22012", "42P01", "42P01", "42P01"]  # SQLSTATE only: messages can hold values
+        assert not any("secret" in json.dumps(s) or "hunter2" in json.dumps(s) for s in got)
+    finally:
+        pg.stop()
+
+
+def test_redis_commands_errors_pipeline_and_auth_masked(agent: AgentProcess, cgroups: TestCgroups) -> None:
+    server_cid, cid = cgroups.create("redis"), cgroups.create("redis-client")
+    r = Redis(password="redis-pass-secret")
+    try:
+        r.start(cgroups, server_cid)
+        client = run_client(cgroups, cid, "redis", "127.0.0.1", str(r.port), r.password)
+        assert client.result == {"set": 40, "get": 60, "errors": 5}
+        want = {"ok": 101, "failed": 5}  # 40 SET + 40 GET + a pipeline of 20 GET + AUTH; 5 WRONGTYPE
+        assert wait_counts(agent, "container_redis_queries_total", want, container_id=cid) == want
+        assert wait_counts(agent, "container_redis_inbound_queries_total", want, container_id=server_cid) == want
+        got = spans(agent, cid, 106)
+        client.finish()
+        names: dict[tuple[str, str], int] = {}
+        for s in got:
+            names[(s["SpanName"], s["StatusCode"])] = names.get((s["SpanName"], s["StatusCode"]), 0) + 1
+            assert s["SpanAttributes"]["db.system"] == "redis"
+        assert names == {("SET", "STATUS_CODE_OK"): 40, ("GET", "STATUS_CODE_OK"): 60, ("AUTH", "STATUS_CODE_OK"): 1,
+                         ("LPUSH", "STATUS_CODE_ERROR"): 5}
+        statements = {s["SpanAttributes"]["db.statement"] for s in got}
+        assert "AUTH ?" in statements and "SET key:7 ?" in statements and "GET key:3" in statements
+        assert not any("secret" in json.dumps(s) for s in got)
+    finally:
+        r.stop()
+
+
+def test_dns_requests_by_type_domain_and_rcode_with_fqdn_cap(agent: AgentProcess, cgroups: TestCgroups) -> None:
+    hosts = TwoHosts()
+    netns_etc = f"/etc/netns/{hosts.cli}"
+    dnsmasq = Dnsmasq(hosts.srv_ip, {"svc1.test": ("10.9.0.1", "fd00::9:1"), "svc2.test": ("10.9.0.2",)}, nxdomain=["gone.test"])
+    try:
+        os.makedirs(netns_etc)
+        with open(f"{netns_etc}/resolv.conf", "w") as f:  # `ip netns exec` binds it over /etc/resolv.conf
+            f.write(f"nameserver {hosts.srv_ip}\noptions attempts:1 timeout:2\n")
+        dnsmasq.start(hosts.argv(hosts.srv))
+        cid = cgroups.create("dns-client")
+        client = run_client(cgroups, cid, "dns", "svc1.test", "svc1.test", "svc1.test", "svc2.test", "svc2.test",
+                            "gone.test", argv_prefix=tuple(hosts.argv(hosts.cli)))
+        assert client.result["svc1.test"] == ["10.9.0.1", "fd00::9:1"] and client.result["svc2.test"] == ["10.9.0.2"]
+        want = {
+            ("TypeA", "svc1.test", "ok"): 3, ("TypeAAAA", "svc1.test", "ok"): 3,
+            ("TypeA", "svc2.test", "ok"): 2, ("TypeAAAA", "svc2.test", "refused"): 2,  # no IPv6 address
+            # the cap is 2 domains per container: the third is counted under "other"
+            ("TypeA", "other", "nxdomain"): 1, ("TypeAAAA", "other", "nxdomain"): 1,
+        }
+        got: dict[tuple[str, str, str], float] = {}
+
+        def done() -> bool:
+            got.clear()
+            for n, lb, v in agent.metrics():
+                if n == "container_dns_requests_total" and lb.get("container_id") == cid:
+                    got[(lb["request_type"], lb["domain"], lb["status"])] = v
+            return sum(got.values()) >= sum(want.values())
+
+        wait_for(done, 20)
+        assert got == want
+        assert agent.value("ip_to_fqdn", ip="10.9.0.1") == 1 and agent.value("ip_to_fqdn", ip="fd00::9:1") == 1
+        assert agent.value("ip_to_fqdn", fqdn="svc2.test") == 1
+        client.finish()
+    finally:
+        dnsmasq.stop()
+        shutil.rmtree(netns_etc, ignore_errors=True)
+        hosts.cleanup()
+
+
+def test_disabled_l7_tracing_attaches_nothing_and_sampling_zero_keeps_metrics(cgroups: TestCgroups) -> None:
+    server_cid = cgroups.create("nginx-off")
+    n = Nginx().start(cgroups, server_cid)
+    try:
+        off = AgentProcess(["--min-container-age", "0s", "--disable-l7-tracing"])
+        off.start()
+        try:
+            progs = bpf_programs(off.proc.pid)  # type: ignore[union-attr]
+            types = {p.get("prog_type") for p in progs.values()}
+            assert 5 in types and 2 not in types  # tracepoints, and no kprobe-type (uprobe) programs
+            assert "coroot_agent_tls_libraries" not in off.get("/metrics")
+            cid = cgroups.create("http-off")
+            c = run_client(cgroups, cid, "http", "127.0.0.1", str(n.port), "/ok:5")
+            wait_for(lambda: off.value("container_net_tcp_successful_connects_total", container_id=cid) == 1, 20)
+            assert not any(name.startswith("container_http") for name, _, _ in off.metrics())
+            c.finish()
+        finally:
+            off.stop()
+            shutil.rmtree(off.storage, ignore_errors=True)
+
+        sampled = AgentProcess(["--min-container-age", "0s", "--traces-sampling", "0", "--store-batch-age", "1s"])
+        sampled.start()
+        try:
+            cid = cgroups.create("http-unsampled")
+            c = run_client(cgroups, cid, "http", "127.0.0.1", str(n.port), "/ok:25")
+            assert wait_counts(sampled, "container_http_requests_total", {"2xx": 25}, container_id=cid) == {"2xx": 25}
+            assert sampled.value("coroot_agent_l7_spans_total") == 0
+            c.finish()
+        finally:
+            sampled.stop()
+            shutil.rmtree(sampled.storage, ignore_errors=True)
+    finally:
+        n.stop()
