@@ -61,6 +61,10 @@ class SelfCollector:
             for buf, n in bpf.lost().items():
                 f.counter("coroot_agent_lost_events_total", "events the kernel could not hand to the agent (full buffer)", n, what=buf)
             f.gauge("coroot_agent_bpf_compile_seconds", "time to compile and attach the BPF programs", bpf.compile_seconds)
+            for prog, (ns, runs) in bpf.run_seconds().items():
+                if runs:  # only with kernel.bpf_stats_enabled=1
+                    f.counter("coroot_agent_bpf_program_run_seconds_total", "time spent in the program (kernel.bpf_stats_enabled)", ns / 1e9, program=prog)
+                    f.counter("coroot_agent_bpf_program_runs_total", "program runs (kernel.bpf_stats_enabled)", runs, program=prog)
             for prog, n in bpf.missed_runs().items():
                 f.counter("coroot_agent_bpf_missed_runs_total", "program runs the kernel skipped (it fired while another BPF program ran on that CPU)", n, program=prog)
         prof = a.profiler
@@ -154,7 +158,8 @@ class Agent:
                                max_fqdns=cfg.max_fqdns_per_container, host_id=const["machine_id"],
                                masks=Masks(cfg.mask_url_query, cfg.mask_sql_literals, cfg.mask_redis_values))
             handlers["l7_events"] = self.l7.handle_event
-            defines = {"CA_SELF_TGID": os.getpid(), "CA_L7_PAYLOAD": cfg.l7_payload_size}
+            defines = {"CA_SELF_TGID": os.getpid(), "CA_L7_PAYLOAD": cfg.l7_payload_size,
+                       "CA_L7_SAMPLE": L7Tracer.kernel_sampling(cfg.tracer_enabled, cfg.traces_sampling)}
         self.bpf = loader.load(self.families(), handlers, hdr, defines=defines,
                                sample_hz=self.cfg.profiling_frequency)
         # Processes that started between the scan and the attach are caught here.
@@ -171,6 +176,8 @@ class Agent:
         n = seed_tcp(self.tcp, self.registry.pids())
         log.info("TCP: %d connections open before the agent started are tracked", n)
         if self.l7 is not None:
+            self.l7.attach(self.bpf.table("l7_http"))
+            self.registry.subscribe(self.l7.on_process)
             self.tls = TlsAttacher(self.bpf.bpf, self.cfg.procfs_root)
             self.tls.scan(self.registry.pids())
             self.registry.subscribe(self.tls.on_process)
@@ -277,6 +284,7 @@ class Agent:
                     if self.l7 is not None:
                         self.l7.forget_containers(gone)
                         self.l7.retry_deferred()
+                        self.l7.fold_closed()
                     if self.tls is not None:
                         self.tls.tick()
                     next_housekeeping = now + HOUSEKEEPING_SECONDS

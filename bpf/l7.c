@@ -7,11 +7,16 @@
  * reads are requests, writes responses. UDP sockets connected to port 53 carry DNS.
  *
  * A request is recognised from its first bytes (HTTP/1.x method, Redis RESP array, Postgres
- * Query or Parse/Bind...Sync, DNS query); it waits in `l7_pending`, keyed by (tgid, fd,
- * connection start, stream) — the stream is the DNS query id, 0 otherwise — until the first
- * bytes of the response arrive. A request written while an earlier one on the connection still
- * waits (a pipeline's next write, a body) does not replace it; user space counts every
- * request of a pipeline from the first write's payload.
+ * Query or Parse/Bind...Sync, DNS query); it waits in `l7_pending` with its payload, keyed by
+ * (tgid, fd, connection start, stream) — the stream is the DNS query id, 0 otherwise — until
+ * the first bytes of the response arrive. An HTTP request that will not be a span (inbound, or
+ * not drawn by the sampling rate) keeps only its start time, in the connection's own `conns`
+ * entry (no map update per request), and is counted here (see l7_http below).
+ *
+ * A request recognised while an earlier one on the connection is unanswered replaces it (its
+ * response was not seen, or it is pipelined): a lost response never blocks the connection.
+ * A body or a continuation is not recognised as a request, and user space counts every
+ * request of a pipeline written at once from that write's payload.
  *
  * TLS: uprobes on OpenSSL's SSL_write/SSL_read(_ex) see the plaintext; the socket fd is learnt
  * from the syscall the library makes inside the call (or remembered per SSL object), and that
@@ -89,18 +94,51 @@ struct ssl_key {
     u32 _pad;
 };
 
-BPF_TABLE("lru_hash", struct l7_key, struct l7_request, l7_pending, CA_L7_MAX_PENDING);
+/* LRU (a request may never be answered), with per-CPU lists: no lock shared by all CPUs. */
+BPF_F_TABLE("lru_hash", struct l7_key, struct l7_request, l7_pending, CA_L7_MAX_PENDING, BPF_F_NO_COMMON_LRU);
 BPF_TABLE("lru_hash", u64, struct ssl_call, ssl_calls, 16384); /* pid_tgid inside SSL_read/write */
 BPF_TABLE("lru_hash", struct ssl_key, u32, ssl_fds, 16384);     /* SSL object -> its socket fd */
+/* HTTP is counted here, by status class with a duration histogram: inbound per process,
+ * outbound per connection (user space labels it with the connection's destination). So HTTP
+ * metrics stay exact when the event buffer overflows, and an HTTP event goes to user space
+ * only for a span: outbound, and drawn by the sampling rate (CA_L7_SAMPLE of 2^32). If the
+ * map is full the request travels as an event marked not counted, and user space counts it. */
+#ifndef CA_L7_SAMPLE
+#define CA_L7_SAMPLE 4294967296ULL /* sampling 1.0 */
+#endif
+#define L7_BUCKETS 11 /* agent/l7/tracer.py BUCKETS, in ns below */
+#define L7_COUNTED 8 /* event flag: the kernel counted this request */
+struct l7_http_key {
+    u32 tgid;
+    u32 fd; /* outbound: the connection; inbound: 0 */
+    u64 conn_start;
+    u32 status; /* 0 unknown, 1..5: 1xx..5xx */
+    u32 outbound;
+};
+
+struct l7_hist {
+    u64 count;
+    u64 sum_ns;
+    u64 buckets[L7_BUCKETS]; /* not cumulative; above the last bound only in count */
+};
+
+#ifndef CA_L7_MAX_HTTP_STATS
+#define CA_L7_MAX_HTTP_STATS 16384
+#endif
+BPF_HASH(l7_http, struct l7_http_key, struct l7_hist, CA_L7_MAX_HTTP_STATS);
+
 /* A process's latest accepted connection, until it forks: a pre-forking server (Postgres's
  * postmaster) accepts, forks, and the child serves the socket under its own tgid. */
 BPF_TABLE("lru_hash", u32, struct conn, last_accept, 4096);
 BPF_PERCPU_ARRAY(l7_req_scratch, struct l7_request, 1);
 BPF_PERCPU_ARRAY(l7_event_scratch, struct l7_event, 1);
-BPF_ARRAY(l7_stats, u64, 4); /* 0: requests, 1: written while the connection's previous one waited, 2: paired */
+BPF_PERCPU_ARRAY(l7_stats, u64, 4); /* 0: requests, 1: replaced the connection's unanswered one, 2: paired,
+                               3: HTTP requests sent to user space to count (l7_http full) */
 CA_EVENTS(l7_events);
 
-static __always_inline void l7_submit(void *ctx, struct l7_event *e, u32 size) {
+static __always_inline void l7_submit(void *ctx, struct l7_event *e, u64 size) {
+    /* opaque to the compiler, so the bound below is checked on the register the helper gets */
+    asm volatile("" : "+r"(size));
     if (size > sizeof(*e))
         size = sizeof(*e);
 #ifdef CA_RINGBUF
@@ -134,6 +172,49 @@ static __always_inline int l7_segment(u64 buf, u32 kind, u64 size, u64 *ptr, u64
         return 0;
     *ptr = seg[0];
     *len = seg[1];
+    return 1;
+}
+
+/* min(v, max) in a form the verifier can follow: the barrier keeps the compiler from folding
+ * the bound into an earlier copy of v. */
+static __always_inline u64 l7_clamp(u64 v, u64 max) {
+    asm volatile("" : "+r"(v));
+    return v > max ? max : v;
+}
+
+static __always_inline u32 l7_bucket(u64 ns) {
+    const u64 bounds[L7_BUCKETS] = {5000000ULL, 10000000ULL, 25000000ULL, 50000000ULL, 100000000ULL, 250000000ULL,
+                                    500000000ULL, 1000000000ULL, 2500000000ULL, 5000000000ULL, 10000000000ULL};
+    u32 i = 0;
+#pragma unroll
+    for (int j = 0; j < L7_BUCKETS; j++) {
+        if (ns > bounds[j])
+            i = j + 1;
+    }
+    return i;
+}
+
+/* "HTTP/1.x NNN": 1..5 for the status class, 0 when it is not a status line. */
+static __always_inline u32 l7_http_status(u8 *b, u32 n) {
+    if (n < 12 || b[0] != 'H' || b[1] != 'T' || b[2] != 'T' || b[3] != 'P' || b[4] != '/' || b[8] != ' ')
+        return 0;
+    if (b[9] < '1' || b[9] > '5' || b[10] < '0' || b[10] > '9' || b[11] < '0' || b[11] > '9')
+        return 0;
+    return b[9] - '0';
+}
+
+static __always_inline int l7_count_http(struct l7_http_key *k, u64 ns) {
+    struct l7_hist zero = {};
+    struct l7_hist *h = l7_http.lookup_or_try_init(k, &zero);
+    if (!h) {
+        l7_count(3);
+        return 0;
+    }
+    __sync_fetch_and_add(&h->count, 1);
+    __sync_fetch_and_add(&h->sum_ns, ns);
+    u32 i = l7_bucket(ns);
+    if (i < L7_BUCKETS)
+        __sync_fetch_and_add(&h->buckets[i], 1);
     return 1;
 }
 
@@ -179,68 +260,114 @@ static __always_inline void l7_on_io_tls(void *ctx, struct conn_key *ckey, struc
     if (size == 0 || !ptr)
         return;
     struct l7_key key = {.tgid = ckey->tgid, .fd = ckey->fd, .conn_start = c->start_ns};
+    u8 head[16] = {};
+    u32 hn = size < sizeof(head) ? size : sizeof(head);
+    if (bpf_probe_read_user(head, hn, (void *)ptr) < 0)
+        return;
     int zero = 0;
+    u64 now = bpf_ktime_get_ns();
     if (request) {
+        u32 proto;
+        if (flags & CONN_DNS) {
+            if (hn < 12 || (head[2] & 0x80)) /* a DNS header with QR=0: a query */
+                return;
+            proto = L7_DNS;
+            key.stream = ((u32)head[0] << 8) | head[1];
+        } else {
+            proto = l7_detect(head, size, ptr);
+            if (!proto)
+                return;
+        }
+        u32 rflags = (client ? L7_OUTBOUND : L7_INBOUND) | tls;
+        if (proto == L7_HTTP && (!client || (u64)bpf_get_prandom_u32() >= CA_L7_SAMPLE)) {
+            /* counted here, no span: only the time is kept, in the connection itself */
+            if (c->http_start_ns) /* unanswered (or its response was not seen): replaced */
+                l7_count(1);
+            c->http_flags = rflags;
+            c->http_start_ns = now;
+            l7_count(0);
+            return;
+        }
+        if (proto != L7_DNS && l7_pending.lookup(&key))
+            l7_count(1);
         struct l7_request *r = l7_req_scratch.lookup(&zero);
         if (!r)
             return;
         u32 n = size < CA_L7_PAYLOAD ? size : CA_L7_PAYLOAD;
         if (bpf_probe_read_user(r->payload, n, (void *)ptr) < 0)
             return;
-        u32 proto;
-        if (flags & CONN_DNS) {
-            if (n < 12 || (r->payload[2] & 0x80)) /* a DNS header with QR=0: a query */
-                return;
-            proto = L7_DNS;
-            key.stream = ((u32)r->payload[0] << 8) | r->payload[1];
-        } else {
-            proto = l7_detect(r->payload, size, ptr);
-            if (!proto)
-                return;
-            if (l7_pending.lookup(&key)) { /* the connection's earlier request still waits */
-                l7_count(1);
-                return;
-            }
-        }
-        r->start_ns = bpf_ktime_get_ns();
+        r->start_ns = now;
         r->protocol = proto;
-        r->flags = (client ? L7_OUTBOUND : L7_INBOUND) | tls;
+        r->flags = rflags;
         r->len = n;
         r->size = size > 0xffffffff ? 0xffffffff : (u32)size;
         l7_pending.update(&key, r);
         l7_count(0);
         return;
     }
+    if (flags & CONN_DNS) {
+        if (hn < 12 || !(head[2] & 0x80))
+            return;
+        key.stream = ((u32)head[0] << 8) | head[1];
+    }
+    u64 start = 0;
+    u32 rflags = 0, proto = 0, rsize = 0;
+    u64 rn = 0; /* 64-bit: a 32-bit copy would be what the bound check sees, not what the helper gets */
+    struct l7_request *r = 0;
+    int t = !(flags & CONN_DNS) && c->http_start_ns;
+    if (t) {
+        start = c->http_start_ns;
+        rflags = c->http_flags;
+        proto = L7_HTTP;
+        c->http_start_ns = 0;
+    } else {
+        r = l7_pending.lookup(&key);
+        if (!r)
+            return;
+        start = r->start_ns;
+        rflags = r->flags;
+        proto = r->protocol;
+        rn = r->len;
+        rsize = r->size;
+    }
+    u64 duration = now - start;
+    u32 counted = 0;
+    if (proto == L7_HTTP) {
+        int out = rflags & L7_OUTBOUND;
+        struct l7_http_key hk = {.tgid = ckey->tgid, .status = l7_http_status(head, hn), .outbound = !!out};
+        if (out) {
+            hk.fd = ckey->fd;
+            hk.conn_start = c->start_ns;
+        }
+        counted = l7_count_http(&hk, duration) ? L7_COUNTED : 0;
+        if (t && counted) {
+            l7_count(2);
+            return; /* counted, and no span wanted */
+        }
+    }
+    /* An event: a span, or a request user space counts (not HTTP, or the HTTP map is full). */
     struct l7_event *e = l7_event_scratch.lookup(&zero);
     if (!e)
         return;
     u32 n = size < CA_L7_RESP ? size : CA_L7_RESP;
     if (bpf_probe_read_user(e->resp, n, (void *)ptr) < 0)
         return;
-    if (flags & CONN_DNS) {
-        if (n < 12 || !(e->resp[2] & 0x80))
-            return;
-        key.stream = ((u32)e->resp[0] << 8) | e->resp[1];
-    }
-    struct l7_request *r = l7_pending.lookup(&key);
-    if (!r)
-        return;
-    e->start_ns = r->start_ns;
-    e->duration_ns = bpf_ktime_get_ns() - r->start_ns;
+    e->start_ns = start;
+    e->duration_ns = duration;
     e->conn_start = c->start_ns;
     e->tgid = ckey->tgid;
     e->fd = ckey->fd;
-    e->protocol = r->protocol;
-    e->flags = r->flags | tls;
-    e->req_size = r->size;
+    e->protocol = proto;
+    e->flags = rflags | tls | counted;
+    e->req_size = rsize;
     e->resp_len = n;
     e->payload_max = CA_L7_PAYLOAD;
-    u32 rn = r->len;
-    if (rn > CA_L7_PAYLOAD)
-        rn = CA_L7_PAYLOAD;
+    rn = l7_clamp(rn, CA_L7_PAYLOAD);
     e->req_len = rn;
-    bpf_probe_read_kernel(e->req, rn, r->payload);
-    l7_pending.delete(&key);
+    if (r)
+        bpf_probe_read_kernel(e->req, rn, r->payload);
+    if (!t)
+        l7_pending.delete(&key);
     l7_count(2);
     l7_submit(ctx, e, sizeof(*e) - CA_L7_PAYLOAD + rn);
 }

@@ -49,6 +49,9 @@ struct conn {
     u64 bytes_received;
     u32 retransmits;
     u32 flags;
+    u64 http_start_ns; /* bpf/l7.c: an HTTP request without a span waits here, not in a map */
+    u32 http_flags;
+    u32 _pad;
 };
 
 struct connecting {
@@ -326,7 +329,11 @@ struct io_call {
     u32 kind;
 };
 
-BPF_TABLE("lru_hash", u64, struct io_call, io_calls, 16384); /* pid_tgid -> read/write in progress */
+/* pid_tgid -> read/write in progress. A plain hash, not LRU: the LRU's common list lock, taken
+ * on every update, cost ~20% of a loopback HTTP server's throughput (bench/l7.py; per-CPU LRU
+ * lists cost a third more in-kernel time than this). An entry lives from a syscall's entry to
+ * its exit, which the kernel reports even for a killed task; a thread has at most one. */
+BPF_HASH(io_calls, u64, struct io_call, 16384);
 
 #ifdef CA_L7
 static __always_inline void l7_on_io(void *ctx, struct conn_key *key, struct conn *c, u64 buf, u32 kind,

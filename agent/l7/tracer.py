@@ -7,7 +7,13 @@ an event whose connection is not known yet (its connect event is still in the ot
 or conntrack has not resolved it) waits for the next housekeeping tick, once. Metrics are never
 sampled; spans are produced for outbound requests only (the client's view, as Coroot does),
 when tracing is on, the container has not opted out (COROOT_EBPF_TRACES), the sample is drawn
-and the HTTP path is not excluded. Decodes and aggregates; the sink ships.
+and the HTTP path is not excluded.
+
+HTTP is counted in the kernel (`l7_http`: inbound per process, outbound per connection, by
+status class with a histogram), read at scrape time; a connection's counts are folded into its
+destination's totals once it is closed, a process's inbound counts when it exits. The kernel
+sends an HTTP event only for a span (outbound, sampled there), or to be counted here when its
+map is full (the event then lacks F_COUNTED). Decodes and aggregates; the sink ships.
 """
 
 from __future__ import annotations
@@ -36,12 +42,14 @@ log = logging.getLogger(__name__)
 L7_HEADER = struct.Struct("<QQQIIIIIIII")
 RESP_MAX = 512
 HTTP, POSTGRES, REDIS, DNS = 1, 2, 3, 4
-F_OUTBOUND, F_INBOUND, F_TLS = 1, 2, 4
+F_OUTBOUND, F_INBOUND, F_TLS, F_COUNTED = 1, 2, 4, 8
+HTTP_STATUS = ("unknown", "1xx", "2xx", "3xx", "4xx", "5xx")  # the kernel's status index
 PROTOCOLS = {HTTP: "http", POSTGRES: "postgres", REDIS: "redis", DNS: "dns"}
 # Outbound metric stem per protocol; inbound puts `_inbound_` after the protocol.
 STEMS = {HTTP: ("http", "requests"), POSTGRES: ("postgres", "queries"), REDIS: ("redis", "queries")}
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # Coroot's L7 buckets
 MAX_DEFERRED = 10_000
+RESOLVE_EVERY = 0.05  # seconds: at most this often a request resolves its connection's NAT at once
 MAX_PG_CONNS = 4096
 MAX_FQDNS = 10_000
 OTHER_DOMAIN = "other"  # DNS requests for domains beyond a container's cap are counted here
@@ -82,6 +90,12 @@ class Hist:
         i = bisect.bisect_left(BUCKETS, seconds)
         if i < len(BUCKETS):
             self.buckets[i] += 1
+
+    def add(self, count: int, sum_seconds: float, buckets: list[int]) -> None:
+        self.count += count
+        self.sum += sum_seconds
+        for i, n in enumerate(buckets):
+            self.buckets[i] += n
 
     def cumulative(self) -> list[tuple[str, float]]:
         out, acc = [], 0
@@ -126,12 +140,22 @@ class L7Tracer:
         self.fqdn: OrderedDict[str, str] = OrderedDict()  # ip -> name, from DNS answers
         self._pg: OrderedDict[tuple[int, int, int], postgres.Connection] = OrderedDict()
         self._deferred: list[tuple[bytes, int]] = []
+        self._http_table: object | None = None  # the kernel's l7_http map
+        self._last_resolve = 0.0
         self._clock_offset = time.time_ns() - time.monotonic_ns()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
         self.events = 0
         self.requests = 0
         self.spans_written = 0
         self.unattributed = 0
         self.deferred_dropped = 0
+
+    def attach(self, http_table: object) -> None:
+        self._http_table = http_table
+
+    @staticmethod
+    def kernel_sampling(enabled: bool, sampling: float) -> int:
+        """CA_L7_SAMPLE: HTTP requests whose random draw is below it become span events."""
+        return int(sampling * 2**32) if enabled else 0
 
     # --------------------------------------------------------------- events --
 
@@ -151,6 +175,11 @@ class L7Tracer:
         conn: Conn | None = None
         if outbound:  # the container that made the connection, even if the process is gone
             conn = self.tcp.connection(pid, fd, conn_start)
+            if conn is not None and conn.actual is None:
+                now = time.monotonic()
+                if now - self._last_resolve >= RESOLVE_EVERY:  # its conntrack read now, not in a second
+                    self._last_resolve = now
+                    self.tcp.resolve_pending()
             if conn is None or conn.actual is None:
                 if retry == 0:
                     self._defer(raw)
@@ -171,18 +200,21 @@ class L7Tracer:
         requests = self._parse(proto, pid, fd, conn_start, req, resp, seconds, outbound)
         if not requests:
             return
-        self.requests += len(requests)
-        if not outbound:
+        counted = bool(flags & F_COUNTED)  # HTTP counted in the kernel: this event is for a span
+        if not counted:
+            self.requests += len(requests)
+            if not outbound:
+                for r in requests:
+                    self._in[(c.id, proto, r.status)].observe(r.duration)
+                return
+            assert conn is not None
+            actual = conn.actual or conn.destination
             for r in requests:
-                self._in[(c.id, proto, r.status)].observe(r.duration)
-            return
-        assert conn is not None
-        actual = conn.actual or conn.destination
-        for r in requests:
-            self._out[(c.id, proto, conn.destination, actual, r.status)].observe(r.duration)
-        if self.spans and "traces" not in c.opt_out:
+                self._out[(c.id, proto, conn.destination, actual, r.status)].observe(r.duration)
+        if outbound and self.spans and "traces" not in c.opt_out:
+            assert conn is not None
             for r in requests:
-                self._span(c.id, c.app_id, conn, r, start, bool(flags & F_TLS))
+                self._span(c.id, c.app_id, conn, r, start, bool(flags & F_TLS), sampled=counted)
 
     def _defer(self, raw: bytes) -> None:
         if len(self._deferred) >= MAX_DEFERRED:
@@ -257,10 +289,11 @@ class L7Tracer:
 
     # ---------------------------------------------------------------- spans --
 
-    def _span(self, cid: str, app: str, conn: Conn, r: Request, start_mono: int, tls: bool) -> None:
+    def _span(self, cid: str, app: str, conn: Conn, r: Request, start_mono: int, tls: bool,
+              sampled: bool = False) -> None:
         if r.protocol == HTTP and r.path.partition("?")[0] in self.exclude_paths:
             return
-        if self.sampling < 1.0 and random.random() >= self.sampling:
+        if not sampled and self.sampling < 1.0 and random.random() >= self.sampling:
             return
         actual = conn.actual or conn.destination
         actual_ip = actual.rpartition(":")[0].strip("[]")
@@ -301,6 +334,66 @@ class L7Tracer:
 
     # -------------------------------------------------------------- metrics --
 
+    def _http_live(self) -> list[tuple[object, str, Hist]]:
+        """(kernel key, status, counts) of every entry of the kernel's HTTP map."""
+        t = self._http_table
+        if t is None:
+            return []
+        out = []
+        for k, v in t.items():  # type: ignore[attr-defined]
+            h = Hist()
+            h.add(int(v.count), v.sum_ns / 1e9, [int(b) for b in v.buckets])
+            out.append((k, HTTP_STATUS[k.status] if k.status < len(HTTP_STATUS) else "unknown", h))
+        return out
+
+    def _delete_live(self, key: object) -> None:
+        try:
+            del self._http_table[key]  # type: ignore[attr-defined,index]
+        except KeyError:
+            pass
+
+    def fold_closed(self) -> None:
+        """Outbound HTTP counts of closed connections move to their destination's totals and
+        leave the kernel map (housekeeping)."""
+        if self._http_table is None:
+            return
+        with self._lock:
+            for k, status, h in self._http_live():
+                if not k.outbound:  # type: ignore[attr-defined]
+                    continue
+                pid, fd, start = int(k.tgid), int(k.fd), int(k.conn_start)  # type: ignore[attr-defined]
+                if self.tcp.is_open(pid, fd, start):
+                    continue
+                conn = self.tcp.connection(pid, fd, start)
+                if conn is not None and conn.actual is None:
+                    continue  # closed before its NAT lookup: the next tick
+                if conn is None:
+                    self.unattributed += h.count
+                else:
+                    key = (conn.container_id, HTTP, conn.destination, conn.actual or conn.destination, status)
+                    self._out[key].add(h.count, h.sum, h.buckets)
+                self._delete_live(k)
+
+    def on_process(self, what: str, proc: object) -> None:
+        """Registry listener: an exited process's inbound HTTP counts move to its container's
+        totals, and its kernel entries are freed."""
+        t = self._http_table
+        if what != "removed" or t is None:
+            return
+        pid = proc.pid  # type: ignore[attr-defined]
+        cid = getattr(proc, "container_id", None)
+        with self._lock:
+            for st in range(len(HTTP_STATUS)):
+                key = t.Key(pid, 0, 0, st, 0)  # type: ignore[attr-defined]
+                try:
+                    v = t[key]  # type: ignore[index]
+                except KeyError:
+                    continue
+                if cid is not None:
+                    self._in[(cid, HTTP, HTTP_STATUS[st])].add(int(v.count), v.sum_ns / 1e9,
+                                                                [int(b) for b in v.buckets])
+                self._delete_live(key)
+
     def forget_containers(self, gone: list[str]) -> None:
         if not gone:
             return
@@ -314,9 +407,26 @@ class L7Tracer:
                 self._dns_hist.pop(cid, None)
 
     def collect(self, f: Families) -> None:
+        self.tcp.resolve_pending()
         with self._lock:
             apps = {c.id: c.app_id for c in self.registry.containers()}
-            for (cid, proto, dst, actual, status), h in self._out.items():
+            outbound: dict[tuple[str, int, str, str, str], Hist] = defaultdict(Hist)
+            inbound: dict[tuple[str, int, str], Hist] = defaultdict(Hist)
+            for key, h in self._out.items():
+                outbound[key].add(h.count, h.sum, h.buckets)
+            for key, h in self._in.items():
+                inbound[key].add(h.count, h.sum, h.buckets)
+            for k, status, h in self._http_live():
+                if k.outbound:  # type: ignore[attr-defined]
+                    conn = self.tcp.connection(int(k.tgid), int(k.fd), int(k.conn_start))  # type: ignore[attr-defined]
+                    if conn is not None and conn.actual is not None:
+                        outbound[(conn.container_id, HTTP, conn.destination, conn.actual, status)].add(
+                            h.count, h.sum, h.buckets)
+                else:
+                    c = self.registry.container_of_recent(int(k.tgid))  # type: ignore[attr-defined]
+                    if c is not None:
+                        inbound[(c.id, HTTP, status)].add(h.count, h.sum, h.buckets)
+            for (cid, proto, dst, actual, status), h in outbound.items():
                 if cid not in apps:
                     continue
                 p, unit = STEMS[proto]
@@ -326,7 +436,7 @@ class L7Tracer:
                 lbl.pop("status")
                 f.histogram(f"container_{p}_{unit}_duration_seconds_total",
                             f"outbound {PROTOCOLS[proto]} {unit} by duration", h, status=status, **lbl)
-            for (cid, proto, status), h in self._in.items():
+            for (cid, proto, status), h in inbound.items():
                 if cid not in apps:
                     continue
                 p, unit = STEMS[proto]

@@ -193,6 +193,11 @@ class TcpTracker:
             self._recently_closed.popitem(last=False)
         return key
 
+    def is_open(self, pid: int, fd: int, start_ns: int) -> bool:
+        with self._lock:
+            conn = self._conns.get((pid, fd))
+            return conn is not None and conn.start_ns == start_ns
+
     def connection(self, pid: int, fd: int, start_ns: int) -> Conn | None:
         """The outbound connection (pid, fd) that started at start_ns: open, or recently closed."""
         with self._lock:

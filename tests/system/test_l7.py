@@ -153,6 +153,11 @@ def test_nginx_requests_by_status_on_both_sides_and_one_span_each(
     measured = sum(client.result["durations"])
     assert 0 < kernel <= measured
     assert (measured - kernel) / 150 < 0.001, (kernel, measured)
+    # Inbound HTTP is counted in the kernel per process: the counts outlive nginx's workers.
+    server.stop()
+    wait_for(lambda: not any(p["comm"] == "nginx" for p in agent.processes()
+                             if p["container_id"] == server_cid), 10)
+    assert by_status(agent, "container_http_inbound_requests_total", container_id=server_cid) == want
 
 
 def test_excluded_path_and_opted_out_container_have_metrics_but_no_spans(

@@ -1,0 +1,96 @@
+"""HTTP load on a traced server: wrk against nginx on loopback (both in test cgroups), first
+without the agent, then with it (sampling 1.0, every request a span, unless --sampling). Prints the throughput
+ratio (target >= 0.97), the p99 latency ratio (target <= 1.05), agent CPU µs per request
+(target <= 10), in-kernel ns per request from kernel.bpf_stats_enabled (target <= 1,000), and
+events lost (target 0). Asserts nothing: this machine is noisy; run it twice.
+
+Run as root: `python bench/l7.py [--seconds 10] [--connections 20] [--sampling 1.0]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.system.helpers import AgentProcess, TestCgroups, bpf_programs  # noqa: E402
+from tests.system.servers import Nginx  # noqa: E402
+
+UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def wrk(cg: TestCgroups, cid: str, url: str, seconds: float, connections: int) -> tuple[float, float, int]:
+    """(requests/s, p99 seconds, requests) of one wrk run in the client cgroup."""
+    p = cg.spawn(cid, ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", url],
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = p.communicate()[0].decode()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    m = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return rps, float(m.group(1)) * UNITS[m.group(2)], total  # type: ignore[union-attr]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--connections", type=int, default=20)
+    ap.add_argument("--sampling", default="1.0", help="--traces-sampling of the agent (the targets are for 1.0)")
+    ap.add_argument("--agent-args", default="", help="more agent flags, e.g. --disable-l7-tracing for a baseline "
+                                                     "of the TCP probes alone")
+    args = ap.parse_args()
+    cg = TestCgroups()
+    nginx = Nginx()
+    agent: AgentProcess | None = None
+    try:
+        nginx.start(cg, cg.create("bench-nginx"))
+        url = f"http://127.0.0.1:{nginx.port}/bench"
+        cid = cg.create("bench-wrk")
+        wrk(cg, cid, url, 2, args.connections)  # warm-up
+        base_rps, base_p99, _ = wrk(cg, cid, url, args.seconds, args.connections)
+
+        subprocess.run(["sysctl", "-qw", "kernel.bpf_stats_enabled=1"], check=True)
+        agent = AgentProcess(["--min-container-age", "0s", "--traces-sampling", args.sampling, *args.agent_args.split()])
+        agent.start()
+        time.sleep(2)
+        proc = psutil.Process(agent.proc.pid)  # type: ignore[union-attr]
+        cpu0 = sum(proc.cpu_times()[:2])
+        progs0 = bpf_programs(proc.pid)
+        rps, p99, total = wrk(cg, cid, url, args.seconds, args.connections)
+        time.sleep(3)  # the agent drains what is queued
+        cpu = sum(proc.cpu_times()[:2]) - cpu0
+        progs1 = bpf_programs(proc.pid)
+        ns = sum(v.get("run_time_ns", 0) - progs0.get(k, {}).get("run_time_ns", 0) for k, v in progs1.items())
+        metrics = agent.metrics()
+        counted = sum(v for n, lb, v in metrics if n == "container_http_requests_total" and lb.get("container_id") == cid)
+        spans = sum(v for n, _, v in metrics if n == "coroot_agent_l7_spans_total")
+        lost = sum(v for n, lb, v in metrics if n == "coroot_agent_lost_events_total")
+        print(f"without the agent: {base_rps:,.0f} requests/s, p99 {base_p99 * 1e3:.2f} ms")
+        print(f"with the agent:    {rps:,.0f} requests/s, p99 {p99 * 1e3:.2f} ms; {total:,} requests, "
+              f"{counted:,.0f} counted, {spans:,.0f} spans")
+        print(f"throughput ratio: {rps / base_rps:.3f} (target >= 0.97)")
+        print(f"p99 latency ratio: {p99 / base_p99:.3f} (target <= 1.05)")
+        print(f"agent CPU: {cpu * 1e6 / total:.1f} µs per request (target <= 10); {cpu / args.seconds * 100:.0f}% of one core")
+        print(f"in-kernel: {ns / total:.0f} ns per request (target <= 1,000), all programs of the agent")
+        print(f"events lost: {lost:.0f} (target 0)")
+        per_prog = {lb["program"]: v for n, lb, v in metrics if n == "coroot_agent_bpf_program_run_seconds_total"}
+        print("in-kernel by program (ns per request, since the agent started):")
+        for prog, sec in sorted(per_prog.items(), key=lambda kv: -kv[1])[:8]:
+            print(f"  {prog:48s} {sec * 1e9 / total:8.0f}")
+    finally:
+        if agent is not None:
+            agent.stop()
+            shutil.rmtree(agent.storage, ignore_errors=True)
+        nginx.stop()
+        cg.cleanup()
+        subprocess.run(["sysctl", "-qw", "kernel.bpf_stats_enabled=0"], check=False)
+
+
+if __name__ == "__main__":
+    main()
