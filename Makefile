@@ -34,5 +34,6 @@ bench: setup-test
 	$(VENV)/bin/python bench/store.py
 	$(VENV)/bin/python bench/remote_write.py
 	$(VENV)/bin/python bench/tcp.py
+	$(VENV)/bin/python bench/l7.py
 	$(VENV)/bin/python bench/profiler.py
 	$(VENV)/bin/python bench/logs.py

@@ -110,6 +110,8 @@ def run_checks(cfg: Config, probe: bool = True) -> list[Row]:
         try:
             loaded = loader.load([name], {}, hdr)
             detail = f"{fam.purpose}: {len(loaded.tracepoints)} tracepoints, compiled in {loaded.compile_seconds:.1f}s"
+            if fam.requires:
+                detail += f" (with {', '.join(fam.requires)})"
             loaded.close()
             rows.append(Row(f"probes: {name}", OK, detail))
         except loader.LoadError as e:

@@ -37,16 +37,17 @@ class Family:
     perf_functions: tuple[str, ...] = ()  # attached to a cpu-clock perf event on every CPU
     uprobe_functions: tuple[str, ...] = ()  # loaded at start, attached later by their owner
     defines: tuple[str, ...] = ()  # set when the family is compiled in (other files test them)
+    requires: tuple[str, ...] = ()  # families compiled in with it (their maps and hooks are used)
 
 
 FAMILIES: dict[str, Family] = {
     "proc": Family("proc", "proc.c", ("proc_events",), "process lifecycle and OOM kills (tracepoints)"),
     "tcp": Family("tcp", "tcp.c", ("tcp_events",), "TCP connects, listens, closes, retransmits, bytes (tracepoints)"),
     "l7": Family("l7", "l7.c", ("l7_events",), "HTTP, Postgres, Redis and DNS requests paired with responses; "
-                 "OpenSSL plaintext (tracepoints, uprobes); needs tcp",
+                 "OpenSSL plaintext (tracepoints, uprobes)",
                  uprobe_functions=tuple(f"ssl_{op}{ex}_{end}" for op in ("write", "read") for ex in ("", "_ex")
                                         for end in ("enter", "exit")),
-                 defines=("CA_L7",)),
+                 defines=("CA_L7",), requires=("tcp",)),
     "logs": Family("logs", "logs.c", ("log_events",), "log files opened for writing under /var/log (tracepoint)"),
     "profiler": Family("profiler", "profiler.c", (), "CPU stacks sampled by a cpu-clock perf event",
                        perf_functions=("on_cpu_sample",)),
@@ -84,10 +85,17 @@ def feature_defines(events_dir: str | None = None) -> dict[str, int]:
     return out
 
 
+def with_requirements(families: Iterable[str]) -> tuple[str, ...]:
+    """The families and those they require, in FAMILIES order."""
+    want = set(families)
+    for name in list(want):
+        want.update(FAMILIES[name].requires)
+    return tuple(n for n in FAMILIES if n in want)
+
+
 def program_text(families: Iterable[str], bpf_dir: Path = BPF_DIR) -> str:
     lines = []
-    wanted = set(families)
-    for name in [n for n in FAMILIES if n in wanted]:  # FAMILIES order: l7 follows tcp
+    for name in with_requirements(families):  # FAMILIES order: l7 follows tcp
         fam = FAMILIES[name]
         path = bpf_dir / fam.source
         text = path.read_text()
@@ -195,7 +203,7 @@ def load(
     """Compile and attach `families`; route each buffer's raw events to handlers[buffer]."""
     from bcc import BPF  # imported here: `check` and the unit tests must work without it
 
-    families = tuple(families)
+    families = with_requirements(families)
     if ringbuf is None:
         ringbuf = ringbuf_supported()
     for k, v in headers.env:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -160,6 +161,32 @@ def test_nginx_requests_by_status_on_both_sides_and_one_span_each(
     assert by_status(agent, "container_http_inbound_requests_total", container_id=server_cid) == want
 
 
+def test_a_libssl_copy_mapped_after_the_agent_started_gets_its_own_uprobes(
+        agent: AgentProcess, cgroups: TestCgroups, nginx: tuple[Nginx, str], tmp_path: Path) -> None:
+    server, _ = nginx
+    system = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
+    if not os.path.exists(system):
+        system = subprocess.run(["sh", "-c", "ldconfig -p | awk '/libssl.so.3 /{print $NF; exit}'"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+    shutil.copy(system, tmp_path / "libssl.so.3")  # another file (inode): not attached yet
+    before = agent.value("coroot_agent_tls_libraries")
+    cid = cgroups.create("tls-late")
+    client = run_client(cgroups, cid, "wait", "http", "127.0.0.1", str(server.tls_port), "--ca", server.ca, "/late:5",
+                        env={"LD_LIBRARY_PATH": str(tmp_path)})
+    assert client.result == {"ready": True}
+    maps = open(f"/proc/{client.proc.pid}/maps").read()
+    assert str(tmp_path / "libssl.so.3") in maps
+    wait_for(lambda: agent.value("coroot_agent_tls_libraries") == before + 1, 15)
+    assert client.proc.stdin is not None and client.proc.stdout is not None
+    client.proc.stdin.write("go\n")
+    client.proc.stdin.flush()
+    assert json.loads(client.proc.stdout.readline())["statuses"] == {"200": 5}
+    got = spans(agent, cid, 5)
+    client.finish()
+    assert [s["SpanAttributes"]["tls"] for s in got] == ["true"] * 5
+    assert {s["SpanAttributes"]["http.url"] for s in got} == {f"https://127.0.0.1:{server.tls_port}/late"}
+
+
 def test_excluded_path_and_opted_out_container_have_metrics_but_no_spans(
         agent: AgentProcess, cgroups: TestCgroups, nginx: tuple[Nginx, str]) -> None:
     server, _ = nginx
@@ -272,7 +299,7 @@ def test_dns_requests_by_type_domain_and_rcode_with_fqdn_cap(agent: AgentProcess
         hosts.cleanup()
 
 
-def test_disabled_l7_tracing_attaches_nothing_and_sampling_zero_keeps_metrics(cgroups: TestCgroups) -> None:
+def test_disabled_l7_tracing_attaches_nothing_and_no_spans_keeps_metrics(cgroups: TestCgroups) -> None:
     server_cid = cgroups.create("nginx-off")
     n = Nginx().start(cgroups, server_cid)
     try:
@@ -292,16 +319,17 @@ def test_disabled_l7_tracing_attaches_nothing_and_sampling_zero_keeps_metrics(cg
             off.stop()
             shutil.rmtree(off.storage, ignore_errors=True)
 
-        sampled = AgentProcess(["--min-container-age", "0s", "--traces-sampling", "0", "--store-batch-age", "1s"])
-        sampled.start()
-        try:
-            cid = cgroups.create("http-unsampled")
-            c = run_client(cgroups, cid, "http", "127.0.0.1", str(n.port), "/ok:25")
-            assert wait_counts(sampled, "container_http_requests_total", {"2xx": 25}, container_id=cid) == {"2xx": 25}
-            assert sampled.value("coroot_agent_l7_spans_total") == 0
-            c.finish()
-        finally:
-            sampled.stop()
-            shutil.rmtree(sampled.storage, ignore_errors=True)
+        for flags in (["--traces-sampling", "0"], ["--disable-traces"]):  # metrics either way, no spans
+            quiet = AgentProcess(["--min-container-age", "0s", *flags])
+            quiet.start()
+            try:
+                cid = cgroups.create("http-nospans")
+                c = run_client(cgroups, cid, "http", "127.0.0.1", str(n.port), "/ok:25")
+                assert wait_counts(quiet, "container_http_requests_total", {"2xx": 25}, container_id=cid) == {"2xx": 25}
+                assert quiet.value("coroot_agent_l7_spans_total") == 0, flags
+                c.finish()
+            finally:
+                quiet.stop()
+                shutil.rmtree(quiet.storage, ignore_errors=True)
     finally:
         n.stop()

@@ -111,3 +111,30 @@ def test_no_parser_raises_on_truncated_real_messages(cut: int) -> None:
         redis.parse_commands(part)
         redis.parse_replies(part)
         dns.parse(part)
+
+
+def test_masks_can_be_switched_off_per_kind() -> None:
+    assert http.parse_requests(b"GET /a?k=v HTTP/1.1\r\n\r\n", mask=False)[0].path == "/a?k=v"
+    q = pg(b"Q", b"SELECT 'x', 1\0")
+    assert postgres.parse_queries(q, mask=False) == [postgres.Query("SELECT 'x', 1", "simple")]
+    assert redis.parse_commands(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n", mask=False)[0].statement == "SET k v"
+
+
+def test_postgres_status_from_the_first_reply_bytes() -> None:
+    from agent.l7.tracer import pg_status
+
+    assert pg_status(pg(b"1", b"") + pg(b"2", b"") + pg(b"T", b"\0\0")) == ("ok", "")
+    assert pg_status(pg(b"1", b"") + pg(b"E", b"SERROR\0C22012\0Mdivision by zero\0\0")) == ("failed", "22012")
+    assert pg_status(b"\x16\x03\x01garbage") == ("unknown", "")
+
+
+def test_histogram_is_cumulative_and_kernel_sampling_threshold() -> None:
+    from agent.l7.tracer import Hist, L7Tracer
+
+    h = Hist()
+    for s in (0.001, 0.004, 0.02, 3.0, 60.0):
+        h.observe(s)
+    cum = dict(h.cumulative())
+    assert cum["0.005"] == 2 and cum["0.025"] == 3 and cum["5.0"] == 4 and cum["+Inf"] == 5
+    assert L7Tracer.kernel_sampling(True, 1.0) == 2**32 and L7Tracer.kernel_sampling(True, 0.25) == 2**30
+    assert L7Tracer.kernel_sampling(False, 1.0) == 0

@@ -3,6 +3,8 @@
 exiting, so the agent sees the process alive while it handles the events.
 
     http HOST PORT [--ca CA] PATH:COUNT ...     one keep-alive connection (TLS with --ca)
+    wait CMD ARGS...                            import ssl, print {"ready": true}, wait for a line
+                                                on stdin, then run CMD
     pg DSN                                      the Postgres script of the tests
     redis HOST PORT PASSWORD                    the Redis script of the tests
     dns NAME ...                                getaddrinfo (glibc's resolver) per name
@@ -98,6 +100,12 @@ def dns(args: list[str]) -> dict:
 
 def main() -> None:
     cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "wait":  # libssl is mapped now; the caller waits for the agent to find it
+        import ssl  # noqa: F401
+
+        print(json.dumps({"ready": True}), flush=True)
+        sys.stdin.readline()
+        cmd, args = args[0], args[1:]
     result = {"http": http, "pg": pg, "redis": redis_, "dns": dns}[cmd](args)
     print(json.dumps(result), flush=True)
     sys.stdin.readline()
