@@ -10,6 +10,7 @@ import os
 import socket
 from dataclasses import dataclass
 
+from agent import caps as caps_mod
 from agent.config import Config
 from agent.containers.cgroup import detect_layout
 from agent.ebpf import headers as headers_mod
@@ -19,32 +20,12 @@ log = logging.getLogger(__name__)
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
-# Capability numbers (linux/capability.h).
-CAPS = {
-    "CAP_DAC_READ_SEARCH": 2,
-    "CAP_SYS_PTRACE": 19,
-    "CAP_SYS_ADMIN": 21,
-    "CAP_SYS_RESOURCE": 24,
-    "CAP_PERFMON": 38,
-    "CAP_BPF": 39,
-}
-
-
 @dataclass(frozen=True)
 class Row:
     name: str
     status: str
     detail: str
     fix: str = ""
-
-
-def effective_caps(status_path: str = "/proc/self/status") -> set[str]:
-    mask = 0
-    with open(status_path) as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                mask = int(line.split()[1], 16)
-    return {name for name, bit in CAPS.items() if mask & (1 << bit)}
 
 
 def run_checks(cfg: Config, probe: bool = True) -> list[Row]:
@@ -77,10 +58,15 @@ def run_checks(cfg: Config, probe: bool = True) -> list[Row]:
         rows.append(Row("kernel headers", FAIL, hdr.detail,
                         "apt-get install linux-headers-$(dpkg --print-architecture), or mount the host's /lib/modules and /usr/src"))
 
-    caps = effective_caps()
-    bpf_ok = "CAP_SYS_ADMIN" in caps or {"CAP_BPF", "CAP_PERFMON"} <= caps
-    rows.append(Row("capabilities", OK if bpf_ok else FAIL, ", ".join(sorted(caps)) or "none",
+    caps = caps_mod.held()
+    bpf_ok = caps_mod.LEGACY_BPF in caps or {"CAP_BPF", "CAP_PERFMON"} <= caps
+    shown = "all" if caps >= set(caps_mod.NUMBERS) else ", ".join(sorted(caps)) or "none"
+    rows.append(Row("capabilities", OK if bpf_ok else FAIL, f"held: {shown}",
                     "" if bpf_ok else "run as root, or grant CAP_BPF and CAP_PERFMON (kernel 5.8+) or CAP_SYS_ADMIN"))
+    for cap, lost in caps_mod.lost_features(caps):
+        if cap in ("CAP_BPF", "CAP_PERFMON"):
+            continue  # the row above and the probe rows say it
+        rows.append(Row(f"  {cap}", WARN, f"missing: {lost}", f"grant {cap} (see deploy/kubernetes/)"))
 
     layout = detect_layout(cfg.cgroupfs_root)
     rows.append(Row("cgroups", OK, f"{layout.mode} at {layout.root}"))
@@ -103,6 +89,11 @@ def run_checks(cfg: Config, probe: bool = True) -> list[Row]:
 
     ready = have_bcc and hdr.found and mounts.ok and bpf_ok
     for name, fam in loader.FAMILIES.items():
+        can, missing = caps_mod.can_load(caps, name)
+        if not can:
+            rows.append(Row(f"probes: {name}", FAIL, f"cannot load without {', '.join(missing)}",
+                            f"grant {', '.join(missing)} (kernel 5.8+), or CAP_SYS_ADMIN on older kernels"))
+            continue
         if not probe or not ready:
             rows.append(Row(f"probes: {name}", FAIL if probe else WARN, "not tried: fix the rows above first"
                             if probe else "not tried (--no-probe)"))
@@ -112,12 +103,43 @@ def run_checks(cfg: Config, probe: bool = True) -> list[Row]:
             detail = f"{fam.purpose}: {len(loaded.tracepoints)} tracepoints, compiled in {loaded.compile_seconds:.1f}s"
             if fam.requires:
                 detail += f" (with {', '.join(fam.requires)})"
+            status, fix = OK, ""
+            if name == "l7":
+                uprobes, ok = _uprobe_check(loaded)
+                detail += f"; {uprobes}"
+                if not ok:
+                    status, fix = WARN, ("TLS needs uprobes: CAP_SYS_ADMIN, or a writable /sys/kernel/debug/tracing "
+                                         "(BCC defines them in uprobe_events then)")
             loaded.close()
-            rows.append(Row(f"probes: {name}", OK, detail))
+            rows.append(Row(f"probes: {name}", status, detail, fix))
         except loader.LoadError as e:
             rows.append(Row(f"probes: {name}", FAIL, str(e).splitlines()[0][:300],
                             "see the BCC error above; `coroot-agent run --log-level debug` shows all of it"))
     return rows
+
+
+def _uprobe_check(loaded: loader.Loaded) -> tuple[str, bool]:
+    """Attach the OpenSSL uprobes to the system's libssl, mapped into this process for the test."""
+    import ctypes
+    import ctypes.util
+    import tempfile
+
+    from agent.l7.tls import TlsAttacher
+
+    lib = ctypes.util.find_library("ssl")
+    if not lib:
+        return "no libssl on this system to try uprobes on", True
+    try:
+        ctypes.CDLL(lib)
+    except OSError as e:
+        return f"cannot load {lib}: {e}", True
+    with tempfile.TemporaryDirectory() as links:
+        tls = TlsAttacher(loaded.bpf, link_dir=links)
+        tls.scan_pid(os.getpid())
+        probes = sum(found.probes for found in tls.libraries.values())
+    if probes:
+        return f"{probes} OpenSSL uprobes attach to {lib}", True
+    return f"OpenSSL uprobes do not attach to {lib}", False
 
 
 def _listen_row(cfg: Config) -> Row:

@@ -88,6 +88,7 @@ class Config:
     api_key: str = _opt("", "str", "project API key: sent as X-Api-Key and required by /api/* from non-loopback clients", flag="--api-key", yaml="api_key", secret=True)
     log_level: str = _opt("info", "str", "log level: debug, info, warning, error", flag="--log-level", yaml="log_level", check=_log_level)
     cgroupfs_root: str = _opt("/sys/fs/cgroup", "str", "where the cgroup filesystem is mounted", flag="--cgroupfs-root", yaml="cgroupfs_root")
+    drop_capabilities: bool = _opt(True, "bool", "after attaching the probes, drop every capability not needed any more and set no_new_privs", flag="--keep-capabilities", yaml="drop_capabilities", invert=True)
     procfs_root: str = _opt("/proc", "str", "where the host's procfs is mounted", flag="--procfs-root", yaml="procfs_root")
     # --- what is collected ---
     tracer_enabled: bool = _opt(True, "bool", "produce spans for traced requests (metrics are counted either way)", flag="--disable-traces", yaml="nodeAgent.ebpfTracer.enabled", invert=True)

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
-from agent import __version__, units
+from agent import __version__, caps, units
 from agent.api.server import ApiServer, Response
 from agent.config import Config
 from agent.containers.registry import Registry
@@ -110,6 +110,7 @@ class Agent:
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self.started_at = 0.0
+        self.capabilities_lost: list[str] = []
 
     def families(self) -> list[str]:
         fams = ["proc", "tcp"]
@@ -137,7 +138,8 @@ class Agent:
         except OSError as e:
             raise RuntimeError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --listen") from None
         self.api.route("/api/processes", self._api_processes)
-        self._open_store()
+        self._check_capabilities()
+        self._prepare_store()
         n = self.registry.scan()
         log.info("registry: %d processes, %d containers", n, len(self.registry.containers()))
         log.info("compiling BPF programs (%s); this takes a few seconds", ", ".join(self.families()))
@@ -170,9 +172,6 @@ class Agent:
                                      self.cfg.profiling_interval)
             self.registry.subscribe(self.profiler.on_process)
             self.profiler.attach(self.bpf.bpf)
-            self.profiler.start()
-        if self.logs is not None:
-            self.logs.start()
         n = seed_tcp(self.tcp, self.registry.pids())
         log.info("TCP: %d connections open before the agent started are tracked", n)
         if self.l7 is not None:
@@ -182,6 +181,14 @@ class Agent:
             self.tls.scan(self.registry.pids())
             self.registry.subscribe(self.tls.on_process)
             log.info("TLS: OpenSSL uprobes on %d libraries", len(self.tls.libraries))
+        # Probes attached: give up what is not needed any more, before any thread of ours (or
+        # of the store engine) starts, so that every thread runs with the smaller set.
+        self._drop_capabilities()
+        self._open_store()
+        if self.profiler is not None:
+            self.profiler.start()
+        if self.logs is not None:
+            self.logs.start()
 
         for c in (NodeCollector(const, self.cfg.procfs_root), CgroupCollector(self.registry, const),
                   TcpCollector(self.tcp, const), SelfCollector(self, const)):
@@ -199,7 +206,32 @@ class Agent:
         self.started_at = time.monotonic()
         log.info("ready in %.1fs: serving /metrics on http://%s:%d", self.started_at - t0, host, self.api.port)
 
-    def _open_store(self) -> None:
+    def _check_capabilities(self) -> None:
+        have = caps.held()
+        lost = caps.lost_features(have)
+        fatal = [cap for cap, _ in lost if cap in ("CAP_BPF", "CAP_PERFMON")]
+        if fatal:
+            raise RuntimeError(f"missing {', '.join(fatal)}: no probe can load; grant {', '.join(fatal)} "
+                               f"(kernel 5.8+) or {caps.LEGACY_BPF}, and run `coroot-agent check`")
+        for cap, what in lost:
+            log.warning("without %s: %s", cap, what)
+        self.capabilities_lost = [cap for cap, _ in lost]
+
+    def _drop_capabilities(self) -> None:
+        if not self.cfg.drop_capabilities:
+            log.info("capabilities kept (--keep-capabilities)")
+            return
+        try:
+            dropped = caps.drop_to(caps.keep_after_start())
+        except OSError as e:
+            log.warning("could not drop capabilities: %s", e)
+            return
+        log.info("capabilities: kept %s; dropped %d others; no_new_privs set",
+                 ", ".join(sorted(caps.held())) or "none", len(dropped))
+
+    def _prepare_store(self) -> None:
+        """The store's objects and lock, without opening it: the engine starts threads, which
+        must start after the capabilities are dropped."""
         cfg = self.cfg
         store = Store(cfg)  # a bad address fails here, with the fix in the message
         if store.embedded:
@@ -214,6 +246,16 @@ class Agent:
                                        f"(pid {holder.get('pid', '?')}); use another --storage-path")
                 time.sleep(0.2)
             self._lock = lock
+        self.store = store
+        spool = Spool(os.path.join(cfg.wal_dir, "clickhouse"), cfg.store_spool_size)
+        self.sink = Sink(store, spool, max_rows=cfg.store_batch_rows, max_age=cfg.store_batch_age)
+        assert self.api is not None
+        self.api.route("/api/query", api_handler(store))
+
+    def _open_store(self) -> None:
+        store, sink = self.store, self.sink
+        assert store is not None and sink is not None
+        if store.embedded:
             log.info("opening %s", store.describe())
             store.open()
             store.migrate()
@@ -224,12 +266,7 @@ class Agent:
                 store.migrate()
             except StoreError as e:
                 log.error("%s; spooling to disk and retrying", e)
-        self.store = store
-        spool = Spool(os.path.join(cfg.wal_dir, "clickhouse"), cfg.store_spool_size)
-        self.sink = Sink(store, spool, max_rows=cfg.store_batch_rows, max_age=cfg.store_batch_age)
-        self.sink.start()
-        assert self.api is not None
-        self.api.route("/api/query", api_handler(store))
+        sink.start()
 
     def _start_metrics_shipping(self, const: dict[str, str]) -> None:
         cfg = self.cfg

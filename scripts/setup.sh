@@ -20,7 +20,8 @@ fi
 pkgs=(python3-bpfcc python3-venv python3-pip)
 if [ "$WANT_TEST" = 1 ]; then
     pkgs+=(gcc iproute2 procps curl openssl prometheus nftables ethtool
-           nginx-light postgresql redis-server dnsmasq-base wrk python3-psycopg python3-redis)
+           nginx-light postgresql redis-server dnsmasq-base wrk python3-psycopg python3-redis
+           debootstrap)
 fi
 missing=()
 for p in "${pkgs[@]}"; do

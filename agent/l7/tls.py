@@ -6,6 +6,11 @@ A uprobe on a file applies to every process that maps it, so one attach covers a
 the host's libssl; a container's own copy is another file, found through /proc/PID/root. New
 processes are looked at twice (1 s and 5 s after their exec), because the dynamic loader — or a
 program's own dlopen — maps libssl after the exec event.
+
+Each library is attached through a short symlink (`LINK_DIR/<dev>-<inode>`) to its path under
+/proc/PID/root: the kernel's uprobe perf PMU needs CAP_SYS_ADMIN, and without it BCC defines
+the probes in tracing/uprobe_events, whose event names (made from the path) must stay under 64
+characters. The kernel resolves the link once; the probe stays on the file's inode.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ log = logging.getLogger(__name__)
 SYMBOLS = (("SSL_write", "ssl_write"), ("SSL_read", "ssl_read"),
            ("SSL_write_ex", "ssl_write_ex"), ("SSL_read_ex", "ssl_read_ex"))
 RECHECK_AFTER = (1.0, 5.0)
+LINK_DIR = "/run/coroot-agent/tls"
 MAX_QUEUED = 4096
 
 
@@ -51,9 +57,10 @@ def ssl_libraries(procfs: str, pid: int) -> list[str]:
 
 
 class TlsAttacher:
-    def __init__(self, bpf: object, procfs: str = "/proc") -> None:
+    def __init__(self, bpf: object, procfs: str = "/proc", link_dir: str = LINK_DIR) -> None:
         self.bpf = bpf
         self.procfs = procfs
+        self.link_dir = link_dir
         self.libraries: dict[tuple[int, int], Library] = {}
         self.failed: set[tuple[int, int]] = set()
         self._queue: list[tuple[float, int]] = []
@@ -88,12 +95,25 @@ class TlsAttacher:
                 continue
             self._attach(key, host_path, path)
 
+    def _short_path(self, key: tuple[int, int], host_path: str) -> str:
+        link = os.path.join(self.link_dir, f"{key[0]}-{key[1]}")
+        try:
+            os.makedirs(self.link_dir, exist_ok=True)
+            if os.path.lexists(link):
+                os.unlink(link)
+            os.symlink(host_path, link)
+            return link
+        except OSError as e:
+            log.debug("TLS: no link in %s (%s): attaching by the full path", self.link_dir, e)
+            return host_path
+
     def _attach(self, key: tuple[int, int], host_path: str, path: str) -> None:
         lib = Library(path, 0)
+        target = self._short_path(key, host_path)
         for sym, prefix in SYMBOLS:
             try:
-                self.bpf.attach_uprobe(name=host_path, sym=sym, fn_name=f"{prefix}_enter")  # type: ignore[attr-defined]
-                self.bpf.attach_uretprobe(name=host_path, sym=sym, fn_name=f"{prefix}_exit")  # type: ignore[attr-defined]
+                self.bpf.attach_uprobe(name=target, sym=sym, fn_name=f"{prefix}_enter")  # type: ignore[attr-defined]
+                self.bpf.attach_uretprobe(name=target, sym=sym, fn_name=f"{prefix}_exit")  # type: ignore[attr-defined]
                 lib.probes += 2
             except Exception:  # noqa: BLE001 - OpenSSL 1.0 has no SSL_*_ex; a stripped copy has none
                 lib.missing.append(sym)
