@@ -20,14 +20,14 @@ check: setup
 
 # Unit and system tests together (system tests need root, the real kernel and BPF).
 test: setup-test
-	$(VENV)/bin/ruff check agent tests bench scripts
+	$(VENV)/bin/ruff check agent tests bench scripts deploy
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 unit: setup-test
 	$(VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: setup-test
-	$(VENV)/bin/ruff check agent tests bench scripts
+	$(VENV)/bin/ruff check agent tests bench scripts deploy
 
 bench: setup-test
 	$(VENV)/bin/python bench/startup.py

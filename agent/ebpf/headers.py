@@ -47,7 +47,10 @@ def _usr_src_candidates(usr_src: str) -> list[tuple[str, str, str]]:
         return []
     out = []
     for name in names:
-        m = re.fullmatch(r"linux-headers-(\d+\.\d+\.\d+-\d+)-(?!common)([\w-]+)", name)
+        # 6.1.0-56-amd64, 5.10.0-46-cloud-amd64, and backports' 6.12.95+deb12-amd64
+        if name.endswith("-common"):
+            continue
+        m = re.fullmatch(r"linux-headers-(\d+\.\d+\.\d+(?:\+[\w.~]+)?(?:-\d+)?)-([\w-]+)", name)
         if not m:
             continue
         arch_dir = os.path.join(usr_src, name)

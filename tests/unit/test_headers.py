@@ -64,3 +64,13 @@ def test_no_headers_says_how_to_install_them(tmp_path: Path) -> None:
     src = headers.resolve("6.18.0", str(tmp_path / "m"), str(tmp_path / "k"), str(tmp_path / "src"), str(tmp_path / "run"))
     assert not src.found
     assert "apt-get install linux-headers-" in src.detail
+
+
+def test_backports_headers_names_are_found_and_common_parts_are_never_candidates(tmp_path: Path) -> None:
+    fake_debian_headers(tmp_path / "src", "6.1.0-56")
+    fake_debian_headers(tmp_path / "src", "6.12.95+deb12")
+    src = headers.resolve("6.12.95+deb12-amd64", str(tmp_path / "modules"), str(tmp_path / "none"),
+                          str(tmp_path / "src"), str(tmp_path / "run"))
+    assert src.path.endswith("linux-headers-6.12.95+deb12-amd64")
+    names = [c[0] for c in headers._usr_src_candidates(str(tmp_path / "src"))]
+    assert names == ["linux-headers-6.1.0-56-amd64", "linux-headers-6.12.95+deb12-amd64"]
