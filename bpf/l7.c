@@ -182,16 +182,32 @@ static __always_inline u64 l7_clamp(u64 v, u64 max) {
     return v > max ? max : v;
 }
 
+/* The histogram bucket of a duration: the first bound it does not exceed (Prometheus' `le`).
+ * Straight-line code: kernels before 6.x reject some loops LLVM leaves in place. */
 static __always_inline u32 l7_bucket(u64 ns) {
-    const u64 bounds[L7_BUCKETS] = {5000000ULL, 10000000ULL, 25000000ULL, 50000000ULL, 100000000ULL, 250000000ULL,
-                                    500000000ULL, 1000000000ULL, 2500000000ULL, 5000000000ULL, 10000000000ULL};
-    u32 i = 0;
-#pragma unroll
-    for (int j = 0; j < L7_BUCKETS; j++) {
-        if (ns > bounds[j])
-            i = j + 1;
-    }
-    return i;
+    if (ns <= 5000000ULL)
+        return 0;
+    if (ns <= 10000000ULL)
+        return 1;
+    if (ns <= 25000000ULL)
+        return 2;
+    if (ns <= 50000000ULL)
+        return 3;
+    if (ns <= 100000000ULL)
+        return 4;
+    if (ns <= 250000000ULL)
+        return 5;
+    if (ns <= 500000000ULL)
+        return 6;
+    if (ns <= 1000000000ULL)
+        return 7;
+    if (ns <= 2500000000ULL)
+        return 8;
+    if (ns <= 5000000000ULL)
+        return 9;
+    if (ns <= 10000000000ULL)
+        return 10;
+    return L7_BUCKETS;
 }
 
 /* "HTTP/1.x NNN": 1..5 for the status class, 0 when it is not a status line. */
@@ -419,12 +435,11 @@ TRACEPOINT_PROBE(syscalls, sys_enter_sendmmsg) {
         return 0;
     u64 base = (u64)args->mmsg;
     u32 vlen = args->vlen;
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-        if (i >= vlen)
-            break;
-        l7_on_io(args, &key, c, base + i * 64 /* sizeof(struct mmsghdr) */, IO_MSG, 0, 1);
-    }
+    /* the first two messages (A and AAAA), written out: no loop for older verifiers */
+    if (vlen > 0)
+        l7_on_io(args, &key, c, base, IO_MSG, 0, 1);
+    if (vlen > 1)
+        l7_on_io(args, &key, c, base + 64 /* sizeof(struct mmsghdr) */, IO_MSG, 0, 1);
     return 0;
 }
 

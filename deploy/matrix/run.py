@@ -89,6 +89,9 @@ def fetch(series: str) -> Path:
     """The kernel image, modules and headers of the newest `series` kernel, unpacked."""
     root = CACHE / series / "root"
     if (root / ".done").exists():
+        for rel in (root / "lib" / "modules").iterdir():
+            if not (rel / "modules.dep").exists():
+                subprocess.run(["depmod", "-b", str(root), rel.name], check=True)
         return root
     version = newest("linux-image-amd64", series)
     image = [d for d in depends(f"linux-image-amd64={version}") if d.startswith("linux-image-")][0]
@@ -103,6 +106,8 @@ def fetch(series: str) -> Path:
     root.mkdir(parents=True)
     for deb in debs.glob("*.deb"):
         subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    for rel in (root / "lib" / "modules").iterdir():  # what the package's postinst would run
+        subprocess.run(["depmod", "-b", str(root), rel.name], check=True)
     (root / ".done").write_text(version)
     return root
 

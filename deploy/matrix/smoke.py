@@ -68,6 +68,7 @@ def main() -> int:
             agent.start(timeout=1800)
         except RuntimeError as e:
             result["checks"]["agent start"] = str(e).splitlines()[0][:300]
+            shutil.copy(agent.log_path, Path(args.out).with_name("agent.log"))  # the verifier's whole say
             per_family(result)
             return 1
         result["seconds"]["agent start"] = round(time.monotonic() - t0, 1)
