@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 import random
 import socket
 import struct
@@ -360,6 +361,7 @@ class L7Tracer:
         with self._lock:
             for k, status, h in self._http_live():
                 if not k.outbound:  # type: ignore[attr-defined]
+                    self._fold_exited(k, status, h)
                     continue
                 pid, fd, start = int(k.tgid), int(k.fd), int(k.conn_start)  # type: ignore[attr-defined]
                 if self.tcp.is_open(pid, fd, start):
@@ -373,6 +375,17 @@ class L7Tracer:
                     key = (conn.container_id, HTTP, conn.destination, conn.actual or conn.destination, status)
                     self._out[key].add(h.count, h.sum, h.buckets)
                 self._delete_live(k)
+
+    def _fold_exited(self, key: object, status: str, h: Hist) -> None:
+        """Inbound counts of a process that is gone but whose exit the registry never handled
+        (it was never known to it): folded like on_process does, so the map cannot fill up."""
+        tgid = int(key.tgid)  # type: ignore[attr-defined]
+        if self.registry.process(tgid) is not None or os.path.exists(f"{self.registry.procfs}/{tgid}"):
+            return
+        c = self.registry.container_of_recent(tgid)
+        if c is not None:
+            self._in[(c.id, HTTP, status)].add(h.count, h.sum, h.buckets)
+        self._delete_live(key)
 
     def on_process(self, what: str, proc: object) -> None:
         """Registry listener: an exited process's inbound HTTP counts move to its container's

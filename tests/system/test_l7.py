@@ -20,6 +20,7 @@ from tests.system.servers import Dnsmasq, Nginx, Postgres, Redis
 from tests.system.test_logs import rows
 
 CLIENT = [sys.executable, "-m", "tests.system.workloads.l7_client"]
+BEARER = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXRva2Vu"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -120,6 +121,7 @@ def test_nginx_requests_by_status_on_both_sides_and_one_span_each(
     cid = cgroups.create("http-client")
     port = server.tls_port if tls else server.port
     args = ["http", "127.0.0.1", str(port), *(["--ca", server.ca] if tls else []),
+            "--header", f"Authorization:Bearer {BEARER}", "--header", f"Cookie:session={BEARER}",
             "/ok?token=s3cret:100", "/missing:30", "/fail:20"]
     client = run_client(cgroups, cid, *args)
     assert client.result["statuses"] == {"200": 100, "404": 30, "500": 20}
@@ -148,6 +150,11 @@ def test_nginx_requests_by_status_on_both_sides_and_one_span_each(
         assert s["StatusCode"] == ("STATUS_CODE_OK" if attrs["http.status_code"] == "200" else "STATUS_CODE_ERROR")
     assert urls == {(f"{scheme}://{dest}/ok?token=*", "200"): 100, (f"{scheme}://{dest}/missing", "404"): 30,
                     (f"{scheme}://{dest}/fail", "500"): 20}
+    # The secrets the client sent reach no column of any stored span (the store itself is asked).
+    for secret in ("s3cret", BEARER, "Bearer"):
+        found = rows(agent, "SELECT count() AS n FROM otel_traces WHERE position(concat(toString(SpanAttributes), "
+                            f"toString(ResourceAttributes), SpanName, StatusMessage), '{secret}') > 0")
+        assert found == [{"n": 0}], secret
     # The kernel measures from the request's write to the response's read; the client adds its
     # own work around both, so its figure is larger, by well under a millisecond per request.
     kernel = sum(int(s["Duration"]) for s in got) / 1e9
@@ -201,6 +208,31 @@ def test_excluded_path_and_opted_out_container_have_metrics_but_no_spans(
     assert rows(agent, f"SELECT count() AS n FROM otel_traces WHERE ServiceName = '{quiet}'") == [{"n": 0}]
     a.finish()
     b.finish()
+
+
+def test_sampling_a_tenth_counts_every_request_and_spans_about_a_tenth(cgroups: TestCgroups) -> None:
+    n = Nginx()
+    sampled = AgentProcess(["--min-container-age", "0s", "--traces-sampling", "0.1", "--store-batch-age", "1s"])
+    try:
+        n.start(cgroups, cgroups.create("nginx-sampled"))
+        sampled.start()
+        cid = cgroups.create("http-sampled")
+        c = run_client(cgroups, cid, "http", "127.0.0.1", str(n.port), "/s:1000")
+        assert wait_counts(sampled, "container_http_requests_total", {"2xx": 1000}, container_id=cid) == {"2xx": 1000}
+        sql = f"SELECT count() AS n FROM otel_traces WHERE ServiceName = '{cid}'"
+        seen: list[int] = []
+
+        def settled() -> bool:  # the same count twice, 2 s apart (the sink writes every 1 s)
+            seen.append(rows(sampled, sql)[0]["n"])
+            return len(seen) > 1 and seen[-1] == seen[-2] > 0
+
+        wait_for(settled, 30, interval=2)
+        assert 60 <= seen[-1] <= 140, seen  # binomial(1000, 0.1): mean 100, sd 9.5
+        c.finish()
+    finally:
+        sampled.stop()
+        shutil.rmtree(sampled.storage, ignore_errors=True)
+        n.stop()
 
 
 def test_postgres_queries_ok_and_failed_with_literals_masked(agent: AgentProcess, cgroups: TestCgroups) -> None:

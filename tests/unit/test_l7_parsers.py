@@ -138,3 +138,15 @@ def test_histogram_is_cumulative_and_kernel_sampling_threshold() -> None:
     assert cum["0.005"] == 2 and cum["0.025"] == 3 and cum["5.0"] == 4 and cum["+Inf"] == 5
     assert L7Tracer.kernel_sampling(True, 1.0) == 2**32 and L7Tracer.kernel_sampling(True, 0.25) == 2**30
     assert L7Tracer.kernel_sampling(False, 1.0) == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([1, 2, 3, 4]), st.binary(max_size=600), st.binary(max_size=600))
+def test_the_tracer_turns_any_request_and_response_bytes_into_requests_or_nothing(proto: int, req: bytes,
+                                                                                  resp: bytes) -> None:
+    from agent.l7.tracer import L7Tracer
+
+    t = L7Tracer(None, None, None, hostname="h")  # type: ignore[arg-type]
+    for r in t._parse(proto, 1, 3, 5, req, resp, 0.001, True):
+        assert r.status in ("1xx", "2xx", "3xx", "4xx", "5xx", "ok", "failed", "unknown")
+    t._dns_pair("/c", req, resp, 0.001)

@@ -2,7 +2,8 @@
 (counts and, for HTTP, the durations it measured) and then waits for a line on stdin before
 exiting, so the agent sees the process alive while it handles the events.
 
-    http HOST PORT [--ca CA] PATH:COUNT ...     one keep-alive connection (TLS with --ca)
+    http HOST PORT [--ca CA] [--header K:V] PATH:COUNT ...
+                                                one keep-alive connection (TLS with --ca)
     wait CMD ARGS...                            import ssl, print {"ready": true}, wait for a line
                                                 on stdin, then run CMD
     pg DSN                                      the Postgres script of the tests
@@ -29,13 +30,18 @@ def http(args: list[str]) -> dict:
         rest = rest[2:]
     else:
         conn = http.client.HTTPConnection(host, port)
+    headers = {}
+    while rest and rest[0] == "--header":
+        name, _, value = rest[1].partition(":")
+        headers[name] = value
+        rest = rest[2:]
     durations: list[float] = []
     statuses: dict[str, int] = {}
     for spec in rest:
         path, _, count = spec.rpartition(":")
         for _ in range(int(count)):
             t0 = time.perf_counter()
-            conn.request("GET", path)
+            conn.request("GET", path, headers=headers)
             r = conn.getresponse()
             r.read()
             durations.append(time.perf_counter() - t0)
