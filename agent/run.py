@@ -175,7 +175,7 @@ class Agent:
         n = seed_tcp(self.tcp, self.registry.pids())
         log.info("TCP: %d connections open before the agent started are tracked", n)
         if self.l7 is not None:
-            self.l7.attach(self.bpf.table("l7_http"))
+            self.l7.attach(self.bpf.table("l7_http"), self.bpf.table("l7_stats"))
             self.registry.subscribe(self.l7.on_process)
             self.tls = TlsAttacher(self.bpf.bpf, self.cfg.procfs_root)
             self.tls.scan(self.registry.pids())
@@ -351,15 +351,20 @@ class Agent:
         if self.logs is not None:
             self.logs.close()
             self.logs = None
-        if self.bpf is not None:
-            self.bpf.close()
-            self.bpf = None
+        # The last scrape (remote_write, metric history) still reads the live BPF counters...
         if self.writer is not None:
             self.writer.close()
             self.writer = None
         if self.history is not None:
             self.history.close()
             self.history = None
+        # ...and nothing reads the maps once they are freed.
+        if self.l7 is not None:
+            self.l7.attach(None, None)
+        self.tcp.attach(None)
+        if self.bpf is not None:
+            self.bpf.close()
+            self.bpf = None
         if self.sink is not None:
             self.sink.close()
             self.sink = None

@@ -4,7 +4,7 @@ ratio (target >= 0.97), the p99 latency ratio (target <= 1.05), agent CPU µs pe
 (target <= 10), in-kernel ns per request from kernel.bpf_stats_enabled (target <= 1,000), and
 events lost (target 0). Asserts nothing: this machine is noisy; run it twice.
 
-Run as root: `python bench/l7.py [--seconds 10] [--connections 20] [--sampling 1.0]`.
+Run as root: `python bench/l7.py [--seconds 10] [--connections 20] [--sampling 1.0] [--rate N]`.
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ from tests.system.servers import Nginx  # noqa: E402
 UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
-def wrk(cg: TestCgroups, cid: str, url: str, seconds: float, connections: int) -> tuple[float, float, int]:
-    """(requests/s, p99 seconds, requests) of one wrk run in the client cgroup."""
-    p = cg.spawn(cid, ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", url],
-                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+def wrk(cg: TestCgroups, cid: str, url: str, seconds: float, connections: int,
+        paced: str | None = None) -> tuple[float, float, int]:
+    """(requests/s, p99 seconds, requests) of one wrk run in the client cgroup; `paced`: a Lua
+    script making each connection wait 1 ms between requests (about 1,000/s per connection)."""
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", *(["-s", paced] if paced else []), url]
+    p = cg.spawn(cid, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out = p.communicate()[0].decode()
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     m = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
@@ -42,6 +44,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--connections", type=int, default=20)
     ap.add_argument("--sampling", default="1.0", help="--traces-sampling of the agent (the targets are for 1.0)")
+    ap.add_argument("--rate", type=int, default=0,
+                    help="about this many requests/s (1,000 per connection, paced by wrk's delay()) instead of "
+                         "as fast as nginx goes; e.g. 10000, the load Coroot quotes its agent's cost at")
     ap.add_argument("--agent-args", default="", help="more agent flags, e.g. --disable-l7-tracing for a baseline "
                                                      "of the TCP probes alone")
     args = ap.parse_args()
@@ -52,8 +57,13 @@ def main() -> None:
         nginx.start(cg, cg.create("bench-nginx"))
         url = f"http://127.0.0.1:{nginx.port}/bench"
         cid = cg.create("bench-wrk")
-        wrk(cg, cid, url, 2, args.connections)  # warm-up
-        base_rps, base_p99, _ = wrk(cg, cid, url, args.seconds, args.connections)
+        paced = None
+        if args.rate:
+            paced = f"{nginx.dir}/paced.lua"
+            Path(paced).write_text("function delay()\n  return 1\nend\n")
+            args.connections = max(1, args.rate // 1000)
+        wrk(cg, cid, url, 2, args.connections, paced)  # warm-up
+        base_rps, base_p99, _ = wrk(cg, cid, url, args.seconds, args.connections, paced)
 
         subprocess.run(["sysctl", "-qw", "kernel.bpf_stats_enabled=1"], check=True)
         agent = AgentProcess(["--min-container-age", "0s", "--traces-sampling", args.sampling, *args.agent_args.split()])
@@ -62,7 +72,7 @@ def main() -> None:
         proc = psutil.Process(agent.proc.pid)  # type: ignore[union-attr]
         cpu0 = sum(proc.cpu_times()[:2])
         progs0 = bpf_programs(proc.pid)
-        rps, p99, total = wrk(cg, cid, url, args.seconds, args.connections)
+        rps, p99, total = wrk(cg, cid, url, args.seconds, args.connections, paced)
         time.sleep(3)  # the agent drains what is queued
         cpu = sum(proc.cpu_times()[:2]) - cpu0
         progs1 = bpf_programs(proc.pid)

@@ -38,6 +38,7 @@ class Family:
     uprobe_functions: tuple[str, ...] = ()  # loaded at start, attached later by their owner
     defines: tuple[str, ...] = ()  # set when the family is compiled in (other files test them)
     requires: tuple[str, ...] = ()  # families compiled in with it (their maps and hooks are used)
+    pages: int = 0  # perf buffer pages per CPU when more than the default (ring size is in the C file)
 
 
 FAMILIES: dict[str, Family] = {
@@ -47,7 +48,7 @@ FAMILIES: dict[str, Family] = {
                  "OpenSSL plaintext (tracepoints, uprobes)",
                  uprobe_functions=tuple(f"ssl_{op}{ex}_{end}" for op in ("write", "read") for ex in ("", "_ex")
                                         for end in ("enter", "exit")),
-                 defines=("CA_L7",), requires=("tcp",)),
+                 defines=("CA_L7",), requires=("tcp",), pages=256),
     "logs": Family("logs", "logs.c", ("log_events",), "log files opened for writing under /var/log (tracepoint)"),
     "profiler": Family("profiler", "profiler.c", (), "CPU stacks sampled by a cpu-clock perf event",
                        perf_functions=("on_cpu_sample",)),
@@ -142,9 +143,15 @@ class Loaded:
         return out
 
     def poll(self, timeout_ms: int) -> None:
+        """Handle events as they come, waiting at most `timeout_ms`, then drain every ring: a
+        buffer written without wake-ups (bpf/l7.c wakes user space once per batch) is read on
+        any wake-up and at least every `timeout_ms`. Per-event wake-ups of the other buffers
+        keep them close to the order things happened (a process's exit after the close and
+        failed-connect events it caused, which travel in another buffer)."""
         if self.ringbuf:
             if self.bpf._ringbuf_manager:
                 self.bpf.ring_buffer_poll(timeout_ms)
+                self.bpf.ring_buffer_consume()
             else:
                 time.sleep(timeout_ms / 1000)
         elif self.bpf.perf_buffers:
@@ -244,7 +251,7 @@ def load(
             handler = handlers.get(buf)
             if handler is None:
                 continue
-            _open(loaded, buf, handler, pages)
+            _open(loaded, buf, handler, max(pages, FAMILIES[name].pages))
     # LLVM's memory is only needed to compile: give it back (tens of MB of RSS), then have
     # glibc return the freed heap to the kernel (another ~40 MB measured here).
     bpf.free_bcc_memory()

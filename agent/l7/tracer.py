@@ -44,12 +44,15 @@ L7_HEADER = struct.Struct("<QQQIIIIIIII")
 RESP_MAX = 512
 HTTP, POSTGRES, REDIS, DNS = 1, 2, 3, 4
 F_OUTBOUND, F_INBOUND, F_TLS, F_COUNTED = 1, 2, 4, 8
+# bpf/l7.c l7_stats, by index
+KERNEL_STATS = ("requests", "replaced_unanswered", "paired", "http_counted_in_user_space")
 HTTP_STATUS = ("unknown", "1xx", "2xx", "3xx", "4xx", "5xx")  # the kernel's status index
 PROTOCOLS = {HTTP: "http", POSTGRES: "postgres", REDIS: "redis", DNS: "dns"}
 # Outbound metric stem per protocol; inbound puts `_inbound_` after the protocol.
 STEMS = {HTTP: ("http", "requests"), POSTGRES: ("postgres", "queries"), REDIS: ("redis", "queries")}
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # Coroot's L7 buckets
 MAX_DEFERRED = 10_000
+UNKNOWN_GRACE = 10.0  # seconds an l7_http connection may wait for its connect event
 RESOLVE_EVERY = 0.05  # seconds: at most this often a request resolves its connection's NAT at once
 MAX_PG_CONNS = 4096
 MAX_FQDNS = 10_000
@@ -142,6 +145,7 @@ class L7Tracer:
         self._pg: OrderedDict[tuple[int, int, int], postgres.Connection] = OrderedDict()
         self._deferred: list[tuple[bytes, int]] = []
         self._http_table: object | None = None  # the kernel's l7_http map
+        self._unknown: dict[tuple[int, int, int], float] = {}  # l7_http connections not seen yet
         self._last_resolve = 0.0
         self._clock_offset = time.time_ns() - time.monotonic_ns()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
         self.events = 0
@@ -150,8 +154,22 @@ class L7Tracer:
         self.unattributed = 0
         self.deferred_dropped = 0
 
-    def attach(self, http_table: object) -> None:
+    def attach(self, http_table: object | None, stats_table: object | None = None) -> None:
         self._http_table = http_table
+        self._stats_table = stats_table
+
+    def kernel_stats(self) -> dict[str, int]:
+        """bpf/l7.c's counters, summed over CPUs."""
+        t = getattr(self, "_stats_table", None)
+        if t is None:
+            return {}
+        out = {}
+        try:
+            for i, what in enumerate(KERNEL_STATS):
+                out[what] = sum(int(v) for v in t[t.Key(i)])  # type: ignore[attr-defined,index]
+        except (KeyError, OSError):  # the maps are being freed at shutdown
+            return {}
+        return out
 
     @staticmethod
     def kernel_sampling(enabled: bool, sampling: float) -> int:
@@ -358,6 +376,7 @@ class L7Tracer:
         leave the kernel map (housekeeping)."""
         if self._http_table is None:
             return
+        now = time.monotonic()
         with self._lock:
             for k, status, h in self._http_live():
                 if not k.outbound:  # type: ignore[attr-defined]
@@ -370,11 +389,21 @@ class L7Tracer:
                 if conn is not None and conn.actual is None:
                     continue  # closed before its NAT lookup: the next tick
                 if conn is None:
+                    # Counted before its connect event was read (the two travel separately): wait
+                    # for it, and give up only on a connection still unknown after a while.
+                    first = self._unknown.setdefault((pid, fd, start), now)
+                    if now - first < UNKNOWN_GRACE:
+                        continue
                     self.unattributed += h.count
+                    log.debug("HTTP counts of an unknown connection dropped: pid %d fd %d start %d: %d",
+                              pid, fd, start, h.count)
                 else:
                     key = (conn.container_id, HTTP, conn.destination, conn.actual or conn.destination, status)
                     self._out[key].add(h.count, h.sum, h.buckets)
+                self._unknown.pop((pid, fd, start), None)
                 self._delete_live(k)
+            if len(self._unknown) > MAX_DEFERRED:
+                self._unknown.clear()
 
     def _fold_exited(self, key: object, status: str, h: Hist) -> None:
         """Inbound counts of a process that is gone but whose exit the registry never handled
@@ -479,6 +508,10 @@ class L7Collector:
         self.tracer.collect(f)
         t = self.tracer
         f.counter("coroot_agent_l7_requests_total", "L7 requests decoded from the kernel's pairs", t.requests)
+        for what, n in t.kernel_stats().items():
+            f.counter("coroot_agent_l7_kernel_total", "the kernel side's request accounting: requests recognised, "
+                      "requests that replaced an unanswered one, pairs made, HTTP requests its map had no room for",
+                      n, what=what)
         f.counter("coroot_agent_l7_spans_total", "spans handed to the store", t.spans_written)
         f.counter("coroot_agent_l7_unattributed_total",
                   "outbound requests dropped: their connection was never seen", t.unattributed)

@@ -16,6 +16,7 @@ import logging
 import os
 import struct
 import threading
+import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -91,6 +92,7 @@ class TcpTracker:
         self._recently_closed: OrderedDict[tuple[int, int, int], DestKey | Conn] = OrderedDict()
         self._closed_pending: list[tuple[Conn, tuple[int, int, int]]] = []
         self._late_pending: list[tuple[Conn, int]] = []
+        self._exited: list[tuple[int, int]] = []  # (pid, monotonic ns of its exit)
         self._bpf_conns = None
         self.events = 0
         # Hot-path caches (bounded): destination bytes -> (tracked, ip, "ip:port"); pid -> netns.
@@ -113,7 +115,7 @@ class TcpTracker:
                 tracked, dst, dst_ep = self._destination(family, daddr, dport)
                 if not tracked:
                     return
-                c = self.registry.container_of(pid)
+                c = self.registry.container_of_recent(pid)  # it may have exited since
                 if c is None:
                     return
                 if kind == EV_CONNECT_FAILED:
@@ -212,15 +214,24 @@ class TcpTracker:
             return Conn(pid, fd, cid, "", 0, ip.strip("[]"), int(port), dst, actual, start_ns=start_ns)
 
     def on_process(self, what: str, proc: Process) -> None:
-        """Registry listener: a process that exited takes its connections and listens along."""
+        """Registry listener: a process that exited takes its connections and listens along.
+        Its connections are closed at the next tick, not now: the close events its exit caused
+        may still wait in their own buffer (drained after the process events of a batch), and
+        they carry the final counts."""
         if what != "removed":
             return
         with self._lock:
             self._netns.pop(proc.pid, None)
-            for key in [k for k in self._conns if k[0] == proc.pid]:
-                self._account_close(self._conns.pop(key), None)
+            self._exited.append((proc.pid, time.monotonic_ns()))
             for key in [k for k in self._listens if k[0] == proc.pid]:
                 del self._listens[key]
+
+    def _close_exited(self) -> None:
+        """Connections of processes that exited and whose close event never came (lock held)."""
+        exited, self._exited = self._exited, []
+        for pid, at in exited:
+            for key in [k for k, c in self._conns.items() if k[0] == pid and c.start_ns <= at]:
+                self._account_close(self._conns.pop(key), None)
 
     # --------------------------------------------------------- kernel map --
 
@@ -267,6 +278,7 @@ class TcpTracker:
     def resolve_pending(self) -> None:
         """Label new connections with their actual destination and count their connects."""
         with self._lock:
+            self._close_exited()
             pending, self._pending = self._pending, []
             connects, self._pending_connects = self._pending_connects, []
             closed, self._closed_pending = self._closed_pending, []

@@ -25,14 +25,17 @@
  *   }
  */
 #ifdef CA_RINGBUF
-#define CA_EVENTS(name)                                                                       \
-    BPF_RINGBUF_OUTPUT(name, CA_EVENTS_PAGES);                                                 \
+#define CA_EVENTS_SIZED(name, pages)                                                          \
+    BPF_RINGBUF_OUTPUT(name, pages);                                                           \
     BPF_PERCPU_ARRAY(name##_lost, u64, 1)
 #else
-#define CA_EVENTS(name)                                                                       \
+#define CA_EVENTS_SIZED(name, pages)                                                          \
     BPF_PERF_OUTPUT(name);                                                                     \
     BPF_PERCPU_ARRAY(name##_lost, u64, 1)
 #endif
+/* A buffer of the default size; CA_EVENTS_SIZED for one that needs more (a power of two of
+ * pages; for perf buffers the loader sizes them per CPU, see Family.pages). */
+#define CA_EVENTS(name) CA_EVENTS_SIZED(name, CA_EVENTS_PAGES)
 
 static __always_inline u32 ca_tgid(void) { return bpf_get_current_pid_tgid() >> 32; }
 
