@@ -29,7 +29,10 @@ def free_port() -> int:
 class AgentProcess:
     """`python -m agent run` with a private port; logs kept for failure messages."""
 
-    def __init__(self, args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, args: Sequence[str] = (), env: Mapping[str, str] | None = None,
+                 prefix: Sequence[str] = ()) -> None:
+        """`prefix`: a command the agent runs under (e.g. setpriv and its options)."""
+        self.prefix = list(prefix)
         self.port = free_port()
         self.storage = f"/tmp/coroot-agent-test-{self.port}"
         self.args = ["--listen", f"127.0.0.1:{self.port}", "--storage-path", self.storage,
@@ -42,7 +45,7 @@ class AgentProcess:
         """Start and wait for the first /metrics answer; returns seconds it took."""
         t0 = time.monotonic()
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", *self.args],
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "agent", "run", *self.args],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:

@@ -80,15 +80,6 @@ def spans(agent: AgentProcess, service: str, want: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def cgroups() -> Iterator[TestCgroups]:
-    cg = TestCgroups()
-    try:
-        yield cg
-    finally:
-        cg.cleanup()
-
-
-@pytest.fixture(scope="module")
 def agent() -> Iterator[AgentProcess]:
     a = AgentProcess(["--min-container-age", "0s", "--store-batch-age", "1s", "--max-fqdns-per-container", "2",
                       "--exclude-http-requests-by-path", "/excluded"])

@@ -9,10 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from agent import caps
 from tests.system.helpers import AgentProcess, TestCgroups, free_port, wait_for
@@ -42,44 +39,10 @@ def status_of(pid: int) -> dict[str, str]:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
 
 
-class ScopedAgent(AgentProcess):
-    """The agent started through setpriv (the pid is setpriv's, which execs the agent)."""
-
-    def __init__(self, names: list[str], args: list[str]) -> None:
-        super().__init__(args)
-        self.names = names
-
-    def start(self, timeout: float = 60) -> float:
-        import time
-
-        t0 = time.monotonic()
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([*setpriv(self.names), sys.executable, "-m", "agent", "run", *self.args],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                self.get("/metrics")
-                return time.monotonic() - t0
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"agent did not answer in {timeout}s:\n{self.log()}")
-
-
 def check(names: list[str]) -> str:
     r = subprocess.run([*setpriv(names), sys.executable, "-m", "agent", "check"], capture_output=True, text=True,
                        cwd=REPO, timeout=300)
     return r.stdout + r.stderr
-
-
-@pytest.fixture(scope="module")
-def cgroups() -> Iterator[TestCgroups]:
-    cg = TestCgroups()
-    try:
-        yield cg
-    finally:
-        cg.cleanup()
 
 
 def test_every_probe_family_loads_and_works_with_exactly_the_required_set(cgroups: TestCgroups) -> None:
@@ -90,7 +53,7 @@ def test_every_probe_family_loads_and_works_with_exactly_the_required_set(cgroup
         assert any(line.startswith(f"probes: {fam}") and " ok " in line for line in out.splitlines()), out
     assert "CAP_SYS_ADMIN" not in out.split("held:", 1)[1].splitlines()[0]
 
-    agent = ScopedAgent(names, ["--min-container-age", "0s"])
+    agent = AgentProcess(["--min-container-age", "0s"], prefix=setpriv(names))
     nginx = Nginx()
     try:
         agent.start()
@@ -140,7 +103,7 @@ def test_without_sys_ptrace_the_agent_says_what_it_lost_and_it_is_lost(cgroups: 
     names = [c for c in required_here() if c != "CAP_SYS_PTRACE"]
     out = check(names)
     assert any("CAP_SYS_PTRACE" in line and "missing" in line and "TLS uprobes" in line for line in out.splitlines())
-    agent = ScopedAgent(names, ["--min-container-age", "0s"])
+    agent = AgentProcess(["--min-container-age", "0s"], prefix=setpriv(names))
     try:
         agent.start()
         assert "without CAP_SYS_PTRACE: for processes with more privileges than the agent: TLS uprobes" in agent.log()
