@@ -135,9 +135,14 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: py
         ("listen: [unclosed\n", r"agent\.yaml: not valid YAML"),
         ("nodeAgent:\n  trackPublicNetworks: [\"10.0.0.0/33\"]\n",
          r"expected a network prefix like 10\.0\.0\.0/8, got '10\.0\.0\.0/33'"),
+        ("nodeAgent:\n  ebpfTracer:\n    payloadSize: 1000\n",
+         r"nodeAgent\.ebpfTracer\.payloadSize / --l7-payload-size: must be a power of two between 64 and 4096, got 1000"),
+        ("privacy:\n  mask_sql_literals: sometimes\n",
+         r"agent\.yaml:2: privacy\.mask_sql_literals: expected true or false, got 'sometimes'"),
     ],
     ids=["unknown-key", "wrong-type", "out-of-range", "bad-bool", "unset-var", "bad-duration",
-         "bad-listen", "duplicate", "not-a-mapping", "bad-yaml", "bad-cidr"],
+         "bad-listen", "duplicate", "not-a-mapping", "bad-yaml", "bad-cidr", "payload-not-power-of-two",
+         "bad-mask-switch"],
 )
 def test_bad_yaml_exits_2_naming_the_key(
     tmp_path: Path, yaml_text: str, expected: str,
