@@ -110,7 +110,6 @@ class Agent:
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self.started_at = 0.0
-        self.capabilities_lost: list[str] = []
 
     def families(self) -> list[str]:
         fams = ["proc", "tcp"]
@@ -215,7 +214,6 @@ class Agent:
                                f"(kernel 5.8+) or {caps.LEGACY_BPF}, and run `coroot-agent check`")
         for cap, what in lost:
             log.warning("without %s: %s", cap, what)
-        self.capabilities_lost = [cap for cap, _ in lost]
 
     def _drop_capabilities(self) -> None:
         if not self.cfg.drop_capabilities:

@@ -101,6 +101,16 @@ class Hist:
         for i, n in enumerate(buckets):
             self.buckets[i] += n
 
+    def merge(self, other: Hist) -> None:
+        self.add(other.count, other.sum, other.buckets)
+
+    @classmethod
+    def of_kernel(cls, v: object) -> Hist:
+        """From a bpf/l7.c `struct l7_hist` (count, sum_ns, buckets)."""
+        h = cls()
+        h.add(int(v.count), v.sum_ns / 1e9, [int(b) for b in v.buckets])  # type: ignore[attr-defined]
+        return h
+
     def cumulative(self) -> list[tuple[str, float]]:
         out, acc = [], 0
         for le, n in zip(BUCKETS, self.buckets, strict=True):
@@ -143,12 +153,12 @@ class L7Tracer:
         self._domains: dict[str, set[str]] = defaultdict(set)
         self.fqdn: OrderedDict[str, str] = OrderedDict()  # ip -> name, from DNS answers
         self._pg: OrderedDict[tuple[int, int, int], postgres.Connection] = OrderedDict()
-        self._deferred: list[tuple[bytes, int]] = []
+        self._deferred: list[bytes] = []  # events waiting for their connection or process, once
         self._http_table: object | None = None  # the kernel's l7_http map
+        self._stats_table: object | None = None  # the kernel's l7_stats counters
         self._unknown: dict[tuple[int, int, int], float] = {}  # l7_http connections not seen yet
         self._last_resolve = 0.0
         self._clock_offset = time.time_ns() - time.monotonic_ns()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
-        self.events = 0
         self.requests = 0
         self.spans_written = 0
         self.unattributed = 0
@@ -160,7 +170,7 @@ class L7Tracer:
 
     def kernel_stats(self) -> dict[str, int]:
         """bpf/l7.c's counters, summed over CPUs."""
-        t = getattr(self, "_stats_table", None)
+        t = self._stats_table
         if t is None:
             return {}
         out = {}
@@ -179,7 +189,6 @@ class L7Tracer:
     # --------------------------------------------------------------- events --
 
     def handle_event(self, raw: bytes) -> None:
-        self.events += 1
         with self._lock:
             self._handle(raw, retry=0)
 
@@ -216,7 +225,7 @@ class L7Tracer:
         if proto == DNS:
             self._dns_pair(c.id, req, resp, seconds)
             return
-        requests = self._parse(proto, pid, fd, conn_start, req, resp, seconds, outbound)
+        requests = self._parse(proto, pid, fd, conn_start, req, resp, seconds)
         if not requests:
             return
         counted = bool(flags & F_COUNTED)  # HTTP counted in the kernel: this event is for a span
@@ -239,17 +248,17 @@ class L7Tracer:
         if len(self._deferred) >= MAX_DEFERRED:
             self._deferred.pop(0)
             self.deferred_dropped += 1
-        self._deferred.append((raw, 1))
+        self._deferred.append(raw)
 
     def retry_deferred(self) -> None:
         """Events that waited for their connection or process: handled now, or dropped."""
         with self._lock:
             todo, self._deferred = self._deferred, []
-            for raw, retry in todo:
-                self._handle(raw, retry)
+            for raw in todo:
+                self._handle(raw, retry=1)
 
-    def _parse(self, proto: int, pid: int, fd: int, conn_start: int, req: bytes, resp: bytes, seconds: float,
-               outbound: bool) -> list[Request]:
+    def _parse(self, proto: int, pid: int, fd: int, conn_start: int, req: bytes, resp: bytes,
+               seconds: float) -> list[Request]:
         if proto == HTTP:
             reqs = http.parse_requests(req, mask=self.masks.url_query)
             resps = http.parse_responses(resp)
@@ -360,9 +369,7 @@ class L7Tracer:
             return []
         out = []
         for k, v in t.items():  # type: ignore[attr-defined]
-            h = Hist()
-            h.add(int(v.count), v.sum_ns / 1e9, [int(b) for b in v.buckets])
-            out.append((k, HTTP_STATUS[k.status] if k.status < len(HTTP_STATUS) else "unknown", h))
+            out.append((k, HTTP_STATUS[k.status] if k.status < len(HTTP_STATUS) else "unknown", Hist.of_kernel(v)))
         return out
 
     def _delete_live(self, key: object) -> None:
@@ -399,7 +406,7 @@ class L7Tracer:
                               pid, fd, start, h.count)
                 else:
                     key = (conn.container_id, HTTP, conn.destination, conn.actual or conn.destination, status)
-                    self._out[key].add(h.count, h.sum, h.buckets)
+                    self._out[key].merge(h)
                 self._unknown.pop((pid, fd, start), None)
                 self._delete_live(k)
             if len(self._unknown) > MAX_DEFERRED:
@@ -413,7 +420,7 @@ class L7Tracer:
             return
         c = self.registry.container_of_recent(tgid)
         if c is not None:
-            self._in[(c.id, HTTP, status)].add(h.count, h.sum, h.buckets)
+            self._in[(c.id, HTTP, status)].merge(h)
         self._delete_live(key)
 
     def on_process(self, what: str, proc: object) -> None:
@@ -432,8 +439,7 @@ class L7Tracer:
                 except KeyError:
                     continue
                 if cid is not None:
-                    self._in[(cid, HTTP, HTTP_STATUS[st])].add(int(v.count), v.sum_ns / 1e9,
-                                                                [int(b) for b in v.buckets])
+                    self._in[(cid, HTTP, HTTP_STATUS[st])].merge(Hist.of_kernel(v))
                 self._delete_live(key)
 
     def forget_containers(self, gone: list[str]) -> None:
@@ -455,19 +461,18 @@ class L7Tracer:
             outbound: dict[tuple[str, int, str, str, str], Hist] = defaultdict(Hist)
             inbound: dict[tuple[str, int, str], Hist] = defaultdict(Hist)
             for key, h in self._out.items():
-                outbound[key].add(h.count, h.sum, h.buckets)
+                outbound[key].merge(h)
             for key, h in self._in.items():
-                inbound[key].add(h.count, h.sum, h.buckets)
+                inbound[key].merge(h)
             for k, status, h in self._http_live():
                 if k.outbound:  # type: ignore[attr-defined]
                     conn = self.tcp.connection(int(k.tgid), int(k.fd), int(k.conn_start))  # type: ignore[attr-defined]
                     if conn is not None and conn.actual is not None:
-                        outbound[(conn.container_id, HTTP, conn.destination, conn.actual, status)].add(
-                            h.count, h.sum, h.buckets)
+                        outbound[(conn.container_id, HTTP, conn.destination, conn.actual, status)].merge(h)
                 else:
                     c = self.registry.container_of_recent(int(k.tgid))  # type: ignore[attr-defined]
                     if c is not None:
-                        inbound[(c.id, HTTP, status)].add(h.count, h.sum, h.buckets)
+                        inbound[(c.id, HTTP, status)].merge(h)
             for (cid, proto, dst, actual, status), h in outbound.items():
                 if cid not in apps:
                     continue

@@ -34,11 +34,6 @@ def setpriv(names: list[str]) -> list[str]:
     return ["setpriv", f"--bounding-set={bset}", "--inh-caps=-all", "--"]
 
 
-def status_of(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/status") as f:
-        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-
-
 def check(names: list[str]) -> str:
     r = subprocess.run([*setpriv(names), sys.executable, "-m", "agent", "check"], capture_output=True, text=True,
                        cwd=REPO, timeout=300)
@@ -62,11 +57,11 @@ def test_every_probe_family_loads_and_works_with_exactly_the_required_set(cgroup
         assert "BPF compiled and attached" in log and "proc, tcp, l7, logs, profiler" in log, log
         # Attached, then down to what it keeps, in every thread, with no_new_privs.
         keep = caps.keep_after_start() & set(names)
-        st = status_of(agent.proc.pid)
-        assert caps.names_of(int(st["CapEff"], 16)) == keep and caps.names_of(int(st["CapPrm"], 16)) == keep
-        assert st["NoNewPrivs"].strip() == "1"
+        status = f"/proc/{agent.proc.pid}/status"
+        assert caps.held("CapEff", status) == keep and caps.held("CapPrm", status) == keep
+        assert caps.no_new_privs(status)
         for task in os.listdir(f"/proc/{agent.proc.pid}/task"):
-            assert caps.names_of(int(status_of_task(agent.proc.pid, task)["CapEff"], 16)) == keep
+            assert caps.held("CapEff", f"/proc/{agent.proc.pid}/task/{task}/status") == keep
         assert agent.value("coroot_agent_tls_libraries") >= 1  # uprobes attached without CAP_SYS_ADMIN
         assert agent.value("coroot_agent_bpf_compile_seconds") > 0
         # And the probes work: a TLS and a plain request through nginx, counted and connected.
@@ -80,11 +75,6 @@ def test_every_probe_family_loads_and_works_with_exactly_the_required_set(cgroup
         nginx.stop()
         agent.stop()
         shutil.rmtree(agent.storage, ignore_errors=True)
-
-
-def status_of_task(pid: int, task: str) -> dict[str, str]:
-    with open(f"/proc/{pid}/task/{task}/status") as f:
-        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
 
 
 def test_without_perfmon_check_names_it_and_the_agent_refuses_with_the_reason(tmp_path: Path) -> None:

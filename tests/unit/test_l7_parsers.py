@@ -147,6 +147,6 @@ def test_the_tracer_turns_any_request_and_response_bytes_into_requests_or_nothin
     from agent.l7.tracer import L7Tracer
 
     t = L7Tracer(None, None, None, hostname="h")  # type: ignore[arg-type]
-    for r in t._parse(proto, 1, 3, 5, req, resp, 0.001, True):
+    for r in t._parse(proto, 1, 3, 5, req, resp, 0.001):
         assert r.status in ("1xx", "2xx", "3xx", "4xx", "5xx", "ok", "failed", "unknown")
     t._dns_pair("/c", req, resp, 0.001)
