@@ -151,10 +151,59 @@ def _listen_row(cfg: Config) -> Row:
         s.bind((host, port))
         return Row("listen", OK, f"{host}:{port} is free")
     except OSError as e:
-        why = "in use (is an agent already running?)" if e.errno == errno.EADDRINUSE else e.strerror
+        if e.errno == errno.EADDRINUSE:
+            pid = own_agent_on(cfg, host, port)
+            if pid is not None:
+                return Row("listen", OK, f"{host}:{port} is held by the running coroot-agent, pid {pid}")
+            why = "in use by another process"
+        else:
+            why = e.strerror or str(e)
         return Row("listen", FAIL, f"{host}:{port}: {why}", "choose another address with --listen")
     finally:
         s.close()
+
+
+def _norm_listen(value: object) -> tuple[str, int] | None:
+    """"host:port" or "[v6]:port" as the agent writes it in its lock file; None when garbage."""
+    if not isinstance(value, str):
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _is_agent_process(pid: int, procfs: str = "/proc") -> bool:
+    """Alive, and its command line is coroot-agent's (the entry point or `python -m agent`)."""
+    try:
+        with open(os.path.join(procfs, str(pid), "cmdline"), "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read(4096).split(b"\0") if a]
+    except OSError:
+        return False
+    if not argv:
+        return False
+    if any(os.path.basename(a) == "coroot-agent" for a in argv[:2]):
+        return True
+    return any(argv[i] == "-m" and argv[i + 1] == "agent" for i in range(min(len(argv) - 1, 3)))
+
+
+def own_agent_on(cfg: Config, host: str, port: int, procfs: str = "/proc") -> int | None:
+    """The pid of the coroot-agent that holds the store lock in storage.path and says it listens
+    on host:port, when that process is alive and is coroot-agent; else None."""
+    from agent.query import StoreLock  # the store's module; imported only when the port is taken
+
+    try:
+        info = StoreLock.for_config(cfg).holder()
+    except OSError:
+        return None
+    if not isinstance(info, dict):
+        return None
+    pid = info.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or pid == os.getpid():
+        return None
+    if _norm_listen(info.get("listen")) != (host.strip("[]"), port):
+        return None
+    return pid if _is_agent_process(pid, procfs) else None
 
 
 def _store_row(cfg: Config) -> Row:

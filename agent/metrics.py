@@ -7,6 +7,10 @@ global counters on the hot path.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import uuid
 from collections.abc import Iterator, Mapping
 from typing import Protocol
 
@@ -16,6 +20,8 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+
+log = logging.getLogger(__name__)
 
 
 class Histogram(Protocol):
@@ -61,20 +67,76 @@ class Families:
         return iter(self._fams.values())
 
 
-def host_labels(procfs: str = "/proc") -> dict[str, str]:
-    """machine_id and system_uuid, as Coroot puts on every series."""
-    def first(*paths: str) -> str:
-        for p in paths:
-            try:
-                with open(p) as f:
-                    v = f.read().strip()
-                if v:
-                    return v
-            except OSError:
-                continue
+MACHINE_ID_NAME = "machine-id"
+_DMI_UUID = "/sys/class/dmi/id/product_uuid"
+_NO_UUID = {"", "00000000000000000000000000000000", "ffffffffffffffffffffffffffffffff"}
+
+
+def _read_first_line(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read(256).strip().split("\n", 1)[0].strip()
+    except (OSError, ValueError):
         return ""
 
-    return {
-        "machine_id": first("/etc/machine-id", "/var/lib/dbus/machine-id"),
-        "system_uuid": first("/sys/class/dmi/id/product_uuid").lower(),
-    }
+
+def _is_hex_id(v: str) -> bool:
+    return len(v) == 32 and all(c in "0123456789abcdef" for c in v) and v not in _NO_UUID
+
+
+def _dmi_uuid(root: str) -> str:
+    """DMI product_uuid, lowercase with dashes; "" when absent, unreadable or a placeholder."""
+    v = _read_first_line(os.path.join(root, _DMI_UUID.lstrip("/"))).lower()
+    return "" if v.replace("-", "") in _NO_UUID else v
+
+
+def _stored_id(state_dir: str | None) -> str:
+    """A random id kept in `<state_dir>/machine-id` (created 0644 once, reused); when the
+    directory cannot be written, a random id for this process, with a warning."""
+    if state_dir:
+        path = os.path.join(state_dir, MACHINE_ID_NAME)
+        v = _read_first_line(path).lower()
+        if _is_hex_id(v):
+            return v
+        new = uuid.uuid4().hex
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            os.makedirs(state_dir, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            try:
+                os.fchmod(fd, 0o644)
+                os.write(fd, (new + "\n").encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            log.info("no machine-id or DMI product_uuid: using %s, kept in %s", new, path)
+            return new
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            log.warning("cannot keep a machine id in %s (%s): this run uses %s", path, e, new)
+            return new
+    new = uuid.uuid4().hex
+    log.warning("no machine-id or DMI product_uuid and no state directory: this run uses %s", new)
+    return new
+
+
+def host_labels(procfs: str = "/proc", state_dir: str | None = None, root: str = "/") -> dict[str, str]:
+    """machine_id and system_uuid, as Coroot puts on every series; never empty.
+
+    machine_id: /etc/machine-id, /var/lib/dbus/machine-id, the DMI product_uuid (lowercase,
+    dashes removed), then a random id kept in `state_dir`. system_uuid: the DMI product_uuid
+    (lowercase), else the same kept id. `root` prefixes every path (tests use a fake root).
+    """
+    del procfs  # kept for callers; the identity files are not under /proc
+    def first(*paths: str) -> str:
+        for p in paths:
+            v = _read_first_line(os.path.join(root, p.lstrip("/"))).lower()
+            if _is_hex_id(v):  # not "", not systemd's "uninitialized"
+                return v
+        return ""
+
+    dmi = _dmi_uuid(root)
+    machine_id = first("/etc/machine-id", "/var/lib/dbus/machine-id") or dmi.replace("-", "")
+    stored = "" if machine_id and dmi else _stored_id(state_dir)
+    return {"machine_id": machine_id or stored, "system_uuid": dmi or stored}

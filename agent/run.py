@@ -25,6 +25,7 @@ from agent.ebpf import loader, tracefs
 from agent.l7.tls import TlsAttacher
 from agent.l7.tracer import L7Collector, L7Tracer, Masks
 from agent.logs.collector import LogCollector
+from agent.logs.pii import Scrubber
 from agent.metrics import Families, host_labels
 from agent.net.public import PublicFilter
 from agent.net.tcp import TcpCollector, TcpTracker
@@ -32,7 +33,7 @@ from agent.net.tcp import seed as seed_tcp
 from agent.node.cgroups import CgroupCollector
 from agent.node.node import NodeCollector
 from agent.profiling.profiler import Profiler
-from agent.query import StoreLock, api_handler
+from agent.query import StoreLock, api_handler, socket_path
 from agent.sinks.batcher import Sink, SinkCollector
 from agent.sinks.history import MetricHistory
 from agent.sinks.remote_write import RemoteWriter, WriterCollector
@@ -132,22 +133,37 @@ class Agent:
             raise RuntimeError(hdr.detail)
         log.info("kernel headers: %s", hdr.detail)
         host, port = self.cfg.listen_address
+        sock = socket_path(self.cfg)
+        os.makedirs(os.path.dirname(sock), mode=0o755, exist_ok=True)
         try:  # bind before the slow part, so a taken port fails at once
-            self.api = ApiServer(host, port, self.metrics, self.cfg.api_key, self._health)
+            self.api = ApiServer(host, port, self.metrics, self.cfg.api_key, self._health,
+                                 unix_path=sock, unix_group=self.cfg.api_socket_group)
         except OSError as e:
-            raise RuntimeError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --listen") from None
+            what = e.strerror or str(e)
+            if "group" in what:
+                raise RuntimeError(f"api_socket_group: {what}") from None
+            if sock in what:
+                raise RuntimeError(f"cannot serve the local API socket: {what}; choose another --api-socket") from None
+            raise RuntimeError(f"cannot listen on {host}:{port}: {what}; choose another --listen") from None
+        if not self.cfg.api_key:
+            log.info("no api_key: /api/* answers only on %s (root%s); TCP clients get 403", sock,
+                     f" and group {self.cfg.api_socket_group}" if self.cfg.api_socket_group else "")
         self.api.route("/api/processes", self._api_processes)
         self._check_capabilities()
         self._prepare_store()
         n = self.registry.scan()
         log.info("registry: %d processes, %d containers", n, len(self.registry.containers()))
         log.info("compiling BPF programs (%s); this takes a few seconds", ", ".join(self.families()))
-        const = host_labels(self.cfg.procfs_root)
+        const = host_labels(self.cfg.procfs_root, state_dir=self.cfg.storage_path)
         if "logs" in self.families():
-            self.logs = LogCollector(self.registry, self.sink, metrics=self.cfg.log_metrics_enabled,
-                                     entries=self.cfg.log_entries_enabled,
-                                     patterns_per_container=self.cfg.log_patterns_per_container,
-                                     const_labels=const)
+            c = self.cfg
+            scrubber = Scrubber(emails=c.log_mask_emails, cards=c.log_mask_cards, tokens=c.log_mask_tokens,
+                                secrets=c.log_mask_secrets, headers=c.log_mask_headers,
+                                cloud_keys=c.log_mask_cloud_keys, ipv4=c.log_mask_ipv4)
+            self.logs = LogCollector(self.registry, self.sink, metrics=c.log_metrics_enabled,
+                                     entries=c.log_entries_enabled,
+                                     patterns_per_container=c.log_patterns_per_container,
+                                     scrubber=scrubber, const_labels=const)
         handlers = {"proc_events": self.registry.handle_event, "tcp_events": self.tcp.handle_event}
         if self.logs is not None:
             handlers["log_events"] = self.logs.handle_event
@@ -157,7 +173,8 @@ class Agent:
             self.l7 = L7Tracer(self.registry, self.tcp, self.sink, spans=cfg.tracer_enabled,
                                sampling=cfg.traces_sampling, exclude_paths=cfg.exclude_http_requests_by_path,
                                max_fqdns=cfg.max_fqdns_per_container, host_id=const["machine_id"],
-                               masks=Masks(cfg.mask_url_query, cfg.mask_sql_literals, cfg.mask_redis_values))
+                               masks=Masks(url_query=cfg.mask_url_query, sql_literals=cfg.mask_sql_literals,
+                                           redis_values=cfg.mask_redis_values, url_path=cfg.mask_url_path))
             handlers["l7_events"] = self.l7.handle_event
             defines = {"CA_SELF_TGID": os.getpid(), "CA_L7_PAYLOAD": cfg.l7_payload_size,
                        "CA_L7_SAMPLE": L7Tracer.kernel_sampling(cfg.tracer_enabled, cfg.traces_sampling)}
@@ -198,12 +215,14 @@ class Agent:
             self.metrics.register(self.logs)
         if self.l7 is not None:
             self.metrics.register(L7Collector(self.l7, const))
+        self.metrics.register(self.api.collector())
         self._start_metrics_shipping(const)
         self.api.start()
         self._poller = threading.Thread(target=self._poll_loop, name="bpf-poll", daemon=True)
         self._poller.start()
         self.started_at = time.monotonic()
-        log.info("ready in %.1fs: serving /metrics on http://%s:%d", self.started_at - t0, host, self.api.port)
+        shown = f"[{host}]" if ":" in host else host
+        log.info("ready in %.1fs: serving /metrics on http://%s:%d", self.started_at - t0, shown, self.api.port)
 
     def _check_capabilities(self) -> None:
         have = caps.held()
@@ -236,7 +255,9 @@ class Agent:
             lock = StoreLock.for_config(cfg)
             deadline = time.monotonic() + 10
             assert self.api is not None
-            info = {"pid": os.getpid(), "listen": f"{self.api.host}:{self.api.port}"}
+            h = self.api.host
+            info = {"pid": os.getpid(), "listen": f"[{h}]:{self.api.port}" if ":" in h else f"{h}:{self.api.port}",
+                    "socket": socket_path(cfg)}
             while not lock.acquire(info):
                 if time.monotonic() > deadline:
                     holder = lock.holder() or {}

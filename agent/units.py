@@ -1,11 +1,16 @@
-"""Parsing of the value kinds used in configuration: durations, sizes, host:port.
+"""Parsing of the value kinds used in configuration: durations, sizes, host:port, http(s) URLs
+(split from their user and password), and the redaction of credentials in URLs and messages.
 
-Pure functions; each raises ValueError with a message that says what was expected.
+Pure functions; each raises ValueError with a message that says what was expected. A message
+never repeats a password it was given.
 """
 
 from __future__ import annotations
 
 import re
+import urllib.parse
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 _DURATION_UNITS = {
     "ms": 0.001,
@@ -107,3 +112,91 @@ def parse_port_range(text: str) -> tuple[int, int]:
     if not (0 < lo <= hi < 65536):
         raise ValueError(f"expected 1 <= low <= high <= 65535, got {text!r}")
     return lo, hi
+
+
+# ------------------------------------------------------------------- URLs --
+
+HTTP_SCHEMES = ("http", "https")
+REDACTED = "<redacted>"
+_CONTROL_RE = re.compile(r"[\x00-\x20\x7f]")
+_USERINFO_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/?#]*@")
+
+
+@dataclass(frozen=True)
+class HttpUrl:
+    """An http(s) URL split from its credentials: `url` never holds a user or password."""
+
+    url: str
+    scheme: str
+    user: str = ""
+    password: str = ""
+
+    @property
+    def has_credentials(self) -> bool:
+        return bool(self.user or self.password)
+
+
+def redact_url(text: str) -> str:
+    """The URL for a log line or an error: everything between `scheme://` and the last `@`
+    before the path becomes <redacted>. A text that is not a URL is returned masked the same way
+    (a password may hold `/` or `?`, so the last `@` of the whole text counts when in doubt)."""
+    s = str(text)
+    if "@" not in s:
+        return s
+    start = s.find("://")
+    start = start + 3 if start >= 0 else 0
+    at = s.rfind("@")
+    if at < start:
+        return s
+    return s[:start] + REDACTED + s[at:]
+
+
+def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
+    """A message (an exception's text, a server's answer) with every known secret and every
+    `scheme://userinfo@` replaced by <redacted>."""
+    s = str(text)
+    for secret in sorted({x for x in secrets if x}, key=len, reverse=True):
+        if len(secret) >= 6:
+            s = s.replace(secret, REDACTED)
+        else:  # a short secret only where it stands alone, or every "k" in a message would go
+            s = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", REDACTED, s)
+    return _USERINFO_RE.sub(lambda m: m.group(1) + REDACTED + "@", s)
+
+
+def parse_http_url(text: str) -> HttpUrl:
+    """'https://user:pass@host:9090/api/v1/write' -> HttpUrl('https://host:9090/api/v1/write',
+    'https', 'user', 'pass'). Only http and https; the user and password are percent-decoded.
+    A ValueError's message shows the URL redacted, never a password."""
+    s = str(text).strip()
+    shown = redact_url(s)
+    if _CONTROL_RE.search(s):
+        raise ValueError(f"a URL cannot contain spaces or control characters, got {shown!r}")
+    scheme, sep, rest = s.partition("://")
+    if not sep or scheme.lower() not in HTTP_SCHEMES:
+        raise ValueError(f"only http:// and https:// URLs are accepted, got {shown!r}")
+    scheme = scheme.lower()
+    end = len(rest)
+    for ch in "/?#":
+        i = rest.find(ch)
+        if 0 <= i < end:
+            end = i
+    authority, tail = rest[:end], rest[end:]
+    userinfo, at, hostport = authority.rpartition("@")
+    if "@" in tail:
+        raise ValueError(
+            f"an '@' after the host in {shown!r}: if it belongs to a user or password, "
+            "percent-encode it ('@' as %40, '/' as %2F, '?' as %3F, '#' as %23)")
+    try:
+        parsed = urllib.parse.urlsplit(f"{scheme}://{hostport}{tail}")
+        parsed.port  # noqa: B018 - raises ValueError for a port that is not 0-65535
+    except ValueError:
+        raise ValueError(f"expected a URL like https://host:port/path, got {shown!r}") from None
+    if not parsed.hostname:
+        raise ValueError(f"the URL has no host, got {shown!r}")
+    user, _, password = userinfo.partition(":")
+    if at and not (user or password):
+        raise ValueError(f"an empty user and password before '@' in {shown!r}")
+    return HttpUrl(
+        url=f"{scheme}://{hostport}{tail}", scheme=scheme,
+        user=urllib.parse.unquote(user), password=urllib.parse.unquote(password),
+    )

@@ -19,7 +19,8 @@ fi
 # --- Debian packages -------------------------------------------------------------------
 pkgs=(python3-bpfcc python3-venv python3-pip)
 if [ "$WANT_TEST" = 1 ]; then
-    pkgs+=(gcc iproute2 procps curl openssl prometheus nftables ethtool
+    # gcc alone compiles nothing on a bare Debian: libc6-dev has the C headers and crt files.
+    pkgs+=(gcc libc6-dev iproute2 procps curl openssl prometheus nftables ethtool
            nginx-light postgresql redis-server dnsmasq-base wrk python3-psycopg python3-redis
            debootstrap)
 fi

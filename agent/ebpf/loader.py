@@ -83,6 +83,8 @@ def feature_defines(events_dir: str | None = None) -> dict[str, int]:
                 out["CA_TCP_RETRANSMIT_HAS_ERR"] = 1
     except OSError:
         pass
+    if os.path.isdir(os.path.join(events_dir, "syscalls", "sys_enter_openat2")):
+        out["CA_LOGS_OPENAT2"] = 1  # bpf/logs.c traces openat2 opens too (kernel 5.6+)
     return out
 
 

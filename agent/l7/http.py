@@ -1,6 +1,12 @@
-"""HTTP/1.x: request line (method, path with query values masked) and response status, for
-keep-alive and pipelined requests. Works on the first bytes of a payload (a truncated header
-still yields the request line)."""
+"""HTTP/1.x: request line (method, path with query values and secret-looking path segments
+masked) and response status, for keep-alive and pipelined requests. Works on the first bytes of a
+payload (a truncated header still yields the request line).
+
+Path masking (`mask_url_path`): a segment that looks like a secret becomes `*`: long hex (16+
+hex digits), base64/base64url-like runs (20+ characters mixing letters and digits), JWT-shaped
+tokens (`eyJ...`.`...`.`...`). UUIDs are kept: they are resource ids, not secrets, and they are
+what makes a path useful to read. `;name=value` matrix parameters (`;jsessionid=...`) keep their
+names and lose their values. Must not raise on any input."""
 
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ _RESPONSE = re.compile(rb"HTTP/1\.[01] (\d{3})(?: [^\r\n]*)?\r\n")
 @dataclass(frozen=True)
 class Request:
     method: str
-    path: str  # query-string values masked
+    path: str  # query-string values and secret-looking path segments masked
     version: str
 
 
@@ -45,6 +51,51 @@ def mask_query(path: str) -> str:
     return base + "?" + "&".join(names)
 
 
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_HEX = re.compile(r"[0-9a-fA-F]{16,}")
+_JWT = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]*")
+_B64 = re.compile(r"[A-Za-z0-9+_=%~.-]{20,}")
+_ALNUM_RUN = re.compile(r"[A-Za-z0-9]{20,}")
+_LETTER = re.compile(r"[A-Za-z]")
+_DIGIT = re.compile(r"[0-9]")
+_CLASS_SWITCH = re.compile(r"[A-Za-z][0-9]|[0-9][A-Za-z]")
+
+
+def _secret_segment(seg: str) -> bool:
+    """A path segment that looks like a token: long hex, JWT, or a base64-like run mixing letters
+    and digits (either one 20+ alphanumeric run, or letters and digits interleaved 3+ times, which
+    tells `Xk9fQ2...` from a slug like `release-notes-2023-10-01`)."""
+    if len(seg) < 16 or _UUID.fullmatch(seg):
+        return False
+    if _HEX.fullmatch(seg) or _JWT.fullmatch(seg):
+        return True
+    if not _B64.fullmatch(seg) or not _LETTER.search(seg) or not _DIGIT.search(seg):
+        return False
+    run = _ALNUM_RUN.search(seg)
+    if run and _LETTER.search(run.group(0)) and _DIGIT.search(run.group(0)):
+        return True
+    return len(_CLASS_SWITCH.findall(seg)) >= 3
+
+
+def mask_url_path(path: str) -> str:
+    """Secret-looking path segments become `*`; matrix parameter values become `*`. The query
+    string (after `?`) is left as is: `mask_query` handles it."""
+    base, sep, query = path.partition("?")
+    segments = base.split("/")
+    for i, seg in enumerate(segments):
+        if not seg:
+            continue
+        name, semi, params = seg.partition(";")
+        if _secret_segment(name):
+            name = "*"
+        if semi:
+            masked = [p.split("=", 1)[0] + "=*" if "=" in p else ("*" if _secret_segment(p) else p)
+                      for p in params.split(";")]
+            name = name + ";" + ";".join(masked)
+        segments[i] = name
+    return "/".join(segments) + sep + query
+
+
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:\s*(\d+)", re.I)
 
 
@@ -54,9 +105,10 @@ def _next_message(data: bytes, head_end: int, headers: bytes) -> int:
     return head_end + 4 + (int(m.group(1)) if m else 0)
 
 
-def parse_requests(data: bytes, mask: bool = True) -> list[Request]:
+def parse_requests(data: bytes, mask: bool = True, mask_path: bool = True) -> list[Request]:
     """Every request in the payload: several when requests are pipelined. `mask`: query-string
-    values become `*` (on by default)."""
+    values become `*`; `mask_path`: secret-looking path segments and matrix parameter values
+    become `*` (both on by default)."""
     out: list[Request] = []
     pos = 0
     try:
@@ -65,7 +117,11 @@ def parse_requests(data: bytes, mask: bool = True) -> list[Request]:
             if not m:
                 break
             path = m.group(2).decode("latin-1")
-            out.append(Request(m.group(1).decode(), mask_query(path) if mask else path, "1." + m.group(3).decode()))
+            if mask:
+                path = mask_query(path)
+            if mask_path:
+                path = mask_url_path(path)
+            out.append(Request(m.group(1).decode(), path, "1." + m.group(3).decode()))
             head_end = data.find(b"\r\n\r\n", m.end() - 2)
             if head_end < 0:
                 break

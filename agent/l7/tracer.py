@@ -62,6 +62,7 @@ OTHER_DOMAIN = "other"  # DNS requests for domains beyond a container's cap are 
 @dataclass(frozen=True)
 class Masks:
     url_query: bool = True
+    url_path: bool = True
     sql_literals: bool = True
     redis_values: bool = True
 
@@ -260,7 +261,7 @@ class L7Tracer:
     def _parse(self, proto: int, pid: int, fd: int, conn_start: int, req: bytes, resp: bytes,
                seconds: float) -> list[Request]:
         if proto == HTTP:
-            reqs = http.parse_requests(req, mask=self.masks.url_query)
+            reqs = http.parse_requests(req, mask=self.masks.url_query, mask_path=self.masks.url_path)
             resps = http.parse_responses(resp)
             out = []
             for i, q in enumerate(reqs or [None]):

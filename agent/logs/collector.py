@@ -3,9 +3,16 @@
 Sources, each attributed to a container: CRI files (/var/log/pods/<ns>_<pod>_<uid>/<c>/*.log ->
 /k8s/<ns>/<pod>/<c>), Docker json-file logs (/var/lib/docker/containers/<id>/<id>-json.log ->
 /docker/<id12>), journald (by _SYSTEMD_UNIT), and files under /var/log that a container's
-processes open for writing (bpf/logs.c; at start-up from /proc/PID/fd). Files found at start-up
-are read from their end (no backfill); a file opened later is read from its start when small
-(<= 256 KiB: most likely new), else from its end.
+processes have opened for writing (bpf/logs.c, successful opens only; at start-up and on every
+rescan from /proc/PID/fd). Files found at start-up are read from their end (no backfill); a file
+opened later is read from its start when small (<= 256 KiB: most likely new), else from its end.
+
+What a process opened is taken from the kernel, not from the path it passed: /proc/PID/fd/N is
+looked at with stat (never opened unless a regular file), its path as the process sees it must
+lie under /var/log/, and the file is opened through agent.logs.safeopen (non-blocking, inside
+the process's root); a path with a `..` component is refused before anything else. The
+event-poll thread only decodes and queues (bounded, oldest dropped and counted): every file
+operation happens on this collector's own thread.
 
 Pipeline per record: partial-line joining, multi-line joining, PII scrubbing, level, pattern;
 then `container_log_messages_total{source,level,pattern_hash,sample}` (unless log parsing is
@@ -23,6 +30,7 @@ import socket
 import struct
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -35,16 +43,38 @@ from agent.logs.formats import Line, MultilineJoiner, PartialJoiner
 from agent.logs.journald import JournalEntry, JournalFollower
 from agent.logs.patterns import SEVERITY_NUMBER, PatternSet, detect_level, level_of_word
 from agent.logs.pii import Scrubber
+from agent.logs.safeopen import Refused, open_in_root, open_proc_fd
 from agent.logs.tailer import Tailer
 from agent.metrics import Families
 from agent.sinks.batcher import Sink
 
 log = logging.getLogger(__name__)
 
-LOG_OPEN_EVENT = struct.Struct("<II256s")  # mirror of struct log_open_event in bpf/logs.c
+LOG_OPEN_EVENT = struct.Struct("<IiI256s")  # mirror of struct log_open_event in bpf/logs.c
 NEW_FILE_MAX = 256 * 1024
 MAX_SOURCES = 4096
+MAX_PENDING_OPENS = 4096  # open events waiting for the logs thread; beyond it the oldest go
+LOG_DIR = "/var/log/"
 _POD_DIR = re.compile(r"^([^_]+)_([^_]+)_[^/]+/([^/]+)/[^/]+\.log$")
+
+
+@dataclass(frozen=True)
+class LogOpen:
+    """bpf/logs.c: process `pid` holds descriptor `fd`, opened for writing as `path` (a hint)."""
+
+    pid: int
+    fd: int
+    path: str
+
+
+def decode_open(raw: bytes) -> LogOpen | None:
+    """One log_open_event, or None for a malformed one."""
+    if len(raw) < LOG_OPEN_EVENT.size:
+        return None
+    pid, fd, _flags, path_b = LOG_OPEN_EVENT.unpack_from(raw)
+    if pid <= 0 or fd < 0:
+        return None
+    return LogOpen(pid, fd, path_b.split(b"\0", 1)[0].decode(errors="replace"))
 
 
 @dataclass
@@ -79,46 +109,118 @@ class LogCollector:
         self._thread: threading.Thread | None = None
         self.records = 0
         self.started_wall = time.time()
+        # Filled by the event-poll thread, drained by ours: deque appends and pops are atomic.
+        self._opens: deque[LogOpen] = deque(maxlen=MAX_PENDING_OPENS)
+        self.dropped_opens = 0
+        self.refused: Counter[str] = Counter()  # reason -> files not followed
+        self._refused_fds: set[tuple[int, int, str]] = set()  # (pid, fd, path): the rescan skips them
+        self._refused_files: dict[str, tuple[int, int, int]] = {}  # runtime file -> lstat when refused
 
     # ------------------------------------------------------------- sources --
 
-    def _add_file(self, cid: str, label: str, path: str, fmt: str, from_end: bool) -> None:
+    def _add_source(self, cid: str, label: str, tailer: Tailer, fmt: str) -> None:
+        src = Source(cid, label, tailer, fmt)
+        src.joiner = MultilineJoiner(lambda line, s=src: self._record(s, line))
+        self._sources[(cid, label if fmt == "plain" else tailer.path)] = src
+        log.info("logs: following %s for %s", tailer.path, cid)
+
+    def _has_source(self, cid: str, label: str, path: str, fmt: str) -> bool:
         # One tailer per container and file: a plain file is named by its path in the
         # container (two processes writing it are one source), a runtime file by its own path.
         key = (cid, label if fmt == "plain" else path)
-        if key in self._sources or len(self._sources) >= MAX_SOURCES:
+        return key in self._sources or len(self._sources) >= MAX_SOURCES
+
+    def _add_file(self, cid: str, label: str, path: str, fmt: str, from_end: bool, prefix: str) -> None:
+        """A runtime's file (found by our own walk): resolved under `prefix` on the host."""
+        if self._has_source(cid, label, path, fmt):
             return
-        t = Tailer(path)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return
+        seen = (st.st_dev, st.st_ino, st.st_ctime_ns)
+        if self._refused_files.get(path) == seen:
+            return  # refused before, unchanged since: not counted again on every scan
+        t = Tailer(path, root="/", prefix=prefix)
         if not t.open(from_end=from_end):
+            if t.refused:
+                self.refused["runtime_file"] += t.refused
+                if len(self._refused_files) >= MAX_SOURCES:
+                    self._refused_files.clear()
+                self._refused_files[path] = seen
             return
-        src = Source(cid, label, t, fmt)
-        src.joiner = MultilineJoiner(lambda line, s=src: self._record(s, line))
-        self._sources[key] = src
-        log.info("logs: following %s for %s", path, cid)
+        self._add_source(cid, label, t, fmt)
 
     def handle_event(self, raw: bytes) -> None:
-        """bpf/logs.c: a process opened a file under /var/log for writing."""
-        pid, _flags, path_b = LOG_OPEN_EVENT.unpack_from(raw)
-        path = path_b.split(b"\0", 1)[0].decode(errors="replace")
-        c = self.registry.container_of(pid)
-        if c is None:
-            # The exec that put it in its container may wait in the other event buffer: read it now.
-            self.registry.add(pid)
-            c = self.registry.container_of(pid)
-        if c is None or "logs" in c.opt_out:
+        """bpf/logs.c, on the event-poll thread: queue it and return. No I/O, no lock."""
+        ev = decode_open(raw)
+        if ev is None:
             return
-        real = f"{self.registry.procfs}/{pid}/root{path}"
-        with self._lock:
-            self._add_file(c.id, path, real, "plain", from_end=not self._is_new(real))
+        if len(self._opens) == MAX_PENDING_OPENS:
+            self.dropped_opens += 1  # the deque drops the oldest
+        self._opens.append(ev)
 
-    def _is_new(self, path: str) -> bool:
+    def _drain_opens(self) -> None:
+        """On the logs thread: follow what the queued open events name, if it is a log file."""
+        while True:
+            try:
+                ev = self._opens.popleft()
+            except IndexError:
+                return
+            c = self.registry.container_of(ev.pid)
+            if c is None:
+                # The exec that put it in its container may wait in the other event buffer: read it now.
+                self.registry.add(ev.pid)
+                c = self.registry.container_of(ev.pid)
+            if c is None or "logs" in c.opt_out:
+                continue
+            with self._lock:
+                self._follow(c.id, ev.pid, ev.fd, ev.path, startup=False)
+
+    def _follow(self, cid: str, pid: int, fd: int, path: str, startup: bool) -> None:
+        """Follow the file `pid` holds as `fd` (opened as `path`), or, when that descriptor is
+        gone already, `path` resolved inside the process's root. Only regular files under
+        /var/log/ are followed, whatever the process named; each refusal is counted."""
+        try:
+            if ".." in path.split("/"):
+                raise Refused("dotdot", path, "a `..` component")  # before anything is looked at
+            if path and self._has_source(cid, path, path, "plain"):
+                return
+            try:
+                opened, seen = open_proc_fd(self.registry.procfs, pid, fd, LOG_DIR)
+            except FileNotFoundError:  # closed already (or the process is gone): use the path
+                if not path:
+                    return
+                opened, seen = open_in_root(f"{self.registry.procfs}/{pid}/root", path, LOG_DIR), path
+        except Refused as e:
+            self.refused[e.reason] += 1
+            if len(self._refused_fds) >= MAX_SOURCES:
+                self._refused_fds.clear()
+            self._refused_fds.add((pid, fd, path))
+            n = self.refused[e.reason]
+            if n & (n - 1) == 0:  # 1st, 2nd, 4th, ...: a process opening FIFOs in a loop cannot flood the log
+                log.warning("logs: not following %r opened by pid %d: %r (%d so far)", path, pid, e.detail, n)
+            return
+        except OSError:
+            return  # the process exited, or its fd changed under us
+        st = os.fstat(opened)
+        if self._has_source(cid, seen, seen, "plain") or any(
+                s.container_id == cid and s.tailer is not None and s.tailer.inode == (st.st_dev, st.st_ino)
+                for s in self._sources.values()):
+            os.close(opened)  # followed already, maybe by its name before a rename
+            return
+        t = Tailer(seen, root=f"{self.registry.procfs}/{pid}/root", prefix=LOG_DIR)
+        t.adopt(opened, from_end=startup or not self._is_new(opened))
+        self._add_source(cid, seen, t, "plain")
+
+    def _is_new(self, fd: int) -> bool:
         """Created after the agent started (read it whole), or older (read from its end).
         Where the filesystem keeps no creation time, a small file counts as new."""
-        born = birth_time(path)
+        born = birth_time(f"/proc/self/fd/{fd}")  # the file we hold, not a path anyone can change
         if born is not None:
             return born >= self.started_wall - 1.0
         try:
-            return os.stat(path).st_size <= NEW_FILE_MAX
+            return os.fstat(fd).st_size <= NEW_FILE_MAX
         except OSError:
             return True
 
@@ -131,26 +233,26 @@ class LogCollector:
                     m = _POD_DIR.match(os.path.relpath(full, self.pods_dir))
                     if m and name.endswith(".log"):
                         self._add_file(f"/k8s/{m.group(1)}/{m.group(2)}/{m.group(3)}", "stdout/stderr", full, "cri",
-                                       from_end=startup)
+                                       from_end=startup, prefix=self.pods_dir)
             try:
                 ids = os.listdir(self.docker_dir)
             except OSError:
                 ids = []
             for cid in ids:
                 full = os.path.join(self.docker_dir, cid, f"{cid}-json.log")
-                if os.path.exists(full):
-                    self._add_file(f"/docker/{cid[:12]}", "stdout/stderr", full, "docker", from_end=startup)
+                if os.path.lexists(full):
+                    self._add_file(f"/docker/{cid[:12]}", "stdout/stderr", full, "docker", from_end=startup,
+                                   prefix=self.docker_dir)
             # Files container processes hold open for writing: at start-up (read from their end),
             # and on every scan after, in case an open event was missed (read like an event's).
             for pid in self.registry.pids():
                 c = self.registry.container_of(pid)
                 if c is None or "logs" in c.opt_out:
                     continue
-                for path in _open_log_files(self.registry.procfs, pid):
-                    if (c.id, path) in self._sources:
-                        continue  # already followed
-                    real = f"{self.registry.procfs}/{pid}/root{path}"
-                    self._add_file(c.id, path, real, "plain", from_end=startup or not self._is_new(real))
+                for fd, path in _open_log_files(self.registry.procfs, pid):
+                    if (c.id, path) in self._sources or (pid, fd, path) in self._refused_fds:
+                        continue  # already followed, or refused
+                    self._follow(c.id, pid, fd, path, startup=startup)
 
     def _journal_entry(self, e: JournalEntry) -> None:
         with self._lock:
@@ -231,6 +333,15 @@ class LogCollector:
                 f.counter("container_log_messages_total", "log messages by level and pattern", n,
                           container_id=cid, app_id=apps.get(cid, cid), source=source, level=level,
                           pattern_hash=h, sample=sample)
+            refused = dict(self.refused)
+            rotated = sum(s.tailer.refused for s in self._sources.values() if s.tailer is not None)
+        if rotated:
+            refused["rotation"] = refused.get("rotation", 0) + rotated
+        f.counter("coroot_agent_dropped_events_total", "events dropped in user space: the queue to their "
+                  "consumer was full (the oldest go)", self.dropped_opens, what="log_open")
+        for reason, n in sorted(refused.items()):
+            f.counter("coroot_agent_log_files_refused_total", "files a process opened under /var/log that are "
+                      "not followed (not a regular file, resolves outside /var/log, `..`, a rotated path swapped for one)", n, reason=reason)
         yield from f
 
     # ------------------------------------------------------------- running --
@@ -246,6 +357,7 @@ class LogCollector:
         next_scan = time.monotonic() + 5
         while not self._stop.wait(0.2):
             try:
+                self._drain_opens()
                 self.tick()
                 if time.monotonic() >= next_scan:
                     self.scan()
@@ -260,6 +372,7 @@ class LogCollector:
             self._thread = None
         if self._journal is not None:
             self._journal.stop()
+        self._drain_opens()
         self.tick()
         self.flush()
         with self._lock:
@@ -268,11 +381,12 @@ class LogCollector:
                     src.tailer.close()
 
 
-def _open_log_files(procfs: str, pid: int) -> list[str]:
-    """Paths under /var/log that pid holds open for writing (O_WRONLY or O_RDWR)."""
+def _open_log_files(procfs: str, pid: int) -> list[tuple[int, str]]:
+    """(fd, path) of files under /var/log that pid holds open for writing (O_WRONLY or O_RDWR).
+    Only a first cut: _follow checks each as it does an open event."""
     out = []
     for fd, target in fd_targets(procfs, pid).items():
-        if not target.startswith("/var/log/"):
+        if not target.startswith(LOG_DIR):
             continue
         try:
             with open(f"{procfs}/{pid}/fdinfo/{fd}") as f:
@@ -280,5 +394,5 @@ def _open_log_files(procfs: str, pid: int) -> list[str]:
         except (OSError, ValueError):
             continue
         if flags & 3:
-            out.append(target)
+            out.append((fd, target))
     return out

@@ -3,12 +3,22 @@ rename-and-create rotation (the old file is read to its end, then the new one fr
 and copytruncate (a shrunk file, or one whose bytes before our position changed, is read again
 from its start). Lines longer than `max_line` are cut there, the rest of them skipped; lines
 with NUL bytes are binary garbage and skipped (counted). Reads only; parses nothing.
+
+Every open, the first and each one after a rotation, goes through agent.logs.safeopen: `path`
+is resolved inside `root` (the writing process's root, or / for runtime files) and must stay
+under `prefix` and be a regular file, so a rotated path swapped for a symlink to a secret or
+for a FIFO is not followed. Regular files only: a read never blocks.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
+
+from agent.logs import safeopen
+
+log = logging.getLogger(__name__)
 
 FINGERPRINT = 64  # bytes just before our position, to notice a file rewritten in place
 
@@ -16,6 +26,8 @@ FINGERPRINT = 64  # bytes just before our position, to notice a file rewritten i
 @dataclass
 class Tailer:
     path: str
+    root: str = "/"  # the path is resolved inside this directory (a process's /proc/PID/root)
+    prefix: str = "/"  # ... and must stay under this one there
     max_line: int = 64 * 1024
     chunk: int = 1 << 20
     fd: int = -1
@@ -28,19 +40,34 @@ class Tailer:
     truncated_lines: int = 0
     rotations: int = 0
     pending: list[bytes] = field(default_factory=list)
+    refused: int = 0  # reopens refused by safeopen (a path swapped for a symlink, FIFO, ...)
+    refused_file: tuple[int, int, int] = (0, 0, 0)  # (dev, ino, ctime) of the path when refused: not tried again
 
     def open(self, from_end: bool) -> bool:
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
+        fd = self._open_safely()
+        if fd < 0:
             return False
+        self.adopt(fd, from_end)
+        return True
+
+    def _open_safely(self) -> int:
+        try:
+            return safeopen.open_in_root(self.root, self.path, self.prefix)
+        except safeopen.Refused as e:
+            self.refused += 1
+            log.warning("logs: not following %r: %r", self.path, e.detail)
+        except OSError:
+            pass
+        return -1
+
+    def adopt(self, fd: int, from_end: bool) -> None:
+        """Follow an already opened (regular, non-blocking) descriptor, which this takes over."""
         st = os.fstat(fd)
         self.close()
         self.fd, self.inode = fd, (st.st_dev, st.st_ino)
         self.offset = st.st_size if from_end else 0
         self.partial, self.skipping = b"", False
         self._remember()
-        return True
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -56,16 +83,38 @@ class Tailer:
         if self.fd < 0 and not self.open(from_end=False):
             return []
         lines = self._read_to_end()
+        if self._still_ours():
+            return lines
         try:
-            st = os.stat(self.path)
+            opath = safeopen.resolve_in_root(self.root, self.path, self.prefix)
         except OSError:
-            return lines  # rotated away and not recreated yet: keep the old fd
-        if (st.st_dev, st.st_ino) != self.inode:
+            return lines  # rotated away and not recreated yet (or refused): keep the old fd
+        try:
+            st = os.fstat(opath)
+        finally:
+            os.close(opath)
+        # ctime too: an inode number is reused at once by the next file made there
+        seen = (st.st_dev, st.st_ino, st.st_ctime_ns)
+        if (st.st_dev, st.st_ino) != self.inode and seen != self.refused_file:
             lines += self._read_to_end()  # the rest of the rotated file
+            fd = self._open_safely()
+            if fd < 0:
+                self.refused_file = seen  # keep reading the old fd; try again when the path changes
+                return lines
             self.rotations += 1
-            if self.open(from_end=False):
-                lines += self._read_to_end()
+            self.adopt(fd, from_end=False)
+            lines += self._read_to_end()
         return lines
+
+    def _still_ours(self) -> bool:
+        """The cheap test on every poll: the path still names the file we read. A stat (it
+        opens nothing); what it follows does not matter, since only a match is trusted, and any
+        change goes through safeopen before anything is opened."""
+        try:
+            st = os.stat(self.path if self.root == "/" else self.root.rstrip("/") + self.path)
+        except (OSError, ValueError):
+            return False
+        return (st.st_dev, st.st_ino) == self.inode
 
     def _truncated(self) -> bool:
         size = os.fstat(self.fd).st_size

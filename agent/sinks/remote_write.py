@@ -7,11 +7,17 @@ other 4xx answers drop the request (logged once per status, counted). The spool 
 The protobuf encoder is hand-written for the three messages remote write uses (WriteRequest,
 TimeSeries, Label/Sample of prometheus/prompb); tests prove it byte-identical to the protobuf
 library's. Reads a prometheus-client registry; knows nothing of eBPF.
+
+Only http:// and https:// URLs. A user:password@ in the URL becomes the basic-auth header and
+is kept nowhere else: `self.url`, every log line and every error show the URL without it, and
+any text from urllib or the server passes a redactor that removes the password before it is
+logged.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import logging
 import math
 import socket
@@ -20,6 +26,7 @@ import struct
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +35,7 @@ import cramjam
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
-from agent import __version__
+from agent import __version__, units
 from agent.metrics import Families
 from agent.sinks.spool import Spool
 
@@ -153,7 +160,14 @@ class RemoteWriter:
         timeout: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.url = url
+        parsed = units.parse_http_url(url)  # ValueError: not http(s), or a malformed URL
+        if parsed.has_credentials:
+            if user or password:
+                raise ValueError(
+                    f"remote_write URL {units.redact_url(url)!r} carries a user and password, and "
+                    "a user/password is configured too; use one of the two")
+            user, password = parsed.user, parsed.password
+        self.url = parsed.url
         self.registry = registry
         self.spool = spool
         self.interval = interval
@@ -167,11 +181,15 @@ class RemoteWriter:
         self.headers.update(dict(headers))
         if api_key:
             self.headers["X-Api-Key"] = api_key
+        self._secrets: tuple[str, ...] = ()
         if user or password:
             token = base64.b64encode(f"{user}:{password}".encode()).decode()
             self.headers["Authorization"] = f"Basic {token}"
+            self._secrets = (password, urllib.parse.quote(password, safe=""), token)
+        if api_key:
+            self._secrets += (api_key,)
         self._ssl = None
-        if url.startswith("https"):
+        if parsed.scheme == "https":
             self._ssl = ssl.create_default_context(cafile=ca_file or None)
             if skip_verify:
                 self._ssl.check_hostname = False
@@ -240,23 +258,31 @@ class RemoteWriter:
                 self.stats.last_error = ""
             return "ok"
         except urllib.error.HTTPError as e:
-            body = e.read()[:300].decode(errors="replace").strip()
+            try:
+                body = self._redact(e.read()[:300].decode(errors="replace").strip())
+            except (OSError, ValueError):
+                body = ""
+            reason = self._redact(e.reason)
             if e.code in (401, 403):
-                self._error(f"remote_write to {self.url}: {e.code} {e.reason}: check global_prometheus.user "
+                self._error(f"remote_write to {self.url}: {e.code} {reason}: check global_prometheus.user "
                             f"and password (--prometheus-user, --prometheus-password); requests stay spooled")
                 return "retry"
             if e.code == 429 or e.code >= 500:
-                self._error(f"remote_write to {self.url}: {e.code} {e.reason} {body}; retrying")
+                self._error(f"remote_write to {self.url}: {e.code} {reason} {body}; retrying")
                 return "retry"
             if e.code not in self._logged_statuses:
                 self._logged_statuses.add(e.code)
                 log.error("remote_write to %s: %d %s: %s; dropping such requests (logged once)",
-                          self.url, e.code, e.reason, body)
+                          self.url, e.code, reason, body)
             return "drop"
-        except (OSError, ValueError) as e:  # connection refused, TLS, timeouts
-            reason = getattr(e, "reason", e)
+        except (OSError, ValueError, http.client.HTTPException) as e:  # refused, TLS, timeouts, garbage
+            reason = self._redact(getattr(e, "reason", e))
             self._error(f"remote_write to {self.url}: {reason}; retrying")
             return "retry"
+
+    def _redact(self, text: object) -> str:
+        """Text from urllib or the endpoint, without the password, the auth token or a URL's userinfo."""
+        return units.redact_text(str(text), self._secrets)
 
     def _error(self, msg: str) -> None:
         if msg != self.stats.last_error:

@@ -144,7 +144,9 @@ def main() -> None:
                 else:
                     sql = params.get("query") or body.decode()
                     sql = _bind(sql, params)
-                    if settings.get("readonly") == "1" and not _READ.match(sql):
+                    # readonly is enforced here, not passed on: a setting given to the embedded
+                    # engine stays on its one session, which the front's inserts share.
+                    if settings.pop("readonly", "0") in ("1", "2") and not _READ.match(sql):
                         msg = "Code: 164. DB::Exception: Cannot execute query in readonly mode. (READONLY)\n"
                         return self._reply(500, msg.encode(), 164)
                     if settings and _READ.match(sql):

@@ -19,6 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.containers.cgroup import detect_layout
 
+NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -65,8 +67,21 @@ class AgentProcess:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as r:
             return r.read().decode()
 
+    @property
+    def socket(self) -> str:
+        """The agent's unix socket: local /api/* without a key, for root."""
+        return f"{self.storage}/api.sock"
+
+    def api(self, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        """/api/* over the unix socket: (status, body)."""
+        from agent.query import call_agent
+
+        return call_agent(self.socket, "POST" if body is not None else "GET", path, body, timeout=30)
+
     def processes(self, pid: int | None = None) -> list[dict]:
-        return json.loads(self.get("/api/processes" + (f"?pid={pid}" if pid else "")))
+        status, data = self.api("/api/processes" + (f"?pid={pid}" if pid else ""))
+        assert status == 200, data
+        return json.loads(data)
 
     def metrics(self) -> list[tuple[str, dict[str, str], float]]:
         out = []

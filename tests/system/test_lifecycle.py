@@ -36,7 +36,7 @@ def test_check_fails_and_says_why_when_the_listen_port_is_taken() -> None:
         r = subprocess.run([sys.executable, "-m", "agent", "check", "--no-probe", "--listen", f"127.0.0.1:{port}"],
                            capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
-    assert f"127.0.0.1:{port}: in use (is an agent already running?)" in r.stdout
+    assert f"127.0.0.1:{port}: in use by another process" in r.stdout
     assert "fix: choose another address with --listen" in r.stdout
 
 

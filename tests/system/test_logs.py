@@ -85,6 +85,37 @@ def test_a_file_under_var_log_is_counted_by_level_and_pattern_and_stored(
     w.close()
 
 
+def test_a_file_opened_through_a_symlink_within_var_log_is_followed_by_its_real_path(
+        agent: AgentProcess, cgroups: TestCgroups, logfile: str) -> None:
+    link = logfile.replace(".log", "-current.log")
+    os.symlink(os.path.basename(logfile), link)
+    try:
+        cid = cgroups.create("logs-link")
+        w = Writer(cgroups, cid)
+        w(f"open {link}")
+        w("lines 6 ERROR through a link {i}")
+        assert wait_for(lambda: sum(counts(agent, cid).values()) == 6, 10), counts(agent, cid)
+        time.sleep(0.5)
+        assert sum(counts(agent, cid).values()) == 6
+        source = {lb["source"] for n, lb, _ in agent.metrics()
+                  if n == "container_log_messages_total" and lb.get("container_id") == cid}
+        assert source == {logfile}  # what the kernel opened, not the name the process used
+        w.close()
+    finally:
+        os.unlink(link)
+
+
+def test_a_file_opened_read_only_is_not_followed(agent: AgentProcess, cgroups: TestCgroups, logfile: str) -> None:
+    with open(logfile, "w") as f:
+        f.write("".join(f"ERROR already there {i}\n" for i in range(4)))
+    cid = cgroups.create("logs-readonly")
+    p = cgroups.spawn(cid, [sys.executable, "-c", f"import sys; f = open({logfile!r}); f.read(); sys.stdin.read()"],
+                      stdin=subprocess.PIPE)
+    time.sleep(6)  # past a rescan of open descriptors
+    assert counts(agent, cid) == {}
+    p.communicate(b"")
+
+
 def test_cri_and_docker_files_are_attributed_and_partial_lines_joined(agent: AgentProcess) -> None:
     tag = uuid.uuid4().hex[:8]
     pod_dir = f"/var/log/pods/catest_web-{tag}_{uuid.uuid4()}/app"
