@@ -122,6 +122,27 @@ def readme_first_command(readme: str) -> str:
     return next((line for line in lines if line), "")
 
 
+def _kill_rooted_in(root: Path) -> None:
+    """Every process whose root directory is `root` (the chroot), whatever its session."""
+    for _ in range(50):
+        left = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if os.readlink(f"/proc/{pid}/root").startswith(str(root)):
+                    left.append(int(pid))
+            except OSError:
+                continue
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.1)
+    raise AssertionError(f"processes still running in {root}")
+
+
 def test_readme_commands_on_bare_debian(bare: Path) -> None:
     first = os.environ.get("COROOT_TEST_FIRST_COMMAND") or readme_first_command((REPO / "README.md").read_text())
     assert first.endswith(" run"), f"the README's first command should end in `run`: {first!r}"
@@ -165,6 +186,7 @@ def test_readme_commands_on_bare_debian(bare: Path) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        _kill_rooted_in(bare)  # an agent left running would keep its uprobes on the host's libssl
 
     # the test set-up, then one workload compiled with the installed gcc and run
     t1 = time.monotonic()
