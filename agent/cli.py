@@ -45,9 +45,10 @@ def _parser() -> argparse.ArgumentParser:
 
     query = sub.add_parser(
         "query", help="read-only SQL against the store",
-        description="Run one read-only statement (SELECT, SHOW, DESCRIBE, EXPLAIN, WITH, EXISTS) "
-        "against the configured store: through the running agent's /api/query while it holds "
-        "the embedded store, otherwise directly. Tables: otel_traces, otel_logs, "
+        description="Run one read of the agent's data (SELECT, SHOW, DESCRIBE, EXPLAIN, WITH, EXISTS; "
+        "ClickHouse's parser decides, and it runs read-only with time and size limits) against the "
+        "configured store: through the running agent's unix socket (root, or api_socket_group) "
+        "while it holds the embedded store, otherwise directly. Tables: otel_traces, otel_logs, "
         "profiling_samples, profiling_stacks, metrics, ...",
         epilog='example: coroot-agent query "SELECT ServiceName, count() FROM otel_traces GROUP BY 1"',
     )
