@@ -136,10 +136,14 @@ def words(text: str) -> list[str]:
 def first_word(text: str) -> str:
     """The statement's first word, refused at once unless it can start a read. Only a quick
     answer for the obvious cases: the engine's parser decides the rest."""
-    ws = words(text)
+    return _read_start(words(text), required=False)
+
+
+def _read_start(ws: list[str], required: bool) -> str:
+    """The first of `ws`, refused unless it can start a read (or is absent and not `required`)."""
     first = ws[0].upper() if ws else ""
-    if first and first not in READ_WORDS:
-        raise QueryRefused(f"{ONLY_READS}; refused {first}")
+    if (first or required) and first not in READ_WORDS:
+        raise QueryRefused(f"{ONLY_READS}; refused {first or 'this statement'}")
     return first
 
 
@@ -148,9 +152,7 @@ def lexical_check(canonical: str) -> None:
     ws = words(canonical)
     if ";" in ws:
         raise QueryRefused("one statement at a time, please")
-    first = canonical.lstrip("( ").split(None, 1)[0].upper() if canonical.lstrip("( ") else ""
-    if first not in READ_WORDS:
-        raise QueryRefused(f"{ONLY_READS}; refused {first or 'this statement'}")
+    _read_start(ws, required=True)
     upper = [w.upper() for w in ws]
     for a, b in zip(upper, upper[1:], strict=False):
         if a == "INTO" and b == "OUTFILE":
