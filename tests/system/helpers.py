@@ -298,6 +298,35 @@ def sh(*args: str, check: bool = True) -> str:
     return subprocess.run(args, check=check, capture_output=True, text=True).stdout
 
 
+class RemoteHost:
+    """A network namespace joined to this host by a veth pair: this host at 10.<net>.K.1, the
+    namespace at 10.<net>.K.2. For tests of what another host can do to the agent."""
+
+    def __init__(self, net: int) -> None:
+        tag = uuid.uuid4().hex[:6]
+        k = int(tag[:2], 16) % 250 + 1
+        self.ns, self.tag = f"ca-rh-{tag}", tag
+        self.host_ip, self.ip = f"10.{net}.{k}.1", f"10.{net}.{k}.2"
+        self._host_if, ns_if = f"vh{tag}", f"vn{tag}"
+        sh("ip", "netns", "add", self.ns)
+        try:
+            sh("ip", "link", "add", self._host_if, "type", "veth", "peer", "name", ns_if, "netns", self.ns)
+            sh("ip", "addr", "add", f"{self.host_ip}/24", "dev", self._host_if)
+            sh("ip", "link", "set", self._host_if, "up")
+            sh("ip", "netns", "exec", self.ns, "ip", "addr", "add", f"{self.ip}/24", "dev", ns_if)
+            sh("ip", "netns", "exec", self.ns, "ip", "link", "set", ns_if, "up")
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def argv(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.ns, *args]
+
+    def cleanup(self) -> None:
+        sh("ip", "link", "del", self._host_if, check=False)
+        sh("ip", "netns", "del", self.ns, check=False)
+
+
 class TwoHosts:
     """Two network namespaces ("hosts") joined by a veth pair: cli at 10.201.K.1, srv at
     10.201.K.2 (and any extra addresses given, routed from cli). Offloads are off and

@@ -8,9 +8,8 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-import uuid
 
-from tests.system.helpers import AgentProcess, sh
+from tests.system.helpers import AgentProcess, RemoteHost
 
 CLIENT = """
 import sys, urllib.request, urllib.error
@@ -34,23 +33,15 @@ def local_status(port: int, path: str, key: str = "") -> int:
 
 
 def test_api_needs_the_key_from_other_hosts_and_from_loopback_and_not_on_the_socket() -> None:
-    tag = uuid.uuid4().hex[:6]
-    ns, host_if, ns_if = f"ca-api-{tag}", f"vh{tag}", f"vn{tag}"
-    k = int(tag[:2], 16) % 250 + 1
-    sh("ip", "netns", "add", ns)
+    peer = RemoteHost(202)
     a = AgentProcess(["--api-key", "s3cret-key"])
     a.args[1] = f"0.0.0.0:{a.port}"  # listen on every address
     try:
-        sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if, "netns", ns)
-        sh("ip", "addr", "add", f"10.202.{k}.1/24", "dev", host_if)
-        sh("ip", "link", "set", host_if, "up")
-        sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"10.202.{k}.2/24", "dev", ns_if)
-        sh("ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up")
         a.start()
 
         def status(path: str, key: str = "") -> int:
-            r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT,
-                                f"http://10.202.{k}.1:{a.port}{path}", key], capture_output=True, text=True, timeout=30)
+            r = subprocess.run(peer.argv(sys.executable, "-c", CLIENT, f"http://{peer.host_ip}:{a.port}{path}", key),
+                               capture_output=True, text=True, timeout=30)
             return int(r.stdout.strip())
 
         assert status("/metrics") == 200
@@ -65,8 +56,7 @@ def test_api_needs_the_key_from_other_hosts_and_from_loopback_and_not_on_the_soc
         assert a.processes() != []  # the unix socket: root needs no key
     finally:
         a.stop()
-        sh("ip", "link", "del", host_if, check=False)
-        sh("ip", "netns", "del", ns, check=False)
+        peer.cleanup()
 
 
 def test_without_a_key_the_tcp_api_is_closed_and_the_socket_is_roots() -> None:

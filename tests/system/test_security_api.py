@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.system.helpers import NOBODY, AgentProcess, TestCgroups, free_port, sh, wait_for
+from tests.system.helpers import NOBODY, AgentProcess, RemoteHost, TestCgroups, free_port, wait_for
 
 HTTP_CLIENT = """
 import http.client, sys
@@ -389,24 +389,15 @@ def test_9_a_long_query_is_cut_and_never_holds_inserts(agent: AgentProcess, witn
 @pytest.fixture(scope="module")
 def remote(agent: AgentProcess) -> Iterator[tuple[str, AgentProcess, str]]:
     """A second agent listening on every address with a key, and a namespace to attack it from."""
-    tag = uuid.uuid4().hex[:6]
-    ns, host_if, ns_if = f"ca-sec-{tag}", f"vh{tag}", f"vn{tag}"
-    k = int(tag[:2], 16) % 250 + 1
-    sh("ip", "netns", "add", ns)
-    a = AgentProcess(["--api-key", "k-" + tag, "--disable-profiling", "--disable-l7-tracing"])
+    peer = RemoteHost(203)
+    a = AgentProcess(["--api-key", "k-" + peer.tag, "--disable-profiling", "--disable-l7-tracing"])
     a.args[1] = f"0.0.0.0:{a.port}"
     try:
-        sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if, "netns", ns)
-        sh("ip", "addr", "add", f"10.203.{k}.1/24", "dev", host_if)
-        sh("ip", "link", "set", host_if, "up")
-        sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"10.203.{k}.2/24", "dev", ns_if)
-        sh("ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up")
         a.start()
-        yield ns, a, f"10.203.{k}.1"
+        yield peer.ns, a, peer.host_ip
     finally:
         a.stop()
-        sh("ip", "link", "del", host_if, check=False)
-        sh("ip", "netns", "del", ns, check=False)
+        peer.cleanup()
 
 
 BODY_ATTACK = """
