@@ -7,7 +7,9 @@ store keeps in line with the configuration. Pure: builds strings, runs nothing.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 SIGNALS = ("traces", "logs", "profiles", "metrics")
 TIME_CODEC = "CODEC(DoubleDelta, ZSTD(1))"  # the seed asks DoubleDelta+ZSTD for span time
@@ -232,6 +234,72 @@ TABLES_BY_NAME = {t.name: t for t in TABLES}
 # The tables the agent writes to; the others are fed by materialized views.
 WRITTEN = ("otel_traces", "otel_logs", "profiling_stacks", "profiling_samples", "metrics")
 DEDUP_WINDOW = 1000
+
+
+def _default(type_: str) -> Any:
+    """The value a column gets when a writer leaves it out (ClickHouse's own default)."""
+    t = type_.removeprefix("LowCardinality(").rstrip(")") if type_.startswith("LowCardinality(") else type_
+    if t.startswith("Map("):
+        return {}
+    if t.startswith("Array("):
+        return []
+    if t.startswith(("Int", "UInt", "Float")):
+        return 0
+    if t.startswith("DateTime"):
+        return 0
+    return ""
+
+
+def _column_types(table: Table) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for c in table.columns:
+        if c.materialized:
+            continue
+        m = re.fullmatch(r"Nested\((.*)\)", c.type, re.S)
+        if m:
+            for part in _split_top(m.group(1)):
+                name, _, type_ = part.strip().partition(" ")
+                out[f"{c.name}.{name}"] = f"Array({type_.strip()})"
+        else:
+            out[c.name] = c.type
+    return out
+
+
+class RowBuilder:
+    """Rows of one written table from values named by column: the order comes from the table's
+    definition here, so a writer cannot put a value in the wrong column. Columns left out get
+    their type's default; a name the table does not have is an error."""
+
+    def __init__(self, table: str) -> None:
+        t = TABLES_BY_NAME[table]
+        self.table = table
+        self.columns = t.insert_columns
+        types = _column_types(t)
+        self._index = {name: i for i, name in enumerate(self.columns)}
+        self._defaults = tuple(_default(types[name]) for name in self.columns)
+
+    def __call__(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
+        row = list(self._defaults)
+        for name, v in values.items():
+            try:
+                row[self._index[name]] = v
+            except KeyError:
+                raise KeyError(f"{self.table} has no column {name!r}") from None
+        for i, d in enumerate(self._defaults):  # mutable defaults are not shared between rows
+            if row[i] is d and isinstance(d, (list, dict)):
+                row[i] = type(d)()
+        return tuple(row)
+
+
+_BUILDERS: dict[str, RowBuilder] = {}
+
+
+def row(table: str, values: Mapping[str, Any]) -> tuple[Any, ...]:
+    """One row of `table` (one of WRITTEN) in insert order, from values named by column."""
+    b = _BUILDERS.get(table)
+    if b is None:
+        b = _BUILDERS[table] = RowBuilder(table)
+    return b(values)
 
 
 def _ident(name: str) -> str:
