@@ -22,28 +22,14 @@
  * from the syscall the library makes inside the call (or remembered per SSL object), and that
  * nested ciphertext syscall is not parsed. The agent's own process is never traced. */
 #include "common.h"
+#include "l7/protocols.h" /* the contract (ids, flags, event layout) and one detector per protocol */
 
-#ifndef CA_L7_PAYLOAD
-#define CA_L7_PAYLOAD 1024 /* request bytes kept (power of two) */
-#endif
-#define CA_L7_RESP 512 /* response bytes kept: status lines, error frames, DNS answers */
 #ifndef CA_L7_MAX_PENDING
 #define CA_L7_MAX_PENDING 8192
 #endif
 #ifndef CA_SELF_TGID
 #define CA_SELF_TGID 0
 #endif
-
-#define L7_HTTP 1
-#define L7_POSTGRES 2
-#define L7_REDIS 3
-#define L7_DNS 4
-
-#define L7_OUTBOUND 1
-#define L7_INBOUND 2
-#define L7_TLS 4
-
-#define CA_DNS_PORT 53
 
 struct l7_key {
     u32 tgid;
@@ -60,24 +46,6 @@ struct l7_request {
     u32 len;  /* bytes in payload */
     u32 size; /* bytes the call carried */
     u8 payload[CA_L7_PAYLOAD];
-};
-
-/* Mirror: agent/l7/tracer.py L7_HEADER ("<QQQIIIIIIII"), then resp[CA_L7_RESP], then the
- * first req_len bytes of the request: the event is sent without the unused request tail. */
-struct l7_event {
-    u64 start_ns;
-    u64 duration_ns;
-    u64 conn_start;
-    u32 tgid;
-    u32 fd;
-    u32 protocol;
-    u32 flags;
-    u32 req_len; /* bytes of the request in the event */
-    u32 req_size; /* size of the write that carried it */
-    u32 resp_len;
-    u32 payload_max;
-    u8 resp[CA_L7_RESP];
-    u8 req[CA_L7_PAYLOAD];
 };
 
 struct ssl_call {
@@ -106,22 +74,6 @@ BPF_TABLE("lru_hash", struct ssl_key, u32, ssl_fds, 16384);     /* SSL object ->
 #ifndef CA_L7_SAMPLE
 #define CA_L7_SAMPLE 4294967296ULL /* sampling 1.0 */
 #endif
-#define L7_BUCKETS 11 /* agent/l7/tracer.py BUCKETS, in ns below */
-#define L7_COUNTED 8 /* event flag: the kernel counted this request */
-struct l7_http_key {
-    u32 tgid;
-    u32 fd; /* outbound: the connection; inbound: 0 */
-    u64 conn_start;
-    u32 status; /* 0 unknown, 1..5: 1xx..5xx */
-    u32 outbound;
-};
-
-struct l7_hist {
-    u64 count;
-    u64 sum_ns;
-    u64 buckets[L7_BUCKETS]; /* not cumulative; above the last bound only in count */
-};
-
 #ifndef CA_L7_MAX_HTTP_STATS
 #define CA_L7_MAX_HTTP_STATS 16384
 #endif
@@ -134,8 +86,7 @@ BPF_TABLE("lru_hash", u32, struct conn, last_accept, 4096);
 BPF_PERCPU_ARRAY(l7_wake, u64, 1); /* events since the last wake-up, per CPU */
 BPF_PERCPU_ARRAY(l7_req_scratch, struct l7_request, 1);
 BPF_PERCPU_ARRAY(l7_event_scratch, struct l7_event, 1);
-BPF_PERCPU_ARRAY(l7_stats, u64, 4); /* 0: requests, 1: replaced the connection's unanswered one, 2: paired,
-                               3: HTTP requests sent to user space to count (l7_http full) */
+BPF_PERCPU_ARRAY(l7_stats, u64, L7_STATS); /* indexes: L7_STAT_* in l7/contract.h */
 /* 4 MB: a burst of pairs must fit while user space is busy with the previous ones (~600 bytes
  * each for a short HTTP request; 64 pages lost ~1.5% of the events at 8,000 requests/s). */
 #ifndef CA_L7_EVENTS_PAGES
@@ -225,20 +176,11 @@ static __always_inline u32 l7_bucket(u64 ns) {
     return L7_BUCKETS;
 }
 
-/* "HTTP/1.x NNN": 1..5 for the status class, 0 when it is not a status line. */
-static __always_inline u32 l7_http_status(u8 *b, u32 n) {
-    if (n < 12 || b[0] != 'H' || b[1] != 'T' || b[2] != 'T' || b[3] != 'P' || b[4] != '/' || b[8] != ' ')
-        return 0;
-    if (b[9] < '1' || b[9] > '5' || b[10] < '0' || b[10] > '9' || b[11] < '0' || b[11] > '9')
-        return 0;
-    return b[9] - '0';
-}
-
 static __always_inline int l7_count_http(struct l7_http_key *k, u64 ns) {
     struct l7_hist zero = {};
     struct l7_hist *h = l7_http.lookup_or_try_init(k, &zero);
     if (!h) {
-        l7_count(3);
+        l7_count(L7_STAT_HTTP_FULL);
         return 0;
     }
     __sync_fetch_and_add(&h->count, 1);
@@ -247,31 +189,6 @@ static __always_inline int l7_count_http(struct l7_http_key *k, u64 ns) {
     if (i < L7_BUCKETS)
         __sync_fetch_and_add(&h->buckets[i], 1);
     return 1;
-}
-
-static __always_inline u32 be32(u8 *p) { return ((u32)p[0] << 24) | ((u32)p[1] << 16) | ((u32)p[2] << 8) | p[3]; }
-
-static __always_inline u32 l7_detect(u8 *b, u64 size, u64 ptr) {
-    if (size < 5)
-        return 0;
-    u32 w = *(u32 *)b;
-    if (w == 0x20544547 /* "GET " */ || w == 0x54534f50 /* POST */ || w == 0x20545550 /* "PUT " */ ||
-        w == 0x44414548 /* HEAD */ || w == 0x454c4544 /* DELE */ || w == 0x43544150 /* PATC */ ||
-        w == 0x4954504f /* OPTI */)
-        return L7_HTTP;
-    if (b[0] == '*' && b[1] >= '1' && b[1] <= '9')
-        return L7_REDIS;
-    if (b[0] == 'Q' && (u64)be32(b + 1) + 1 == size)
-        return L7_POSTGRES;
-    if ((b[0] == 'P' || b[0] == 'B') && be32(b + 1) >= 4 && be32(b + 1) < size) {
-        /* the extended protocol: Parse/Bind ... Sync ('S', length 4) at the end */
-        u8 tail[5] = {};
-        if (bpf_probe_read_user(tail, sizeof(tail), (void *)(ptr + size - 5)) < 0)
-            return 0;
-        if (tail[0] == 'S' && tail[1] == 0 && tail[2] == 0 && tail[3] == 0 && tail[4] == 4)
-            return L7_POSTGRES;
-    }
-    return 0;
 }
 
 /* One read or write on a tracked connection: `size` is the byte count for (buf, len) calls and
@@ -300,12 +217,12 @@ static __always_inline void l7_on_io_tls(void *ctx, struct conn_key *ckey, struc
     if (request) {
         u32 proto;
         if (flags & CONN_DNS) {
-            if (hn < 12 || (head[2] & 0x80)) /* a DNS header with QR=0: a query */
+            if (!l7_dns_query(head, hn))
                 return;
             proto = L7_DNS;
-            key.stream = ((u32)head[0] << 8) | head[1];
+            key.stream = l7_dns_id(head);
         } else {
-            proto = l7_detect(head, size, ptr);
+            proto = l7_detect(head, hn, size, ptr);
             if (!proto)
                 return;
         }
@@ -313,14 +230,14 @@ static __always_inline void l7_on_io_tls(void *ctx, struct conn_key *ckey, struc
         if (proto == L7_HTTP && (!client || (u64)bpf_get_prandom_u32() >= CA_L7_SAMPLE)) {
             /* counted here, no span: only the time is kept, in the connection itself */
             if (c->http_start_ns) /* unanswered (or its response was not seen): replaced */
-                l7_count(1);
+                l7_count(L7_STAT_REPLACED);
             c->http_flags = rflags;
             c->http_start_ns = now;
-            l7_count(0);
+            l7_count(L7_STAT_REQUESTS);
             return;
         }
         if (proto != L7_DNS && l7_pending.lookup(&key))
-            l7_count(1);
+            l7_count(L7_STAT_REPLACED);
         struct l7_request *r = l7_req_scratch.lookup(&zero);
         if (!r)
             return;
@@ -333,13 +250,13 @@ static __always_inline void l7_on_io_tls(void *ctx, struct conn_key *ckey, struc
         r->len = n;
         r->size = size > 0xffffffff ? 0xffffffff : (u32)size;
         l7_pending.update(&key, r);
-        l7_count(0);
+        l7_count(L7_STAT_REQUESTS);
         return;
     }
     if (flags & CONN_DNS) {
-        if (hn < 12 || !(head[2] & 0x80))
+        if (!l7_dns_answer(head, hn))
             return;
-        key.stream = ((u32)head[0] << 8) | head[1];
+        key.stream = l7_dns_id(head);
     }
     u64 start = 0;
     u32 rflags = 0, proto = 0, rsize = 0;
@@ -372,7 +289,7 @@ static __always_inline void l7_on_io_tls(void *ctx, struct conn_key *ckey, struc
         }
         counted = l7_count_http(&hk, duration) ? L7_COUNTED : 0;
         if (t && counted) {
-            l7_count(2);
+            l7_count(L7_STAT_PAIRED);
             return; /* counted, and no span wanted */
         }
     }
@@ -399,7 +316,7 @@ static __always_inline void l7_on_io_tls(void *ctx, struct conn_key *ckey, struc
         bpf_probe_read_kernel(e->req, rn, r->payload);
     if (!t)
         l7_pending.delete(&key);
-    l7_count(2);
+    l7_count(L7_STAT_PAIRED);
     l7_submit(ctx, e, sizeof(*e) - CA_L7_PAYLOAD + rn);
 }
 

@@ -14,8 +14,11 @@ import re
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
+from agent.l7 import contract
+from agent.l7 import protocol as p
+
 METHODS = ("GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE")
-_REQUEST = re.compile(rb"(GET|POST|PUT|DELETE|HEAD|OPTIONS|PATCH|CONNECT|TRACE) (\S{1,4096}) HTTP/1\.([01])\r\n")
+_REQUEST = re.compile(rb"(" + "|".join(METHODS).encode() + rb") (\S{1,4096}) HTTP/1\.([01])\r\n")
 _RESPONSE = re.compile(rb"HTTP/1\.[01] (\d{3})(?: [^\r\n]*)?\r\n")
 
 
@@ -148,3 +151,37 @@ def parse_responses(data: bytes) -> list[Response]:
     except Exception:  # noqa: BLE001
         return out
     return out
+
+
+class Http(p.Protocol):
+    """HTTP/1.x plug-in. Most HTTP requests are counted in the kernel (map l7_http, folded by
+    the tracer); events reach this parser for spans and for what the map had no room for."""
+
+    id = contract.HTTP
+    name = "http"
+    stem = p.Stem("http", "requests")
+    kernel_requests = tuple(f"{m} /x HTTP/1.1\r\nHost: a\r\n\r\n".encode() for m in METHODS)
+    kernel_non_requests = (b"HTTP/1.1 200 OK\r\n\r\n", b"GETX / HTTP/1.1\r\n", b"get / HTTP/1.1\r\n",
+                           b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"*1\r\n$4\r\nPING\r\n")
+
+    def parse(self, conn: p.ConnKey, request: bytes, response: bytes, seconds: float) -> list[p.Request]:
+        m = self.settings.masks
+        reqs = parse_requests(request, mask=m.url_query, mask_path=m.url_path)
+        resps = parse_responses(response)
+        out = []
+        for i, q in enumerate(reqs or [None]):
+            code = resps[i].status if i < len(resps) else 0
+            status = resps[i].status_class if i < len(resps) else "unknown"
+            out.append(p.Request(self.id, status, seconds, q.method if q else "", q.path if q else "", code))
+        return out
+
+    def span(self, r: p.Request, peer: p.Peer, tls: bool) -> p.Span | None:
+        if r.path.partition("?")[0] in self.settings.exclude_paths:
+            return None
+        attrs = {"http.url": f"{'https' if tls else 'http'}://{peer.destination}{r.path}",
+                 "http.method": r.method}
+        s = p.Span(r.method or "unknown", attrs)
+        if r.code:
+            attrs["http.status_code"] = str(r.code)
+            s.status = "STATUS_CODE_ERROR" if r.code >= 400 else "STATUS_CODE_OK"
+        return s

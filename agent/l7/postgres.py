@@ -5,8 +5,11 @@ connection. Statement text is stored with literals masked; password messages are
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from agent.l7 import contract
+from agent.l7 import protocol as p
 from agent.l7.sql import mask_literals
 
 _INT32 = struct.Struct("!i")
@@ -115,3 +118,50 @@ def parse_results(data: bytes) -> list[Result]:
     except (ValueError, struct.error, IndexError):
         return out
     return out
+
+
+def status_of(resp: bytes) -> tuple[str, str]:
+    """ok / failed (with the SQLSTATE) / unknown from the first bytes of a backend reply."""
+    results = parse_results(resp)
+    for r in results:
+        if r.error:
+            return "failed", r.code
+    if results or resp[:1] in (b"1", b"2", b"T", b"D", b"n", b"s", b"I", b"Z", b"t", b"N", b"S", b"3"):
+        return "ok", ""
+    return "unknown", ""
+
+
+MAX_CONNECTIONS = 4096  # connections whose prepared statements are remembered (LRU)
+
+
+class Postgres(p.Protocol):
+    id = contract.POSTGRES
+    name = "postgres"
+    stem = p.Stem("postgres", "queries")
+    kernel_requests = (
+        b"Q\0\0\0\x0eSELECT 1;\0",
+        b"P\0\0\0\x11\0SELECT $1\0\0\0B\0\0\0\x0c\0\0\0\0\0\0\0\0E\0\0\0\x09\0\0\0\0\0S\0\0\0\x04",
+    )
+    kernel_non_requests = (b"Q\0\0\0\x20SELECT 1;\0", b"P\0\0\0\x10\0SELECT $1\0\0\0H\0\0\0\x04",
+                           b"\0\0\0\x08\x04\xd2\x16\x2f")
+
+    def __init__(self, settings: p.Settings) -> None:
+        super().__init__(settings)
+        self._conns: OrderedDict[p.ConnKey, Connection] = OrderedDict()
+
+    def parse(self, conn: p.ConnKey, request: bytes, response: bytes, seconds: float) -> list[p.Request]:
+        state = self._conns.get(conn)
+        if state is None:
+            state = self._conns[conn] = Connection()
+            if len(self._conns) > MAX_CONNECTIONS:
+                self._conns.popitem(last=False)
+        else:
+            self._conns.move_to_end(conn)
+        queries = parse_queries(request, state, mask=self.settings.masks.sql_literals)
+        if not queries:
+            return []  # a Parse that only prepares, a Close, a Sync
+        status, code = status_of(response)
+        return [p.Request(self.id, status, seconds, "query", statement=q.statement, error=code) for q in queries]
+
+    def span(self, r: p.Request, peer: p.Peer, tls: bool) -> p.Span | None:
+        return p.db_span(r, "postgresql", r.method)

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agent.l7 import contract
+from agent.l7 import protocol as p
+
 _KEY_COMMANDS = {"GET", "SET", "SETEX", "PSETEX", "SETNX", "GETSET", "DEL", "EXISTS", "EXPIRE", "INCR", "DECR",
                  "INCRBY", "DECRBY", "HGET", "HSET", "HGETALL", "HDEL", "LPUSH", "RPUSH", "LPOP", "RPOP", "LRANGE",
                  "SADD", "SREM", "SMEMBERS", "ZADD", "ZRANGE", "ZREM", "APPEND", "TTL", "TYPE", "MGET", "MSET"}
@@ -126,3 +129,23 @@ def parse_replies(data: bytes) -> list[Reply]:
     except (ValueError, IndexError):
         return out
     return out
+
+
+class Redis(p.Protocol):
+    id = contract.REDIS
+    name = "redis"
+    stem = p.Stem("redis", "queries")
+    kernel_requests = (b"*1\r\n$4\r\nPING\r\n", b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n")
+    kernel_non_requests = (b"+OK\r\n", b"*0\r\n", b"$4\r\nPING\r\n", b"PING\r\n")
+
+    def parse(self, conn: p.ConnKey, request: bytes, response: bytes, seconds: float) -> list[p.Request]:
+        cmds = parse_commands(request, mask=self.settings.masks.redis_values)
+        replies = parse_replies(response)
+        out = []
+        for i, cmd in enumerate(cmds):
+            status = ("failed" if replies[i].error else "ok") if i < len(replies) else "unknown"
+            out.append(p.Request(self.id, status, seconds, cmd.name, statement=cmd.statement))
+        return out
+
+    def span(self, r: p.Request, peer: p.Peer, tls: bool) -> p.Span | None:
+        return p.db_span(r, "redis", r.method, operation=r.method)

@@ -121,7 +121,7 @@ def test_masks_can_be_switched_off_per_kind() -> None:
 
 
 def test_postgres_status_from_the_first_reply_bytes() -> None:
-    from agent.l7.tracer import pg_status
+    from agent.l7.postgres import status_of as pg_status
 
     assert pg_status(pg(b"1", b"") + pg(b"2", b"") + pg(b"T", b"\0\0")) == ("ok", "")
     assert pg_status(pg(b"1", b"") + pg(b"E", b"SERROR\0C22012\0Mdivision by zero\0\0")) == ("failed", "22012")
@@ -129,7 +129,8 @@ def test_postgres_status_from_the_first_reply_bytes() -> None:
 
 
 def test_histogram_is_cumulative_and_kernel_sampling_threshold() -> None:
-    from agent.l7.tracer import Hist, L7Tracer
+    from agent.l7.hist import Hist
+    from agent.l7.tracer import L7Tracer
 
     h = Hist()
     for s in (0.001, 0.004, 0.02, 3.0, 60.0):
@@ -144,9 +145,10 @@ def test_histogram_is_cumulative_and_kernel_sampling_threshold() -> None:
 @given(st.sampled_from([1, 2, 3, 4]), st.binary(max_size=600), st.binary(max_size=600))
 def test_the_tracer_turns_any_request_and_response_bytes_into_requests_or_nothing(proto: int, req: bytes,
                                                                                   resp: bytes) -> None:
-    from agent.l7.tracer import L7Tracer
+    from agent.l7.protocol import Settings
+    from agent.l7.protocols import PLUGINS
 
-    t = L7Tracer(None, None, None, hostname="h")  # type: ignore[arg-type]
-    for r in t._parse(proto, 1, 3, 5, req, resp, 0.001):
-        assert r.status in ("1xx", "2xx", "3xx", "4xx", "5xx", "ok", "failed", "unknown")
-    t._dns_pair("/c", req, resp, 0.001)
+    plugin = {cls.id: cls for cls in PLUGINS}[proto](Settings())
+    for r in plugin.parse((1, 3, 5), req, resp, 0.001):
+        assert r.status in ("1xx", "2xx", "3xx", "4xx", "5xx", "ok", "failed", "unknown", *dns.RCODES.values())
+    plugin.record("/c", plugin.parse((1, 3, 5), req, resp, 0.001))

@@ -1,0 +1,77 @@
+"""The L7 kernel/user contract, mirrored from bpf/include/l7/contract.h: protocol ids, event
+flags, the event layout, the duration buckets, the kernel's counters. Nothing else in agent/
+spells these numbers; tests/unit/test_l7_contract.py reads the C header and fails on drift.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+# Protocol ids (event.protocol)
+HTTP, POSTGRES, REDIS, DNS = 1, 2, 3, 4
+
+# Event flags (event.flags)
+F_OUTBOUND, F_INBOUND, F_TLS, F_COUNTED = 1, 2, 4, 8
+
+PAYLOAD_DEFAULT = 1024  # CA_L7_PAYLOAD unless the loader sets it (l7_payload_size)
+RESP_MAX = 512  # CA_L7_RESP
+
+# struct l7_event up to resp[]: start_ns, duration_ns, conn_start, tgid, fd, protocol, flags,
+# req_len, req_size, resp_len, payload_max; then resp[RESP_MAX], then req_len request bytes.
+EVENT_HEADER = struct.Struct("<QQQIIIIIIII")
+EVENT_FIELDS = ("start_ns", "duration_ns", "conn_start", "tgid", "fd", "protocol", "flags",
+                "req_len", "req_size", "resp_len", "payload_max")
+
+# struct l7_http_key / struct l7_hist (map l7_http)
+HTTP_KEY_FIELDS = ("tgid", "fd", "conn_start", "status", "outbound")
+HTTP_STATUS = ("unknown", "1xx", "2xx", "3xx", "4xx", "5xx")  # by the key's status index
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds; Coroot's L7 buckets
+
+# map l7_stats, by index (L7_STAT_*)
+KERNEL_STATS = ("requests", "replaced_unanswered", "paired", "http_counted_in_user_space")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One request/response pair from the kernel."""
+
+    start_ns: int
+    duration_ns: int
+    conn_start: int
+    pid: int
+    fd: int
+    protocol: int
+    flags: int
+    request: bytes
+    response: bytes
+
+    @property
+    def outbound(self) -> bool:
+        return bool(self.flags & F_OUTBOUND)
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.flags & F_TLS)
+
+    @property
+    def counted(self) -> bool:
+        return bool(self.flags & F_COUNTED)
+
+
+def unpack(raw: bytes) -> Event:
+    (start, duration, conn_start, pid, fd, proto, flags, req_len, _req_size, resp_len,
+     _pmax) = EVENT_HEADER.unpack_from(raw)
+    base = EVENT_HEADER.size
+    resp_len = min(resp_len, RESP_MAX)
+    return Event(start, duration, conn_start, pid, fd, proto, flags,
+                 bytes(raw[base + RESP_MAX:base + RESP_MAX + req_len]), bytes(raw[base:base + resp_len]))
+
+
+def pack(e: Event, payload_max: int = PAYLOAD_DEFAULT) -> bytes:
+    """The bytes the kernel sends for `e` (tests feed these to the tracer)."""
+    req = e.request[:payload_max]
+    resp = e.response[:RESP_MAX]
+    head = EVENT_HEADER.pack(e.start_ns, e.duration_ns, e.conn_start, e.pid, e.fd, e.protocol, e.flags,
+                             len(req), len(e.request), len(resp), payload_max)
+    return head + resp.ljust(RESP_MAX, b"\0") + req

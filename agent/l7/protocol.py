@@ -1,0 +1,121 @@
+"""What an L7 protocol plug-in is. One module per protocol under agent/l7/ holds its parser and
+a `Protocol` subclass that turns a request/response pair into requests (with their status),
+spans (name, attributes, status) and the metric stem they are counted under; its kernel-side
+detector is one header under bpf/include/l7/. agent/l7/protocols.py lists the plug-ins.
+
+The tracer (agent/l7/tracer.py) keeps what is common: attribution to containers and
+connections, deferral, pairing with the kernel's counts, aggregation and the span rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from agent.metrics import Families
+
+
+@dataclass(frozen=True)
+class Masks:
+    """What is masked before anything is stored (config: mask_*)."""
+
+    url_query: bool = True
+    url_path: bool = True
+    sql_literals: bool = True
+    redis_values: bool = True
+
+
+@dataclass(frozen=True)
+class Settings:
+    masks: Masks = field(default_factory=Masks)
+    exclude_paths: frozenset[str] = frozenset()  # HTTP paths that never become spans
+    max_fqdns: int = 50  # DNS: domains per container before the rest count as "other"
+
+
+@dataclass
+class Request:
+    """One request of a pair (a pipelined payload yields several)."""
+
+    protocol: int
+    status: str  # the metric's status label
+    duration: float
+    method: str = ""  # HTTP method, Redis command, DNS query type
+    path: str = ""  # HTTP path, DNS domain
+    code: int = 0  # HTTP status code
+    statement: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The connection a span was made on, as the span shows it."""
+
+    destination: str  # host:port as dialled
+    name: str  # the FQDN a DNS answer gave the address, or the address
+    port: int
+    actual_ip: str  # after NAT (conntrack)
+
+
+@dataclass
+class Span:
+    name: str
+    attributes: dict[str, str]
+    status: str = "STATUS_CODE_UNSET"
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Stem:
+    """Metric names: container_<protocol>_<unit>_total, container_<protocol>_inbound_<unit>_total
+    and their _duration_seconds_total histograms."""
+
+    protocol: str
+    unit: str
+
+
+ConnKey = tuple[int, int, int]  # (pid, fd, connection start): one connection
+
+
+class Protocol:
+    id: ClassVar[int]
+    name: ClassVar[str]
+    stem: ClassVar[Stem | None] = None  # None: the plug-in counts its own metrics (record/collect)
+    # Wire samples the kernel detector (bpf/include/l7/<name>.h) must recognise as this
+    # protocol, and ones it must not: tests/unit/test_l7_contract.py runs the detector on them.
+    kernel_requests: ClassVar[tuple[bytes, ...]] = ()
+    kernel_non_requests: ClassVar[tuple[bytes, ...]] = ()
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def parse(self, conn: ConnKey, request: bytes, response: bytes, seconds: float) -> list[Request]:
+        """The requests in a pair's first bytes, each with its status; [] if none."""
+        raise NotImplementedError
+
+    def span(self, r: Request, peer: Peer, tls: bool) -> Span | None:
+        """The span of an outbound request, or None when it should not be one."""
+        return None
+
+    # Plug-ins with their own metrics (stem None) --------------------------------------
+    def record(self, container_id: str, requests: list[Request]) -> None:
+        """Count requests of a container (called with the tracer's lock held)."""
+
+    def collect(self, f: Families, apps: dict[str, str]) -> None:
+        """Series of the plug-in's own metrics for containers in `apps` (id -> app_id)."""
+
+    def forget(self, containers: set[str]) -> None:
+        """Drop what is kept for containers the registry forgot."""
+
+
+def db_span(r: Request, system: str, name: str, operation: str = "") -> Span:
+    """A database client span: db.system, db.statement (masked), db.operation when given; an
+    error reply makes it an error with the server's code as the message."""
+    attrs = {"db.system": system, "db.statement": r.statement}
+    if operation:
+        attrs["db.operation"] = operation
+    s = Span(name, attrs)
+    if r.status == "failed":
+        s.status, s.message = "STATUS_CODE_ERROR", r.error
+    elif r.status == "ok":
+        s.status = "STATUS_CODE_OK"
+    return s

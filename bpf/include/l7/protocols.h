@@ -1,0 +1,24 @@
+/* Every protocol detector, and the order they are tried in on a connection's first bytes.
+ * Adding a protocol: its header here, one line in l7_detect, its id in contract.h, its module
+ * under agent/l7/ (see agent/l7/protocols.py). DNS is recognised by its socket, not here. */
+#ifndef COROOT_AGENT_L7_PROTOCOLS_H
+#define COROOT_AGENT_L7_PROTOCOLS_H
+
+#include "l7/contract.h"
+#include "l7/dns.h"
+#include "l7/http.h"
+#include "l7/postgres.h"
+#include "l7/redis.h"
+
+/* The protocol of a request whose first n bytes (n <= 16) are in b, or 0. */
+static __always_inline u32 l7_detect(u8 *b, u32 n, u64 size, u64 ptr) {
+    if (l7_http_request(b, n))
+        return L7_HTTP;
+    if (l7_redis_request(b, n))
+        return L7_REDIS;
+    if (l7_postgres_request(b, n, size, ptr))
+        return L7_POSTGRES;
+    return 0;
+}
+
+#endif

@@ -1,0 +1,187 @@
+"""The tracer without a kernel: packed l7_event bytes (agent/l7/contract.py pack, the layout
+the contract test holds to bpf/) go in; exact metrics and span rows come out. Its neighbours —
+the TCP tracker's connections and the registry's containers — are small in-memory stand-ins
+with the same methods; the real ones are exercised by tests/system/test_l7.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.containers.registry import Container, Process
+from agent.l7 import contract
+from agent.l7.contract import F_COUNTED, F_INBOUND, F_OUTBOUND, F_TLS, Event, pack
+from agent.l7.tracer import L7Tracer
+from agent.metrics import Families
+from agent.net.tcp import Conn
+from agent.sinks import schema
+
+CID = "/system.slice/app.service"
+
+
+class Connections:
+    def __init__(self) -> None:
+        self.conns: dict[tuple[int, int, int], Conn] = {}
+        self.resolved = 0
+
+    def add(self, pid: int, fd: int, start: int, dst: str, port: int, actual: str | None = None) -> Conn:
+        c = Conn(pid, fd, CID, "10.0.0.1", 40000, dst, port, f"{dst}:{port}", actual, start_ns=start)
+        self.conns[(pid, fd, start)] = c
+        return c
+
+    def connection(self, pid: int, fd: int, start_ns: int) -> Conn | None:
+        return self.conns.get((pid, fd, start_ns))
+
+    def is_open(self, pid: int, fd: int, start_ns: int) -> bool:
+        return (pid, fd, start_ns) in self.conns
+
+    def resolve_pending(self) -> None:
+        self.resolved += 1
+
+
+class Containers:
+    procfs = "/nonexistent"
+
+    def __init__(self) -> None:
+        self.c = Container(CID, "/system.slice/app.service", "systemd", CID, {}, 0.0)
+        self.pids = {100, 200}
+
+    def container(self, cid: str) -> Container | None:
+        return self.c if cid == CID else None
+
+    def container_of_recent(self, pid: int) -> Container | None:
+        return self.c if pid in self.pids else None
+
+    def process(self, pid: int) -> Process | None:
+        return Process(pid, 0, "x", CID, CID, frozenset()) if pid in self.pids else None
+
+    def containers(self) -> list[Container]:
+        return [self.c]
+
+
+class Rows:
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, table: str, row: tuple[Any, ...]) -> None:
+        assert table == "otel_traces"
+        self.rows.append(dict(zip(schema.TABLES_BY_NAME[table].insert_columns, row, strict=True)))
+
+
+def samples(t: L7Tracer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    f = Families({})
+    t.collect(f)
+    t.self_metrics(f)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for fam in f for s in fam.samples}
+
+
+def value(t: L7Tracer, name: str, **labels: str) -> float:
+    total = 0.0
+    for (n, lbl), v in samples(t).items():
+        d = dict(lbl)
+        if n == name and all(d.get(k) == want for k, want in labels.items()):
+            total += v
+    return total
+
+
+def setup() -> tuple[L7Tracer, Connections, Rows]:
+    conns, rows = Connections(), Rows()
+    return L7Tracer(Containers(), conns, rows, hostname="h", host_id="m"), conns, rows
+
+
+def ev(proto: int, flags: int, req: bytes, resp: bytes, pid: int = 100, fd: int = 7, start: int = 55,
+       ms: int = 3) -> bytes:
+    return pack(Event(1_000, ms * 1_000_000, start, pid, fd, proto, flags, req, resp))
+
+
+SET = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nhello\r\n"
+GET = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
+
+
+def test_outbound_redis_pairs_become_exact_counts_and_spans() -> None:
+    t, conns, rows = setup()
+    conns.add(100, 7, 55, "10.0.0.9", 6379, actual="10.0.0.10:6379")
+    for _ in range(3):
+        t.handle_event(ev(contract.REDIS, F_OUTBOUND, SET, b"+OK\r\n"))
+    t.handle_event(ev(contract.REDIS, F_OUTBOUND, SET + GET, b"+OK\r\n-ERR wrong\r\n"))  # pipelined
+    lbl = {"container_id": CID, "destination": "10.0.0.9:6379", "actual_destination": "10.0.0.10:6379"}
+    assert value(t, "container_redis_queries_total", status="ok", **lbl) == 4
+    assert value(t, "container_redis_queries_total", status="failed", **lbl) == 1
+    assert value(t, "container_redis_queries_duration_seconds_total_count", **lbl) == 5
+    assert len(rows.rows) == 5
+    r = rows.rows[0]
+    assert r["SpanName"] == "SET" and r["SpanKind"] == "SPAN_KIND_CLIENT" and r["Duration"] == 3_000_000
+    assert r["SpanAttributes"]["db.statement"] == "SET k ?" and r["SpanAttributes"]["db.system"] == "redis"
+    assert r["SpanAttributes"]["net.sock.peer.addr"] == "10.0.0.10" and r["StatusCode"] == "STATUS_CODE_OK"
+    assert rows.rows[-1]["StatusCode"] == "STATUS_CODE_ERROR"
+    assert value(t, "coroot_agent_l7_requests_total") == 5 and value(t, "coroot_agent_l7_spans_total") == 5
+
+
+def test_inbound_postgres_counts_by_status_without_spans() -> None:
+    t, _, rows = setup()
+    q = b"Q\0\0\0\x0eSELECT 1;\0"
+    ok = b"C\0\0\0\x0dSELECT 1\0Z\0\0\0\x05I"
+    err = b"E\0\0\0\x1dSERROR\0C42601\0Msyntax\0\0"
+    for resp in (ok, ok, err):
+        t.handle_event(ev(contract.POSTGRES, F_INBOUND, q, resp, pid=200))
+    assert value(t, "container_postgres_inbound_queries_total", status="ok") == 2
+    assert value(t, "container_postgres_inbound_queries_total", status="failed") == 1
+    assert rows.rows == []
+
+
+def test_an_event_waits_once_for_its_connection_then_counts_or_is_dropped() -> None:
+    t, conns, _ = setup()
+    t.handle_event(ev(contract.REDIS, F_OUTBOUND, GET, b"$-1\r\n", fd=8))
+    t.handle_event(ev(contract.REDIS, F_OUTBOUND, GET, b"$-1\r\n", fd=9))
+    assert value(t, "container_redis_queries_total") == 0
+    conns.add(100, 8, 55, "10.0.0.9", 6379, actual="10.0.0.9:6379")
+    t.tick(0.0, [])
+    assert value(t, "container_redis_queries_total", status="ok") == 1
+    assert value(t, "coroot_agent_l7_unattributed_total") == 1  # fd 9 never appeared
+
+
+def test_http_counted_in_the_kernel_makes_a_span_but_no_second_count() -> None:
+    t, conns, rows = setup()
+    conns.add(100, 7, 55, "10.0.0.9", 443, actual="10.0.0.9:443")
+    req = b"GET /users/42?token=abc HTTP/1.1\r\nHost: x\r\n\r\n"
+    t.handle_event(ev(contract.HTTP, F_OUTBOUND | F_TLS | F_COUNTED, req, b"HTTP/1.1 503 Busy\r\n\r\n"))
+    t.handle_event(ev(contract.HTTP, F_OUTBOUND, req, b"HTTP/1.1 200 OK\r\n\r\n"))  # map full: count here
+    assert value(t, "container_http_requests_total", status="5xx") == 0
+    assert value(t, "container_http_requests_total", status="2xx") == 1
+    assert [r["SpanName"] for r in rows.rows] == ["GET", "GET"]
+    a = rows.rows[0]["SpanAttributes"]
+    assert a["http.url"] == "https://10.0.0.9:443/users/42?token=*" and a["tls"] == "true"
+    assert a["http.status_code"] == "503" and rows.rows[0]["StatusCode"] == "STATUS_CODE_ERROR"
+
+
+def test_dns_answers_name_span_peers_and_count_by_domain() -> None:
+    t, conns, rows = setup()
+    query = bytes.fromhex("12340100000100000000000003777777076578616d706c6503636f6d0000010001")
+    answer = bytes.fromhex("12348180000100010000000003777777076578616d706c6503636f6d0000010001"
+                           "c00c000100010000003c00045db8d822")
+    t.handle_event(ev(contract.DNS, F_OUTBOUND, query, answer))
+    assert value(t, "container_dns_requests_total", request_type="TypeA", domain="www.example.com",
+                 status="ok") == 1
+    assert value(t, "ip_to_fqdn", ip="93.184.216.34", fqdn="www.example.com") == 1
+    conns.add(100, 7, 55, "93.184.216.34", 6379, actual="93.184.216.34:6379")
+    t.handle_event(ev(contract.REDIS, F_OUTBOUND, GET, b"$1\r\nv\r\n"))
+    assert rows.rows[0]["SpanAttributes"]["net.peer.name"] == "www.example.com"
+
+
+def test_garbage_an_unknown_protocol_and_a_forgotten_container_leave_nothing() -> None:
+    t, conns, rows = setup()
+    conns.add(100, 7, 55, "10.0.0.9", 6379, actual="10.0.0.9:6379")
+    t.handle_event(ev(99, F_OUTBOUND, GET, b"+OK\r\n"))
+    t.handle_event(ev(contract.REDIS, F_OUTBOUND, b"\xff" * 40, b"\x00" * 10))
+    assert value(t, "coroot_agent_l7_requests_total") == 0 and rows.rows == []
+    t.handle_event(ev(contract.REDIS, F_OUTBOUND, GET, b"+OK\r\n"))
+    assert value(t, "container_redis_queries_total") == 1
+    t.tick(0.0, [CID])
+    assert value(t, "container_redis_queries_total") == 0
+
+
+def test_collect_only_reads() -> None:
+    t, conns, _ = setup()
+    conns.add(100, 7, 55, "10.0.0.9", 6379, actual=None)
+    before = conns.resolved
+    samples(t)
+    assert conns.resolved == before
