@@ -21,13 +21,16 @@ check: setup
 # Unit and system tests together (system tests need root, the real kernel and BPF).
 test: setup-test
 	$(VENV)/bin/ruff check agent tests bench scripts deploy
+	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 unit: setup-test
 	$(VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
 
+# ruff, and mypy strict on agent/ (pyproject.toml [tool.mypy])
 lint: setup-test
 	$(VENV)/bin/ruff check agent tests bench scripts deploy
+	$(VENV)/bin/mypy
 
 bench: setup-test
 	$(VENV)/bin/python bench/startup.py

@@ -6,13 +6,17 @@ Life cycle, each step called once per component in list order (`close` in revers
 - `attach(programs)`: the BPF programs are loaded; take the maps (through agent/ebpf/maps.py,
   never a BCC object) and attach probes. `programs` is None when the component needs none.
 - `start()`: capabilities are dropped; start the component's own threads, if any.
-- `on_process(what, proc)`: the registry saw a process "added" or "removed" (the poll thread).
+- `on_process(what, proc)`: the registry saw a process "added" or "removed" (the poll thread, or
+  the logs thread when it looks up a process whose exec event is still queued): short, no I/O,
+  safe against the component's other threads. Subscribed by `Agent` after `attach`.
 - `tick(now, gone)`: housekeeping on the poll thread, about once a second; `gone` lists the
   containers the registry forgot since the last tick. Work that changes state belongs here.
 - `collect(f)`: a scrape (the HTTP server's or the remote writer's thread) adds its series to
   `f`. It only reads: no kernel map writes, no conntrack, no state that a tick would change.
 - `self_metrics(f)`: the component's own health series (`coroot_agent_*`), also read-only.
-- `close()`: flush and release; safe to call twice.
+- `close()`: flush and release; safe to call twice. The probes are detached (all together, in
+  the background) before the first `close`; the maps stay readable until the BPF component,
+  first in the list, closes last.
 
 Every method has a no-op default, so a component implements only what it does.
 """

@@ -136,7 +136,7 @@ class Config:
     l7_payload_size: int = _opt(1024, "int", "request bytes captured per L7 request: 64-4096, a power of two", flag="--l7-payload-size", yaml="nodeAgent.ebpfTracer.payloadSize", check=_power_of_two(64, 4096))
     mask_url_query: bool = _opt(True, "bool", "mask URL query-string values before they are stored (HTTP headers are never stored)", flag="--disable-url-query-masking", yaml="privacy.mask_url_query", invert=True)
     mask_url_path: bool = _opt(True, "bool", "mask URL path segments that look like secrets (long hex/base64/JWT-shaped tokens, ;jsessionid=-style parameters) before they are stored", flag="--disable-url-path-masking", yaml="privacy.mask_url_path", invert=True)
-    mask_sql_literals: bool = _opt(True, "bool", "mask SQL string and number literals (Postgres statements) before they are stored", flag="--disable-sql-literal-masking", yaml="privacy.mask_sql_literals", invert=True)
+    mask_sql_literals: bool = _opt(True, "bool", "mask SQL string and number literals (Postgres and MySQL statements) before they are stored", flag="--disable-sql-literal-masking", yaml="privacy.mask_sql_literals", invert=True)
     mask_redis_values: bool = _opt(True, "bool", "mask Redis arguments other than the key (AUTH passwords, SET values) before they are stored", flag="--disable-redis-value-masking", yaml="privacy.mask_redis_values", invert=True)
     exclude_http_requests_by_path: tuple[str, ...] = _opt((), "list", "HTTP paths that produce no spans (repeatable)", flag="--exclude-http-requests-by-path", yaml="exclude_http_requests_by_path")
     profiler_enabled: bool = _opt(True, "bool", "run the CPU profiler", flag="--disable-profiling", yaml="nodeAgent.ebpfProfiler.enabled", invert=True)
@@ -404,7 +404,8 @@ def _expand(value: Any, environ: Mapping[str, str], where: str, budget: _Budget 
     return value
 
 
-_Loader: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when built with it
+# libyaml when built with it
+_Loader: type[yaml.SafeLoader] | type[yaml.CSafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _STD = "tag:yaml.org,2002:"
 _SCALAR_TAGS = {"!", _STD + "str", _STD + "int", _STD + "float", _STD + "bool", _STD + "null"}
 _COLLECTION_TAGS = {"!", _STD + "seq", _STD + "map"}
@@ -423,6 +424,8 @@ def _check_events(text: str, src: str) -> None:
     try:
         while loader.check_event():
             ev = loader.get_event()
+            if ev is None:  # never after check_event() said there is one
+                break
             line = ev.start_mark.line + 1 if ev.start_mark is not None else 0
             where = f"{src}:{line}"
             if isinstance(ev, yaml.DocumentStartEvent):
@@ -451,7 +454,8 @@ def _check_events(text: str, src: str) -> None:
                 if is_key and ev.value == "<<" and ev.tag is None and ev.implicit[0]:  # plain, untagged
                     raise ConfigError(f"{where}: YAML merge keys (<<) are not supported; write the keys out")
                 continue
-            # a collection starts
+            if not isinstance(ev, yaml.CollectionStartEvent):
+                continue  # never: a node event is an alias, a scalar or a collection start
             if ev.tag is not None and ev.tag not in _COLLECTION_TAGS:
                 raise ConfigError(f"{where}: the YAML tag {ev.tag!r} is not supported (only plain values)")
             if len(stack) >= MAX_YAML_DEPTH:

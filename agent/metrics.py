@@ -12,7 +12,7 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator, Mapping
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -22,6 +22,8 @@ from prometheus_client.core import (
 )
 
 log = logging.getLogger(__name__)
+
+_Family = TypeVar("_Family", CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily)
 
 
 class Histogram(Protocol):
@@ -38,26 +40,28 @@ class Families:
         self._fams: dict[str, Metric] = {}
         self._label_names: dict[str, list[str]] = {}
 
-    def _family(self, kind: str, name: str, help_: str, labels: Mapping[str, str]) -> Metric:
+    def _family(self, cls: type[_Family], name: str, help_: str,
+                labels: Mapping[str, str]) -> _Family:
         fam = self._fams.get(name)
         if fam is None:
             names = list(self._const) + list(labels)
-            cls = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily,
-                   "histogram": HistogramMetricFamily}[kind]
-            fam = cls(name, help_, labels=names)
-            self._fams[name] = fam
+            new = cls(name, help_, labels=names)
+            self._fams[name] = new
             self._label_names[name] = names
+            return new
+        if not isinstance(fam, cls):
+            raise TypeError(f"metric {name} is a {type(fam).__name__}, not a {cls.__name__}")
         return fam
 
     def gauge(self, name: str, help_: str, value: float, **labels: str) -> None:
-        self._family("gauge", name, help_, labels).add_metric(self._values(labels), value)
+        self._family(GaugeMetricFamily, name, help_, labels).add_metric(self._values(labels), value)
 
     def counter(self, name: str, help_: str, value: float, **labels: str) -> None:
-        self._family("counter", name, help_, labels).add_metric(self._values(labels), value)
+        self._family(CounterMetricFamily, name, help_, labels).add_metric(self._values(labels), value)
 
     def histogram(self, name: str, help_: str, hist: Histogram, **labels: str) -> None:
         """`hist.cumulative()`: (upper bound, cumulative count) pairs ending with +Inf."""
-        self._family("histogram", name, help_, labels).add_metric(  # type: ignore[call-arg]
+        self._family(HistogramMetricFamily, name, help_, labels).add_metric(
             self._values(labels), buckets=hist.cumulative(), sum_value=hist.sum)
 
     def _values(self, labels: Mapping[str, str]) -> list[str]:

@@ -28,9 +28,12 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, TYPE_CHECKING, Protocol
 
 from agent.config import Config
+
+if TYPE_CHECKING:
+    from agent.api.server import ApiHandler
 
 FORMATS = {"tsv": "TSVWithNames", "json": "JSONEachRow"}
 LOCK_NAME = "agent.lock"
@@ -474,7 +477,13 @@ def _via_agent(holder: dict[str, object], cfg: Config, stmt: str, fmt: str) -> b
     raise StoreError(f"the running agent (pid {holder.get('pid')}) answered {status}: {msg}")
 
 
-def api_handler(store: object):  # noqa: ANN201 - returns an ApiHandler
+class QueryStore(Protocol):
+    """What /api/query needs of the store (agent/sinks/store.py's Store)."""
+
+    def query(self, sql: str, fmt: str = ...) -> bytes: ...
+
+
+def api_handler(store: QueryStore) -> ApiHandler:
     """/api/query for a running agent: POST the SQL, ?format=tsv|json."""
     from urllib.parse import parse_qs
 
@@ -490,7 +499,7 @@ def api_handler(store: object):  # noqa: ANN201 - returns an ApiHandler
                 text = body.decode("utf-8")
             except UnicodeDecodeError:
                 raise QueryRefused("the query is not UTF-8 text") from None
-            data = store.query(text, FORMATS[fmt])  # type: ignore[attr-defined]
+            data = store.query(text, FORMATS[fmt])
         except QueryRefused as e:
             return Response(400, json.dumps({"error": str(e)}).encode() + b"\n")
         except StoreError as e:

@@ -1,5 +1,8 @@
-"""The running agent: wires tracefs, headers, the BPF loader, the registry, collectors and the
-HTTP API together, polls event buffers on one thread, and shuts everything down in order.
+"""The running agent: a list of components (agent/component.py) — tracers, collectors, sinks —
+that `Agent` attaches, starts, ticks, scrapes and closes in order, around the pieces that are
+not components: tracefs, headers, the BPF loader, the registry, the store and the HTTP API.
+One thread polls the event buffers and ticks the components; the API's scrapes and the metric
+shippers only read them.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from urllib.parse import parse_qs
 
 from prometheus_client import CollectorRegistry
@@ -18,25 +21,28 @@ from prometheus_client.core import Metric
 
 from agent import __version__, caps, units
 from agent.api.server import ApiServer, Response
+from agent.component import Component
 from agent.config import Config
+from agent.containers.apptype import AppTypeCollector
+from agent.containers.disk import DiskCollector
 from agent.containers.registry import Registry
+from agent.containers.restarts import RestartCounter
 from agent.ebpf import headers as headers_mod
 from agent.ebpf import loader, tracefs
 from agent.l7.tls import TlsAttacher
-from agent.l7.tracer import L7Collector, L7Tracer, Masks
+from agent.l7.tracer import L7Tracer, Masks
 from agent.logs.collector import LogCollector
 from agent.logs.pii import Scrubber
 from agent.metrics import Families, host_labels
 from agent.net.public import PublicFilter
-from agent.net.tcp import TcpCollector, TcpTracker
-from agent.net.tcp import seed as seed_tcp
+from agent.net.tcp import TcpTracker
 from agent.node.cgroups import CgroupCollector
 from agent.node.node import NodeCollector
 from agent.profiling.profiler import Profiler
 from agent.query import StoreLock, api_handler, socket_path
-from agent.sinks.batcher import Sink, SinkCollector
+from agent.sinks.batcher import Sink
 from agent.sinks.history import MetricHistory
-from agent.sinks.remote_write import RemoteWriter, WriterCollector
+from agent.sinks.remote_write import RemoteWriter
 from agent.sinks.spool import Spool
 from agent.sinks.store import Store, StoreError
 
@@ -45,41 +51,46 @@ log = logging.getLogger(__name__)
 POLL_MS = 100
 HOUSEKEEPING_SECONDS = 1.0
 RESYNC_SECONDS = 30.0
+POLLER_JOIN_SECONDS = 1.0
 
 
-class SelfCollector:
-    """The agent's own health: events lost per buffer, what the registry tracks."""
+class ComponentsCollector:
+    """The one prometheus collector: each component's series and self-metrics, in list order,
+    with the host's labels on every series. A component that fails is logged and skipped; the
+    others still answer."""
 
-    def __init__(self, agent: Agent, const: dict[str, str]) -> None:
-        self.agent = agent
+    def __init__(self, components: Sequence[Component], const: dict[str, str]) -> None:
+        self.components = tuple(components)
         self.const = const
 
     def collect(self) -> Iterator[Metric]:
         f = Families(self.const)
-        a = self.agent
-        bpf = a.bpf
-        if bpf is not None:
-            for buf, n in bpf.lost().items():
-                f.counter("coroot_agent_lost_events_total", "events the kernel could not hand to the agent (full buffer)", n, what=buf)
-            f.gauge("coroot_agent_bpf_compile_seconds", "time to compile and attach the BPF programs", bpf.compile_seconds)
-            for prog, (ns, runs) in bpf.run_seconds().items():
-                if runs:  # only with kernel.bpf_stats_enabled=1
-                    f.counter("coroot_agent_bpf_program_run_seconds_total", "time spent in the program (kernel.bpf_stats_enabled)", ns / 1e9, program=prog)
-                    f.counter("coroot_agent_bpf_program_runs_total", "program runs (kernel.bpf_stats_enabled)", runs, program=prog)
-            for prog, n in bpf.missed_runs().items():
-                f.counter("coroot_agent_bpf_missed_runs_total", "program runs the kernel skipped (it fired while another BPF program ran on that CPU)", n, program=prog)
-        prof = a.profiler
-        if prof is not None:
-            f.counter("coroot_agent_profiler_samples_total", "CPU samples written to the store", prof.samples_written)
-            f.counter("coroot_agent_profiler_dropped_samples_total", "samples not counted: the kernel's count map was full", prof.drops)
-            for cache, n in prof.symbols.sizes.items():
-                f.gauge("coroot_agent_profiler_symbol_cache_entries", "entries in the symbolizer's caches", n, cache=cache)
-        if a.tls is not None:
-            f.gauge("coroot_agent_tls_libraries", "OpenSSL libraries with uprobes attached", len(a.tls.libraries))
-        f.gauge("coroot_agent_tracked_processes", "processes the registry knows", len(a.registry.pids()))
-        f.gauge("coroot_agent_tracked_containers", "containers reported", len(a.registry.containers()))
-        f.counter("coroot_agent_process_events_total", "process events received from the kernel", a.registry.events_seen)
+        for c in self.components:
+            try:
+                c.collect(f)
+                c.self_metrics(f)
+            except Exception:  # noqa: BLE001 - one component must not empty the scrape
+                log.exception("%s: collecting its metrics", c.name)
         yield from f
+
+
+class RegistryMetrics(Component):
+    """What the registry tracks, as self-metrics."""
+
+    name = "registry"
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def self_metrics(self, f: Families) -> None:
+        r = self.registry
+        f.gauge("coroot_agent_tracked_processes", "processes the registry knows", len(r.pids()))
+        f.gauge("coroot_agent_tracked_containers", "containers reported", len(r.containers()))
+        f.counter("coroot_agent_process_events_total", "process events received from the kernel", r.events_seen)
+
+
+def _overrides(c: Component, method: str) -> bool:
+    return getattr(type(c), method) is not getattr(Component, method)
 
 
 class Agent:
@@ -95,19 +106,15 @@ class Agent:
         )
         self.tcp = TcpTracker(self.registry, PublicFilter(cfg.track_public_networks),
                               units.parse_port_range(cfg.ephemeral_port_range), procfs=cfg.procfs_root)
-        self.registry.subscribe(self.tcp.on_process)
-        self.profiler: Profiler | None = None
-        self.logs: LogCollector | None = None
-        self.l7: L7Tracer | None = None
-        self.tls: TlsAttacher | None = None
+        # In start order; closed in reverse. What reads the BPF maps comes after `BpfStats`
+        # (which frees them) and what writes rows after the sink (which flushes them).
+        self.components: list[Component] = []
         self.bpf: loader.Loaded | None = None
         self.metrics = CollectorRegistry(auto_describe=False)
         self.api: ApiServer | None = None
         self.store: Store | None = None
         self.sink: Sink | None = None
         self._lock: StoreLock | None = None
-        self.writer: RemoteWriter | None = None
-        self.history: MetricHistory | None = None
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self.started_at = 0.0
@@ -151,78 +158,80 @@ class Agent:
         self.api.route("/api/processes", self._api_processes)
         self._check_capabilities()
         self._prepare_store()
+        assert self.sink is not None
+        self.components = [self.sink]  # closed (flushed) even if the rest never comes
         n = self.registry.scan()
         log.info("registry: %d processes, %d containers", n, len(self.registry.containers()))
         log.info("compiling BPF programs (%s); this takes a few seconds", ", ".join(self.families()))
         const = host_labels(self.cfg.procfs_root, state_dir=self.cfg.storage_path)
-        if "logs" in self.families():
-            c = self.cfg
-            scrubber = Scrubber(emails=c.log_mask_emails, cards=c.log_mask_cards, tokens=c.log_mask_tokens,
-                                secrets=c.log_mask_secrets, headers=c.log_mask_headers,
-                                cloud_keys=c.log_mask_cloud_keys, ipv4=c.log_mask_ipv4)
-            self.logs = LogCollector(self.registry, self.sink, metrics=c.log_metrics_enabled,
-                                     entries=c.log_entries_enabled,
-                                     patterns_per_container=c.log_patterns_per_container,
-                                     scrubber=scrubber, const_labels=const)
-        handlers = {"proc_events": self.registry.handle_event, "tcp_events": self.tcp.handle_event}
-        if self.logs is not None:
-            handlers["log_events"] = self.logs.handle_event
+        parts = self._components(const)
+        handlers: dict[str, loader.Handler] = {"proc_events": self.registry.handle_event,
+                                               "tcp_events": self.tcp.handle_event}
         defines: dict[str, str | int] = {}
-        if "l7" in self.families():
-            cfg = self.cfg
-            self.l7 = L7Tracer(self.registry, self.tcp, self.sink, spans=cfg.tracer_enabled,
-                               sampling=cfg.traces_sampling, exclude_paths=cfg.exclude_http_requests_by_path,
-                               max_fqdns=cfg.max_fqdns_per_container, host_id=const["machine_id"],
-                               masks=Masks(url_query=cfg.mask_url_query, sql_literals=cfg.mask_sql_literals,
-                                           redis_values=cfg.mask_redis_values, url_path=cfg.mask_url_path))
-            handlers["l7_events"] = self.l7.handle_event
-            defines = {"CA_SELF_TGID": os.getpid(), "CA_L7_PAYLOAD": cfg.l7_payload_size,
-                       "CA_L7_SAMPLE": L7Tracer.kernel_sampling(cfg.tracer_enabled, cfg.traces_sampling)}
+        for c in parts:
+            if isinstance(c, LogCollector):
+                handlers["log_events"] = c.handle_event
+            elif isinstance(c, L7Tracer):
+                handlers["l7_events"] = c.handle_event
+                cfg = self.cfg
+                defines = {"CA_SELF_TGID": os.getpid(), "CA_L7_PAYLOAD": cfg.l7_payload_size,
+                           "CA_L7_SAMPLE": L7Tracer.kernel_sampling(cfg.tracer_enabled, cfg.traces_sampling)}
         self.bpf = loader.load(self.families(), handlers, hdr, defines=defines,
                                sample_hz=self.cfg.profiling_frequency)
+        self.components = [loader.BpfStats(self.bpf), self.sink, *parts]
         # Processes that started between the scan and the attach are caught here.
         self.registry.scan()
-        self.tcp.attach(self.bpf.table("conns"))
-        if "profiler" in self.families():
-            self.profiler = Profiler(self.registry, self.sink, self.cfg.profiling_frequency,
-                                     self.cfg.profiling_interval)
-            self.registry.subscribe(self.profiler.on_process)
-            self.profiler.attach(self.bpf.bpf)
-        n = seed_tcp(self.tcp, self.registry.pids())
-        log.info("TCP: %d connections open before the agent started are tracked", n)
-        if self.l7 is not None:
-            self.l7.attach(self.bpf.table("l7_http"), self.bpf.table("l7_stats"))
-            self.registry.subscribe(self.l7.on_process)
-            self.tls = TlsAttacher(self.bpf.bpf, self.cfg.procfs_root)
-            self.tls.scan(self.registry.pids())
-            self.registry.subscribe(self.tls.on_process)
-            log.info("TLS: OpenSSL uprobes on %d libraries", len(self.tls.libraries))
+        for c in self.components:
+            c.attach(self.bpf)
+        for c in self.components:  # after attach: a listener may write to a map
+            if _overrides(c, "on_process"):
+                self.registry.subscribe(c.on_process)
         # Probes attached: give up what is not needed any more, before any thread of ours (or
         # of the store engine) starts, so that every thread runs with the smaller set.
         self._drop_capabilities()
         self._open_store()
-        if self.profiler is not None:
-            self.profiler.start()
-        if self.logs is not None:
-            self.logs.start()
-
-        for c in (NodeCollector(const, self.cfg.procfs_root), CgroupCollector(self.registry, const),
-                  TcpCollector(self.tcp, const), SelfCollector(self, const)):
-            self.metrics.register(c)
-        if self.sink is not None:
-            self.metrics.register(SinkCollector(self.sink, const))
-        if self.logs is not None:
-            self.metrics.register(self.logs)
-        if self.l7 is not None:
-            self.metrics.register(L7Collector(self.l7, const))
+        for c in self.components:
+            c.start()
+        self.metrics.register(ComponentsCollector(self.components, const))
         self.metrics.register(self.api.collector())
-        self._start_metrics_shipping(const)
         self.api.start()
         self._poller = threading.Thread(target=self._poll_loop, name="bpf-poll", daemon=True)
         self._poller.start()
         self.started_at = time.monotonic()
         shown = f"[{host}]" if ":" in host else host
         log.info("ready in %.1fs: serving /metrics on http://%s:%d", self.started_at - t0, shown, self.api.port)
+
+    def _components(self, const: dict[str, str]) -> list[Component]:
+        """Everything after the BPF programs and the sink, in start order: the tracers, the
+        collectors, the metric shipper (whose last scrape follows the profiler's and the logs'
+        last flush, as it closes after them), then the profiler and the logs."""
+        cfg = self.cfg
+        out: list[Component] = [self.tcp]
+        if "l7" in self.families():
+            out.append(L7Tracer(self.registry, self.tcp, self.sink, spans=cfg.tracer_enabled,
+                                sampling=cfg.traces_sampling, exclude_paths=cfg.exclude_http_requests_by_path,
+                                max_fqdns=cfg.max_fqdns_per_container, host_id=const["machine_id"],
+                                masks=Masks(url_query=cfg.mask_url_query, sql_literals=cfg.mask_sql_literals,
+                                            redis_values=cfg.mask_redis_values, url_path=cfg.mask_url_path)))
+            out.append(TlsAttacher(procfs=cfg.procfs_root, pids=self.registry.pids))
+        out += [NodeCollector(cfg.procfs_root), CgroupCollector(self.registry),
+                AppTypeCollector(self.registry, procfs=cfg.procfs_root, runtimes=cfg.l7_tracing),
+                RestartCounter(self.registry), DiskCollector(self.registry, procfs=cfg.procfs_root),
+                RegistryMetrics(self.registry)]
+        shipper = self._metrics_shipper()
+        if shipper is not None:
+            out.append(shipper)
+        if "profiler" in self.families():
+            out.append(Profiler(self.registry, self.sink, cfg.profiling_frequency, cfg.profiling_interval))
+        if "logs" in self.families():
+            scrubber = Scrubber(emails=cfg.log_mask_emails, cards=cfg.log_mask_cards, tokens=cfg.log_mask_tokens,
+                                secrets=cfg.log_mask_secrets, headers=cfg.log_mask_headers,
+                                cloud_keys=cfg.log_mask_cloud_keys, ipv4=cfg.log_mask_ipv4)
+            out.append(LogCollector(self.registry, self.sink, metrics=cfg.log_metrics_enabled,
+                                    entries=cfg.log_entries_enabled,
+                                    patterns_per_container=cfg.log_patterns_per_container,
+                                    scrubber=scrubber))
+        return out
 
     def _check_capabilities(self) -> None:
         have = caps.held()
@@ -285,27 +294,25 @@ class Agent:
                 store.migrate()
             except StoreError as e:
                 log.error("%s; spooling to disk and retrying", e)
-        sink.start()
 
-    def _start_metrics_shipping(self, const: dict[str, str]) -> None:
+    def _metrics_shipper(self) -> Component | None:
+        """remote_write when a URL is set; else, with the embedded store, the metric history."""
         cfg = self.cfg
         instance = socket.gethostname()
         if cfg.metrics_endpoint:
             spool = Spool(os.path.join(cfg.wal_dir, "remote_write"), cfg.max_spool_size)
-            self.writer = RemoteWriter(
+            log.info("remote_write to %s every %gs", cfg.metrics_endpoint, cfg.scrape_interval)
+            return RemoteWriter(
                 cfg.metrics_endpoint, self.metrics, spool, interval=cfg.scrape_interval,
                 user=cfg.prometheus_user, password=cfg.prometheus_password,
                 headers=cfg.prometheus_custom_headers, api_key=cfg.api_key,
                 skip_verify=cfg.insecure_skip_verify, ca_file=cfg.ca_file, instance=instance,
             )
-            self.metrics.register(WriterCollector(self.writer, const))
-            self.writer.start()
-            log.info("remote_write to %s every %gs", cfg.metrics_endpoint, cfg.scrape_interval)
-        elif self.store is not None and self.store.embedded and self.sink is not None:
-            self.history = MetricHistory(self.metrics, self.sink, cfg.scrape_interval, instance)
-            self.history.start()
+        if self.store is not None and self.store.embedded and self.sink is not None:
             log.info("no remote_write URL: metric history goes to the store's metrics table every %gs",
                      cfg.scrape_interval)
+            return MetricHistory(self.metrics, self.sink, cfg.scrape_interval, instance)
+        return None
 
     def _api_processes(self, query: str, _body: bytes) -> Response:
         """Every process the registry knows: pid, comm, container and opt-outs (?pid=N for one)."""
@@ -327,22 +334,14 @@ class Agent:
         return True, "ok"
 
     def _poll_loop(self) -> None:
-        assert self.bpf is not None
         next_housekeeping = next_resync = time.monotonic()
         while not self._stop.is_set():
             try:
+                assert self.bpf is not None
                 self.bpf.poll(POLL_MS)
                 now = time.monotonic()
                 if now >= next_housekeeping:
-                    gone = self.registry.housekeeping()
-                    self.tcp.forget_containers(gone)
-                    self.tcp.resolve_pending()
-                    if self.l7 is not None:
-                        self.l7.forget_containers(gone)
-                        self.l7.retry_deferred()
-                        self.l7.fold_closed()
-                    if self.tls is not None:
-                        self.tls.tick()
+                    self._tick(now)
                     next_housekeeping = now + HOUSEKEEPING_SECONDS
                 if now >= next_resync:
                     self.registry.scan()
@@ -350,6 +349,17 @@ class Agent:
             except Exception:  # noqa: BLE001 - one bad event must not stop the agent
                 log.exception("event loop")
                 time.sleep(0.1)
+
+    def _tick(self, now: float) -> None:
+        """Housekeeping: the registry forgets dead containers, then each component ticks, in
+        list order (the TCP tracker labels new connections before the L7 tracer retries the
+        requests that waited for them)."""
+        gone = self.registry.housekeeping()
+        for c in self.components:
+            try:
+                c.tick(now, gone)
+            except Exception:  # noqa: BLE001 - the others still tick
+                log.exception("%s: tick", c.name)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -359,34 +369,39 @@ class Agent:
             pass
 
     def stop(self) -> None:
-        """Detach probes, stop serving. Safe to call twice."""
+        """Detach every probe (in the background: the kernel takes ~1 s for them all, while the
+        rest closes), stop polling, read what the buffers hold and tick once more, close the
+        components in reverse order (each flushes), then the store and the API. Safe to call
+        twice."""
+        t0 = time.monotonic()
+        log.info("stopping")
         self._stop.set()
-        if self._poller is not None:
-            self._poller.join(timeout=3)
-            self._poller = None
-        if self.profiler is not None:
-            self.profiler.close()  # its last drain needs the BPF maps
-            self.profiler = None
-        if self.logs is not None:
-            self.logs.close()
-            self.logs = None
-        # The last scrape (remote_write, metric history) still reads the live BPF counters...
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        if self.history is not None:
-            self.history.close()
-            self.history = None
-        # ...and nothing reads the maps once they are freed.
-        if self.l7 is not None:
-            self.l7.attach(None, None)
-        self.tcp.attach(None)
         if self.bpf is not None:
-            self.bpf.close()
-            self.bpf = None
-        if self.sink is not None:
-            self.sink.close()
-            self.sink = None
+            self.bpf.begin_detach()
+        poller_gone = True
+        if self._poller is not None:
+            self._poller.join(timeout=POLLER_JOIN_SECONDS)
+            poller_gone = not self._poller.is_alive()
+            self._poller = None
+        if self.bpf is not None:
+            if poller_gone:  # else it still polls: leave the buffers and ticks to it
+                try:
+                    self.bpf.poll(0)
+                    self._tick(time.monotonic())
+                except Exception:  # noqa: BLE001
+                    log.exception("the last tick")
+            else:
+                log.warning("event polling did not stop within %gs", POLLER_JOIN_SECONDS)
+        for c in reversed(self.components):
+            t = time.monotonic()
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001 - the others still close and flush
+                log.exception("closing %s", c.name)
+            log.debug("closed %s in %.2fs", c.name, time.monotonic() - t)
+        self.components = []
+        self.bpf = None
+        self.sink = None
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -396,4 +411,4 @@ class Agent:
         if self.api is not None:
             self.api.stop()
             self.api = None
-        log.info("stopped")
+        log.info("stopped in %.2fs", time.monotonic() - t0)

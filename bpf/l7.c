@@ -86,6 +86,13 @@ BPF_TABLE("lru_hash", u32, struct conn, last_accept, 4096);
 BPF_PERCPU_ARRAY(l7_wake, u64, 1); /* events since the last wake-up, per CPU */
 BPF_PERCPU_ARRAY(l7_req_scratch, struct l7_request, 1);
 BPF_PERCPU_ARRAY(l7_event_scratch, struct l7_event, 1);
+/* A stream event's bytes gathered across iovecs: twice the payload, so that a copy at any
+ * offset below CA_L7_PAYLOAD of at most CA_L7_PAYLOAD bytes is provably in bounds. */
+struct l7_gather {
+    u8 buf[2 * CA_L7_PAYLOAD + CA_L7_RESP]; /* and a copy from CA_L7_RESP on stays in bounds */
+};
+BPF_PERCPU_ARRAY(l7_gather_scratch, struct l7_gather, 1);
+#define L7_STREAM_IOVS 32 /* iovecs looked at per call (gRPC writes a request in ~20) */
 BPF_PERCPU_ARRAY(l7_stats, u64, L7_STATS); /* indexes: L7_STAT_* in l7/contract.h */
 /* 4 MB: a burst of pairs must fit while user space is busy with the previous ones (~600 bytes
  * each for a short HTTP request; 64 pages lost ~1.5% of the events at 8,000 requests/s). */
@@ -121,8 +128,9 @@ static __always_inline void l7_count(int i) {
         __sync_fetch_and_add(v, 1);
 }
 
-/* The user buffer behind a syscall's arguments: (ptr, size) of its first segment. */
-static __always_inline int l7_segment(u64 buf, u32 kind, u64 size, u64 *ptr, u64 *len) {
+/* The user buffer behind a syscall's arguments: (ptr, size) of its segment `index` (a
+ * constant; for a vectored call the caller knows the iovec exists or checks what it finds). */
+static __always_inline int l7_segment(u64 buf, u32 kind, u64 size, u32 index, u64 *ptr, u64 *len) {
     if (kind == IO_BUF) {
         *ptr = buf;
         *len = size;
@@ -134,7 +142,7 @@ static __always_inline int l7_segment(u64 buf, u32 kind, u64 size, u64 *ptr, u64
             return 0;
     }
     u64 seg[2]; /* struct iovec: base, len */
-    if (bpf_probe_read_user(seg, sizeof(seg), (void *)iov) < 0)
+    if (bpf_probe_read_user(seg, sizeof(seg), (void *)(iov + index * 16)) < 0)
         return 0;
     *ptr = seg[0];
     *len = seg[1];
@@ -191,40 +199,188 @@ static __always_inline int l7_count_http(struct l7_http_key *k, u64 ns) {
     return 1;
 }
 
+/* The first CA_L7_PAYLOAD - 1 of a call's `total` bytes, across its iovecs; returns the count.
+ * Written for the verifier: no branch on a helper's result (a failed read leaves zeros), and
+ * `off` kept in the same range at the top of every iteration, so that the paths through one
+ * iteration meet again and the unrolled loop costs it linear, not exponential, work. */
+static __always_inline u64 l7_gather(struct l7_gather *g, u64 buf, u32 kind, u64 total) {
+    if (kind == IO_BUF) {
+        u64 n = l7_clamp(total, CA_L7_PAYLOAD - 1);
+        bpf_probe_read_user(g->buf, n, (void *)buf);
+        return n;
+    }
+    u64 iov = buf;
+    if (kind == IO_MSG) /* struct user_msghdr: msg_iov at offset 16 */
+        bpf_probe_read_user(&iov, sizeof(iov), (void *)(buf + 16));
+    u64 off = 0;
+#pragma unroll
+    for (int i = 0; i < L7_STREAM_IOVS; i++) {
+        u64 seg[2] = {}; /* struct iovec: base, len */
+        bpf_probe_read_user(seg, sizeof(seg), (void *)(iov + i * 16));
+        /* never past the call's bytes: memory beyond them may not be paged in */
+        u64 n = seg[1] < total - off ? seg[1] : total - off;
+        n = l7_clamp(n, CA_L7_PAYLOAD - 1);
+        u64 at = off & (CA_L7_PAYLOAD - 1);
+        bpf_probe_read_user(g->buf + at, n, (void *)seg[0]);
+        off = at + n;
+        if (off >= CA_L7_PAYLOAD - 1 || off >= total)
+            break;
+    }
+    return l7_clamp(off, CA_L7_PAYLOAD - 1);
+}
+
+/* One read or write of a stream connection, or one one-way message (contract.h): an event
+ * with its first bytes. */
+static __always_inline void l7_stream(void *ctx, struct conn_key *ckey, struct conn *c, u64 buf, u32 kind,
+                                      u64 size, int sent, u32 tls, u32 proto) {
+    int zero = 0;
+    struct l7_gather *g = l7_gather_scratch.lookup(&zero);
+    struct l7_event *e = l7_event_scratch.lookup(&zero);
+    if (!g || !e || size == 0)
+        return;
+    u64 n = l7_gather(g, buf, kind, size);
+    n = l7_clamp(n, CA_L7_PAYLOAD);
+    if (n == 0)
+        return;
+    /* the bytes fill resp[] first, then req[]: a short call is sent without the unused rest */
+    u64 rn = l7_clamp(n, CA_L7_RESP);
+    if (bpf_probe_read_kernel(e->resp, rn, g->buf) < 0)
+        return;
+    u64 qn = 0;
+    if (n > CA_L7_RESP) {
+        qn = l7_clamp(n - CA_L7_RESP, CA_L7_PAYLOAD);
+        if (bpf_probe_read_kernel(e->req, qn, g->buf + CA_L7_RESP) < 0)
+            return;
+    }
+    e->start_ns = bpf_ktime_get_ns();
+    e->duration_ns = 0;
+    e->conn_start = c->start_ns;
+    e->tgid = ckey->tgid;
+    e->fd = ckey->fd;
+    e->protocol = proto;
+    e->flags = ((c->flags & CONN_OUTBOUND) ? L7_OUTBOUND : L7_INBOUND) | tls | (sent ? L7_WRITE : 0);
+    e->req_len = qn;
+    e->req_size = size > 0xffffffff ? 0xffffffff : (u32)size;
+    e->resp_len = rn;
+    e->payload_max = CA_L7_PAYLOAD;
+    l7_submit(ctx, e, qn ? sizeof(*e) - CA_L7_PAYLOAD + qn : sizeof(*e) - CA_L7_PAYLOAD - CA_L7_RESP + rn);
+}
+
+/* A plain write on a stream connection, at its exit (bpf/tcp.c): `size` is what was written. */
+static __always_inline void l7_on_sent(void *ctx, struct conn_key *ckey, struct conn *c, u64 buf, u32 kind,
+                                       u64 size) {
+    if (ckey->tgid != CA_SELF_TGID)
+        l7_stream(ctx, ckey, c, buf, kind, size, 1, 0, L7_HTTP2);
+}
+
+/* A request waits in l7_pending for its response, with its first bytes. */
+static __always_inline void l7_pend(struct l7_key *key, u64 ptr, u64 size, u32 proto, u32 rflags, u64 now) {
+    int zero = 0;
+    struct l7_request *r = l7_req_scratch.lookup(&zero);
+    if (!r)
+        return;
+    u32 n = size < CA_L7_PAYLOAD ? size : CA_L7_PAYLOAD;
+    if (bpf_probe_read_user(r->payload, n, (void *)ptr) < 0)
+        return;
+    r->start_ns = now;
+    r->protocol = proto;
+    r->flags = rflags;
+    r->len = n;
+    r->size = size > 0xffffffff ? 0xffffffff : (u32)size;
+    l7_pending.update(key, r);
+    l7_count(L7_STAT_REQUESTS);
+}
+
+/* The second query of a DNS-over-TCP writev (iovecs 2 and 3), if there is one: the length in
+ * iovec 2 must be iovec 3's, which also tells a real pair from memory past a 2-iovec array. */
+static __always_inline void l7_dns_tcp_second(struct l7_key *key, u64 buf, u32 kind, u32 rflags, u64 now) {
+    u64 lp = 0, ln = 0, qp = 0, qn = 0;
+    if (!l7_segment(buf, kind, 0, 2, &lp, &ln) || ln != 2 || !lp || !l7_segment(buf, kind, 0, 3, &qp, &qn) ||
+        qn < 12 || !qp)
+        return;
+    u8 len[2] = {};
+    u8 head[12] = {};
+    if (bpf_probe_read_user(len, sizeof(len), (void *)lp) < 0 || (((u64)len[0] << 8) | len[1]) != qn ||
+        bpf_probe_read_user(head, sizeof(head), (void *)qp) < 0 || !l7_dns_query(head, sizeof(head)))
+        return;
+    struct l7_key k2 = *key;
+    k2.stream = l7_dns_id(head);
+    l7_pend(&k2, qp, qn, L7_DNS, rflags, now);
+}
+
 /* One read or write on a tracked connection: `size` is the byte count for (buf, len) calls and
  * reads; 0 for a vectored write (the first segment's length is used). */
-static __always_inline void l7_on_io_tls(void *ctx, struct conn_key *ckey, struct conn *c, u64 buf, u32 kind,
-                                         u64 size, int sent, u32 tls) {
+static __always_inline u32 l7_io(void *ctx, struct conn_key *ckey, struct conn *c, u64 buf, u32 kind, u64 size,
+                                 int sent, u32 tls, u64 *ssize) {
     if (ckey->tgid == CA_SELF_TGID)
-        return;
+        return 0;
     u32 flags = c->flags;
+    /* Reads come here at their exit, TLS calls at theirs; plain writes at their entry, where
+     * a stream's are left to l7_on_sent (their byte count is known at the exit). */
+    int at_exit = !sent || tls;
+    if (flags & CONN_L7_STREAM) {
+        *ssize = size;
+        return at_exit ? L7_HTTP2 : 0;
+    }
+    u64 total = size;
     int client = flags & (CONN_OUTBOUND | CONN_DNS);
     int request = client ? sent : !sent;
     u64 ptr = 0, seg = 0;
-    if (!l7_segment(buf, kind, size, &ptr, &seg))
-        return;
+    if (!l7_segment(buf, kind, size, 0, &ptr, &seg))
+        return 0;
     if (kind != IO_BUF && (size == 0 || seg < size))
         size = seg;
     if (size == 0 || !ptr)
-        return;
+        return 0;
+    int dns_tcp_iov = 0;
+    if (flags & CONN_DNS_TCP) {
+        /* DNS over TCP: each message follows its 2-byte length, written with it, in the first
+         * iovec before it (glibc's writev), or read on its own before it */
+        if (size == 2) {
+            if (kind == IO_BUF || !l7_segment(buf, kind, 0, 1, &ptr, &size) || size < 12 || !ptr)
+                return 0;
+            dns_tcp_iov = 1;
+        } else {
+            u8 len[2] = {};
+            if (bpf_probe_read_user(len, sizeof(len), (void *)ptr) < 0)
+                return 0;
+            if ((((u64)len[0] << 8) | len[1]) + 2 == size) {
+                ptr += 2;
+                size -= 2;
+            }
+        }
+        flags |= CONN_DNS;
+    }
     struct l7_key key = {.tgid = ckey->tgid, .fd = ckey->fd, .conn_start = c->start_ns};
     u8 head[16] = {};
     u32 hn = size < sizeof(head) ? size : sizeof(head);
     if (bpf_probe_read_user(head, hn, (void *)ptr) < 0)
-        return;
+        return 0;
+    if (!(flags & CONN_DNS)) {
+        u32 m = l7_message(head, hn, size, ptr);
+        if (m) { /* one-way: an event now, in either direction (a vectored write's first segment) */
+            *ssize = (kind == IO_BUF || at_exit) ? total : size;
+            return m;
+        }
+    }
     int zero = 0;
     u64 now = bpf_ktime_get_ns();
     if (request) {
         u32 proto;
         if (flags & CONN_DNS) {
             if (!l7_dns_query(head, hn))
-                return;
+                return 0;
             proto = L7_DNS;
             key.stream = l7_dns_id(head);
         } else {
             proto = l7_detect(head, hn, size, ptr);
             if (!proto)
-                return;
+                return 0;
+            if (proto == L7_HTTP2) { /* a stream connection from now on, this call included */
+                c->flags |= CONN_L7_STREAM;
+                *ssize = total;
+                return at_exit ? L7_HTTP2 : 0;
+            }
         }
         u32 rflags = (client ? L7_OUTBOUND : L7_INBOUND) | tls;
         if (proto == L7_HTTP && (!client || (u64)bpf_get_prandom_u32() >= CA_L7_SAMPLE)) {
@@ -234,28 +390,18 @@ static __always_inline void l7_on_io_tls(void *ctx, struct conn_key *ckey, struc
             c->http_flags = rflags;
             c->http_start_ns = now;
             l7_count(L7_STAT_REQUESTS);
-            return;
+            return 0;
         }
         if (proto != L7_DNS && l7_pending.lookup(&key))
             l7_count(L7_STAT_REPLACED);
-        struct l7_request *r = l7_req_scratch.lookup(&zero);
-        if (!r)
-            return;
-        u32 n = size < CA_L7_PAYLOAD ? size : CA_L7_PAYLOAD;
-        if (bpf_probe_read_user(r->payload, n, (void *)ptr) < 0)
-            return;
-        r->start_ns = now;
-        r->protocol = proto;
-        r->flags = rflags;
-        r->len = n;
-        r->size = size > 0xffffffff ? 0xffffffff : (u32)size;
-        l7_pending.update(&key, r);
-        l7_count(L7_STAT_REQUESTS);
-        return;
+        l7_pend(&key, ptr, size, proto, rflags, now);
+        if (dns_tcp_iov) /* glibc writes the A and AAAA queries with one writev: len, query, len, query */
+            l7_dns_tcp_second(&key, buf, kind, rflags, now);
+        return 0;
     }
     if (flags & CONN_DNS) {
         if (!l7_dns_answer(head, hn))
-            return;
+            return 0;
         key.stream = l7_dns_id(head);
     }
     u64 start = 0;
@@ -271,7 +417,7 @@ static __always_inline void l7_on_io_tls(void *ctx, struct conn_key *ckey, struc
     } else {
         r = l7_pending.lookup(&key);
         if (!r)
-            return;
+            return 0;
         start = r->start_ns;
         rflags = r->flags;
         proto = r->protocol;
@@ -290,16 +436,16 @@ static __always_inline void l7_on_io_tls(void *ctx, struct conn_key *ckey, struc
         counted = l7_count_http(&hk, duration) ? L7_COUNTED : 0;
         if (t && counted) {
             l7_count(L7_STAT_PAIRED);
-            return; /* counted, and no span wanted */
+            return 0; /* counted, and no span wanted */
         }
     }
     /* An event: a span, or a request user space counts (not HTTP, or the HTTP map is full). */
     struct l7_event *e = l7_event_scratch.lookup(&zero);
     if (!e)
-        return;
+        return 0;
     u32 n = size < CA_L7_RESP ? size : CA_L7_RESP;
     if (bpf_probe_read_user(e->resp, n, (void *)ptr) < 0)
-        return;
+        return 0;
     e->start_ns = start;
     e->duration_ns = duration;
     e->conn_start = c->start_ns;
@@ -318,6 +464,18 @@ static __always_inline void l7_on_io_tls(void *ctx, struct conn_key *ckey, struc
         l7_pending.delete(&key);
     l7_count(L7_STAT_PAIRED);
     l7_submit(ctx, e, sizeof(*e) - CA_L7_PAYLOAD + rn);
+    return 0;
+}
+
+/* One read or write on a tracked connection: pairs and counts requests (l7_io), and makes the
+ * one event of a stream's call or of a one-way message here, in one place: the gathering code
+ * is inlined once per program, which keeps the verifier's work small. */
+static __always_inline void l7_on_io_tls(void *ctx, struct conn_key *ckey, struct conn *c, u64 buf, u32 kind,
+                                         u64 size, int sent, u32 tls) {
+    u64 ssize = 0;
+    u32 proto = l7_io(ctx, ckey, c, buf, kind, size, sent, tls, &ssize);
+    if (proto)
+        l7_stream(ctx, ckey, c, buf, kind, ssize, sent, tls, proto);
 }
 
 static __always_inline void l7_on_io(void *ctx, struct conn_key *ckey, struct conn *c, u64 buf, u32 kind,

@@ -36,6 +36,9 @@
 #define CONN_OUTBOUND 1
 #define CONN_INBOUND 2
 #define CONN_DNS 4 /* a UDP socket connected to port 53 (bpf/l7.c) */
+#define CONN_L7_STREAM 8 /* bpf/l7.c: a stream protocol (HTTP/2) was recognised on it */
+#define CONN_DNS_TCP 16 /* an outbound connection to port 53: DNS over TCP (bpf/l7.c) */
+#define CA_DNS_TCP_PORT 53
 
 struct conn_key {
     u32 tgid;
@@ -211,6 +214,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
             if (old) /* the fd was reused without a close we saw */
                 emit_close(args, &key, old, 0);
             struct conn c = {.sk = sk, .start_ns = p->start_ns, .retransmits = p->retransmits, .flags = CONN_OUTBOUND};
+            if (args->dport == CA_DNS_TCP_PORT)
+                c.flags |= CONN_DNS_TCP;
             conns.update(&key, &c);
             sk_conns.update(&sk, &key);
         }
@@ -338,6 +343,8 @@ BPF_HASH(io_calls, u64, struct io_call, 16384);
 #ifdef CA_L7
 static __always_inline void l7_on_io(void *ctx, struct conn_key *key, struct conn *c, u64 buf, u32 kind,
                                      u64 size, int sent);
+static __always_inline void l7_on_sent(void *ctx, struct conn_key *key, struct conn *c, u64 buf, u32 kind,
+                                       u64 size);
 static __always_inline int l7_in_ssl_call(u64 id, u32 fd);
 #endif
 
@@ -374,6 +381,10 @@ static __always_inline int io_exit(void *ctx, long ret, int sent) {
         return 0;
     if (sent) {
         __sync_fetch_and_add(&c->bytes_sent, ret);
+#ifdef CA_L7
+        if ((c->flags & CONN_L7_STREAM) && !l7_in_ssl_call(id, key.fd))
+            l7_on_sent(ctx, &key, c, buf, kind, ret); /* a stream's writes: their byte count is known now */
+#endif
     } else {
         __sync_fetch_and_add(&c->bytes_received, ret);
 #ifdef CA_L7

@@ -22,7 +22,7 @@ if [ "$WANT_TEST" = 1 ]; then
     # gcc alone compiles nothing on a bare Debian: libc6-dev has the C headers and crt files.
     pkgs+=(gcc libc6-dev iproute2 procps curl openssl prometheus nftables ethtool
            nginx-light postgresql redis-server dnsmasq-base wrk python3-psycopg python3-redis
-           debootstrap)
+           debootstrap mariadb-server)
 fi
 missing=()
 for p in "${pkgs[@]}"; do
@@ -51,7 +51,7 @@ if [ "${#missing[@]}" -gt 0 ] || [ "$have_headers" = 0 ]; then
         fi
     fi
     say "installing ${missing[*]}"
-    # The test servers (nginx, postgresql, redis) must not start as system services: the tests
+    # The test servers (nginx, postgresql, redis, mariadb) must not start as system services: the tests
     # run their own. Without a policy-rc.d, one is in place for the install only.
     made_policy=0
     if [ ! -e /usr/sbin/policy-rc.d ]; then

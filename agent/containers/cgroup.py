@@ -155,21 +155,34 @@ def container_id(ref: ContainerRef) -> str:
     return f"/k8s-cgroup/{pod_uid}/{ref.runtime_id[:12]}"
 
 
-_RS_HASH = re.compile(r"^(.+)-[0-9a-f]{6,10}-[0-9a-z]{5}$")
-_DS_OR_JOB = re.compile(r"^(.+)-[0-9a-z]{5}$")
-_STS = re.compile(r"^(.+)-\d+$")
+# The node agent's workload rules (common/otel.go), tried in order on a Kubernetes id: the
+# pod name's ReplicaSet hash and suffix (a Deployment; also a CronJob's Job, whose number the
+# hash class takes), a DaemonSet's or Job's suffix (consonants and digits without vowels or
+# look-alikes), a StatefulSet's ordinal. Unanchored, as Go's FindStringSubmatch is.
+_WORKLOAD_SUFFIX = "[bcdfghjklmnpqrstvwxz2456789]{5}"
+_K8S_WORKLOADS = (
+    re.compile(rf"(/k8s/[a-z0-9-]+/[a-z0-9-]+)-[0-9a-f]{{1,10}}-{_WORKLOAD_SUFFIX}/.+"),
+    re.compile(rf"(/k8s/[a-z0-9-]+/[a-z0-9-]+)-{_WORKLOAD_SUFFIX}/.+"),
+    re.compile(r"(/k8s/[a-z0-9-]+/[a-z0-9-]+)-\d+/.+"),
+)
+
+
+def service_name(cid: str) -> str:
+    """`service.name` of spans, logs and profiles: a Kubernetes container's workload
+    (/k8s/<ns>/<pod>/<c> -> /k8s/<ns>/<workload>), else the container id itself."""
+    if not cid.startswith("/k8s/"):
+        return cid
+    for rx in _K8S_WORKLOADS:
+        if m := rx.search(cid):
+            return m.group(1)
+    return cid
 
 
 def app_id(cid: str) -> str:
-    """The service a container belongs to: /k8s/<ns>/<pod>/<c> -> /k8s/<ns>/<workload>."""
-    parts = cid.split("/")
-    if len(parts) == 5 and parts[1] == "k8s":
-        ns, pod = parts[2], parts[3]
-        for rx in (_RS_HASH, _DS_OR_JOB, _STS):
-            if m := rx.match(pod):
-                return f"/k8s/{ns}/{m.group(1)}"
-        return f"/k8s/{ns}/{pod}"
-    return cid
+    """The `app_id` label: the workload of a Kubernetes container, empty for anything else (and
+    for a pod whose name follows no workload rule), as the node agent sets it."""
+    name = service_name(cid)
+    return "" if name == cid else name
 
 
 # ----------------------------------------------------------- file reading ---

@@ -5,25 +5,34 @@ translation unit with the feature defines, so LLVM runs once at start-up.
 Tracepoints attach through BCC's TRACEPOINT_PROBE auto-attach; kprobes are never used (kernels
 without CONFIG_KPROBES exist). Ring buffer on 5.8+, perf buffer otherwise; events the kernel
 side could not hand over are counted per buffer. Knows nothing of what the events mean.
+`Loaded` is the one holder of the BCC object: components get its maps as agent/ebpf/maps.py
+`BpfMap`s and attach uprobes through it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import re
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from agent.component import Component
 from agent.ebpf.headers import HeadersSource
+from agent.ebpf.maps import AttachError, BpfMap, ProgramsClosing
+from agent.metrics import Families
 
 log = logging.getLogger(__name__)
 
 BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
 RINGBUF_MIN_KERNEL = (5, 8)
+DETACH_THREADS = 64  # probes detached side by side at stop (one thread each, up to this)
 
 
 @dataclass(frozen=True)
@@ -112,34 +121,65 @@ def program_text(families: Iterable[str], bpf_dir: Path = BPF_DIR) -> str:
 
 @dataclass
 class Loaded:
-    """The attached programs and their buffers. Poll from one thread only."""
+    """The attached programs and their buffers (the `Programs` that components see: maps by
+    name through agent/ebpf/maps.py, uprobes). Poll from one thread only."""
 
-    bpf: object
+    bpf: Any
     families: tuple[str, ...]
     ringbuf: bool
     compile_seconds: float
     perf_events: int = 0
     _perf_lost: dict[str, int] = field(default_factory=dict)
     _callbacks: list[object] = field(default_factory=list)  # keep ctypes callbacks alive
+    _detaching: list[threading.Thread] = field(default_factory=list)
+    _detach_begun: bool = False
+    _attach_lock: threading.Lock = field(default_factory=threading.Lock)
+    _closed: bool = False
+
+    # ------------------------------------------------------------ Programs --
+
+    def map(self, name: str) -> BpfMap:
+        """A map of the loaded programs; KeyError when no program declares it."""
+        if self._closed:
+            raise KeyError(f"{name}: the BPF programs are closed")
+        return BpfMap(self.bpf[name], name)
+
+    def attach_uprobe(self, path: str, symbol: str, fn_name: str, *, ret: bool = False) -> None:
+        attach = self.bpf.attach_uretprobe if ret else self.bpf.attach_uprobe
+        with self._attach_lock:
+            if self._detach_begun:  # begin_detach has taken its list: this one would stay
+                raise ProgramsClosing(f"{fn_name} on {path}:{symbol}: the programs are being detached")
+            try:
+                attach(name=path, sym=symbol, fn_name=fn_name)
+            except Exception as e:  # noqa: BLE001 - BCC raises bare Exception for every failure
+                raise AttachError(f"{'uretprobe' if ret else 'uprobe'} {fn_name} on {path}:{symbol}: {e}") from e
+
+    def detach_uprobe(self, path: str, symbol: str, *, ret: bool = False) -> None:
+        detach = self.bpf.detach_uretprobe if ret else self.bpf.detach_uprobe
+        try:
+            detach(name=path, sym=symbol)
+        except Exception as e:  # noqa: BLE001
+            raise AttachError(f"{'uretprobe' if ret else 'uprobe'} on {path}:{symbol}: {e}") from e
+
+    # ------------------------------------------------------------- loading --
 
     @property
     def tracepoints(self) -> list[str]:
         """Attached tracepoints; raw ones as 'raw:<name>'."""
-        names = [k.decode() if isinstance(k, bytes) else k for k in self.bpf.tracepoint_fds]
-        names += ["raw:" + (k.decode() if isinstance(k, bytes) else k) for k in self.bpf.raw_tracepoint_fds]
+        names = [_name(k) for k in self.bpf.tracepoint_fds]
+        names += ["raw:" + _name(k) for k in self.bpf.raw_tracepoint_fds]
         return sorted(names)
 
     def missed_runs(self) -> dict[str, int]:
         """Runs the kernel skipped per program (recursion_misses: a program that fired while
         another BPF program ran on that CPU). Each is an event that was not seen."""
         out = {}
-        for fname, fn in self.bpf.funcs.items():
+        for fname, fn in list(self.bpf.funcs.items()):
             try:
                 with open(f"/proc/self/fdinfo/{fn.fd}") as f:
                     for line in f:
                         if line.startswith("recursion_misses:"):
-                            name = fname.decode() if isinstance(fname, bytes) else fname
-                            out[name] = int(line.split()[1])
+                            out[_name(fname)] = int(line.split()[1])
             except (OSError, ValueError):
                 continue
         return out
@@ -150,7 +190,9 @@ class Loaded:
         any wake-up and at least every `timeout_ms`. Per-event wake-ups of the other buffers
         keep them close to the order things happened (a process's exit after the close and
         failed-connect events it caused, which travel in another buffer)."""
-        if self.ringbuf:
+        if self._closed:
+            time.sleep(timeout_ms / 1000)
+        elif self.ringbuf:
             if self.bpf._ringbuf_manager:
                 self.bpf.ring_buffer_poll(timeout_ms)
                 self.bpf.ring_buffer_consume()
@@ -164,30 +206,101 @@ class Loaded:
     def lost(self) -> dict[str, int]:
         """Events lost per buffer: kernel-side submit failures plus perf-reported losses."""
         out = {}
-        for name in self.families:
-            for buf in FAMILIES[name].buffers:
-                tbl = self.bpf[f"{buf}_lost"]
-                kernel_side = sum(int(v) for v in tbl[tbl.Key(0)])
-                out[buf] = kernel_side + self._perf_lost.get(buf, 0)
+        try:
+            for name in self.families:
+                for buf in FAMILIES[name].buffers:
+                    kernel_side = self.map(f"{buf}_lost").percpu_sum(0)
+                    out[buf] = kernel_side + self._perf_lost.get(buf, 0)
+        except KeyError:  # closed meanwhile (a scrape racing the stop)
+            return {}
         return out
-
-    def table(self, name: str) -> object:
-        return self.bpf[name]
 
     def run_seconds(self) -> dict[str, tuple[int, int]]:
         """(run time ns, run count) per attached program, from kernel.bpf_stats_enabled."""
         out = {}
-        for fname, fn in self.bpf.funcs.items():
+        for fname, fn in list(self.bpf.funcs.items()):
             info = _prog_info(fn.fd)
             if info:
-                out[fname.decode() if isinstance(fname, bytes) else fname] = info
+                out[_name(fname)] = info
         return out
 
-    def close(self) -> None:
+    # ------------------------------------------------------------ stopping --
+
+    def begin_detach(self) -> None:
+        """Start detaching every probe, in parallel, and return at once.
+
+        Each detach waits in the kernel for RCU grace periods (~40 ms a tracepoint, ~130 ms
+        a uprobe here): one after the other, the ~40 probes took 2-4 s. Side by side the waits
+        overlap. Maps and buffers stay: what is in them can still be read, and the programs
+        stop adding to them as their probes go. `close()` waits for this to end."""
+        b = self.bpf
+        with self._attach_lock:
+            if self._detach_begun:
+                return
+            self._detach_begun = True  # from now on nothing attaches
+            jobs: list[Callable[[], None]] = []
+            jobs += [functools.partial(b.detach_uprobe_event, k) for k in list(b.uprobe_fds)]
+            jobs += [functools.partial(b.detach_tracepoint, k) for k in list(b.tracepoint_fds)]
+            jobs += [functools.partial(b.detach_raw_tracepoint, k) for k in list(b.raw_tracepoint_fds)]
+            jobs += [functools.partial(b.detach_perf_event, *k) for k in list(b.open_perf_events)]
+        per = max(1, -(-len(jobs) // DETACH_THREADS))
+        for i in range(0, len(jobs), per):
+            t = threading.Thread(target=_run_all, args=(jobs[i:i + per],), name="bpf-detach", daemon=True)
+            t.start()
+            self._detaching.append(t)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Detach every probe (if `begin_detach` has not) and free the maps. Safe to call twice."""
+        if self._closed:
+            return
+        self.begin_detach()
+        deadline = time.monotonic() + timeout
+        for t in self._detaching:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self._closed = True
         try:
             self.bpf.cleanup()
         except Exception:  # noqa: BLE001 - best effort at shutdown
             log.exception("detaching probes")
+
+
+def _run_all(jobs: list[Callable[[], None]]) -> None:
+    for job in jobs:
+        try:
+            job()
+        except Exception as e:  # noqa: BLE001 - one probe that will not detach must not keep the others
+            log.warning("detaching a probe: %s", e)
+
+
+def _name(key: bytes | str) -> str:
+    return key.decode() if isinstance(key, bytes) else key
+
+
+class BpfStats(Component):
+    """The loaded programs' own health as self-metrics; frees the programs at close, after the
+    components listed after it (which read the maps) have closed."""
+
+    name = "bpf"
+
+    def __init__(self, loaded: Loaded) -> None:
+        self.loaded = loaded
+
+    def self_metrics(self, f: Families) -> None:
+        bpf = self.loaded
+        if bpf._closed:
+            return
+        for buf, n in bpf.lost().items():
+            f.counter("coroot_agent_lost_events_total", "events the kernel could not hand to the agent (full buffer)", n, what=buf)
+        f.gauge("coroot_agent_bpf_compile_seconds", "time to compile and attach the BPF programs", bpf.compile_seconds)
+        for prog, (ns, runs) in bpf.run_seconds().items():
+            if runs:  # only with kernel.bpf_stats_enabled=1
+                f.counter("coroot_agent_bpf_program_run_seconds_total", "time spent in the program (kernel.bpf_stats_enabled)", ns / 1e9, program=prog)
+                f.counter("coroot_agent_bpf_program_runs_total", "program runs (kernel.bpf_stats_enabled)", runs, program=prog)
+        for prog, n in bpf.missed_runs().items():
+            f.counter("coroot_agent_bpf_missed_runs_total", "program runs the kernel skipped (it fired while another BPF program ran on that CPU)", n, program=prog)
+
+    def close(self) -> None:
+        self.loaded.close()
 
 
 def _prog_info(fd: int) -> tuple[int, int] | None:
@@ -201,7 +314,7 @@ def _prog_info(fd: int) -> tuple[int, int] | None:
 
 def load(
     families: Iterable[str],
-    handlers: dict[str, Handler],
+    handlers: Mapping[str, Handler],
     headers: HeadersSource,
     defines: dict[str, str | int] | None = None,
     ringbuf: bool | None = None,
@@ -215,8 +328,8 @@ def load(
     families = with_requirements(families)
     if ringbuf is None:
         ringbuf = ringbuf_supported()
-    for k, v in headers.env:
-        os.environ[k] = v
+    for name, value in headers.env:
+        os.environ[name] = value
     cflags = [f"-I{bpf_dir / 'include'}", f"-DCA_EVENTS_PAGES={pages}", "-Wno-macro-redefined"]
     if ringbuf:
         cflags.append("-DCA_RINGBUF")

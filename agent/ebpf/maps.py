@@ -104,11 +104,27 @@ class BpfMap:
         return iter(self.keys())
 
 
+class AttachError(Exception):
+    """A probe did not attach or detach; the message names the program, file and symbol."""
+
+
+class ProgramsClosing(AttachError):
+    """The programs are being detached (the agent stops): nothing attaches any more."""
+
+
 class Programs(Protocol):
     """The loaded programs as components use them (agent/ebpf/loader.py Loaded implements it)."""
 
-    def map(self, name: str) -> BpfMap: ...
+    def map(self, name: str) -> BpfMap:
+        """The map `name` declares in bpf/; KeyError when none does."""
+        ...
 
-    def attach_uprobe(self, path: str, symbol: str, fn_name: str, *, ret: bool = False) -> None: ...
+    def attach_uprobe(self, path: str, symbol: str, fn_name: str, *, ret: bool = False) -> None:
+        """Attach program `fn_name` at `symbol` of the file `path` (at its return with `ret`);
+        AttachError when the file has no such symbol or the kernel refuses, ProgramsClosing
+        once the agent has begun to stop."""
+        ...
 
-    def detach_uprobe(self, path: str, symbol: str, *, ret: bool = False) -> None: ...
+    def detach_uprobe(self, path: str, symbol: str, *, ret: bool = False) -> None:
+        """Undo attach_uprobe; AttachError when nothing was attached there."""
+        ...

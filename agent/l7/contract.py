@@ -10,9 +10,12 @@ from dataclasses import dataclass
 
 # Protocol ids (event.protocol)
 HTTP, POSTGRES, REDIS, DNS = 1, 2, 3, 4
+HTTP2 = 7
+MYSQL = 5
 
 # Event flags (event.flags)
 F_OUTBOUND, F_INBOUND, F_TLS, F_COUNTED = 1, 2, 4, 8
+F_WRITE = 16  # a stream event: the process wrote these bytes (else it read them)
 
 PAYLOAD_DEFAULT = 1024  # CA_L7_PAYLOAD unless the loader sets it (l7_payload_size)
 RESP_MAX = 512  # CA_L7_RESP
@@ -45,6 +48,7 @@ class Event:
     flags: int
     request: bytes
     response: bytes
+    size: int = -1  # bytes the call carried (request holds the first of them); -1: len(request)
 
     @property
     def outbound(self) -> bool:
@@ -58,14 +62,22 @@ class Event:
     def counted(self) -> bool:
         return bool(self.flags & F_COUNTED)
 
+    @property
+    def written(self) -> bool:
+        return bool(self.flags & F_WRITE)
+
+    @property
+    def call_size(self) -> int:
+        return len(self.request) if self.size < 0 else self.size
+
 
 def unpack(raw: bytes) -> Event:
-    (start, duration, conn_start, pid, fd, proto, flags, req_len, _req_size, resp_len,
+    (start, duration, conn_start, pid, fd, proto, flags, req_len, req_size, resp_len,
      _pmax) = EVENT_HEADER.unpack_from(raw)
     base = EVENT_HEADER.size
     resp_len = min(resp_len, RESP_MAX)
     return Event(start, duration, conn_start, pid, fd, proto, flags,
-                 bytes(raw[base + RESP_MAX:base + RESP_MAX + req_len]), bytes(raw[base:base + resp_len]))
+                 bytes(raw[base + RESP_MAX:base + RESP_MAX + req_len]), bytes(raw[base:base + resp_len]), req_size)
 
 
 def pack(e: Event, payload_max: int = PAYLOAD_DEFAULT) -> bytes:
@@ -73,5 +85,5 @@ def pack(e: Event, payload_max: int = PAYLOAD_DEFAULT) -> bytes:
     req = e.request[:payload_max]
     resp = e.response[:RESP_MAX]
     head = EVENT_HEADER.pack(e.start_ns, e.duration_ns, e.conn_start, e.pid, e.fd, e.protocol, e.flags,
-                             len(req), len(e.request), len(resp), payload_max)
+                             len(req), e.call_size, len(resp), payload_max)
     return head + resp.ljust(RESP_MAX, b"\0") + req

@@ -44,6 +44,8 @@ class Request:
     code: int = 0  # HTTP status code
     statement: str = ""
     error: str = ""
+    grpc: int = -1  # gRPC status code (grpc-status), -1 when not gRPC
+    start_ns: int = 0  # when the request was seen (stream protocols); 0: the event's start
 
 
 @dataclass(frozen=True)
@@ -84,12 +86,24 @@ class Protocol:
     # protocol, and ones it must not: tests/unit/test_l7_contract.py runs the detector on them.
     kernel_requests: ClassVar[tuple[bytes, ...]] = ()
     kernel_non_requests: ClassVar[tuple[bytes, ...]] = ()
+    # One-way messages (a publish, a delivery) the kernel's l7_message (bpf/include/l7/
+    # protocols.h) must recognise as this protocol, read or written; they come to `feed`.
+    kernel_messages: ClassVar[tuple[bytes, ...]] = ()
+    # A stream protocol (contract.h): every read and write of a recognised connection — or, for
+    # a one-way message protocol, every call that carries messages — comes to `feed` in order,
+    # and the plug-in makes requests itself; `parse` is not called.
+    streaming: ClassVar[bool] = False
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
     def parse(self, conn: ConnKey, request: bytes, response: bytes, seconds: float) -> list[Request]:
         """The requests in a pair's first bytes, each with its status; [] if none."""
+        raise NotImplementedError
+
+    def feed(self, conn: ConnKey, client: bool, ts_ns: int, data: bytes, size: int) -> list[Request]:
+        """Stream protocols: one call's first bytes (`data`) of its `size`, written by the client
+        (`client`) or by the server; returns the requests this call completed."""
         raise NotImplementedError
 
     def span(self, r: Request, peer: Peer, tls: bool) -> Span | None:

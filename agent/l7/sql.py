@@ -67,7 +67,7 @@ def _string_end(sql: str, j: int, backslash: bool, quote: str = "'") -> int:
     body = _ESCAPED_BODY[quote]
     while True:
         if backslash:
-            k = body.match(sql, j).end()  # type: ignore[union-attr]
+            k = body.match(sql, j).end()  # type: ignore[union-attr]  # a `*` pattern: always matches
             if k >= n:
                 return n
             if sql[k] == "\\":
@@ -110,7 +110,7 @@ def _block_end(sql: str, i: int) -> int:
 def _number_end(sql: str, i: int) -> int:
     m = _NUMBER.match(sql, i)
     end = m.end() if m else i + 1
-    return _NUMBER_TAIL.match(sql, end).end()  # type: ignore[union-attr]
+    return _NUMBER_TAIL.match(sql, end).end()  # type: ignore[union-attr]  # `*`: always matches
 
 
 def _unary_after_run(sql: str, start: int, end: int, unary: bool) -> bool:
@@ -143,7 +143,7 @@ def _spans(sql: str, backslash: bool) -> list[Span]:
                 break
         c = sql[i]
         if c.isspace():
-            i = _WS.match(sql, i).end()  # type: ignore[union-attr]
+            i = _WS.match(sql, i).end()  # type: ignore[union-attr]  # sql[i] is a space: matches
             continue
         if c == "'":
             end = _string_end(sql, i + 1, backslash)

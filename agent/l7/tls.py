@@ -11,6 +11,10 @@ Each library is attached through a short symlink (`LINK_DIR/<dev>-<inode>`) to i
 /proc/PID/root: the kernel's uprobe perf PMU needs CAP_SYS_ADMIN, and without it BCC defines
 the probes in tracing/uprobe_events, whose event names (made from the path) must stay under 64
 characters. The kernel resolves the link once; the probe stays on the file's inode.
+
+A component (agent/component.py): attaches at start for the processes the registry knows, then
+on its ticks for the new ones. Its probes are detached with all the others when the programs
+are freed (agent/ebpf/loader.py, side by side: one by one they would take ~130 ms each).
 """
 
 from __future__ import annotations
@@ -18,8 +22,15 @@ from __future__ import annotations
 import heapq
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
+from agent.component import Component
+from agent.containers.registry import Process
+from agent.ebpf.maps import AttachError, Programs, ProgramsClosing
+from agent.metrics import Families
 
 log = logging.getLogger(__name__)
 
@@ -56,34 +67,65 @@ def ssl_libraries(procfs: str, pid: int) -> list[str]:
     return out
 
 
-class TlsAttacher:
-    def __init__(self, bpf: object, procfs: str = "/proc", link_dir: str = LINK_DIR) -> None:
-        self.bpf = bpf
+class TlsAttacher(Component):
+    name = "tls"
+
+    def __init__(self, programs: Programs | None = None, procfs: str = "/proc", link_dir: str = LINK_DIR,
+                 pids: Callable[[], Iterable[int]] | None = None) -> None:
+        """`pids`: the processes to look at when attached (the registry's)."""
+        self.programs = programs
         self.procfs = procfs
         self.link_dir = link_dir
+        self.pids = pids
         self.libraries: dict[tuple[int, int], Library] = {}
         self.failed: set[tuple[int, int]] = set()
         self._queue: list[tuple[float, int]] = []
+        self._queue_lock = threading.Lock()  # listeners run on the poll thread and the logs thread
 
-    def scan(self, pids: list[int]) -> None:
+    # ------------------------------------------------------------ component --
+
+    def attach(self, programs: Programs | None) -> None:
+        self.programs = programs
+        if programs is not None and self.pids is not None:
+            self.scan(self.pids())
+            log.info("TLS: OpenSSL uprobes on %d libraries", len(self.libraries))
+
+    def on_process(self, what: str, proc: Process) -> None:
+        """Registry listener: look at a new process's libraries a little later."""
+        if what != "added":
+            return
+        now = time.monotonic()
+        with self._queue_lock:
+            if len(self._queue) >= MAX_QUEUED:
+                return
+            for delay in RECHECK_AFTER:
+                heapq.heappush(self._queue, (now + delay, proc.pid))
+
+    def tick(self, now: float, gone: list[str]) -> None:
+        """Processes whose time to be looked at has come (`now`: time.monotonic())."""
+        while True:
+            with self._queue_lock:
+                if not self._queue or self._queue[0][0] > now:
+                    return
+                _, pid = heapq.heappop(self._queue)
+            self.scan_pid(pid)
+
+    def self_metrics(self, f: Families) -> None:
+        f.gauge("coroot_agent_tls_libraries", "OpenSSL libraries with uprobes attached", len(self.libraries))
+
+    def close(self) -> None:
+        """The probes stay until the programs are freed (all probes are detached together)."""
+        self.programs = None
+
+    # -------------------------------------------------------------- probes --
+
+    def scan(self, pids: Iterable[int]) -> None:
         for pid in pids:
             self.scan_pid(pid)
 
-    def on_process(self, what: str, proc: object) -> None:
-        """Registry listener: look at a new process's libraries a little later."""
-        if what != "added" or len(self._queue) >= MAX_QUEUED:
-            return
-        now = time.monotonic()
-        for delay in RECHECK_AFTER:
-            heapq.heappush(self._queue, (now + delay, proc.pid))  # type: ignore[attr-defined]
-
-    def tick(self) -> None:
-        now = time.monotonic()
-        while self._queue and self._queue[0][0] <= now:
-            _, pid = heapq.heappop(self._queue)
-            self.scan_pid(pid)
-
     def scan_pid(self, pid: int) -> None:
+        if self.programs is None:
+            return
         for path in ssl_libraries(self.procfs, pid):
             host_path = f"{self.procfs}/{pid}/root{path}"
             try:
@@ -108,15 +150,34 @@ class TlsAttacher:
             return host_path
 
     def _attach(self, key: tuple[int, int], host_path: str, path: str) -> None:
+        programs = self.programs
+        assert programs is not None
         lib = Library(path, 0)
         target = self._short_path(key, host_path)
         for sym, prefix in SYMBOLS:
             try:
-                self.bpf.attach_uprobe(name=target, sym=sym, fn_name=f"{prefix}_enter")  # type: ignore[attr-defined]
-                self.bpf.attach_uretprobe(name=target, sym=sym, fn_name=f"{prefix}_exit")  # type: ignore[attr-defined]
-                lib.probes += 2
-            except Exception:  # noqa: BLE001 - OpenSSL 1.0 has no SSL_*_ex; a stripped copy has none
+                programs.attach_uprobe(target, sym, f"{prefix}_enter")
+            except ProgramsClosing:
+                return  # the agent stops: the library is neither attached nor failed
+            except AttachError:  # OpenSSL 1.0 has no SSL_*_ex; a stripped copy has none
                 lib.missing.append(sym)
+                continue
+            lib.probes += 1
+            try:
+                programs.attach_uprobe(target, sym, f"{prefix}_exit", ret=True)
+            except ProgramsClosing:
+                return
+            except AttachError as e:
+                # An entry without its exit would leave calls open in the kernel's map: undo it.
+                log.warning("TLS: %s; %s is not traced in %s", e, sym, path)
+                try:
+                    programs.detach_uprobe(target, sym)
+                    lib.probes -= 1
+                except AttachError:
+                    pass
+                lib.missing.append(sym)
+                continue
+            lib.probes += 1
         if lib.probes:
             self.libraries[key] = lib
             log.info("TLS: %d uprobes on %s%s", lib.probes, path,

@@ -30,13 +30,14 @@ from collections import defaultdict
 from typing import Any, Protocol
 
 from agent.component import Component
+from agent.containers.cgroup import service_name
 from agent.containers.registry import Container, Process
 from agent.ebpf.maps import BpfMap, Programs
 from agent.l7 import contract
 from agent.l7.contract import HTTP, HTTP_STATUS, KERNEL_STATS
 from agent.l7.dns import Dns
 from agent.l7.hist import Hist
-from agent.l7.protocol import Masks, Peer, Request, Settings
+from agent.l7.protocol import Masks, Peer, Request, Settings, Stem
 from agent.l7.protocol import Protocol as Plugin
 from agent.l7.protocols import PLUGINS
 from agent.metrics import Families
@@ -105,7 +106,8 @@ class L7Tracer(Component):
         self._lock = threading.Lock()
         self._out: dict[OutKey, Hist] = defaultdict(Hist)
         self._in: dict[InKey, Hist] = defaultdict(Hist)
-        self._deferred: list[bytes] = []  # events waiting for their connection or process, once
+        # events (and what a stream plug-in decoded of them) waiting for their connection or process, once
+        self._deferred: list[tuple[contract.Event, list[Request] | None]] = []
         self._http: BpfMap | None = None  # the kernel's l7_http map
         self._stats: BpfMap | None = None  # the kernel's l7_stats counters
         self._unknown: dict[tuple[int, int, int], float] = {}  # l7_http connections not seen yet
@@ -150,13 +152,20 @@ class L7Tracer(Component):
 
     def handle_event(self, raw: bytes) -> None:
         with self._lock:
-            self._handle(raw, retry=0)
+            e = contract.unpack(raw)
+            plugin = self.plugins.get(e.protocol)
+            if plugin is None:
+                return
+            decoded = None
+            if plugin.streaming:  # its calls are parsed in order now; what they complete waits if need be
+                client = e.written == e.outbound
+                data = e.response + e.request  # a stream event's bytes: resp[] first (contract.h)
+                decoded = plugin.feed((e.pid, e.fd, e.conn_start), client, e.start_ns, data, e.call_size)
+                if not decoded:
+                    return
+            self._handle(e, plugin, decoded, retry=0)
 
-    def _handle(self, raw: bytes, retry: int) -> None:
-        e = contract.unpack(raw)
-        plugin = self.plugins.get(e.protocol)
-        if plugin is None:
-            return
+    def _handle(self, e: contract.Event, plugin: Plugin, decoded: list[Request] | None, retry: int) -> None:
         outbound = e.outbound and plugin.stem is not None  # DNS: counted for the client's container
         conn: Conn | None = None
         if outbound:  # the container that made the connection, even if the process is gone
@@ -168,7 +177,7 @@ class L7Tracer(Component):
                     self.tcp.resolve_pending()
             if conn is None or conn.actual is None:
                 if retry == 0:
-                    self._defer(raw)
+                    self._defer(e, decoded)
                 elif conn is None:
                     self.unattributed += 1
                 return
@@ -176,11 +185,12 @@ class L7Tracer(Component):
         else:
             c = self.registry.container_of_recent(e.pid)
             if c is None and retry == 0 and self.registry.process(e.pid) is None:
-                self._defer(raw)  # the process's exec event may still be in its buffer
+                self._defer(e, decoded)  # the process's exec event may still be in its buffer
                 return
         if c is None:
             return
-        requests = plugin.parse((e.pid, e.fd, e.conn_start), e.request, e.response, e.duration_ns / 1e9)
+        requests = decoded if decoded is not None else plugin.parse(
+            (e.pid, e.fd, e.conn_start), e.request, e.response, e.duration_ns / 1e9)
         if not requests:
             return
         if plugin.stem is None:
@@ -200,20 +210,21 @@ class L7Tracer(Component):
         if outbound and self.spans and "traces" not in c.opt_out:
             assert conn is not None
             for r in requests:
-                self._span(plugin, c.id, c.app_id, conn, r, e.start_ns, e.tls, sampled=e.counted)
+                self._span(plugin, c.id, service_name(c.id), conn, r, r.start_ns or e.start_ns, e.tls,
+                           sampled=e.counted)
 
-    def _defer(self, raw: bytes) -> None:
+    def _defer(self, e: contract.Event, decoded: list[Request] | None) -> None:
         if len(self._deferred) >= MAX_DEFERRED:
             self._deferred.pop(0)
             self.deferred_dropped += 1
-        self._deferred.append(raw)
+        self._deferred.append((e, decoded))
 
     def retry_deferred(self) -> None:
         """Events that waited for their connection or process: handled now, or dropped."""
         with self._lock:
             todo, self._deferred = self._deferred, []
-            for raw in todo:
-                self._handle(raw, retry=1)
+            for e, decoded in todo:
+                self._handle(e, self.plugins[e.protocol], decoded, retry=1)
 
     # ---------------------------------------------------------------- spans --
 
@@ -338,39 +349,53 @@ class L7Tracer(Component):
         """Read-only: the kernel's live HTTP counts are added to copies of the totals."""
         with self._lock:
             apps = {c.id: c.app_id for c in self.registry.containers()}
-            outbound: dict[OutKey, Hist] = defaultdict(Hist)
-            inbound: dict[InKey, Hist] = defaultdict(Hist)
-            for key, h in self._out.items():
-                outbound[key].merge(h)
-            for ikey, h in self._in.items():
-                inbound[ikey].merge(h)
+            # by metric stem: plug-ins that share one (HTTP/1 and HTTP/2) make one series
+            outbound: dict[tuple[str, Stem, str, str, str], Hist] = defaultdict(Hist)
+            inbound: dict[tuple[str, Stem, str], Hist] = defaultdict(Hist)
+            http = self.plugins[HTTP].stem
+            assert http is not None
+            for (cid, proto, dst, actual, status), h in self._out.items():
+                stem = self.plugins[proto].stem
+                if stem is not None:
+                    outbound[(cid, stem, dst, actual, status)].merge(h)
+            for (cid, proto, status), h in self._in.items():
+                stem = self.plugins[proto].stem
+                if stem is not None:
+                    inbound[(cid, stem, status)].merge(h)
             for k, status, h in self._http_live():
                 if k.outbound:
                     conn = self.tcp.connection(int(k.tgid), int(k.fd), int(k.conn_start))
                     if conn is not None and conn.actual is not None:
-                        outbound[(conn.container_id, HTTP, conn.destination, conn.actual, status)].merge(h)
+                        outbound[(conn.container_id, http, conn.destination, conn.actual, status)].merge(h)
                 else:
                     c = self.registry.container_of_recent(int(k.tgid))
                     if c is not None:
-                        inbound[(c.id, HTTP, status)].merge(h)
-            for (cid, proto, dst, actual, status), h in outbound.items():
-                stem = self.plugins[proto].stem
-                if cid not in apps or stem is None:
+                        inbound[(c.id, http, status)].merge(h)
+            hists: dict[tuple[str, Stem, str, str], Hist] = defaultdict(Hist)
+            for (cid, stem, dst, actual, status), h in outbound.items():
+                if cid not in apps:
                     continue
                 p, unit = stem.protocol, stem.unit
                 lbl = {"container_id": cid, "app_id": apps[cid], "destination": dst, "actual_destination": actual}
                 f.counter(f"container_{p}_{unit}_total", f"outbound {p} {unit}", h.count, **lbl, status=status)
-                f.histogram(f"container_{p}_{unit}_duration_seconds_total",
-                            f"outbound {p} {unit} by duration", h, status=status, **lbl)
-            for (cid, proto, status), h in inbound.items():
-                stem = self.plugins[proto].stem
-                if cid not in apps or stem is None:
+                # the node agent's histograms have no status: one per destination, summed below
+                hists[(cid, stem, dst, actual)].merge(h)
+            for (cid, stem, dst, actual), h in hists.items():
+                p, unit = stem.protocol, stem.unit
+                f.histogram(f"container_{p}_{unit}_duration_seconds_total", f"outbound {p} {unit} by duration", h,
+                            container_id=cid, app_id=apps[cid], destination=dst, actual_destination=actual)
+            in_hists: dict[tuple[str, Stem], Hist] = defaultdict(Hist)
+            for (cid, stem, status), h in inbound.items():
+                if cid not in apps:
                     continue
                 p, unit = stem.protocol, stem.unit
-                lbl = {"container_id": cid, "app_id": apps[cid], "status": status}
-                f.counter(f"container_{p}_inbound_{unit}_total", f"inbound {p} {unit}", h.count, **lbl)
-                f.histogram(f"container_{p}_inbound_{unit}_duration_seconds_total",
-                            f"inbound {p} {unit} by duration", h, **lbl)
+                f.counter(f"container_{p}_inbound_{unit}_total", f"inbound {p} {unit}", h.count, container_id=cid,
+                          app_id=apps[cid], status=status)
+                in_hists[(cid, stem)].merge(h)
+            for (cid, stem), h in in_hists.items():
+                p, unit = stem.protocol, stem.unit
+                f.histogram(f"container_{p}_inbound_{unit}_duration_seconds_total", f"inbound {p} {unit} by duration",
+                            h, container_id=cid, app_id=apps[cid])
             for plugin in self.plugins.values():
                 plugin.collect(f, apps)
 

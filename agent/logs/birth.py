@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from collections.abc import Callable
 
 _AT_FDCWD = -100
 _STATX_BTIME = 0x800
@@ -26,6 +27,7 @@ class _Statx(ctypes.Structure):
     ]
 
 
+_statx: Callable[..., int] | None
 try:
     _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     _statx = _libc.statx
@@ -45,4 +47,4 @@ def birth_time(path: str) -> float | None:
         return None
     if buf.stx_btime.tv_sec <= 0:
         return None
-    return buf.stx_btime.tv_sec + buf.stx_btime.tv_nsec / 1e9
+    return float(buf.stx_btime.tv_sec + buf.stx_btime.tv_nsec / 1e9)

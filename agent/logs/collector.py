@@ -18,10 +18,15 @@ Pipeline per record: partial-line joining, multi-line joining, PII scrubbing, le
 then `container_log_messages_total{source,level,pattern_hash,sample}` (unless log parsing is
 off) and an otel_logs row (unless log entries are off). COROOT_LOG_MONITORING=disabled in a
 container's processes: nothing for that container.
+
+A component (agent/component.py): its thread reads, a scrape only reads the counts, and a tick
+only hands over the containers the registry forgot (their counts and patterns go on this
+collector's thread).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -31,11 +36,10 @@ import struct
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client.core import Metric
-
+from agent.component import Component
+from agent.containers.cgroup import app_id, service_name
 from agent.containers.procfs import fd_targets
 from agent.containers.registry import Registry
 from agent.logs.birth import birth_time
@@ -46,6 +50,7 @@ from agent.logs.pii import Scrubber
 from agent.logs.safeopen import Refused, open_in_root, open_proc_fd
 from agent.logs.tailer import Tailer
 from agent.metrics import Families
+from agent.sinks import schema
 from agent.sinks.batcher import Sink
 
 log = logging.getLogger(__name__)
@@ -87,13 +92,14 @@ class Source:
     joiner: MultilineJoiner | None = None
 
 
-class LogCollector:
+class LogCollector(Component):
+    name = "logs"
+
     def __init__(self, registry: Registry, sink: Sink | None, metrics: bool = True, entries: bool = True,
                  patterns_per_container: int = 256, scrubber: Scrubber | None = None,
                  pods_dir: str = "/var/log/pods", docker_dir: str = "/var/lib/docker/containers",
-                 journald: bool = True, const_labels: dict[str, str] | None = None) -> None:
+                 journald: bool = True) -> None:
         self.registry = registry
-        self.const = dict(const_labels or {})
         self.sink = sink if entries else None
         self.metrics = metrics
         self.cap = patterns_per_container
@@ -103,7 +109,7 @@ class LogCollector:
         self._lock = threading.Lock()
         self._sources: dict[tuple[str, str], Source] = {}
         self._patterns: dict[str, PatternSet] = {}
-        self._counts: dict[tuple[str, str, str, str], list] = {}  # -> [count, sample]
+        self._counts: dict[tuple[str, str, str, str], tuple[list[int], str]] = {}  # -> ([count], sample)
         self._journal = JournalFollower(self._journal_entry) if journald else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -115,12 +121,13 @@ class LogCollector:
         self.refused: Counter[str] = Counter()  # reason -> files not followed
         self._refused_fds: set[tuple[int, int, str]] = set()  # (pid, fd, path): the rescan skips them
         self._refused_files: dict[str, tuple[int, int, int]] = {}  # runtime file -> lstat when refused
+        self._gone: deque[list[str]] = deque(maxlen=1024)  # containers forgotten, from the poll thread
 
     # ------------------------------------------------------------- sources --
 
     def _add_source(self, cid: str, label: str, tailer: Tailer, fmt: str) -> None:
         src = Source(cid, label, tailer, fmt)
-        src.joiner = MultilineJoiner(lambda line, s=src: self._record(s, line))
+        src.joiner = MultilineJoiner(functools.partial(self._record, src))
         self._sources[(cid, label if fmt == "plain" else tailer.path)] = src
         log.info("logs: following %s for %s", tailer.path, cid)
 
@@ -260,7 +267,8 @@ class LogCollector:
 
     # ------------------------------------------------------------ pipeline --
 
-    def tick(self, now: float | None = None) -> None:
+    def pump(self, now: float | None = None) -> None:
+        """Read what every followed file has new, through the pipeline (the logs thread)."""
         now = time.monotonic() if now is None else now
         with self._lock:
             for src in list(self._sources.values()):
@@ -313,26 +321,51 @@ class LogCollector:
             key = (cid, source, level, p.hash)
             entry = self._counts.get(key)
             if entry is None:
-                entry = self._counts[key] = [0, p.sample]
-            entry[0] += 1
+                entry = self._counts[key] = ([0], p.sample)
+            entry[0][0] += 1
         if self.sink is not None:
-            app = c.app_id if c is not None else cid
-            self.sink.add("otel_logs", (
-                ts_ns or time.time_ns(), trace_id, span_id, 0, level, SEVERITY_NUMBER[level], app, body,
-                {"host.name": self.hostname, "container.id": cid, "service.name": app},
-                {"log.source": source},
-            ))
+            app = service_name(cid)
+            self.sink.add("otel_logs", schema.row("otel_logs", {
+                "Timestamp": ts_ns or time.time_ns(), "TraceId": trace_id, "SpanId": span_id,
+                "SeverityText": level, "SeverityNumber": SEVERITY_NUMBER[level], "ServiceName": app,
+                "Body": body,
+                "ResourceAttributes": {"host.name": self.hostname, "container.id": cid, "service.name": app},
+                "LogAttributes": {"log.source": source},
+            }))
+
+    def _forget_gone(self) -> None:
+        """Counts and patterns of containers the registry forgot (bounded memory; logs thread)."""
+        dead: set[str] = set()
+        while True:
+            try:
+                dead.update(self._gone.popleft())
+            except IndexError:
+                break
+        if not dead:
+            return
+        with self._lock:
+            for key in [k for k in self._counts if k[0] in dead]:
+                del self._counts[key]
+            for cid in dead:
+                self._patterns.pop(cid, None)
 
     # ------------------------------------------------------------- metrics --
 
-    def collect(self) -> Iterator[Metric]:
-        f = Families(self.const)
+    def tick(self, now: float, gone: list[str]) -> None:
+        """On the poll thread: no I/O, no lock; the logs thread forgets them."""
+        if gone:
+            self._gone.append(gone)
+
+    def collect(self, f: Families) -> None:
         with self._lock:
             apps = {c.id: c.app_id for c in self.registry.containers()}
             for (cid, source, level, h), (n, sample) in self._counts.items():
-                f.counter("container_log_messages_total", "log messages by level and pattern", n,
-                          container_id=cid, app_id=apps.get(cid, cid), source=source, level=level,
+                f.counter("container_log_messages_total", "log messages by level and pattern", n[0],
+                          container_id=cid, app_id=apps.get(cid, app_id(cid)), source=source, level=level,
                           pattern_hash=h, sample=sample)
+
+    def self_metrics(self, f: Families) -> None:
+        with self._lock:
             refused = dict(self.refused)
             rotated = sum(s.tailer.refused for s in self._sources.values() if s.tailer is not None)
         if rotated:
@@ -342,7 +375,6 @@ class LogCollector:
         for reason, n in sorted(refused.items()):
             f.counter("coroot_agent_log_files_refused_total", "files a process opened under /var/log that are "
                       "not followed (not a regular file, resolves outside /var/log, `..`, a rotated path swapped for one)", n, reason=reason)
-        yield from f
 
     # ------------------------------------------------------------- running --
 
@@ -358,7 +390,8 @@ class LogCollector:
         while not self._stop.wait(0.2):
             try:
                 self._drain_opens()
-                self.tick()
+                self.pump()
+                self._forget_gone()
                 if time.monotonic() >= next_scan:
                     self.scan()
                     next_scan = time.monotonic() + 5
@@ -366,6 +399,9 @@ class LogCollector:
                 log.exception("logs")
 
     def close(self) -> None:
+        """Stop the thread, read and write what the files have left. Safe to call twice."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -373,7 +409,7 @@ class LogCollector:
         if self._journal is not None:
             self._journal.stop()
         self._drain_opens()
-        self.tick()
+        self.pump()
         self.flush()
         with self._lock:
             for src in self._sources.values():

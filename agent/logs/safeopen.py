@@ -27,6 +27,7 @@ import os
 import platform
 import stat
 from collections import deque
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
+_syscall: Callable[..., int] | None
 try:
     _syscall = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).syscall
     _syscall.restype = ctypes.c_long
@@ -73,6 +75,8 @@ class _Openat2:
         self.available = _syscall is not None and _SYS_OPENAT2 is not None
 
     def __call__(self, dirfd: int, path: str, flags: int, resolve: int) -> int:
+        if _syscall is None or _SYS_OPENAT2 is None:  # never when `available` was checked
+            raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS), path)
         how = _OpenHow(flags, 0, resolve)
         fd = _syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd), ctypes.c_char_p(os.fsencode(path)),
                       ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))

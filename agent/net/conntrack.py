@@ -21,11 +21,11 @@ def parse(text: str) -> dict[Tuple, tuple[str, int]]:
         parts = line.split()
         if len(parts) < 6 or parts[2] != "tcp":
             continue
-        kv: list[tuple[str, str]] = [tuple(p.split("=", 1)) for p in parts if "=" in p]  # type: ignore[misc]
-        src = [v for k, v in kv if k == "src"]
-        dst = [v for k, v in kv if k == "dst"]
-        sport = [v for k, v in kv if k == "sport"]
-        dport = [v for k, v in kv if k == "dport"]
+        kv = [p.partition("=") for p in parts if "=" in p]
+        src = [v for k, _, v in kv if k == "src"]
+        dst = [v for k, _, v in kv if k == "dst"]
+        sport = [v for k, _, v in kv if k == "sport"]
+        dport = [v for k, _, v in kv if k == "dport"]
         if len(src) < 2 or len(sport) < 2:
             continue
         try:
@@ -64,7 +64,7 @@ class Conntrack:
         return netns
 
     def _read(self, fd: int) -> str:
-        chunks = []
+        chunks: list[bytes] = []
         offset = 0
         while True:
             b = os.pread(fd, 1 << 16, offset)
@@ -80,17 +80,17 @@ class Conntrack:
         out: list[tuple[str, int] | None] = []
         for netns, key in items:
             fd = self._files.get(netns, -1) if netns is not None else -1
-            if fd < 0:
+            if netns is None or fd < 0:
                 out.append(None)
                 continue
-            table = tables.get(netns)  # type: ignore[arg-type]
+            table = tables.get(netns)
             if table is None:
                 try:
                     table = parse(self._read(fd))
                     self.reads += 1
                 except OSError:
                     table = {}
-                tables[netns] = table  # type: ignore[index]
+                tables[netns] = table
             out.append(table.get(key))
         return out
 

@@ -6,6 +6,8 @@ connections and listening sockets that existed before the agent started. Byte an
 counters of live connections stay in the kernel's `conns` map and are read at scrape time;
 closed connections' final values are added to per-destination totals. actual_destination comes
 from conntrack, resolved in batches (one table read per network namespace per tick).
+A component (agent/component.py): events and ticks change the table on the poll thread; a scrape
+only reads it (a connection still waiting for its batch is counted after the next tick).
 Decodes and aggregates; ships nothing.
 """
 
@@ -18,13 +20,12 @@ import struct
 import threading
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-from prometheus_client.core import Metric
-
+from agent.component import Component
 from agent.containers.procfs import fd_targets
 from agent.containers.registry import Process, Registry
+from agent.ebpf.maps import BpfMap, Programs
 from agent.metrics import Families
 from agent.net.conntrack import Conntrack
 from agent.net.public import PublicFilter, normalize
@@ -71,7 +72,9 @@ class Conn:
 DestKey = tuple[str, str, str]  # container_id, destination, actual_destination
 
 
-class TcpTracker:
+class TcpTracker(Component):
+    name = "tcp"
+
     def __init__(self, registry: Registry, public: PublicFilter, ephemeral: tuple[int, int],
                  conntrack: Conntrack | None = None, procfs: str = "/proc") -> None:
         self.registry = registry
@@ -83,7 +86,7 @@ class TcpTracker:
         self._conns: dict[tuple[int, int], Conn] = {}
         self._pending: list[Conn] = []
         self._pending_connects: list[tuple[Conn, float, int]] = []  # (conn, seconds, retransmits)
-        self._connects: dict[DestKey, list[float]] = defaultdict(lambda: [0, 0.0])  # count, seconds
+        self._connects: dict[DestKey, list[float]] = defaultdict(lambda: [0.0, 0.0])  # count, seconds
         self._failed: dict[tuple[str, str], int] = defaultdict(int)
         self._closed: dict[DestKey, list[int]] = defaultdict(lambda: [0, 0, 0])  # sent, received, retransmits
         self._listens: dict[tuple[int, str], str] = {}  # (pid, listen_addr) -> container_id
@@ -93,16 +96,33 @@ class TcpTracker:
         self._closed_pending: list[tuple[Conn, tuple[int, int, int]]] = []
         self._late_pending: list[tuple[Conn, int]] = []
         self._exited: list[tuple[int, int]] = []  # (pid, monotonic ns of its exit)
-        self._bpf_conns = None
+        self._live: BpfMap | None = None  # the kernel's `conns` map: live byte and retransmit counters
         self.events = 0
         # Hot-path caches (bounded): destination bytes -> (tracked, ip, "ip:port"); pid -> netns.
         self._dst_cache: dict[tuple[int, bytes, int], tuple[bool, str, str]] = {}
         self._src_cache: dict[tuple[int, bytes], str] = {}
         self._netns: dict[int, int | None] = {}
 
-    def attach(self, bpf_conns: object) -> None:
-        """The kernel's `conns` map: live byte and retransmit counters."""
-        self._bpf_conns = bpf_conns
+    # ------------------------------------------------------------ component --
+
+    def attach(self, programs: Programs | None) -> None:
+        """Take the kernel's `conns` map and seed the table with the connections and listening
+        sockets that exist already."""
+        self._live = programs.map("conns") if programs is not None else None
+        if programs is not None:
+            n = seed(self, self.registry.pids())
+            log.info("TCP: %d connections open before the agent started are tracked", n)
+
+    def tick(self, now: float, gone: list[str]) -> None:
+        self.forget_containers(gone)
+        self.resolve_pending()
+
+    def close(self) -> None:
+        """Nothing reads the kernel's map after this (it is freed next); the conntrack handles
+        are closed."""
+        with self._lock:
+            self._live = None
+            self.conntrack.close()
 
     # --------------------------------------------------------------- events --
 
@@ -139,9 +159,9 @@ class TcpTracker:
                 self._pending_connects.append((conn, duration / 1e9, retrans))
                 self._pending.append(conn)
             elif kind == EV_CLOSE:
-                conn = self._conns.pop((pid, fd), None)
-                if conn is not None:
-                    self._account_close(conn, (sent, received, retrans))
+                closed = self._conns.pop((pid, fd), None)
+                if closed is not None:
+                    self._account_close(closed, (sent, received, retrans))
             elif kind == EV_LATE_RETRANSMITS:
                 late = self._recently_closed.get((pid, fd, start))
                 if isinstance(late, Conn):  # its close waits for the next batch: so does this
@@ -235,26 +255,19 @@ class TcpTracker:
 
     # --------------------------------------------------------- kernel map --
 
-    def _key(self, conn: Conn) -> object | None:
-        t = self._bpf_conns
-        return t.Key(conn.pid, conn.fd) if t is not None else None  # type: ignore[attr-defined]
-
     def _read_live(self, conn: Conn) -> tuple[int, int, int] | None:
-        if self._bpf_conns is None:
+        t = self._live
+        if t is None:
             return None
-        try:
-            v = self._bpf_conns[self._key(conn)]  # type: ignore[index]
-        except KeyError:
+        v = t.get(t.key(conn.pid, conn.fd))
+        if v is None:
             return None
         return int(v.bytes_sent), int(v.bytes_received), int(v.retransmits)
 
     def _delete_live(self, conn: Conn) -> None:
-        if self._bpf_conns is None:
-            return
-        try:
-            del self._bpf_conns[self._key(conn)]  # type: ignore[attr-defined]
-        except KeyError:
-            pass
+        t = self._live
+        if t is not None:
+            t.delete(t.key(conn.pid, conn.fd))
 
     def track_existing(self, conn: Conn) -> None:
         """A connection found in /proc at start: count it from now on, in the kernel too."""
@@ -262,11 +275,11 @@ class TcpTracker:
             conn.netns = self.conntrack.netns_of(conn.pid)
             self._conns[(conn.pid, conn.fd)] = conn
             self._pending.append(conn)
-            t = self._bpf_conns
+            t = self._live
             if t is not None:
-                leaf = t.Leaf()  # type: ignore[attr-defined]
+                leaf = t.leaf()
                 leaf.flags = CONN_OUTBOUND
-                t[self._key(conn)] = leaf  # type: ignore[index]
+                t.set(t.key(conn.pid, conn.fd), leaf)
 
     # ---------------------------------------------------------- conntrack --
 
@@ -276,7 +289,8 @@ class TcpTracker:
             conn.actual = endpoint(peer[0], peer[1]) if peer else conn.destination
 
     def resolve_pending(self) -> None:
-        """Label new connections with their actual destination and count their connects."""
+        """Label new connections with their actual destination and count their connects (the
+        poll thread: every tick, and when an L7 request needs its connection's labels now)."""
         with self._lock:
             self._close_exited()
             pending, self._pending = self._pending, []
@@ -300,7 +314,7 @@ class TcpTracker:
     # ------------------------------------------------------------ metrics --
 
     def collect(self, f: Families) -> None:
-        self.resolve_pending()
+        """Read-only: the totals, plus the kernel's live counters of resolved open connections."""
         with self._lock:
             live: dict[DestKey, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # sent, recv, retrans, active
             for conn in self._conns.values():
@@ -346,22 +360,12 @@ class TcpTracker:
             return
         dead = set(gone)
         with self._lock:
-            for d in (self._connects, self._closed):
-                for k in [k for k in d if k[0] in dead]:
-                    del d[k]
-            for k in [k for k in self._failed if k[0] in dead]:
-                del self._failed[k]
-
-
-class TcpCollector:
-    def __init__(self, tracker: TcpTracker, const: dict[str, str]) -> None:
-        self.tracker = tracker
-        self.const = const
-
-    def collect(self) -> Iterator[Metric]:
-        f = Families(self.const)
-        self.tracker.collect(f)
-        yield from f
+            for ck in [k for k in self._connects if k[0] in dead]:
+                del self._connects[ck]
+            for tk in [k for k in self._closed if k[0] in dead]:
+                del self._closed[tk]
+            for fk in [k for k in self._failed if k[0] in dead]:
+                del self._failed[fk]
 
 
 # ------------------------------------------------------------- /proc seed ---
@@ -405,7 +409,7 @@ def seed(tracker: TcpTracker, pids: list[int]) -> int:
     """Register the established outbound connections and listening sockets of processes in
     containers. Returns the connections seeded."""
     n = 0
-    by_netns: dict[int, dict] = {}
+    by_netns: dict[int, dict[int, tuple[str, tuple[str, int], tuple[str, int]]]] = {}
     for pid in pids:
         if tracker.registry.container_of(pid) is None:
             continue
@@ -431,8 +435,10 @@ def seed(tracker: TcpTracker, pids: list[int]) -> int:
             elif state == _STATE_ESTABLISHED and local[1] not in listening:
                 if not tracker.public.should_track(ipaddress.ip_address(remote[0])):
                     continue
-                cid = tracker.registry.container_of(pid).id  # type: ignore[union-attr]
-                tracker.track_existing(Conn(pid, fd, cid, local[0], local[1], remote[0], remote[1],
+                c = tracker.registry.container_of(pid)
+                if c is None:  # exited meanwhile
+                    continue
+                tracker.track_existing(Conn(pid, fd, c.id, local[0], local[1], remote[0], remote[1],
                                             endpoint(remote[0], remote[1])))
                 n += 1
     return n

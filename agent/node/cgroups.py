@@ -9,10 +9,8 @@ merely shares with the rest of the host would attribute other processes' usage t
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
-from prometheus_client.core import Metric
-
+from agent.component import Component
 from agent.containers import cgroup as cg
 from agent.containers.registry import Container, Registry
 from agent.metrics import Families
@@ -20,11 +18,12 @@ from agent.metrics import Families
 _NO_LIMIT = 1 << 60
 
 
-class CgroupCollector:
-    def __init__(self, registry: Registry, const_labels: dict[str, str], sysfs: str = "/sys") -> None:
+class CgroupCollector(Component):
+    name = "cgroups"
+
+    def __init__(self, registry: Registry, sysfs: str = "/sys") -> None:
         self.registry = registry
         self.layout = registry.layout
-        self.const = const_labels
         self.sysfs = sysfs
         self._devnames: dict[str, str] = {}
 
@@ -38,8 +37,7 @@ class CgroupCollector:
             return self.layout.v1_path(ctl, c.cgroup_path)
         return None
 
-    def collect(self) -> Iterator[Metric]:
-        f = Families(self.const)
+    def collect(self, f: Families) -> None:
         for c in self.registry.containers():
             lbl = {"container_id": c.id, "app_id": c.app_id}
             f.gauge("container_info", "container metadata", 1, **lbl, image="",
@@ -49,7 +47,6 @@ class CgroupCollector:
             self._memory(f, c, lbl)
             self._pressure(f, c, lbl)
             self._io(f, c, lbl)
-        yield from f
 
     def _cpu(self, f: Families, c: Container, lbl: dict[str, str]) -> None:
         v2 = self._v2(c)

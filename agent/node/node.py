@@ -1,6 +1,7 @@
 """Node metrics (reference §1, Node) read from /proc and /sys at scrape time.
 
-A prometheus-client collector: reads files when scraped, keeps nothing between scrapes.
+A component (agent/component.py) that only collects: reads files when scraped, keeps nothing
+between scrapes.
 """
 
 from __future__ import annotations
@@ -9,12 +10,11 @@ import logging
 import os
 import platform
 import socket
-from collections.abc import Iterator
 
 import psutil
-from prometheus_client.core import Metric
 
 from agent import __version__
+from agent.component import Component
 from agent.containers.cgroup import read_text
 from agent.metrics import Families
 
@@ -24,15 +24,15 @@ _CPU_MODES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "ste
 _SKIP_BLOCK = ("loop", "ram", "zram", "fd", "sr")
 
 
-class NodeCollector:
-    def __init__(self, const_labels: dict[str, str], procfs: str = "/proc", sysfs: str = "/sys") -> None:
-        self.const = const_labels
+class NodeCollector(Component):
+    name = "node"
+
+    def __init__(self, procfs: str = "/proc", sysfs: str = "/sys") -> None:
         self.procfs = procfs
         self.sysfs = sysfs
         self.hz = os.sysconf("SC_CLK_TCK")
 
-    def collect(self) -> Iterator[Metric]:
-        f = Families(self.const)
+    def collect(self, f: Families) -> None:
         f.gauge("node_agent_info", "coroot-agent version", 1, version=__version__)
         hostname = (read_text(f"{self.procfs}/sys/kernel/hostname") or socket.gethostname()).strip()
         f.gauge("node_info", "node hostname and kernel", 1, hostname=hostname, kernel_version=platform.release())
@@ -43,7 +43,6 @@ class NodeCollector:
         self._memory(f)
         self._disks(f)
         self._net(f)
-        yield from f
 
     def _cpu(self, f: Families) -> None:
         text = read_text(f"{self.procfs}/stat") or ""

@@ -1,24 +1,32 @@
 """Continuous CPU profiling: drains the kernel's sample counts every `interval`, symbolizes the
 stacks and writes one profile per container to `profiling_stacks` / `profiling_samples` in
 Coroot's format (type ebpf:cpu:nanoseconds, frames leaf first, FNV-1a 64 stack hash, value =
-samples x sampling period in ns, service name = the container's app_id).
+samples x sampling period in ns, service name = the container's workload or id, as for spans).
 
 Keeps the kernel's `profile_pids` map equal to the processes that may be sampled: in a
 reported container, not opted out with COROOT_EBPF_PROFILING=disabled.
+
+A component (agent/component.py) with its own thread; `close()` drains the kernel's counts a
+last time and hands the last profile to the sink.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from agent.component import Component
+from agent.containers.cgroup import service_name
 from agent.containers.registry import Process, Registry
+from agent.ebpf.maps import BpfMap, Programs
 from agent.hashing import fnv1a64
+from agent.metrics import Families
 from agent.profiling.symbols import Symbolizer
+from agent.sinks import schema
 from agent.sinks.batcher import Sink
 
 log = logging.getLogger(__name__)
@@ -31,7 +39,26 @@ def stack_hash(frames: Stack) -> int:
     return fnv1a64(f.encode() for f in frames)
 
 
-class Profiler:
+@dataclass(frozen=True)
+class Maps:
+    """bpf/profiler.c's maps."""
+
+    pids: BpfMap  # pid -> 1: processes that may be sampled
+    active: BpfMap  # which of the two count maps the programs write now
+    counts: tuple[BpfMap, BpfMap]
+    stacks: BpfMap
+    dropped: BpfMap  # per-CPU: samples the count map had no room for
+
+    @classmethod
+    def of(cls, programs: Programs) -> Maps:
+        m = programs.map
+        return cls(m("profile_pids"), m("profile_active"), (m("profile_counts0"), m("profile_counts1")),
+                   m("profile_stacks"), m("profile_dropped"))
+
+
+class Profiler(Component):
+    name = "profiler"
+
     def __init__(self, registry: Registry, sink: Sink | None, frequency: int, interval: float,
                  symbolizer: Symbolizer | None = None, wall: Callable[[], float] = time.time) -> None:
         self.registry = registry
@@ -42,7 +69,7 @@ class Profiler:
         self.symbols = symbolizer or Symbolizer(registry.procfs)
         self._wall = wall
         self._lock = threading.Lock()
-        self._bpf = None
+        self._maps: Maps | None = None
         self._allowed: dict[int, str] = {}  # pid -> container_id, mirrored in profile_pids
         # Exited since the last drain: their samples still count, and their memory maps stay
         # cached until that drain has symbolized them.
@@ -55,8 +82,8 @@ class Profiler:
         self.samples_written = 0
         self.drops = 0
 
-    def attach(self, bpf: object) -> None:
-        self._bpf = bpf
+    def attach(self, programs: Programs | None) -> None:
+        self._maps = Maps.of(programs) if programs is not None else None
         self.sync()
 
     # ----------------------------------------------------------- pid map ---
@@ -79,8 +106,8 @@ class Profiler:
     def _sync_one(self, pid: int) -> None:
         c = self.registry.container_of(pid)
         ok = c is not None and not self.registry.opted_out(pid, "profiling")
-        if ok and pid not in self._allowed:
-            self._allowed[pid] = c.id  # type: ignore[union-attr]
+        if c is not None and ok and pid not in self._allowed:
+            self._allowed[pid] = c.id
             self._set_pid(pid, True)
         elif not ok and pid in self._allowed:
             del self._allowed[pid]
@@ -98,32 +125,28 @@ class Profiler:
                 self._sync_one(pid)
 
     def _set_pid(self, pid: int, on: bool) -> None:
-        if self._bpf is None:
+        if self._maps is None:
             return
-        t = self._bpf["profile_pids"]  # type: ignore[index]
-        try:
-            if on:
-                t[t.Key(pid)] = t.Leaf(1)
-            else:
-                del t[t.Key(pid)]
-        except KeyError:
-            pass
+        t = self._maps.pids
+        if on:
+            t.set(t.key(pid), t.leaf(1))
+        else:
+            t.delete(t.key(pid))
 
     # ------------------------------------------------------------- drain ---
 
     def drain(self) -> dict[str, Counter[Stack]]:
         """Samples since the last drain, per container, as symbolized stacks (leaf first)."""
-        if self._bpf is None:
+        m = self._maps
+        if m is None:
             return {}
-        b = self._bpf
-        active_t = b["profile_active"]  # type: ignore[index]
-        cur = int(active_t[ctypes.c_int(0)].value)
-        active_t[ctypes.c_int(0)] = ctypes.c_uint32(1 - cur)
+        cur = m.active.array_get(0) & 1
+        m.active.array_set(0, 1 - cur)
         time.sleep(0.005)  # let programs that read the old index finish
-        counts_t = b[f"profile_counts{cur}"]  # type: ignore[index]
-        items = [(k.pid, k.user_stack, k.kernel_stack, v.value) for k, v in counts_t.items()]
+        counts_t = m.counts[cur]
+        items = [(int(k.pid), int(k.user_stack), int(k.kernel_stack), int(v.value)) for k, v in counts_t.items()]
         counts_t.clear()
-        stacks_t = b["profile_stacks"]  # type: ignore[index]
+        stacks_t = m.stacks
         out: dict[str, Counter[Stack]] = defaultdict(Counter)
         used: set[int] = set()
         with self._lock:
@@ -137,34 +160,23 @@ class Profiler:
                 cid = c.id
             frames: list[str] = []
             if kstack >= 0:
-                frames += [self.symbols.kernel(a) for a in self._walk(stacks_t, kstack)]
+                frames += [self.symbols.kernel(a) for a in stacks_t.walk_stack(kstack)]
                 used.add(kstack)
             if ustack >= 0:
-                frames += [self.symbols.user(pid, a) for a in self._walk(stacks_t, ustack)]
+                frames += [self.symbols.user(pid, a) for a in stacks_t.walk_stack(ustack)]
                 used.add(ustack)
             if not frames:
                 frames = ["[unknown]"]
             out[cid][tuple(frames)] += n
         # Stack ids still referenced by the other (now active) map must survive.
-        other = b[f"profile_counts{1 - cur}"]  # type: ignore[index]
-        keep = {k.user_stack for k in other.keys()} | {k.kernel_stack for k in other.keys()}
+        other = m.counts[1 - cur].keys()
+        keep = {int(k.user_stack) for k in other} | {int(k.kernel_stack) for k in other}
         for sid in used - keep:
-            try:
-                del stacks_t[ctypes.c_int(sid)]
-            except KeyError:
-                pass
+            stacks_t.delete_stack(sid)
         for pid in exited:
             self.symbols.forget(pid)
-        dropped_t = b["profile_dropped"]  # type: ignore[index]
-        self.drops = sum(int(v) for v in dropped_t[dropped_t.Key(0)])
+        self.drops = m.dropped.percpu_sum(0)
         return out
-
-    @staticmethod
-    def _walk(stacks_t: object, sid: int) -> list[int]:
-        try:
-            return [a for a in stacks_t.walk(sid) if a]  # type: ignore[attr-defined]
-        except KeyError:
-            return []
 
     # -------------------------------------------------------------- write ---
 
@@ -172,28 +184,35 @@ class Profiler:
         """Drain and write one profile per container; returns samples written."""
         now_ns = int(self._wall() * 1e9)
         start_ns, self._last_flush_ns = self._last_flush_ns, now_ns
-        self.collect()
+        self.gather()
         profiles, self._pending = self._pending, defaultdict(Counter)
         if self.sink is None:
             return 0
-        apps = {c.id: c.app_id for c in self.registry.containers()}
         n = 0
         for cid, stacks in profiles.items():
-            service = apps.get(cid, cid)
+            service = service_name(cid)
             for frames, count in stacks.items():
                 h = stack_hash(frames)
-                self.sink.add("profiling_stacks", (service, h, now_ns, list(frames)))
-                self.sink.add("profiling_samples", (service, PROFILE_TYPE, start_ns, now_ns,
-                                                    {"container_id": cid}, h, count * self.period_ns))
+                self.sink.add("profiling_stacks", schema.row("profiling_stacks", {
+                    "ServiceName": service, "Hash": h, "LastSeen": now_ns, "Stack": list(frames)}))
+                self.sink.add("profiling_samples", schema.row("profiling_samples", {
+                    "ServiceName": service, "Type": PROFILE_TYPE, "Start": start_ns, "End": now_ns,
+                    "Labels": {"container_id": cid}, "StackHash": h, "Value": count * self.period_ns}))
                 n += count
         self.samples_written += n
         return n
 
-    def collect(self) -> None:
+    def gather(self) -> None:
         """Drain the kernel's counts into the pending profile (often, so that short-lived
         processes are symbolized while their memory maps can still be read)."""
         for cid, stacks in self.drain().items():
             self._pending[cid].update(stacks)
+
+    def self_metrics(self, f: Families) -> None:
+        f.counter("coroot_agent_profiler_samples_total", "CPU samples written to the store", self.samples_written)
+        f.counter("coroot_agent_profiler_dropped_samples_total", "samples not counted: the kernel's count map was full", self.drops)
+        for cache, n in self.symbols.sizes.items():
+            f.gauge("coroot_agent_profiler_symbol_cache_entries", "entries in the symbolizer's caches", n, cache=cache)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="profiler", daemon=True)
@@ -208,11 +227,12 @@ class Profiler:
                     self.flush()
                     next_flush = time.monotonic() + self.interval
                 else:
-                    self.collect()
+                    self.gather()
             except Exception:  # noqa: BLE001 - keep profiling
                 log.exception("profiler")
 
     def close(self) -> None:
+        """Stop the thread, write the last profile, and leave the kernel's maps alone after."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -221,3 +241,4 @@ class Profiler:
             self.flush()
         except Exception:  # noqa: BLE001
             log.exception("profiler: last flush")
+        self._maps = None

@@ -51,6 +51,7 @@ class SymbolTable:
 def _load_elf(path: str) -> SymbolTable | None:
     from elftools.common.exceptions import ELFError
     from elftools.elf.elffile import ELFFile
+    from elftools.elf.sections import SymbolTableSection
 
     try:
         with open(path, "rb") as f:
@@ -60,7 +61,7 @@ def _load_elf(path: str) -> SymbolTable | None:
             syms: dict[int, tuple[int, str]] = {}
             for name in (".symtab", ".dynsym"):
                 sec = elf.get_section_by_name(name)
-                if sec is None:
+                if not isinstance(sec, SymbolTableSection):
                     continue
                 for sym in sec.iter_symbols():
                     if sym["st_info"]["type"] not in ("STT_FUNC", "STT_GNU_IFUNC") or not sym["st_value"]:
@@ -144,7 +145,7 @@ class Symbolizer:
     @property
     def sizes(self) -> dict[str, int]:
         return {"binaries": len(self._binaries), "processes": len(self._maps), "perf_maps": len(self._perf_maps),
-                "memo": sum(len(m) for m in self._memo.values())}
+                "memo": sum(len(m) for m in list(self._memo.values()))}  # list(): one step, while the profiler adds
 
     def forget(self, pid: int) -> None:
         """The process exec'd or exited: its map (and perf map) no longer apply."""

@@ -4,8 +4,12 @@ Rows go into a per-table batch; a batch is sealed at `max_rows` or `max_age` and
 background thread. Producers never wait on the store: while it fails, sealed batches go to the
 disk spool (bounded; the oldest are dropped and counted by table) and are retried, oldest
 first, with exponential backoff. Each batch carries a deduplication token, so a batch retried
-after an ambiguous failure is stored once. close() flushes everything, or spools what it cannot
-write so that the next start sends it.
+after an ambiguous failure is stored once. close() writes everything, spooled batches included,
+or spools what it cannot write; while the store is failing (its backoff has not run out) it
+spools at once, without waiting for the store again.
+
+Rows are tuples in the table's insert order: producers build them by column name with
+agent/sinks/schema.py `row()`. A component (agent/component.py): started, self-metrics, closed.
 """
 
 from __future__ import annotations
@@ -16,12 +20,11 @@ import threading
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client.core import Metric
-
+from agent.component import Component
 from agent.metrics import Families
 from agent.sinks import schema
 from agent.sinks.spool import Spool
@@ -48,7 +51,9 @@ class SinkStats:
     last_success: float = 0.0
 
 
-class Sink:
+class Sink(Component):
+    name = "sink"
+
     def __init__(
         self,
         store: Store,
@@ -108,11 +113,24 @@ class Sink:
         self._thread.start()
 
     def _loop(self) -> None:
+        self._warm_up()
         while not self._stop.wait(0.2):
             try:
                 self.flush_once()
             except Exception:  # noqa: BLE001 - keep flushing whatever happens
                 log.exception("store sink")
+
+    def _warm_up(self) -> None:
+        """The embedded engine's first insert of a process takes 0.3-1 s (measured; its insert
+        path starts up), the next ones milliseconds: an empty insert pays that now, on this
+        thread, rather than the first batch or, when the agent stops soon after it started,
+        the last flush."""
+        if not self.store.embedded:
+            return
+        try:
+            self.store.insert("metrics", self._columns["metrics"], [], uuid.uuid4().hex)
+        except StoreError as e:
+            log.debug("store: warming up the insert path: %s", e)
 
     def flush_once(self, force: bool = False) -> None:
         """Seal aged batches and write what can be written now."""
@@ -136,6 +154,17 @@ class Sink:
                 self._spool_ready()
                 return
             self.spool.remove(entry)
+        self._write_ready()
+
+    def _seal_all(self) -> None:
+        """At close: every open batch becomes ready (one per table; memory is no longer the
+        concern, and a batch spooled now would wait for the next start)."""
+        with self._lock:
+            self._ready.extend(self._open.values())
+            self._open.clear()
+
+    def _write_ready(self) -> None:
+        """Write sealed batches, oldest first; on the first failure spool them all."""
         while True:
             with self._lock:
                 if not self._ready:
@@ -185,36 +214,29 @@ class Sink:
         self.stats.spooled[b.table] += len(b.rows)
 
     def close(self) -> None:
-        """Stop the thread and write everything (or spool it for the next start)."""
+        """Stop the thread and write everything (or spool it for the next start): without
+        trying when the store failed last time and its backoff has not run out."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
-        self.flush_once(force=True)
+        self._seal_all()
+        if self._clock() >= self._next_try:
+            self.flush_once(force=True)
         self._spool_ready()
 
     def pending_rows(self) -> int:
         with self._lock:
             return sum(len(b.rows) for b in self._open.values()) + sum(len(b.rows) for b in self._ready)
 
-
-class SinkCollector:
-    """Self-metrics of the store sink, read at scrape time."""
-
-    def __init__(self, sink: Sink, const: dict[str, str]) -> None:
-        self.sink = sink
-        self.const = const
-
-    def collect(self) -> Iterator[Metric]:
-        f = Families(self.const)
-        s = self.sink.stats
+    def self_metrics(self, f: Families) -> None:
+        s = self.stats
         for table in schema.WRITTEN:
             f.counter("coroot_agent_store_rows_written_total", "rows written to ClickHouse", s.written[table], table=table)
             f.counter("coroot_agent_store_dropped_rows_total", "rows dropped because the spool was full", s.dropped[table], table=table)
             f.counter("coroot_agent_store_spooled_rows_total", "rows that went through the disk spool", s.spooled[table], table=table)
         f.counter("coroot_agent_store_errors_total", "failed writes to ClickHouse", s.errors)
-        f.gauge("coroot_agent_store_spool_bytes", "bytes waiting in the store spool", self.sink.spool.bytes)
-        f.gauge("coroot_agent_store_pending_rows", "rows batched in memory", self.sink.pending_rows())
+        f.gauge("coroot_agent_store_spool_bytes", "bytes waiting in the store spool", self.spool.bytes)
+        f.gauge("coroot_agent_store_pending_rows", "rows batched in memory", self.pending_rows())
         if s.last_success:
             f.gauge("coroot_agent_store_last_success_timestamp_seconds", "time of the last successful write", s.last_success)
-        yield from f

@@ -1,6 +1,8 @@
 """Standalone metric history: with no remote_write URL and the embedded store, every scrape
 interval the agent's registry is written to the store's `metrics` table (Coroot's schema), so
-`coroot-agent query` can answer "what was the connect rate an hour ago"."""
+`coroot-agent query` can answer "what was the connect rate an hour ago". A component
+(agent/component.py): its thread scrapes; `close()` scrapes a last time (the other components
+have closed and flushed by then)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ import time
 
 from prometheus_client import CollectorRegistry
 
+from agent.component import Component
 from agent.hashing import fnv1a64
+from agent.sinks import schema
 from agent.sinks.batcher import Sink
 from agent.sinks.remote_write import gather
 
@@ -22,7 +26,9 @@ def series_hash(labels: list[tuple[str, str]]) -> int:
     return fnv1a64(f"{k}={v}\0".encode() for k, v in labels)
 
 
-class MetricHistory:
+class MetricHistory(Component):
+    name = "history"
+
     def __init__(self, registry: CollectorRegistry, sink: Sink, interval: float, instance: str) -> None:
         self.registry = registry
         self.sink = sink
@@ -39,7 +45,8 @@ class MetricHistory:
             rest = {k: v for k, v in labels if k != "__name__"}
             h = series_hash(list(labels))
             for value, ts in samples:
-                self.sink.add("metrics", (ts, h, name, rest, value))
+                self.sink.add("metrics", schema.row("metrics", {
+                    "Timestamp": ts, "MetricHash": h, "MetricName": name, "Labels": rest, "Value": value}))
                 n += 1
         return n
 
@@ -55,6 +62,9 @@ class MetricHistory:
                 log.exception("metric history")
 
     def close(self) -> None:
+        """A last scrape; safe to call twice (the second does nothing)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

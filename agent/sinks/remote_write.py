@@ -6,7 +6,9 @@ other 4xx answers drop the request (logged once per status, counted). The spool 
 
 The protobuf encoder is hand-written for the three messages remote write uses (WriteRequest,
 TimeSeries, Label/Sample of prometheus/prompb); tests prove it byte-identical to the protobuf
-library's. Reads a prometheus-client registry; knows nothing of eBPF.
+library's. Reads a prometheus-client registry; knows nothing of eBPF. A component
+(agent/component.py): its thread scrapes and sends; `close()` scrapes a last time, spools it,
+and sends what it can within a deadline (the rest goes from the spool at the next start).
 
 Only http:// and https:// URLs. A user:password@ in the URL becomes the basic-auth header and
 is kept nowhere else: `self.url`, every log line and every error show the URL without it, and
@@ -28,20 +30,21 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import cramjam
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import Metric
 
 from agent import __version__, units
+from agent.component import Component
 from agent.metrics import Families
 from agent.sinks.spool import Spool
 
 log = logging.getLogger(__name__)
 
 JOB = "coroot-node-agent"
+CLOSE_DEADLINE = 1.0  # seconds close() may spend sending; the agent's whole stop has 2
 Labels = Sequence[tuple[str, str]]
 Series = tuple[Labels, Sequence[tuple[float, int]]]  # (sorted labels, [(value, timestamp ms)])
 
@@ -124,7 +127,7 @@ def gather(registry: CollectorRegistry, extra: dict[str, str], ts_ms: int) -> li
             labels = dict(extra)
             labels.update(s.labels)
             labels["__name__"] = s.name
-            ts = int(s.timestamp * 1000) if s.timestamp is not None else ts_ms
+            ts = int(float(s.timestamp) * 1000) if s.timestamp is not None else ts_ms
             out.append((sorted(labels.items()), ((float(s.value), ts),)))
     return out
 
@@ -142,7 +145,9 @@ class WriterStats:
     last_error: str = ""
 
 
-class RemoteWriter:
+class RemoteWriter(Component):
+    name = "remote_write"
+
     def __init__(
         self,
         url: str,
@@ -188,7 +193,7 @@ class RemoteWriter:
             self._secrets = (password, urllib.parse.quote(password, safe=""), token)
         if api_key:
             self._secrets += (api_key,)
-        self._ssl = None
+        self._ssl: ssl.SSLContext | None = None
         if parsed.scheme == "https":
             self._ssl = ssl.create_default_context(cafile=ca_file or None)
             if skip_verify:
@@ -223,35 +228,46 @@ class RemoteWriter:
                         self.spool.max_bytes, dropped.count)
         return n
 
-    def send_pending(self) -> None:
-        """Send spooled requests, oldest first, until one fails or all are sent."""
+    def send_pending(self, deadline: float | None = None) -> None:
+        """Send spooled requests, oldest first, until one fails, all are sent, or the clock
+        passes `deadline` (each request's timeout shortened to what is left of it)."""
         with self._send_lock:
-            while self._clock() >= self._next_try:
-                item = self.spool.oldest()
-                if item is None:
-                    return
-                entry, payload = item
-                verdict = self._post(payload)
-                if verdict == "ok":
-                    self.stats.sent += entry.count
-                    self.stats.last_success = time.time()
-                    self.spool.remove(entry)
-                    self._delay = 0.0
-                elif verdict == "drop":
-                    self.stats.dropped["rejected"] += entry.count
-                    self.spool.remove(entry)
-                else:
-                    self.stats.failed += entry.count
-                    self._delay = min(self.backoff_max, max(self.backoff_min, self._delay * 2))
-                    self._next_try = self._clock() + self._delay
-                    return
+            self._send(deadline)
 
-    def _post(self, payload: bytes) -> str:
-        """'ok', 'drop' (not worth retrying) or 'retry'."""
+    def _send(self, deadline: float | None) -> None:
+        """send_pending's loop; the send lock is held."""
+        while self._clock() >= self._next_try:
+            timeout = self.timeout
+            if deadline is not None:
+                timeout = min(timeout, deadline - self._clock())
+                if timeout <= 0.05:
+                    return
+            item = self.spool.oldest()
+            if item is None:
+                return
+            entry, payload = item
+            verdict = self._post(payload, timeout)
+            if verdict == "ok":
+                self.stats.sent += entry.count
+                self.stats.last_success = time.time()
+                self.spool.remove(entry)
+                self._delay = 0.0
+            elif verdict == "drop":
+                self.stats.dropped["rejected"] += entry.count
+                self.spool.remove(entry)
+            else:
+                self.stats.failed += entry.count
+                self._delay = min(self.backoff_max, max(self.backoff_min, self._delay * 2))
+                self._next_try = self._clock() + self._delay
+                return
+
+    def _post(self, payload: bytes, timeout: float) -> str:
+        """'ok', 'drop' (not worth retrying) or 'retry'. An endpoint that hangs up at any point,
+        even in the middle of its answer, is an error to retry, never an exception."""
         self.stats.requests += 1
         req = urllib.request.Request(self.url, data=payload, headers=self.headers, method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout, context=self._ssl) as r:
+            with urllib.request.urlopen(req, timeout=timeout, context=self._ssl) as r:
                 r.read()
             if self.stats.last_error:
                 log.info("remote_write to %s works again", self.url)
@@ -260,7 +276,7 @@ class RemoteWriter:
         except urllib.error.HTTPError as e:
             try:
                 body = self._redact(e.read()[:300].decode(errors="replace").strip())
-            except (OSError, ValueError):
+            except (OSError, ValueError, http.client.HTTPException):  # it hung up mid-answer
                 body = ""
             reason = self._redact(e.reason)
             if e.code in (401, 403):
@@ -309,32 +325,35 @@ class RemoteWriter:
                 log.exception("remote_write: sending")
             self._stop.wait(min(0.5, max(0.0, next_scrape - self._clock())))
 
-    def close(self, deadline: float = 5.0) -> None:
-        """A last scrape and one sending pass; what is not sent stays spooled for next start."""
+    def close(self, deadline: float = CLOSE_DEADLINE) -> None:
+        """A last scrape, spooled, and sending for at most `deadline` seconds in all (what is
+        not sent stays spooled for the next start). Safe to call twice."""
+        if self._stop.is_set():
+            return
+        end = self._clock() + deadline
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            # A request in flight ends by its own timeout; the spool keeps whatever it was sending.
+            self._thread.join(timeout=deadline / 2)
             self._thread = None
-        self.scrape()
-        self._next_try = 0.0
-        old_timeout, self.timeout = self.timeout, min(self.timeout, deadline)
-        self.send_pending()
-        self.timeout = old_timeout
+        try:
+            self.scrape()
+        except Exception:  # noqa: BLE001 - one bad collector must not lose the spool's requests
+            log.exception("remote_write: the last scrape")
+        # The thread may still be in a request that hangs: wait for its lock only until the end.
+        if self._send_lock.acquire(timeout=max(0.0, end - self._clock())):
+            try:
+                self._next_try = 0.0
+                self._send(end)
+            finally:
+                self._send_lock.release()
 
-
-class WriterCollector:
-    def __init__(self, writer: RemoteWriter, const: dict[str, str]) -> None:
-        self.writer = writer
-        self.const = const
-
-    def collect(self) -> Iterator[Metric]:
-        f = Families(self.const)
-        s = self.writer.stats
+    def self_metrics(self, f: Families) -> None:
+        s = self.stats
         f.counter("coroot_agent_remote_write_samples_sent_total", "samples accepted by the remote_write endpoint", s.sent)
         f.counter("coroot_agent_remote_write_samples_failed_total", "samples in requests that failed and will be retried", s.failed)
         for reason, n in s.dropped.items():
             f.counter("coroot_agent_remote_write_samples_dropped_total", "samples dropped: spool full, or rejected by the endpoint", n, reason=reason)
-        f.gauge("coroot_agent_remote_write_spool_bytes", "bytes of requests waiting in the spool", self.writer.spool.bytes)
+        f.gauge("coroot_agent_remote_write_spool_bytes", "bytes of requests waiting in the spool", self.spool.bytes)
         if s.last_success:
             f.gauge("coroot_agent_remote_write_last_success_timestamp_seconds", "time of the last accepted request", s.last_success)
-        yield from f

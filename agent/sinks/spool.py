@@ -8,6 +8,7 @@ the ClickHouse sink and by remote_write; knows nothing of what the payloads are.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import re
@@ -55,7 +56,8 @@ class Spool:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def push(self, tag: str, count: int, payload: bytes) -> list[Entry]:
+    # builtins.bytes: inside the class, `bytes` is the property above.
+    def push(self, tag: str, count: int, payload: builtins.bytes) -> list[Entry]:
         """Append an entry; returns the entries dropped to stay within the bound (the new one
         itself when it alone is larger than the bound)."""
         if not re.fullmatch(r"[A-Za-z0-9_]+", tag):
@@ -78,7 +80,7 @@ class Spool:
             self._bytes += len(payload)
             return dropped
 
-    def oldest(self) -> tuple[Entry, bytes] | None:
+    def oldest(self) -> tuple[Entry, builtins.bytes] | None:
         with self._lock:
             while self._entries:
                 e = self._entries[0]

@@ -102,6 +102,7 @@ class Store:
         self._client: Any = None
         self._reader: Any = None
         self._migrated = False
+        self.schema_changes: list[str] = []  # what the last migrate() altered, rebuilt or recreated
         self._lock = threading.Lock()  # the writer client: schema and inserts
         self._read_lock = threading.Lock()  # the read session: queries, never in the writer's way
 
@@ -169,26 +170,189 @@ class Store:
                 "metrics": int(c.metrics_ttl)}
 
     def migrate(self) -> list[str]:
-        """Create what is missing, then bring every table's TTL to the configured value.
-        Returns the TTL changes made, as 'table: old -> new' lines."""
+        """Bring the database to this schema: tables made by an earlier version of the agent are
+        altered (or rebuilt with every row when a key changes) and their views recreated; a
+        schema the Coroot server created is accepted as it is; what is missing is created. Then
+        every table's TTL is brought to the configured value. Returns the TTL changes made, as
+        'table: old -> new' lines; the other changes are in `schema_changes`."""
         ttls = self.ttls()
         with self._lock:
             client = self._need()
-            stmts = schema.migration(self.database, ttls, self.cluster)
+            create_db = schema.migration(self.database, ttls, self.cluster)[0]
             try:
-                client.command(stmts[0])
+                client.command(create_db)
             except Exception as e:  # noqa: BLE001
                 # Without CREATE DATABASE the database must already exist (deploy/clickhouse/).
                 log.warning("%s; assuming database %s exists", explain(e, "CREATE DATABASE"), self.database)
-            for stmt in stmts[1:]:
-                try:
-                    client.command(stmt)
-                except Exception as e:  # noqa: BLE001
-                    raise StoreError(explain(e, f"creating the schema ({stmt.split('(')[0].strip()})")) from e
+            held = self._upgrade(client, ttls)
+            for table in schema.TABLES:
+                self._run(client, schema.create_table(table, self.database, ttls[table.signal], self.cluster),
+                          "creating the schema")
+            for view in schema.VIEWS:
+                # A table left in an earlier shape keeps its earlier view (the engine checks a
+                # view's columns against its table even when the view exists).
+                if view.target not in held:
+                    self._run(client, schema.create_view(view, self.database, self.cluster), "creating the schema")
+            if self.cluster:
+                for table in schema.TABLES:
+                    self._run(client, schema.create_distributed(table, self.database, self.cluster),
+                              "creating the schema")
             client.database = self.database
             changes = self._sync_ttls(client, ttls)
             self._migrated = True
             return changes
+
+    def _run(self, client: Any, stmt: str, what: str, settings: dict[str, Any] | None = None) -> None:
+        try:
+            client.command(stmt, settings=settings)
+        except Exception as e:  # noqa: BLE001
+            raise StoreError(explain(e, f"{what} ({stmt.split('(')[0].strip()[:120]})")) from e
+
+    def _existing(self, client: Any) -> tuple[dict[str, schema.ExistingTable], dict[str, tuple[set[str], str]]]:
+        """The database's tables as the engine reports them, and each view's column names and
+        CREATE statement."""
+        db = schema._ident(self.database)  # a plain identifier: safe to inline
+        cols: dict[str, dict[str, schema.ExistingColumn]] = {}
+        for table, name, type_, kind, codec in client.query(
+            "SELECT table, name, type, default_kind, compression_codec FROM system.columns "
+            f"WHERE database = '{db}' ORDER BY table, position"
+        ).result_rows:
+            cols.setdefault(table, {})[name] = schema.ExistingColumn(type_, kind, codec)
+        indexes: dict[str, set[str]] = {}
+        for table, name in client.query(
+            f"SELECT table, name FROM system.data_skipping_indices WHERE database = '{db}'"
+        ).result_rows:
+            indexes.setdefault(table, set()).add(name)
+        tables: dict[str, schema.ExistingTable] = {}
+        views: dict[str, tuple[set[str], str]] = {}
+        for name, engine, pkey, skey, prim, query in client.query(
+            "SELECT name, engine, partition_key, sorting_key, primary_key, create_table_query "
+            f"FROM system.tables WHERE database = '{db}'"
+        ).result_rows:
+            if engine == "MaterializedView":
+                views[name] = (set(cols.get(name, {})), query)
+            else:
+                tables[name] = schema.ExistingTable(name, engine, pkey, skey, prim, query,
+                                                    cols.get(name, {}), frozenset(indexes.get(name, ())))
+        return tables, views
+
+    def _upgrade(self, client: Any, ttls: dict[str, int]) -> set[str]:
+        """Alter or rebuild the tables that exist and differ from this schema; drop the views
+        that no longer match their tables (they are created again after). What changed goes to
+        `schema_changes`; returns the tables that keep an earlier shape.
+
+        A missing column that cannot be added stops the start (the agent could not write); a
+        codec, setting or index that cannot be changed, or a rebuild that fails (a grant the
+        ClickHouse user lacks, a full disk), leaves the table as it was, with a warning."""
+        db = self.database
+        tables, views = self._existing(client)
+        done: list[str] = []
+        held: set[str] = set()
+        self.schema_changes = done
+        for name in list(tables):
+            if name.endswith(schema.REBUILD_SUFFIX) and name.removesuffix(schema.REBUILD_SUFFIX) in schema.TABLES_BY_NAME:
+                # An interrupted rebuild: the original still has every row (or, after the
+                # exchange, the rebuilt copy has them all).
+                self._run(client, f"DROP TABLE IF EXISTS {db}.{name}{self._on()}", "dropping an unfinished rebuild")
+                del tables[name]
+        plans = [schema.plan_table(t, tables[t.name], db, self.cluster) for t in schema.TABLES if t.name in tables]
+        conflicts = [c for p in plans for c in p.conflicts]
+        if conflicts:
+            raise StoreError(f"the tables in database {db} cannot take the agent's rows: " + "; ".join(conflicts)
+                             + ". Point the agent at another database (global_clickhouse.database) or drop these tables")
+        for plan in plans:
+            t = plan.table
+            for kept in plan.kept:
+                log.info("%s: kept as the Coroot server created it (%s)", t.name, kept)
+            if plan.rebuild and self.cluster:
+                log.warning(
+                    "%s was created by an earlier coroot-agent (%s) and is not rebuilt on a cluster: the "
+                    "Coroot server's queries of it may fail. To recreate it, drop %s, its _mv view and its "
+                    "_distributed table ON CLUSTER %s (its rows are lost) and restart the agent",
+                    t.name, "; ".join(plan.rebuild), t.name, self.cluster)
+                held.add(t.name)
+                continue
+            for stmt, change in zip(plan.alters, plan.changes, strict=True):
+                try:
+                    self._run(client, stmt, "altering the schema")
+                except StoreError as e:
+                    if " ADD COLUMN " in stmt:
+                        raise
+                    log.warning("schema: not changed: %s (%s)", change, e)
+                    continue
+                log.info("schema: %s", change)
+                done.append(change)
+            if plan.rebuild:
+                try:
+                    dropped = self._rebuild(client, t, tables[t.name], ttls[t.signal], views)
+                except StoreError as e:
+                    log.warning("schema: %s keeps the shape an earlier version gave it (%s): %s",
+                                t.name, "; ".join(plan.rebuild), e)
+                    held.add(t.name)
+                    continue
+                lines = [f"{t.name}: rebuilt ({'; '.join(plan.rebuild)})"]
+                lines += [f"{v}: recreated (its table was rebuilt)" for v in dropped]
+                for line in lines:
+                    log.info("schema: %s", line)
+                done += lines
+        tables, views = self._existing(client)
+        for view in schema.VIEWS:
+            target = tables.get(view.target)
+            if view.name not in views or target is None or view.target in held:
+                continue
+            have = views[view.name][0]
+            # The columns of the target that this schema's view writes: a view that leaves one
+            # out is an earlier version's, made for an earlier shape of the table.
+            feeds = {c for c in schema.TABLES_BY_NAME[view.target].insert_columns if c in target.columns}
+            if not feeds <= have:
+                self._run(client, schema.drop_view(view, db, self.cluster), "dropping a view")
+                line = f"{view.name}: recreated (it did not write {', '.join(sorted(feeds - have))})"
+                log.info("schema: %s", line)
+                done.append(line)
+        return held
+
+    def _rebuild(self, client: Any, table: schema.Table, existing: schema.ExistingTable, ttl: int,
+                 views: dict[str, tuple[set[str], str]]) -> list[str]:
+        """Rebuild one table on one node. The views that write into it are dropped once the new
+        table exists, and created again by the caller (the agent writes nothing before its
+        migration is done); if the copy fails they are put back as they were and the old table
+        stays. Returns the views dropped."""
+        db = self.database
+        drop_tmp, create_tmp, insert, exchange, drop_old = schema.rebuild_statements(table, existing, db, ttl)
+        what = f"rebuilding {table.name}"
+        self._run(client, drop_tmp, what)
+        self._run(client, create_tmp, what)
+        saved = [(v, views[v.name][1]) for v in schema.VIEWS if v.target == table.name and v.name in views]
+        dropped: list[str] = []
+        try:
+            for view, _ in saved:
+                self._run(client, schema.drop_view(view, db), what)
+                dropped.append(view.name)
+            # Every row is copied: identical blocks are not duplicates here.
+            self._run(client, insert, what, {"insert_deduplicate": 0})
+            if table.engine == "MergeTree":  # no rows merge away: the copy has exactly as many
+                old = int(client.command(f"SELECT count() FROM {db}.{table.name}"))
+                new = int(client.command(f"SELECT count() FROM {db}.{table.name}{schema.REBUILD_SUFFIX}"))
+                if old != new:
+                    raise StoreError(f"{what}: copied {new} of {old} rows")
+            self._run(client, exchange, what)
+        except StoreError:
+            for view, create in saved:
+                if view.name in dropped:
+                    self._run(client, create, f"putting back {view.name}")
+            try:
+                self._run(client, drop_tmp, what)
+            except StoreError as e:
+                log.warning("%s (dropped at the next start)", e)
+            raise
+        try:
+            self._run(client, drop_old, what)
+        except StoreError as e:
+            log.warning("%s (dropped at the next start)", e)
+        return dropped
+
+    def _on(self) -> str:
+        return f" ON CLUSTER {schema._ident(self.cluster)}" if self.cluster else ""
 
     def _sync_ttls(self, client: Any, ttls: dict[str, int]) -> list[str]:
         db = schema._ident(self.database)  # a plain identifier: safe to inline
@@ -199,7 +363,7 @@ class Store:
         changes = []
         for table in schema.TABLES:
             query = existing.get(table.name)
-            if query is None:
+            if query is None or not table.ttl_column:
                 continue
             want = ttls[table.signal]
             have = schema.ttl_seconds_of(query)
@@ -259,13 +423,13 @@ class Store:
 
             def engine(stmt: str) -> str:
                 try:
-                    return reader.raw_query(stmt, fmt="TSVRaw").decode(errors="replace")
+                    return bytes(reader.raw_query(stmt, fmt="TSVRaw")).decode(errors="replace")
                 except Exception as e:  # noqa: BLE001 - the driver raises many kinds
                     raise EngineError(str(e)) from None
 
             stmt = validate(sql, engine, self.database)
             try:
-                return reader.raw_query(stmt, fmt=fmt)
+                return bytes(reader.raw_query(stmt, fmt=fmt))
             except Exception as e:  # noqa: BLE001
                 if not self.embedded:
                     self._reader = None

@@ -1,25 +1,41 @@
-"""What system tests share: the agent as a real subprocess, test cgroups ("containers"),
-and reading its /metrics."""
+"""What system tests share, and the only place they share it from (with conftest.py's
+fixtures): the agent as a real subprocess, the CLI, test cgroups ("containers"), reading
+/metrics and the store, the clients tests drive traffic and attacks with, and CPU load.
+Test files import from here, never from each other."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import tarfile
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.containers.cgroup import detect_layout
 
-NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+REPO = Path(__file__).resolve().parents[2]
+NOBODY_UID = 65534
+NOBODY = ("setpriv", f"--reuid={NOBODY_UID}", f"--regid={NOBODY_UID}", "--clear-groups")
+L7_CLIENT = (sys.executable, "-m", "tests.system.workloads.l7_client")
+LOG_WRITER = (sys.executable, "-m", "tests.system.workloads.log_writer")
+# What every agent of the tests runs with unless a test says otherwise: containers reported at
+# once, and the store written every second (tests read it back).
+AGENT_DEFAULTS = ("--min-container-age", "0s", "--store-batch-age", "1s")
 
 
 def free_port() -> int:
@@ -29,26 +45,34 @@ def free_port() -> int:
 
 
 class AgentProcess:
-    """`python -m agent run` with a private port; logs kept for failure messages."""
+    """`python -m agent run` with a private port and storage; logs kept for failure messages.
+    `args` come after the listen and storage flags (AGENT_DEFAULTS are not added here: the
+    fixtures in conftest.py add them)."""
 
     def __init__(self, args: Sequence[str] = (), env: Mapping[str, str] | None = None,
-                 prefix: Sequence[str] = ()) -> None:
-        """`prefix`: a command the agent runs under (e.g. setpriv and its options)."""
+                 prefix: Sequence[str] = (), listen_host: str = "127.0.0.1") -> None:
+        """`prefix`: a command the agent runs under (e.g. setpriv and its options);
+        `listen_host`: 0.0.0.0 for an agent other hosts reach."""
         self.prefix = list(prefix)
         self.port = free_port()
         self.storage = f"/tmp/coroot-agent-test-{self.port}"
-        self.args = ["--listen", f"127.0.0.1:{self.port}", "--storage-path", self.storage,
+        self.args = ["--listen", f"{listen_host}:{self.port}", "--storage-path", self.storage,
                      "--wal-dir", f"{self.storage}/wal", *args]
         self.env = {k: v for k, v in os.environ.items() if k != "CONFIG"} | dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = f"/tmp/coroot-agent-test-{self.port}.log"
 
-    def start(self, timeout: float = 60) -> float:
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "the agent was not started"
+        return self.proc.pid
+
+    def start(self, timeout: float = 120) -> float:
         """Start and wait for the first /metrics answer; returns seconds it took."""
         t0 = time.monotonic()
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "agent", "run", *self.args],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log()}")
@@ -97,6 +121,7 @@ class AgentProcess:
         return found[0] if found else None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        """Signal, wait up to `timeout`, then kill; the exit code. Safe to call twice."""
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -107,6 +132,38 @@ class AgentProcess:
             code = self.proc.wait()
         self._log.close()
         return code
+
+    def cleanup(self) -> None:
+        """Stop if running and remove the storage (the log stays, for a failure's message)."""
+        if self.proc is not None:
+            self.stop()
+        shutil.rmtree(self.storage, ignore_errors=True)
+
+
+# What conftest.py's `agent_factory` fixture gives a test: agent_factory(*args, **AgentProcess kw).
+AgentFactory = Callable[..., AgentProcess]
+
+
+def coroot_agent(*args: str, prefix: Sequence[str] = (), cwd: str | Path = REPO,
+                 timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The CLI, `python -m agent ARGS`, as a user would run it (under `prefix`, e.g. NOBODY)."""
+    return subprocess.run([*prefix, sys.executable, "-m", "agent", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+def cli_query(store: AgentProcess | str, *args: str, prefix: Sequence[str] = (),
+              cwd: str | Path = REPO) -> subprocess.CompletedProcess[str]:
+    """`coroot-agent query --storage-path STORE ARGS` (options, then the SQL): through the
+    running agent's socket when one holds the store, from the store itself when none does."""
+    storage = store.storage if isinstance(store, AgentProcess) else store
+    return coroot_agent("query", "--storage-path", storage, *args, prefix=prefix, cwd=cwd)
+
+
+def rows(store: AgentProcess | str, sql: str) -> list[dict]:
+    """The rows of a query that must succeed, as dicts."""
+    r = cli_query(store, "--format", "json", sql)
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
 
 
 class TestCgroups:
@@ -163,6 +220,273 @@ def wait_for(pred, timeout: float, interval: float = 0.05):  # noqa: ANN001, ANN
         if v or time.monotonic() >= deadline:
             return v
         time.sleep(interval)
+
+
+def wait_port(host: str, port: int, timeout: float = 30, proc: subprocess.Popen | None = None) -> None:
+    """Until something accepts on host:port; fails early if `proc` (the server) exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+# ------------------------------------------------------------------------ workloads ---
+
+
+class LogWriter:
+    """tests/system/workloads/log_writer.py in a test cgroup: `w("lines 10 ERROR x {i}")` runs
+    one command and waits for its "ok"."""
+
+    def __init__(self, cgroups: TestCgroups, cid: str, env: Mapping[str, str] | None = None,
+                 prefix: Sequence[str] = ()) -> None:
+        self.p = cgroups.spawn(cid, [*prefix, *LOG_WRITER], env=env, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, cwd=REPO)
+
+    def __call__(self, cmd: str) -> None:
+        assert self.p.stdin is not None and self.p.stdout is not None
+        self.p.stdin.write(cmd + "\n")
+        self.p.stdin.flush()
+        assert self.p.stdout.readline().strip() == "ok"
+
+    def close(self) -> None:
+        if self.p.poll() is None:
+            self.p.communicate("exit\n", timeout=10)
+
+
+def log_counts(agent: AgentProcess, cid: str) -> dict[tuple[str, str], float]:
+    """container_log_messages_total of one container: (level, pattern_hash) -> count."""
+    return {(lb["level"], lb["pattern_hash"]): v for n, lb, v in agent.metrics()
+            if n == "container_log_messages_total" and lb.get("container_id") == cid}
+
+
+@dataclass
+class Client:
+    """A running tests/system/workloads/l7_client.py and the JSON line it printed."""
+
+    proc: subprocess.Popen[str]
+    result: dict
+
+    def finish(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+def run_client(cgroups: TestCgroups, cid: str, *args: str, argv_prefix: tuple[str, ...] = (),
+               env: dict[str, str] | None = None) -> Client:
+    """Run the L7 client in a test cgroup and wait for its result line (it then waits for
+    finish(), so the agent sees the process alive while it handles the events)."""
+    p = cgroups.spawn(cid, [*argv_prefix, *L7_CLIENT, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                      text=True, cwd=REPO, env={**os.environ, **(env or {})})
+    assert p.stdout is not None
+    line = p.stdout.readline()
+    assert line, f"client {args[0]} failed (exit {p.wait()})"
+    return Client(p, json.loads(line))  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------- clients of the agent ---
+
+# One HTTP request, made by whoever runs it (another host, user nobody), so self-contained:
+# prints the status, then the body.
+HTTP_REQUEST = """
+import sys, urllib.request, urllib.error
+url, key, body = sys.argv[1], sys.argv[2], (sys.argv[3].encode() if len(sys.argv) > 3 else None)
+req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
+if key:
+    req.add_header("X-Api-Key", key)
+try:
+    with urllib.request.urlopen(req, timeout=20) as r:
+        print(r.status); sys.stdout.write(r.read().decode(errors="replace"))
+except urllib.error.HTTPError as e:
+    print(e.code); sys.stdout.write(e.read().decode(errors="replace"))
+"""
+
+
+def http_request(url: str, body: str | None = None, key: str = "",
+                 prefix: Sequence[str] = ()) -> tuple[int, str]:
+    """GET (or POST `body`) `url` from a client run under `prefix` (`ip netns exec NS`,
+    NOBODY, or nothing); the API key in X-Api-Key when given. (status, body)."""
+    r = subprocess.run([*prefix, sys.executable, "-c", HTTP_REQUEST, url, key, *([body] if body is not None else [])],
+                       capture_output=True, text=True, timeout=60, cwd="/")
+    assert r.returncode == 0, r.stderr
+    status, _, text = r.stdout.partition("\n")
+    return int(status), text
+
+
+# Claims a body of Content-Length CLAIM on POST /api/query and sends up to SEND bytes of it
+# while watching for an answer; prints the status line and the bytes it got to send.
+BODY_FLOOD = """
+import socket, sys, time
+host, port, claim, send = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+s = socket.create_connection((host, port), timeout=10)
+s.sendall(f"POST /api/query HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: {claim}\\r\\n\\r\\n".encode())
+chunk = b"A" * 65536
+sent = 0
+answer = b""
+s.setblocking(False)
+t = time.monotonic()
+while sent < send and time.monotonic() - t < 30:
+    try:
+        answer += s.recv(4096)
+        if answer:
+            break
+    except BlockingIOError:
+        pass
+    except OSError:
+        break
+    try:
+        sent += s.send(chunk)
+    except BlockingIOError:
+        time.sleep(0.001)
+    except OSError:
+        break
+s.setblocking(True)
+s.settimeout(5)
+try:
+    while b"\\r\\n" not in answer:
+        more = s.recv(4096)
+        if not more:
+            break
+        answer += more
+except OSError:
+    pass
+print(answer.split(b"\\r\\n", 1)[0].decode(errors="replace"), sent, flush=True)
+"""
+
+
+def body_flood(host: str, port: int, claim: str, send: int, prefix: Sequence[str] = ()) -> tuple[str, int]:
+    """A request claiming a body of Content-Length `claim` that sends up to `send` bytes of it:
+    (the status line the agent answered, the bytes the client got to send before it)."""
+    r = subprocess.run([*prefix, sys.executable, "-c", BODY_FLOOD, host, str(port), claim, str(send)],
+                       capture_output=True, text=True, timeout=90)
+    line, _, sent = r.stdout.strip().rpartition(" ")
+    assert sent.isdigit(), r.stdout + r.stderr
+    return line, int(sent)
+
+
+def hang_up_mid_response(port: int, path: str = "/metrics", n: int = 20) -> None:
+    """`n` clients that send a request and reset the connection (SO_LINGER 0) without reading
+    the answer, as a scraper that timed out does: every other one once the answer has begun
+    (a small receive buffer keeps the rest of it in flight), the others at once. The agent's
+    write, or its read of the next request, meets a reset connection."""
+    for i in range(n):
+        s = socket.socket()
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.settimeout(5)
+            s.connect(("127.0.0.1", port))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            if i % 2:
+                s.recv(1)
+        finally:
+            s.close()
+
+
+@dataclass
+class Responsiveness:
+    """Samples /healthz (every 0.1 s) and /metrics (every 5th time) in the background while
+    something happens to the agent; on exit, asserts it always answered, the median and 90th
+    percentile of /healthz under 100 ms and every /metrics under 1 s. One slow /healthz can be
+    the machine (2 cores, the attack itself, other tests' load); the median and p90 cannot."""
+
+    port: int
+    host: str = "127.0.0.1"
+    health: list[float] = field(default_factory=list)
+    metrics: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _get(self, path: str, timeout: float) -> float:
+        t = time.monotonic()
+        with urllib.request.urlopen(f"http://{self.host}:{self.port}{path}", timeout=timeout) as r:
+            assert r.status == 200
+            r.read()
+        return time.monotonic() - t
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            try:
+                self.health.append(self._get("/healthz", 5))
+                if n % 5 == 0:
+                    self.metrics.append(self._get("/metrics", 10))
+            except OSError as e:
+                self.failures.append(str(e))
+            n += 1
+            self._stop.wait(0.1)
+
+    def __enter__(self) -> Responsiveness:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        if exc[0] is not None:
+            return  # the body's own failure says more
+        assert not self.failures, f"the agent did not answer: {self.failures[:3]}"
+        assert self.health and self.metrics
+        hs = sorted(self.health)
+        assert hs[len(hs) // 2] < 0.1 and hs[int(len(hs) * 0.9)] < 0.1, f"/healthz took {hs[-5:]}"
+        assert max(self.metrics) < 1.0, f"/metrics took {sorted(self.metrics)[-3:]}"
+
+
+# ------------------------------------------------------------------------- CPU load ---
+
+
+@contextmanager
+def cpu_burners(n: int, cpu: int | None = None) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """`n` busy processes (a `while 1: pass` each), all pinned to `cpu` when given."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(n)]
+    try:
+        if cpu is not None:
+            for p in procs:
+                os.sched_setaffinity(p.pid, {cpu})
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+# ----------------------------------------------------------------- a bare Debian ---
+
+DEBIAN_CACHE = Path("/var/cache/coroot-agent-test")
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+DAY = 86400
+
+
+def minbase_rootfs(dest: Path) -> None:
+    """A fresh `debootstrap --variant=minbase bookworm` root at `dest`, from a tarball cached
+    for a day under DEBIAN_CACHE (built under a per-process name, so parallel runs do not
+    collide)."""
+    DEBIAN_CACHE.mkdir(parents=True, exist_ok=True)
+    tarball = DEBIAN_CACHE / "bookworm-minbase.tar"
+    if not tarball.exists() or time.time() - tarball.stat().st_mtime > DAY:
+        tmp = DEBIAN_CACHE / f"bookworm-minbase.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(tmp), DEBIAN_MIRROR], check=True,
+                       capture_output=True, timeout=900)
+        part = DEBIAN_CACHE / f"bookworm-minbase.{os.getpid()}.part"
+        with tarfile.open(part, "w") as t:
+            t.add(tmp, arcname=".")
+        os.replace(part, tarball)
+        shutil.rmtree(tmp, ignore_errors=True)
+    dest.mkdir(parents=True)
+    subprocess.run(["tar", "-xf", str(tarball), "-C", str(dest)], check=True)
+
+
+# ----------------------------------------------------------------- other servers ---
 
 
 class ClickHouseFront:

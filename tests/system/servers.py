@@ -6,26 +6,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
 
-from tests.system.helpers import TestCgroups, free_port, make_test_ca, sh
-
-
-def _wait_port(host: str, port: int, timeout: float = 30, proc: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {host}:{port} after {timeout}s")
+from tests.system.helpers import TestCgroups, free_port, make_test_ca, sh, wait_port
 
 
 class Server:
@@ -100,8 +86,8 @@ class Nginx(Server):
     def start(self, cgroups: TestCgroups | None = None, cid: str | None = None) -> Nginx:
         self._spawn(["nginx", "-c", os.path.join(self.dir, "nginx.conf"), "-e", os.path.join(self.dir, "error.log")],
                     cgroups, cid)
-        _wait_port(self.host, self.port, proc=self.proc)
-        _wait_port(self.host, self.tls_port, proc=self.proc)
+        wait_port(self.host, self.port, proc=self.proc)
+        wait_port(self.host, self.tls_port, proc=self.proc)
         return self
 
 
@@ -124,7 +110,7 @@ class Postgres(Server):
         self._spawn(["runuser", "-u", "postgres", "--", f"{self.BIN}/postgres", "-D", self.data,
                      "-c", f"listen_addresses={self.host}", "-p", str(self.port), "-c", "unix_socket_directories=",
                      "-c", "fsync=off", "-c", "logging_collector=off"], cgroups, cid)
-        _wait_port(self.host, self.port, proc=self.proc)
+        wait_port(self.host, self.port, proc=self.proc)
         return self
 
     @property
@@ -145,7 +131,7 @@ class Redis(Server):
         if self.password:
             argv += ["--requirepass", self.password]
         self._spawn(argv, cgroups, cid)
-        _wait_port(self.host, self.port, proc=self.proc)
+        wait_port(self.host, self.port, proc=self.proc)
         return self
 
 

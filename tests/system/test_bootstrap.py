@@ -1,5 +1,5 @@
 """The README's set-up on a bare Debian 12: a fresh `debootstrap --variant=minbase bookworm`
-root (the cached tarball tests/system/test_image.py keeps), a copy of this checkout, and in a
+root (the cached tarball tests/system/helpers.py keeps, as for test_image.py), a copy of this checkout, and in a
 chroot the README's first command, `scripts/bootstrap.sh run`; the agent it starts answers
 /healthz and a /metrics scrape (with a non-empty machine_id: minbase has no /etc/machine-id),
 `coroot-agent check` beside it exits 0, and the test set-up (`scripts/bootstrap.sh setup-test`)
@@ -20,7 +20,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -28,38 +27,24 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.helpers import AgentProcess, free_port
+from tests.system.helpers import (
+    DAY,
+    DEBIAN_CACHE,
+    REPO,
+    AgentFactory,
+    coroot_agent,
+    free_port,
+    minbase_rootfs,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-CACHE = Path("/var/cache/coroot-agent-test")
-MIRROR = "http://deb.debian.org/debian"
-DAY = 86400
 ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
        "LANG": "C.UTF-8", "PIP_CERT": "/etc/ssl/certs/host-ca.crt", "PIP_DEFAULT_TIMEOUT": "180"}
 
 
-def _base_rootfs(dest: Path) -> None:
-    """The same cached minbase tarball as tests/system/test_image.py (same path, same rule)."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tarball = CACHE / "bookworm-minbase.tar"
-    if not tarball.exists() or time.time() - tarball.stat().st_mtime > DAY:
-        tmp = CACHE / f"bookworm-minbase.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(tmp), MIRROR], check=True,
-                       capture_output=True, timeout=900)
-        part = CACHE / f"bookworm-minbase.{os.getpid()}.part"
-        with tarfile.open(part, "w") as t:
-            t.add(tmp, arcname=".")
-        os.replace(part, tarball)
-        shutil.rmtree(tmp, ignore_errors=True)
-    dest.mkdir(parents=True)
-    subprocess.run(["tar", "-xf", str(tarball), "-C", str(dest)], check=True)
-
-
 def _day_cache(name: str) -> Path:
     """A cache directory emptied when its stamp is more than a day old."""
-    d = CACHE / name
-    stamp = CACHE / f"{name}.stamp"
+    d = DEBIAN_CACHE / name
+    stamp = DEBIAN_CACHE / f"{name}.stamp"
     if not stamp.exists() or time.time() - stamp.stat().st_mtime > DAY:
         shutil.rmtree(d, ignore_errors=True)
         stamp.touch()
@@ -78,7 +63,7 @@ def bare(tmp_path: Path) -> Iterator[Path]:
     """A fresh minbase root with /proc, /sys (cgroup, tracefs, debugfs, BTF, DMI under it) and
     /dev from the host, the host's network, and a copy of this checkout in /src."""
     root = tmp_path / "root"
-    _base_rootfs(root)
+    minbase_rootfs(root)
     assert not (root / "usr/bin/make").exists() and not (root / "usr/bin/gcc").exists()
     mounts: list[Path] = []
     try:
@@ -201,27 +186,21 @@ def test_readme_commands_on_bare_debian(bare: Path) -> None:
           file=sys.stderr)
 
 
-def test_check_beside_running_agent_and_a_foreign_holder(tmp_path: Path) -> None:
-    agent = AgentProcess()
-    agent.start()
-    try:
-        r = subprocess.run([sys.executable, "-m", "agent", "check", "--no-probe", "--listen",
-                            f"127.0.0.1:{agent.port}", "--storage-path", agent.storage],
-                           capture_output=True, text=True, timeout=120)
-        listen = [line for line in r.stdout.splitlines() if line.lstrip().startswith("listen")]
-        assert listen and f"held by the running coroot-agent, pid {agent.proc.pid}" in listen[0], r.stdout
-        assert r.returncode == 0, r.stdout + r.stderr
-    finally:
-        agent.stop()
+def test_check_beside_running_agent_and_a_foreign_holder(tmp_path: Path, agent_factory: AgentFactory) -> None:
+    agent = agent_factory(defaults=False)
+    r = coroot_agent("check", "--no-probe", "--listen", f"127.0.0.1:{agent.port}", "--storage-path", agent.storage)
+    listen = [line for line in r.stdout.splitlines() if line.lstrip().startswith("listen")]
+    assert listen and f"held by the running coroot-agent, pid {agent.pid}" in listen[0], r.stdout
+    assert r.returncode == 0, r.stdout + r.stderr
+    agent.stop()
 
     foreign = socket.socket()
     foreign.bind(("127.0.0.1", 0))
     foreign.listen()
     port = foreign.getsockname()[1]
     try:
-        r = subprocess.run([sys.executable, "-m", "agent", "check", "--no-probe", "--listen",
-                            f"127.0.0.1:{port}", "--storage-path", str(tmp_path / "store")],
-                           capture_output=True, text=True, timeout=120)
+        r = coroot_agent("check", "--no-probe", "--listen", f"127.0.0.1:{port}", "--storage-path",
+                         str(tmp_path / "store"))
     finally:
         foreign.close()
     listen = [line for line in r.stdout.splitlines() if line.lstrip().startswith("listen")]

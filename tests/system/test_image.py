@@ -6,19 +6,14 @@ program text there. (The linter half is tests/unit/test_dockerfile.py.)"""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-import tarfile
-import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-CACHE = Path("/var/cache/coroot-agent-test")
-MIRROR = "http://deb.debian.org/debian"
+from tests.system.helpers import REPO, minbase_rootfs
 
 
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
@@ -39,27 +34,10 @@ def instructions(dockerfile: Path) -> list[tuple[str, str]]:
     return out
 
 
-def base_rootfs(dest: Path) -> None:
-    """A minimal bookworm root filesystem; the debootstrap result is cached for a day."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tarball = CACHE / "bookworm-minbase.tar"
-    if not tarball.exists() or time.time() - tarball.stat().st_mtime > 86400:
-        tmp = CACHE / "bookworm-minbase.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(tmp), MIRROR], check=True,
-                       capture_output=True, timeout=900)
-        with tarfile.open(tarball.with_suffix(".part"), "w") as t:
-            t.add(tmp, arcname=".")
-        os.replace(tarball.with_suffix(".part"), tarball)
-        shutil.rmtree(tmp, ignore_errors=True)
-    dest.mkdir(parents=True)
-    subprocess.run(["tar", "-xf", str(tarball), "-C", str(dest)], check=True)
-
-
 @pytest.fixture
 def rootfs(tmp_path: Path):  # noqa: ANN201
     root = tmp_path / "root"
-    base_rootfs(root)
+    minbase_rootfs(root)
     mounts = []
     try:
         for src, target in (("/proc", "proc"), ("/dev", "dev")):

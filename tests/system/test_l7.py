@@ -8,41 +8,24 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.system.helpers import AgentProcess, TestCgroups, TwoHosts, bpf_programs, wait_for
+from tests.system.helpers import (
+    AgentProcess,
+    TestCgroups,
+    TwoHosts,
+    bpf_programs,
+    rows,
+    run_client,
+    wait_for,
+)
 from tests.system.servers import Dnsmasq, Nginx, Postgres, Redis
-from tests.system.test_logs import rows
 
-CLIENT = [sys.executable, "-m", "tests.system.workloads.l7_client"]
+pytestmark = pytest.mark.agent_args("--max-fqdns-per-container", "2", "--exclude-http-requests-by-path", "/excluded")
 BEARER = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXRva2Vu"
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@dataclass
-class Client:
-    proc: subprocess.Popen[str]
-    result: dict
-
-    def finish(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(10)
-
-
-def run_client(cgroups: TestCgroups, cid: str, *args: str, argv_prefix: tuple[str, ...] = (),
-               env: dict[str, str] | None = None) -> Client:
-    p = cgroups.spawn(cid, [*argv_prefix, *CLIENT, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                      text=True, cwd=REPO, env={**os.environ, **(env or {})})
-    assert p.stdout is not None
-    line = p.stdout.readline()
-    assert line, f"client {args[0]} failed (exit {p.wait()})"
-    return Client(p, json.loads(line))  # type: ignore[arg-type]
 
 
 def by_status(agent: AgentProcess, name: str, **labels: str) -> dict[str, float]:
@@ -79,18 +62,6 @@ def spans(agent: AgentProcess, service: str, want: int) -> list[dict]:
     return got
 
 
-@pytest.fixture(scope="module")
-def agent() -> Iterator[AgentProcess]:
-    a = AgentProcess(["--min-container-age", "0s", "--store-batch-age", "1s", "--max-fqdns-per-container", "2",
-                      "--exclude-http-requests-by-path", "/excluded"])
-    try:
-        a.start()
-        yield a
-    finally:
-        a.stop()
-        shutil.rmtree(a.storage, ignore_errors=True)
-
-
 @pytest.fixture
 def nginx(cgroups: TestCgroups) -> Iterator[tuple[Nginx, str]]:
     cid = cgroups.create("nginx")
@@ -122,7 +93,12 @@ def test_nginx_requests_by_status_on_both_sides_and_one_span_each(
     assert by_status(agent, "container_http_requests_total", container_id=cid, destination=dest,
                      actual_destination=dest) == want
     assert wait_counts(agent, "container_http_inbound_requests_total", want, container_id=server_cid) == want
-    assert by_status(agent, "container_http_requests_duration_seconds_total_count", container_id=cid) == want
+    # the histogram carries the node agent's labels: no status
+    hist = [(lb, v) for n, lb, v in agent.metrics()
+            if n == "container_http_requests_duration_seconds_total_count" and lb.get("container_id") == cid]
+    assert [v for _, v in hist] == [150]
+    assert set(hist[0][0]) == {"container_id", "app_id", "destination", "actual_destination", "machine_id",
+                               "system_uuid"}
 
     got = spans(agent, cid, 150)
     client.finish()
@@ -283,14 +259,17 @@ def test_redis_commands_errors_pipeline_and_auth_masked(agent: AgentProcess, cgr
         r.stop()
 
 
-def test_dns_requests_by_type_domain_and_rcode_with_fqdn_cap(agent: AgentProcess, cgroups: TestCgroups) -> None:
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_dns_requests_by_type_domain_and_rcode_with_fqdn_cap(agent: AgentProcess, cgroups: TestCgroups,
+                                                            transport: str) -> None:
     hosts = TwoHosts()
     netns_etc = f"/etc/netns/{hosts.cli}"
     dnsmasq = Dnsmasq(hosts.srv_ip, {"svc1.test": ("10.9.0.1", "fd00::9:1"), "svc2.test": ("10.9.0.2",)}, nxdomain=["gone.test"])
     try:
         os.makedirs(netns_etc)
         with open(f"{netns_etc}/resolv.conf", "w") as f:  # `ip netns exec` binds it over /etc/resolv.conf
-            f.write(f"nameserver {hosts.srv_ip}\noptions attempts:1 timeout:2\n")
+            # use-vc: glibc asks over TCP (each query after its length, in one writev)
+            f.write(f"nameserver {hosts.srv_ip}\noptions attempts:1 timeout:2{' use-vc' if transport == 'tcp' else ''}\n")
         dnsmasq.start(hosts.argv(hosts.srv))
         cid = cgroups.create("dns-client")
         client = run_client(cgroups, cid, "dns", "svc1.test", "svc1.test", "svc1.test", "svc2.test", "svc2.test",

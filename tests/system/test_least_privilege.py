@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
+import time
 from pathlib import Path
 
 from agent import caps
-from tests.system.helpers import AgentProcess, TestCgroups, free_port, wait_for
+from tests.system.helpers import (
+    AgentFactory,
+    TestCgroups,
+    coroot_agent,
+    free_port,
+    run_client,
+    wait_for,
+)
 from tests.system.servers import Nginx
-from tests.system.test_l7 import run_client
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def machine_bounding_set() -> set[str]:
@@ -35,12 +38,12 @@ def setpriv(names: list[str]) -> list[str]:
 
 
 def check(names: list[str]) -> str:
-    r = subprocess.run([*setpriv(names), sys.executable, "-m", "agent", "check"], capture_output=True, text=True,
-                       cwd=REPO, timeout=300)
+    r = coroot_agent("check", prefix=setpriv(names), timeout=300)
     return r.stdout + r.stderr
 
 
-def test_every_probe_family_loads_and_works_with_exactly_the_required_set(cgroups: TestCgroups) -> None:
+def test_every_probe_family_loads_and_works_with_exactly_the_required_set(
+        cgroups: TestCgroups, agent_factory: AgentFactory) -> None:
     names = required_here()
     assert {"CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"} <= set(names)
     out = check(names)
@@ -48,10 +51,9 @@ def test_every_probe_family_loads_and_works_with_exactly_the_required_set(cgroup
         assert any(line.startswith(f"probes: {fam}") and " ok " in line for line in out.splitlines()), out
     assert "CAP_SYS_ADMIN" not in out.split("held:", 1)[1].splitlines()[0]
 
-    agent = AgentProcess(["--min-container-age", "0s"], prefix=setpriv(names))
     nginx = Nginx()
     try:
-        agent.start()
+        agent = agent_factory(prefix=setpriv(names))
         assert agent.proc is not None
         log = agent.log()
         assert "BPF compiled and attached" in log and "proc, tcp, l7, logs, profiler" in log, log
@@ -73,8 +75,6 @@ def test_every_probe_family_loads_and_works_with_exactly_the_required_set(cgroup
         c.finish()
     finally:
         nginx.stop()
-        agent.stop()
-        shutil.rmtree(agent.storage, ignore_errors=True)
 
 
 def test_without_perfmon_check_names_it_and_the_agent_refuses_with_the_reason(tmp_path: Path) -> None:
@@ -83,34 +83,27 @@ def test_without_perfmon_check_names_it_and_the_agent_refuses_with_the_reason(tm
     rows = [line for line in out.splitlines() if line.startswith("probes: ")]
     assert len(rows) == 5 and all("FAIL" in r and "cannot load without CAP_PERFMON" in r for r in rows), out
     port = free_port()
-    r = subprocess.run([*setpriv(names), sys.executable, "-m", "agent", "run", "--listen", f"127.0.0.1:{port}",
-                        "--storage-path", str(tmp_path), "--wal-dir", str(tmp_path / "wal")],
-                       capture_output=True, text=True, cwd=REPO, timeout=60)
+    r = coroot_agent("run", "--listen", f"127.0.0.1:{port}", "--storage-path", str(tmp_path), "--wal-dir",
+                     str(tmp_path / "wal"), prefix=setpriv(names), timeout=60)
     assert r.returncode != 0 and "missing CAP_PERFMON" in r.stderr + r.stdout
 
 
-def test_without_sys_ptrace_the_agent_says_what_it_lost_and_it_is_lost(cgroups: TestCgroups, tmp_path: Path) -> None:
+def test_without_sys_ptrace_the_agent_says_what_it_lost_and_it_is_lost(
+        cgroups: TestCgroups, agent_factory: AgentFactory, tmp_path: Path) -> None:
     names = [c for c in required_here() if c != "CAP_SYS_PTRACE"]
     out = check(names)
     assert any("CAP_SYS_PTRACE" in line and "missing" in line and "TLS uprobes" in line for line in out.splitlines())
-    agent = AgentProcess(["--min-container-age", "0s"], prefix=setpriv(names))
-    try:
-        agent.start()
-        assert "without CAP_SYS_PTRACE: for processes with more privileges than the agent: TLS uprobes" in agent.log()
-        # A process with all of root's capabilities maps its own copy of libssl: the agent cannot
-        # reach it through /proc/PID/root, so no uprobe goes on it (with the capability, the L7
-        # test sees the same copy attached within seconds).
-        before = agent.value("coroot_agent_tls_libraries")
-        shutil.copy("/usr/lib/x86_64-linux-gnu/libssl.so.3", tmp_path / "libssl.so.3")
-        cid = cgroups.create("lp-noptrace")
-        c = run_client(cgroups, cid, "wait", "http", "127.0.0.1", "1", env={"LD_LIBRARY_PATH": str(tmp_path)})
-        assert str(tmp_path / "libssl.so.3") in open(f"/proc/{c.proc.pid}/maps").read()
-        import time
-
-        time.sleep(7)  # past both looks at a new process (1 s and 5 s)
-        assert agent.value("coroot_agent_tls_libraries") == before
-        c.proc.kill()
-        c.proc.wait()
-    finally:
-        agent.stop()
-        shutil.rmtree(agent.storage, ignore_errors=True)
+    agent = agent_factory(prefix=setpriv(names))
+    assert "without CAP_SYS_PTRACE: for processes with more privileges than the agent: TLS uprobes" in agent.log()
+    # A process with all of root's capabilities maps its own copy of libssl: the agent cannot
+    # reach it through /proc/PID/root, so no uprobe goes on it (with the capability, the L7
+    # test sees the same copy attached within seconds).
+    before = agent.value("coroot_agent_tls_libraries")
+    shutil.copy("/usr/lib/x86_64-linux-gnu/libssl.so.3", tmp_path / "libssl.so.3")
+    cid = cgroups.create("lp-noptrace")
+    c = run_client(cgroups, cid, "wait", "http", "127.0.0.1", "1", env={"LD_LIBRARY_PATH": str(tmp_path)})
+    assert str(tmp_path / "libssl.so.3") in open(f"/proc/{c.proc.pid}/maps").read()
+    time.sleep(7)  # past both looks at a new process (1 s and 5 s)
+    assert agent.value("coroot_agent_tls_libraries") == before
+    c.proc.kill()
+    c.proc.wait()

@@ -6,7 +6,11 @@ import os
 import subprocess
 import time
 
-from tests.system.helpers import AgentProcess, TestCgroups, wait_for
+import pytest
+
+from tests.system.helpers import AgentFactory, AgentProcess, TestCgroups, wait_for
+
+pytestmark = pytest.mark.agent_args("--dead-container-ttl", "3s")
 
 BURN = """
 import resource, time
@@ -31,7 +35,7 @@ def test_process_in_a_test_cgroup_appears_within_2s_and_is_forgotten_after_the_b
     assert took < 2.0
     [proc] = agent.processes(p.pid)
     assert proc["container_id"] == cid and proc["comm"] == "sleep"
-    assert agent.value("container_info", container_id=cid, app_id=cid) == 1.0
+    assert agent.value("container_info", container_id=cid, app_id="") == 1.0  # app_id: Kubernetes workloads only
 
     p.kill()
     p.wait()
@@ -50,34 +54,31 @@ def test_processes_outside_containers_have_no_container(agent: AgentProcess) -> 
 
 
 def test_opt_out_variables_are_read_for_processes_started_before_and_after_the_agent(
-    cgroups: TestCgroups,
+    cgroups: TestCgroups, agent_factory: AgentFactory,
 ) -> None:
     cid = cgroups.create("optout")
     env = dict(os.environ)
     before = cgroups.spawn(cid, ["sleep", "60"], env=env | {"COROOT_EBPF_PROFILING": "disabled"})
     time.sleep(0.2)
-    a = AgentProcess(["--min-container-age", "0s"])
-    a.start()
-    try:
-        after_off = cgroups.spawn(cid, ["sleep", "60"], env=env | {"COROOT_EBPF_PROFILING": "disabled"})
-        after_on = cgroups.spawn(cid, ["sleep", "60"], env={k: v for k, v in env.items() if not k.startswith("COROOT_")})
-        traces_logs = cgroups.spawn(cid, ["sleep", "60"], env=env | {
-            "COROOT_EBPF_TRACES": "disabled", "COROOT_LOG_MONITORING": "disabled,really"})
-        not_disabled = cgroups.spawn(cid, ["sleep", "60"], env=env | {"COROOT_EBPF_PROFILING": "enabled"})
+    a = agent_factory()
+    after_off = cgroups.spawn(cid, ["sleep", "60"], env=env | {"COROOT_EBPF_PROFILING": "disabled"})
+    after_on = cgroups.spawn(cid, ["sleep", "60"], env={k: v for k, v in env.items() if not k.startswith("COROOT_")})
+    traces_logs = cgroups.spawn(cid, ["sleep", "60"], env=env | {
+        "COROOT_EBPF_TRACES": "disabled", "COROOT_LOG_MONITORING": "disabled,really"})
+    not_disabled = cgroups.spawn(cid, ["sleep", "60"], env=env | {"COROOT_EBPF_PROFILING": "enabled"})
 
-        def flags(pid: int) -> list[str] | None:
-            found = a.processes(pid)
-            return found[0]["opt_out"] if found else None
+    def flags(pid: int) -> list[str] | None:
+        found = a.processes(pid)
+        return found[0]["opt_out"] if found else None
 
-        assert wait_for(lambda: flags(after_on.pid) is not None, 2.0)
-        assert flags(before.pid) == ["profiling"]
-        assert flags(after_off.pid) == ["profiling"]
-        assert flags(after_on.pid) == []
-        assert wait_for(lambda: flags(traces_logs.pid), 2.0) == ["logs", "traces"]
-        assert wait_for(lambda: flags(not_disabled.pid) is not None, 2.0)
-        assert flags(not_disabled.pid) == []
-    finally:
-        assert a.stop() == 0
+    assert wait_for(lambda: flags(after_on.pid) is not None, 2.0)
+    assert flags(before.pid) == ["profiling"]
+    assert flags(after_off.pid) == ["profiling"]
+    assert flags(after_on.pid) == []
+    assert wait_for(lambda: flags(traces_logs.pid), 2.0) == ["logs", "traces"]
+    assert wait_for(lambda: flags(not_disabled.pid) is not None, 2.0)
+    assert flags(not_disabled.pid) == []
+    assert a.stop() == 0
 
 
 def test_container_cpu_usage_grows_by_the_cpu_time_burned_inside_it(

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from agent.sinks.remote_write import RemoteWriter
 from agent.sinks.spool import Spool
-from tests.system.helpers import AgentProcess, PrometheusServer, free_port, make_test_ca, wait_for
+from tests.system.helpers import AgentFactory, PrometheusServer, free_port, make_test_ca, wait_for
 
 
 @pytest.fixture
@@ -62,15 +62,12 @@ def test_series_arrive_with_exact_values_and_labels(prom: PrometheusServer, tmp_
     assert w.stats.requests == 1 and w.stats.sent == n
 
 
-def test_the_agent_ships_its_metrics(prom: PrometheusServer) -> None:
-    a = AgentProcess(["--remote-write-url", prom.write_url, "--scrape-interval", "1s"])
-    a.start()
-    try:
-        found = wait_for(lambda: prom.query('node_agent_info{job="coroot-node-agent"}'), 15, 0.5)
-        assert found and found[0]["metric"]["machine_id"]
-        assert wait_for(lambda: value(prom, "coroot_agent_remote_write_samples_sent_total") or 0, 15, 0.5) > 0
-    finally:
-        assert a.stop() == 0
+def test_the_agent_ships_its_metrics(prom: PrometheusServer, agent_factory: AgentFactory) -> None:
+    a = agent_factory("--remote-write-url", prom.write_url, "--scrape-interval", "1s", defaults=False)
+    found = wait_for(lambda: prom.query('node_agent_info{job="coroot-node-agent"}'), 15, 0.5)
+    assert found and found[0]["metric"]["machine_id"]
+    assert wait_for(lambda: value(prom, "coroot_agent_remote_write_samples_sent_total") or 0, 15, 0.5) > 0
+    assert a.stop() == 0
 
 
 def test_basic_auth_wrong_password_is_reported_and_nothing_is_lost_once_fixed(tmp_path: Path) -> None:

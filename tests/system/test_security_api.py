@@ -14,39 +14,27 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import pytest
 
-from tests.system.helpers import NOBODY, AgentProcess, RemoteHost, TestCgroups, free_port, wait_for
-
-HTTP_CLIENT = """
-import http.client, sys
-conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
-for _ in range(int(sys.argv[2])):
-    conn.request("GET", "/")
-    r = conn.getresponse(); r.read()
-    assert r.status == 200, r.status
-print("done", flush=True)
-sys.stdin.readline()
-"""
-
-# A client that talks to the agent's TCP port as whoever runs it: prints status and body.
-POST = """
-import sys, urllib.request, urllib.error
-url, body = sys.argv[1], sys.argv[2].encode()
-req = urllib.request.Request(url, data=body, method="POST")
-if len(sys.argv) > 3:
-    req.add_header("X-Api-Key", sys.argv[3])
-try:
-    with urllib.request.urlopen(req, timeout=20) as r:
-        print(r.status); sys.stdout.write(r.read().decode(errors="replace"))
-except urllib.error.HTTPError as e:
-    print(e.code); sys.stdout.write(e.read().decode(errors="replace"))
-"""
+from tests.system.helpers import (
+    NOBODY,
+    AgentProcess,
+    LogWriter,
+    RemoteHost,
+    Responsiveness,
+    TestCgroups,
+    body_flood,
+    cli_query,
+    free_port,
+    http_request,
+    log_counts,
+    run_client,
+    wait_for,
+    wait_port,
+)
 
 UNIX_CONNECT = """
 import socket, sys
@@ -64,53 +52,6 @@ def rss_kb(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
-@dataclass
-class Responsiveness:
-    """Samples /healthz and /metrics latency in the background while an attack runs."""
-
-    port: int
-    health: list[float] = field(default_factory=list)
-    metrics: list[float] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _get(self, path: str, timeout: float) -> float:
-        t = time.monotonic()
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=timeout) as r:
-            r.read()
-        return time.monotonic() - t
-
-    def _run(self) -> None:
-        n = 0
-        while not self._stop.is_set():
-            try:
-                self.health.append(self._get("/healthz", 5))
-                if n % 5 == 0:
-                    self.metrics.append(self._get("/metrics", 10))
-            except OSError as e:
-                self.failures.append(str(e))
-            n += 1
-            self._stop.wait(0.1)
-
-    def __enter__(self) -> Responsiveness:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-        assert not self.failures, f"the agent did not answer during the attack: {self.failures[:3]}"
-        assert self.health and self.metrics
-        # One slow sample can be the machine (2 cores, the attack itself); the median and the
-        # 90th percentile cannot.
-        hs = sorted(self.health)
-        assert hs[len(hs) // 2] < 0.1 and hs[int(len(hs) * 0.9)] < 0.1, f"/healthz took {hs[-5:]}"
-        assert max(self.metrics) < 1.0, f"/metrics took {sorted(self.metrics)[-3:]}"
-
-
 class Witness:
     """A container that makes HTTP requests and one that writes error lines: after each attack,
     `check()` makes more of both and asserts the totals exactly."""
@@ -122,32 +63,24 @@ class Witness:
             f.write("ok\n")
         self.port = free_port()
         self.server_cid = cgroups.create("casec-srv")
-        cgroups.spawn(self.server_cid, [sys.executable, "-m", "http.server", str(self.port), "--bind",
-                                        "127.0.0.1", "--directory", self.www],
-                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: _port_open(self.port), 10)
+        server = cgroups.spawn(self.server_cid, [sys.executable, "-m", "http.server", str(self.port), "--bind",
+                                                 "127.0.0.1", "--directory", self.www],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port("127.0.0.1", self.port, 10, server)
         self.client_cid = cgroups.create("casec-cli")
         self.log_cid = cgroups.create("casec-log")
         self.logfile = f"/var/log/casec-{uuid.uuid4().hex[:8]}.log"
-        self.writer = cgroups.spawn(self.log_cid, [sys.executable, "-m", "tests.system.workloads.log_writer"],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self._cmd(f"open {self.logfile}")
+        self.writer = LogWriter(cgroups, self.log_cid)
+        self.writer(f"open {self.logfile}")
         self.requests = 0
         self.lines = 0
 
-    def _cmd(self, cmd: str) -> None:
-        assert self.writer.stdin is not None and self.writer.stdout is not None
-        self.writer.stdin.write(cmd + "\n")
-        self.writer.stdin.flush()
-        assert self.writer.stdout.readline().strip() == "ok"
-
     def check(self, n_requests: int = 5, n_lines: int = 3) -> None:
-        p = self.cgroups.spawn(self.client_cid, [sys.executable, "-c", HTTP_CLIENT, str(self.port), str(n_requests)],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert p.stdout is not None and p.stdout.readline().strip() == "done"
+        client = run_client(self.cgroups, self.client_cid, "http", "127.0.0.1", str(self.port), f"/:{n_requests}")
+        assert client.result["statuses"] == {"200": n_requests}
         self.requests += n_requests
         tag = uuid.uuid4().hex[:6]
-        self._cmd(f"lines {n_lines} ERROR witness {tag} failure number {{i}}")
+        self.writer(f"lines {n_lines} ERROR witness {tag} failure number {{i}}")
         self.lines += n_lines
 
         def http_count() -> float:
@@ -155,42 +88,20 @@ class Witness:
                        and lb.get("container_id") == self.client_cid)
 
         def log_count() -> float:
-            return sum(v for n, lb, v in self.agent.metrics() if n == "container_log_messages_total"
-                       and lb.get("container_id") == self.log_cid and lb.get("level") == "error")
+            return sum(v for (level, _), v in log_counts(self.agent, self.log_cid).items() if level == "error")
 
         try:
             wait_for(lambda: http_count() == self.requests and log_count() == self.lines, 30, 0.3)
         finally:
-            assert p.stdin is not None
-            p.stdin.write("\n")
-            p.stdin.flush()
-            p.wait(10)
+            client.finish()
         assert http_count() == self.requests
         assert log_count() == self.lines
 
     def close(self) -> None:
-        if self.writer.poll() is None:
-            assert self.writer.stdin is not None
-            self.writer.stdin.write("exit\n")
-            self.writer.stdin.flush()
-            self.writer.wait(5)
-        for path in (self.logfile,):
-            if os.path.exists(path):
-                os.unlink(path)
+        self.writer.close()
+        if os.path.exists(self.logfile):
+            os.unlink(self.logfile)
         shutil.rmtree(self.www, ignore_errors=True)
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-@pytest.fixture(scope="module")
-def agent() -> Iterator[AgentProcess]:
-    a = AgentProcess(["--min-container-age", "0s", "--store-batch-age", "1s"])
-    a.start()
-    yield a
-    a.stop()
 
 
 @pytest.fixture(scope="module")
@@ -233,19 +144,8 @@ def nobody_tree() -> Iterator[str]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def cli_query(agent: AgentProcess, sql: str, prefix: tuple[str, ...] = (), cwd: str | None = None
-              ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*prefix, sys.executable, "-m", "agent", "query", "--storage-path", agent.storage,
-                           "--listen", f"127.0.0.1:{agent.port}", sql], capture_output=True, text=True,
-                          timeout=60, cwd=cwd)
-
-
 def post_as_nobody(agent: AgentProcess, body: str) -> tuple[int, str]:
-    r = subprocess.run([*NOBODY, sys.executable, "-c", POST, f"http://127.0.0.1:{agent.port}/api/query", body],
-                       capture_output=True, text=True, timeout=60, cwd="/")
-    assert r.returncode == 0, r.stderr
-    status, _, text = r.stdout.partition("\n")
-    return int(status), text
+    return http_request(f"http://127.0.0.1:{agent.port}/api/query", body, prefix=NOBODY)
 
 
 def attack(agent: AgentProcess, witness: Witness, run: Callable[[], None]) -> None:
@@ -269,7 +169,7 @@ def test_1_nobody_cannot_read_files_through_the_query_api(agent: AgentProcess, w
                            text=True, timeout=30, cwd="/")
         assert r.stdout.strip() == "PermissionError"
         # The CLI as nobody says so in one line, without a traceback.
-        q = cli_query(agent, "SELECT 1", NOBODY, cwd=nobody_tree)
+        q = cli_query(agent, "SELECT 1", prefix=NOBODY, cwd=nobody_tree)
         assert q.returncode != 0 and "permission denied" in q.stderr and "Traceback" not in q.stderr
         assert len(q.stderr.strip().splitlines()) == 1, q.stderr
         # Root, through the socket: refused by the validator, the file never read.
@@ -390,53 +290,15 @@ def test_9_a_long_query_is_cut_and_never_holds_inserts(agent: AgentProcess, witn
 def remote(agent: AgentProcess) -> Iterator[tuple[str, AgentProcess, str]]:
     """A second agent listening on every address with a key, and a namespace to attack it from."""
     peer = RemoteHost(203)
-    a = AgentProcess(["--api-key", "k-" + peer.tag, "--disable-profiling", "--disable-l7-tracing"])
-    a.args[1] = f"0.0.0.0:{a.port}"
+    a = AgentProcess(["--api-key", "k-" + peer.tag, "--disable-profiling", "--disable-l7-tracing"],
+                     listen_host="0.0.0.0")
     try:
         a.start()
         yield peer.ns, a, peer.host_ip
     finally:
-        a.stop()
+        a.cleanup()
         peer.cleanup()
 
-
-BODY_ATTACK = """
-import socket, sys, time
-host, port, claim, send = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-s = socket.create_connection((host, port), timeout=10)
-s.sendall(f"POST /api/query HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: {claim}\\r\\n\\r\\n".encode())
-chunk = b"A" * 65536
-sent = 0
-answer = b""
-s.setblocking(False)
-t = time.monotonic()
-while sent < send and time.monotonic() - t < 30:
-    try:
-        answer += s.recv(4096)
-        if answer:
-            break
-    except BlockingIOError:
-        pass
-    except OSError:
-        break
-    try:
-        sent += s.send(chunk)
-    except BlockingIOError:
-        time.sleep(0.001)
-    except OSError:
-        break
-s.setblocking(True)
-s.settimeout(5)
-try:
-    while b"\\r\\n" not in answer:
-        more = s.recv(4096)
-        if not more:
-            break
-        answer += more
-except OSError:
-    pass
-print(answer.split(b"\\r\\n", 1)[0].decode(errors="replace"), sent, flush=True)
-"""
 
 HALF_OPEN = """
 import socket, sys, time
@@ -459,11 +321,9 @@ def test_7_body_and_connection_floods_from_another_host(remote: tuple[str, Agent
 
     def run() -> None:
         for claim, send in (("-1", 64 << 20), ("1500000000", 64 << 20), ("abc", 64 << 20)):
-            r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", BODY_ATTACK, host, str(a.port),
-                                claim, str(send)], capture_output=True, text=True, timeout=90)
-            line, _, sent = r.stdout.strip().rpartition(" ")
-            assert line.split()[1] in ("400", "401", "411", "413"), r.stdout + r.stderr
-            assert int(sent) < send, "the agent kept reading the body it was going to refuse"
+            line, sent = body_flood(host, a.port, claim, send, prefix=("ip", "netns", "exec", ns))
+            assert line.split()[1] in ("400", "401", "411", "413"), (line, sent)
+            assert sent < send, "the agent kept reading the body it was going to refuse"
         p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", HALF_OPEN, host, str(a.port), "1000"],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
@@ -480,7 +340,6 @@ def test_7_body_and_connection_floods_from_another_host(remote: tuple[str, Agent
     attack(agent, witness, run)  # the module's agent keeps counting meanwhile
     assert rss_kb(a.proc.pid) - before < 50 * 1024
     # And the attacked agent still serves its API to a caller with the key.
-    r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", POST, f"http://{host}:{a.port}/api/query",
-                        "SELECT 41 + 1", "k-" + ns.rsplit("-", 1)[1]], capture_output=True, text=True, timeout=30)
-    status, _, text = r.stdout.partition("\n")
-    assert status == "200" and text.strip().splitlines()[-1] == "42", r.stdout + r.stderr
+    status, text = http_request(f"http://{host}:{a.port}/api/query", "SELECT 41 + 1", key="k-" + ns.rsplit("-", 1)[1],
+                                prefix=("ip", "netns", "exec", ns))
+    assert status == 200 and text.strip().splitlines()[-1] == "42", (status, text)

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.system.helpers import AgentProcess, TestCgroups, TwoHosts, wait_for
+from tests.system.helpers import AgentFactory, AgentProcess, TestCgroups, TwoHosts, wait_for
+
+pytestmark = pytest.mark.agent_args("--track-public-network", "203.0.113.0/24")
 
 PEER = [sys.executable, "-m", "tests.system.workloads.tcp_peer"]
 PUBLIC_IN, PUBLIC_OUT = "203.0.113.2", "198.51.100.2"  # documentation ranges, only inside our namespaces
@@ -36,12 +38,10 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env() -> Iterator[Env]:
+def env(agent: AgentProcess) -> Iterator[Env]:
     hosts = TwoHosts(extra_srv_addrs=(PUBLIC_IN, PUBLIC_OUT))
     cgroups = TestCgroups()
-    agent = AgentProcess(["--min-container-age", "0s", "--track-public-network", "203.0.113.0/24"])
     try:
-        agent.start()
         server_cid, client_cid = cgroups.create("tcp-server"), cgroups.create("tcp-client")
         for port in ("8080", "8081"):
             srv = cgroups.spawn(server_cid, hosts.argv(hosts.srv, *PEER, "server", "0.0.0.0", port),
@@ -54,7 +54,6 @@ def env() -> Iterator[Env]:
         subprocess.run([*nft, "add rule inet catest in tcp dport 8081 numgen random mod 10 < 2 drop"], check=True)
         yield Env(hosts, cgroups, agent, client_cid, server_cid)
     finally:
-        agent.stop()
         cgroups.cleanup()
         hosts.cleanup()
 
@@ -138,15 +137,14 @@ def test_dnat_gives_the_real_backend_as_actual_destination(env: Env) -> None:
     p.communicate("\n")
 
 
-def test_active_connections_include_those_opened_before_the_agent(env: Env) -> None:
+def test_active_connections_include_those_opened_before_the_agent(env: Env, agent_factory: AgentFactory) -> None:
     hold = env.client("hold", env.hosts.srv_ip, "8080")
     assert hold.stdin is not None
     finish(hold, "ready")
     hold.stdin.write("open 3\n")
     hold.stdin.flush()
     finish(hold, "ok")
-    late = AgentProcess(["--min-container-age", "0s"])
-    late.start()
+    late = agent_factory()
     try:
         dst = f"{env.hosts.srv_ip}:8080"
 
@@ -167,7 +165,6 @@ def test_active_connections_include_those_opened_before_the_agent(env: Env) -> N
         assert late.value("container_net_tcp_bytes_sent_total", container_id=env.client_cid,
                           destination=dst, actual_destination=dst) == 2 * (10 + HEADER)
     finally:
-        late.stop()
         hold.communicate("exit\n")
 
 

@@ -64,13 +64,21 @@ def test_not_containers(path: str) -> None:
 
 
 @pytest.mark.parametrize(("cid", "app"), [
-    ("/k8s/default/api-7d9f8c6b5-x2x7k/api", "/k8s/default/api"),
-    ("/k8s/kube-system/node-exporter-4lz9q/exporter", "/k8s/kube-system/node-exporter"),
-    ("/k8s/db/postgres-0/postgres", "/k8s/db/postgres"),
-    ("/system.slice/nginx.service", "/system.slice/nginx.service"),
+    ("/k8s/default/api-7d9f8c6b5-x2x7k/api", "/k8s/default/api"),  # Deployment
+    ("/k8s/kube-system/node-exporter-4lz9q/exporter", "/k8s/kube-system/node-exporter"),  # DaemonSet
+    ("/k8s/db/postgres-0/postgres", "/k8s/db/postgres"),  # StatefulSet
+    ("/k8s/db/pg-main-11/postgres", "/k8s/db/pg-main"),
+    ("/k8s/batch/report-29011440-7bq4r/report", "/k8s/batch/report"),  # a CronJob's Job's pod
+    ("/k8s/ops/migrate-x8w2n/migrate", "/k8s/ops/migrate"),  # a Job
+    ("/k8s/default/standalone/app", ""),  # a bare pod: no workload
+    ("/k8s/default/api-7d9f8c6b5-aaaaa/api", ""),  # vowels: not a generated suffix
+    ("/system.slice/nginx.service", ""),
+    ("/docker/web", ""),
+    ("/k8s-cgroup/8e9b1c2a-0000-4000-8000-000000000000/0123456789ab", ""),
 ])
-def test_app_id(cid: str, app: str) -> None:
+def test_app_id_is_the_workload_of_a_kubernetes_container_only(cid: str, app: str) -> None:
     assert cg.app_id(cid) == app
+    assert cg.service_name(cid) == (app or cid)
 
 
 def test_pressure_and_kv_files(tmp_path) -> None:  # noqa: ANN001

@@ -25,6 +25,7 @@ from agent.logs import safeopen
 from agent.logs.collector import LOG_OPEN_EVENT, MAX_PENDING_OPENS, LogCollector, decode_open
 from agent.logs.safeopen import Refused, open_in_root, open_proc_fd
 from agent.logs.tailer import Tailer
+from agent.metrics import Families
 
 WAYS = [pytest.param(True, id="openat2"), pytest.param(False, id="walk")]
 
@@ -315,7 +316,10 @@ def event(pid: int, fd: int, path: str, flags: int = os.O_WRONLY) -> bytes:
 
 
 def series(c: LogCollector, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    return {tuple(sorted(s.labels.items())): s.value for m in c.collect() for s in m.samples if s.name == name}
+    f = Families({})
+    c.collect(f)
+    c.self_metrics(f)
+    return {tuple(sorted(s.labels.items())): s.value for m in f for s in m.samples if s.name == name}
 
 
 def test_an_open_event_is_only_queued_on_the_poll_thread(collector: tuple[LogCollector, FakeRegistry, Path]) -> None:
@@ -343,7 +347,8 @@ def test_a_held_regular_file_is_followed_by_its_kernel_path(collector: tuple[Log
         os.write(fd, b"ERROR one\nERROR two\n")
         c.handle_event(event(os.getpid(), fd, f"{logdir}/./app.log"))
         c._drain_opens()
-        c.tick()
+        c._drain_opens()  # what the logs thread does each round
+        c.pump()
         c.flush()  # the multi-line joiner holds a last line until it knows it is whole
         assert [k for k in c._sources] == [("/system.slice/app.service", f"{logdir}/app.log")]
         assert c.records == 2  # a new file: read whole
@@ -383,7 +388,8 @@ def test_a_closed_descriptor_falls_back_to_the_path_in_the_process_root(
     c.handle_event(event(os.getpid(), 1_000_000, f"{logdir}/evil.log"))  # no such fd: the path, refused
     c.handle_event(event(os.getpid(), 1_000_001, f"{logdir}/gone.log"))  # no such fd: the path, followed
     c._drain_opens()
-    c.tick()
+    c._drain_opens()  # what the logs thread does each round
+    c.pump()
     c.flush()
     assert list(c._sources) == [("/system.slice/app.service", f"{logdir}/gone.log")]
     assert dict(c.refused) == {"outside": 1} and c.records == 1
@@ -409,7 +415,8 @@ def test_a_runtime_file_that_is_a_symlink_out_of_its_directory_is_refused_once(
     (pod / "0.log").unlink()
     (pod / "0.log").write_text("2024-05-01T10:00:00.000000000Z stdout F ERROR real\n")
     c.scan()
-    c.tick()
+    c._drain_opens()  # what the logs thread does each round
+    c.pump()
     c.flush()
     assert list(c._sources) == [("/k8s/ns/web/app", str(pod / "0.log"))] and c.records == 1
 
@@ -455,7 +462,8 @@ def test_a_followed_file_found_again_under_its_new_name_is_not_followed_twice(
         os.write(fd, b"ERROR two\n")
         c.handle_event(event(os.getpid(), fd, f"{logdir}/app.log.1"))  # as the rescan sees it
         c._drain_opens()
-        c.tick()
+        c._drain_opens()  # what the logs thread does each round
+        c.pump()
         c.flush()
         assert list(c._sources) == [("/system.slice/app.service", f"{logdir}/app.log")]
         assert c.records == 2

@@ -11,12 +11,23 @@
 #define L7_POSTGRES 2
 #define L7_REDIS 3
 #define L7_DNS 4
+#define L7_HTTP2 7
+#define L7_MYSQL 5
 
 /* Event flags (event.flags). */
 #define L7_OUTBOUND 1 /* the process made the connection: it is the client */
 #define L7_INBOUND 2  /* the process accepted it: it is the server */
 #define L7_TLS 4      /* plaintext seen by a TLS library uprobe */
 #define L7_COUNTED 8  /* the kernel counted this request (l7_http): the event is for a span */
+#define L7_WRITE 16   /* a stream event (below): the process wrote these bytes; else it read them */
+
+/* Stream protocols (HTTP/2: many requests in flight on one connection) are not paired here:
+ * once a connection is recognised, every read and write on it is one event carrying its first
+ * bytes (gathered across iovecs: resp[] first, resp_len of them, then req_len more in req[]),
+ * the call's byte count (req_size), the time (start_ns) and L7_WRITE for writes; duration_ns
+ * is 0. User space pairs streams. One-way
+ * messages (l7_message in protocols.h: a publish, a delivery) travel the same way, one event
+ * per call that carries one. */
 
 #ifndef CA_L7_PAYLOAD
 #define CA_L7_PAYLOAD 1024 /* request bytes kept (power of two) */

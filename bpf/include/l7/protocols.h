@@ -7,6 +7,8 @@
 #include "l7/contract.h"
 #include "l7/dns.h"
 #include "l7/http.h"
+#include "l7/http2.h"
+#include "l7/mysql.h"
 #include "l7/postgres.h"
 #include "l7/redis.h"
 
@@ -14,10 +16,21 @@
 static __always_inline u32 l7_detect(u8 *b, u32 n, u64 size, u64 ptr) {
     if (l7_http_request(b, n))
         return L7_HTTP;
+    if (l7_http2_preface(b, n))
+        return L7_HTTP2;
     if (l7_redis_request(b, n))
         return L7_REDIS;
     if (l7_postgres_request(b, n, size, ptr))
         return L7_POSTGRES;
+    if (l7_mysql_request(b, n, size, ptr))
+        return L7_MYSQL;
+    return 0;
+}
+
+/* One-way messages (a publish, a delivery: nothing answers them): the protocol of a message
+ * whose first n bytes are in b, read or written, or 0. Each is an event at once, as a stream
+ * protocol's calls are (contract.h); tried before l7_detect on every call. */
+static __always_inline u32 l7_message(u8 *b, u32 n, u64 size, u64 ptr) {
     return 0;
 }
 

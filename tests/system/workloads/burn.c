@@ -1,7 +1,8 @@
 /* Profiler workloads, compiled by the tests with frame pointers.
- *   burn SECONDS      burn_alpha and burn_beta in a 3:1 ratio of CPU for SECONDS, print own CPU
- *                     time, then wait for a line on stdin
- *   syscalls SECONDS  read(2) from /dev/zero in a loop (kernel time), then wait
+ *   burn SECONDS      burn_alpha and burn_beta, the same loop with three times the iterations
+ *                     for alpha (3:1 of CPU), until the process has used SECONDS of CPU time;
+ *                     print own CPU time, then wait for a line on stdin
+ *   syscalls SECONDS  read(2) from /dev/zero in a loop (kernel time) for SECONDS, then wait
  *   jit               run a tiny loop from an anonymous executable mapping named in
  *                     /tmp/perf-PID.map, as a JIT runtime would, until killed */
 #include <fcntl.h>
@@ -13,22 +14,31 @@
 #include <time.h>
 #include <unistd.h>
 
-volatile unsigned long sink;
+volatile unsigned long sink_alpha, sink_beta;
 
-__attribute__((noinline)) void burn_alpha(long n) {
+/* The same body, and the same alignment (the loop's placement alone moved the split by 2-3
+ * points on this machine's CPU): an iteration costs the same in either, so CPU time splits as
+ * iterations do, 3:1. */
+__attribute__((noinline, aligned(64))) void burn_alpha(long n) {
     for (long i = 0; i < n; i++)
-        sink += i * 7;
+        sink_alpha += i * 7;
 }
 
-__attribute__((noinline)) void burn_beta(long n) {
+__attribute__((noinline, aligned(64))) void burn_beta(long n) {
     for (long i = 0; i < n; i++)
-        sink += i * 13;
+        sink_beta += i * 7;
 }
 
 static double elapsed(struct timespec *t0) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (t.tv_sec - t0->tv_sec) + (t.tv_nsec - t0->tv_nsec) / 1e9;
+}
+
+static double cpu_seconds(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
 }
 
 static void report_and_wait(void) {
@@ -46,10 +56,15 @@ int main(int argc, char **argv) {
     clock_gettime(CLOCK_MONOTONIC, &t0);
     if (argc > 2 && strcmp(argv[1], "burn") == 0) {
         double seconds = atof(argv[2]);
-        while (elapsed(&t0) < seconds) {
-            burn_alpha(3000000);
-            burn_beta(3000000 / 3);
-        }
+        unsigned int seed = (unsigned int)getpid();
+        /* Short rounds of random length (~0.1 ms): no period a 99 Hz sampler or the
+         * scheduler's tick could lock onto, so samples fall at independent points. */
+        while (cpu_seconds() < seconds)
+            for (int k = 0; k < 32; k++) {
+                long n = 10000 + rand_r(&seed) % 20000;
+                burn_alpha(3 * n);
+                burn_beta(n);
+            }
         report_and_wait();
     } else if (argc > 2 && strcmp(argv[1], "syscalls") == 0) {
         static char buf[1 << 20];

@@ -1,6 +1,6 @@
 /* Runs the kernel's L7 detectors (bpf/include/l7/) as a plain program, for the contract test:
  * one hex-encoded payload per line on stdin; per line it prints
- * "<l7_detect> <l7_dns_query> <l7_dns_answer> <l7_http_status>". */
+ * "<l7_detect> <l7_dns_query> <l7_dns_answer> <l7_http_status> <l7_message>". */
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -32,8 +32,8 @@ int main(void) {
         u8 head[16] = {0};
         u32 hn = n < sizeof(head) ? (u32)n : sizeof(head);
         memcpy(head, buf, hn);
-        printf("%u %d %d %u\n", l7_detect(head, hn, n, (u64)(uintptr_t)buf), l7_dns_query(head, hn),
-               l7_dns_answer(head, hn), l7_http_status(head, hn));
+        printf("%u %d %d %u %u\n", l7_detect(head, hn, n, (u64)(uintptr_t)buf), l7_dns_query(head, hn),
+               l7_dns_answer(head, hn), l7_http_status(head, hn), l7_message(head, hn, n, (u64)(uintptr_t)buf));
     }
     return 0;
 }
