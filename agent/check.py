@@ -134,7 +134,7 @@ def _uprobe_check(loaded: loader.Loaded) -> tuple[str, bool]:
     except OSError as e:
         return f"cannot load {lib}: {e}", True
     with tempfile.TemporaryDirectory() as links:
-        tls = TlsAttacher(loaded.bpf, link_dir=links)
+        tls = TlsAttacher(loaded, link_dir=links)
         tls.scan_pid(os.getpid())
         probes = sum(found.probes for found in tls.libraries.values())
     if probes:
