@@ -248,7 +248,8 @@ static __always_inline void l7_stream(void *ctx, struct conn_key *ckey, struct c
         return;
     u64 qn = 0;
     if (n > CA_L7_RESP) {
-        qn = l7_clamp(n - CA_L7_RESP, CA_L7_PAYLOAD);
+        /* masked, not only clamped: older verifiers (5.10) take the difference as possibly negative */
+        qn = (n - CA_L7_RESP) & (CA_L7_PAYLOAD - 1);
         if (bpf_probe_read_kernel(e->req, qn, g->buf + CA_L7_RESP) < 0)
             return;
     }

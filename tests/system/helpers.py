@@ -120,8 +120,10 @@ class AgentProcess:
         assert len(found) <= 1, f"{name}{labels} matches {len(found)} series"
         return found[0] if found else None
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
-        """Signal, wait up to `timeout`, then kill; the exit code. Safe to call twice."""
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signal, wait up to `timeout`, then kill; the exit code. Safe to call twice. (How
+        fast the agent stops is test_lifecycle's to measure: here a slow stop on a loaded
+        machine must not become a kill that loses what the test reads from the store.)"""
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

@@ -128,6 +128,8 @@ def _kill_rooted_in(root: Path) -> None:
     raise AssertionError(f"processes still running in {root}")
 
 
+# apt and pip in a chroot: each step has its own bound; the whole is minutes on a loaded machine
+@pytest.mark.timeout(1800)
 def test_readme_commands_on_bare_debian(bare: Path) -> None:
     first = os.environ.get("COROOT_TEST_FIRST_COMMAND") or readme_first_command((REPO / "README.md").read_text())
     assert first.endswith(" run"), f"the README's first command should end in `run`: {first!r}"

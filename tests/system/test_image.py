@@ -54,6 +54,8 @@ def rootfs(tmp_path: Path):  # noqa: ANN201
             subprocess.run(["umount", "-R", "-l", str(m)], check=False)
 
 
+# apt and pip in a chroot: each step has its own bound; the whole is minutes on a loaded machine
+@pytest.mark.timeout(1800)
 def test_dockerfile_install_steps_in_a_clean_debian_chroot(rootfs: Path) -> None:
     steps = instructions(REPO / "Dockerfile")
     assert steps[0] == ("FROM", "debian:bookworm-slim")

@@ -79,8 +79,9 @@ def profiled(burn: str, agent: AgentProcess) -> Iterator[dict]:
         for p in (p_main, p_off, p_sys):
             p.communicate(b"\n")
     finally:
-        assert agent.stop() == 0
+        code = agent.stop()
         cg.cleanup()
+    assert code == 0, agent.log()[-3000:]
     yield {"storage": agent.storage, "cpu": cpu, "caches": caches, "main": main, "off": off, "sys": sys_cid,
            "jit": jit_cid, "profiles": frames_by_service(agent.storage)}
 

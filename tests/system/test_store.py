@@ -151,8 +151,9 @@ def test_100k_spans_round_trip_through_the_sink(make_store: StoreFactory, tmp_pa
                    f"[{base + 12345}]", "['exception']", "v12340", f"['{12340:032x}']"]
     assert rows_of(store, "SELECT count() FROM otel_traces WHERE StatusCode = 'STATUS_CODE_ERROR'") == [["2000"]]
     assert rows_of(store, "SELECT count() FROM otel_traces_trace_id_ts") == [["100000"]]
-    # the histogram view counts root spans (no parent): the even ones
-    assert rows_of(store, "SELECT sum(Total), sum(Failed) FROM otel_traces_histogram") == [["50000", "2000"]]
+    # the histogram view counts every span, as the server's does (Root = 1 marks the even ones)
+    assert rows_of(store, "SELECT sum(Total), sum(Failed) FROM otel_traces_histogram") == [["100000", "2000"]]
+    assert rows_of(store, "SELECT sumIf(Total, Root = 1) FROM otel_traces_histogram") == [["50000"]]
 
 
 def test_spool_bound_holds_while_the_store_is_down(make_store: StoreFactory, tmp_path: Path) -> None:
@@ -239,7 +240,7 @@ def test_a_batch_whose_reply_was_lost_is_stored_once(make_store: StoreFactory, t
         # both re-send the same batch with its token; the store keeps one copy.
         assert sink.stats.errors >= 1
         assert rows_of(store, "SELECT count(), uniqExact(SpanId) FROM otel_traces") == [["3000", "3000"]]
-        assert rows_of(store, "SELECT sum(Total) FROM otel_traces_histogram") == [["1500"]]
+        assert rows_of(store, "SELECT sumIf(Total, Root = 1) FROM otel_traces_histogram") == [["1500"]]
     finally:
         front.stop()
 
