@@ -52,6 +52,21 @@ def _day_cache(name: str) -> Path:
     return d
 
 
+def _link_debs(src: Path, dest: Path) -> None:
+    """Every .deb of `src` into `dest` that is not there yet (a hard link, or a copy across
+    file systems)."""
+    for deb in src.glob("*.deb"):
+        target = dest / deb.name
+        if target.exists():
+            continue
+        try:
+            os.link(deb, target)
+        except FileExistsError:
+            pass
+        except OSError:
+            shutil.copy(deb, target)
+
+
 def _mount(args: list[str], mounts: list[Path], target: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", *args, str(target)], check=True)
@@ -70,9 +85,14 @@ def bare(tmp_path: Path) -> Iterator[Path]:
         for src in ("/proc", "/sys", "/dev"):
             _mount(["--rbind", src], mounts, root / src.lstrip("/"))
             subprocess.run(["mount", "--make-rslave", str(root / src.lstrip("/"))], check=True)
-        # downloads survive the chroot; apt keeps its .debs, pip its wheels
-        _mount(["--bind", str(_day_cache("apt-archives"))], mounts, root / "var/cache/apt/archives")
-        (root / "var/cache/apt/archives/partial").mkdir(exist_ok=True)
+        # downloads survive the chroot: the .debs of earlier runs are linked in (apt's own
+        # archives directory, and its lock, stay this run's: another run on this machine at the
+        # same time would hold the lock of a shared one), new ones are linked back at the end;
+        # pip's cache is shared (pip writes it atomically)
+        debs = _day_cache("apt-archives")
+        archives = root / "var/cache/apt/archives"
+        (archives / "partial").mkdir(parents=True, exist_ok=True)
+        _link_debs(debs, archives)
         _mount(["--bind", str(_day_cache("pip"))], mounts, root / "root/.cache/pip")
         shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")
         (root / "etc/ssl/certs").mkdir(parents=True, exist_ok=True)
@@ -80,6 +100,7 @@ def bare(tmp_path: Path) -> Iterator[Path]:
         shutil.copytree(REPO, root / "src", symlinks=True, ignore=shutil.ignore_patterns(
             ".git", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache", ".mypy_cache"))
         yield root
+        _link_debs(archives, debs)
     finally:
         for m in reversed(mounts):
             subprocess.run(["umount", "-R", "-l", str(m)], check=False)

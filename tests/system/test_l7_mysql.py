@@ -178,8 +178,10 @@ def test_queries_and_prepared_statements_by_status_on_both_sides_and_a_masked_sp
     assert result["counts"] == {"ok": 26, "failed": 10}
     assert Counter(code for _, _, code in result["answers"]) == {0: 26, 1146: 5, 1064: 2, 1062: 3}
     want = {"ok": 26, "failed": 10}
-    assert wait_counts(agent, OUT, 36, container_id=cid, destination=mariadb.dest,
-                       actual_destination=mariadb.dest) == want
+    got_out = wait_counts(agent, OUT, 36, container_id=cid, destination=mariadb.dest,
+                          actual_destination=mariadb.dest)
+    assert got_out == want, ([(lb, v) for n, lb, v in agent.metrics() if n == OUT],
+                             {n: v for n, _, v in agent.metrics() if n.startswith(("coroot_agent_l7", "coroot_agent_lost"))})
     after = wait_counts(agent, IN, sum(before.values()) + 36, container_id=mariadb.cid)
     assert delta(after, before) == want
     assert histogram_count(agent, "container_mysql_queries_duration_seconds_total", container_id=cid) == 36
