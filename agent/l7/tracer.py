@@ -220,9 +220,14 @@ class L7Tracer(Component):
         self._deferred.append((e, decoded))
 
     def retry_deferred(self) -> None:
-        """Events that waited for their connection or process: handled now, or dropped."""
+        """Events that waited for their connection or process: handled now, or dropped. The
+        connections they wait for are resolved first: one that came after the last resolution
+        would otherwise still have no actual destination, and its requests would be lost."""
         with self._lock:
             todo, self._deferred = self._deferred, []
+            if todo:
+                self._last_resolve = time.monotonic()
+                self.tcp.resolve_pending()
             for e, decoded in todo:
                 self._handle(e, self.plugins[e.protocol], decoded, retry=1)
 

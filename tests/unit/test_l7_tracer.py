@@ -5,6 +5,8 @@ tests/system/test_l7.py."""
 
 from __future__ import annotations
 
+import time
+
 from agent.l7 import contract
 from agent.l7.contract import F_COUNTED, F_INBOUND, F_OUTBOUND, F_TLS, Event, pack
 from agent.l7.tracer import L7Tracer
@@ -105,6 +107,26 @@ def test_garbage_an_unknown_protocol_and_a_forgotten_container_leave_nothing() -
     assert value(t, "container_redis_queries_total") == 1
     t.tick(0.0, [CID])
     assert value(t, "container_redis_queries_total") == 0
+
+
+class Resolving(Connections):
+    """Resolves as agent/net/tcp.py does: every pending connection gets its actual destination."""
+
+    def resolve_pending(self) -> None:
+        super().resolve_pending()
+        for c in self.conns.values():
+            c.actual = c.actual or c.destination
+
+
+def test_a_deferred_request_on_a_connection_resolved_after_it_arrived_is_counted() -> None:
+    conns, rows = Resolving(), Rows()
+    t = L7Tracer(Containers(), conns, rows, hostname="h", host_id="m")
+    conns.add(100, 7, 55, "10.0.0.9", 6379, actual=None)
+    t._last_resolve = time.monotonic() + 60  # a resolution just ran: this event waits for the tick
+    t.handle_event(ev(contract.REDIS, F_OUTBOUND, GET, b"$-1\r\n"))
+    assert value(t, "container_redis_queries_total") == 0
+    t.tick(0.0, [])  # the retry resolves the connection first, then counts
+    assert value(t, "container_redis_queries_total", status="ok", actual_destination="10.0.0.9:6379") == 1
 
 
 def test_collect_only_reads() -> None:
