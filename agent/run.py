@@ -27,6 +27,7 @@ from agent.containers.apptype import AppTypeCollector
 from agent.containers.disk import DiskCollector
 from agent.containers.registry import Registry
 from agent.containers.restarts import RestartCounter
+from agent.containers.runtimes.resolver import RuntimeResolver, build_clients
 from agent.ebpf import headers as headers_mod
 from agent.ebpf import loader, tracefs
 from agent.l7.tls import TlsAttacher
@@ -89,6 +90,15 @@ class RegistryMetrics(Component):
         f.counter("coroot_agent_process_events_total", "process events received from the kernel", r.events_seen)
 
 
+def runtime_resolver(cfg: Config) -> RuntimeResolver:
+    """The container runtime clients the configuration leaves on, behind one resolver."""
+    sockets = {"containerd": cfg.containerd_socket, "crio": cfg.crio_socket,
+               "docker": cfg.docker_socket, "podman": cfg.podman_socket}
+    clients = build_clients(sockets, disabled=cfg.disabled_runtimes,
+                            host_root=os.path.join(cfg.procfs_root, "1", "root"))
+    return RuntimeResolver(clients, cache_size=cfg.runtime_cache_size, disabled=cfg.disabled_runtimes)
+
+
 def _overrides(c: Component, method: str) -> bool:
     return getattr(type(c), method) is not getattr(Component, method)
 
@@ -104,6 +114,8 @@ class Agent:
             allowlist=cfg.container_allowlist,
             denylist=cfg.container_denylist,
         )
+        self.resolver = runtime_resolver(cfg)
+        self.registry.use_resolver(self.resolver)
         self.tcp = TcpTracker(self.registry, PublicFilter(cfg.track_public_networks),
                               units.parse_port_range(cfg.ephemeral_port_range), procfs=cfg.procfs_root)
         # In start order; closed in reverse. What reads the BPF maps comes after `BpfStats`
@@ -186,6 +198,8 @@ class Agent:
         for c in self.components:  # after attach: a listener may write to a map
             if _overrides(c, "on_process"):
                 self.registry.subscribe(c.on_process)
+            if _overrides(c, "on_rename"):
+                self.registry.subscribe_renames(c.on_rename)
         # Probes attached: give up what is not needed any more, before any thread of ours (or
         # of the store engine) starts, so that every thread runs with the smaller set.
         self._drop_capabilities()
@@ -206,7 +220,7 @@ class Agent:
         collectors, the metric shipper (whose last scrape follows the profiler's and the logs'
         last flush, as it closes after them), then the profiler and the logs."""
         cfg = self.cfg
-        out: list[Component] = [self.tcp]
+        out: list[Component] = [self.resolver, self.tcp]
         if "l7" in self.families():
             out.append(L7Tracer(self.registry, self.tcp, self.sink, spans=cfg.tracer_enabled,
                                 sampling=cfg.traces_sampling, exclude_paths=cfg.exclude_http_requests_by_path,
