@@ -53,6 +53,7 @@ POLL_MS = 100
 HOUSEKEEPING_SECONDS = 1.0
 RESYNC_SECONDS = 30.0
 POLLER_JOIN_SECONDS = 1.0
+RUNTIME_STARTUP_WAIT = 2.0  # seconds start-up waits for the runtimes' names of running containers
 
 
 class ComponentsCollector:
@@ -206,6 +207,14 @@ class Agent:
         self._open_store()
         for c in self.components:
             c.start()
+        # The containers running already: their runtimes' names before the first scrape, when
+        # the runtimes answer quickly (one that is down or slow leaves the cgroup-derived ids).
+        t = time.monotonic()
+        if not self.resolver.wait_idle(RUNTIME_STARTUP_WAIT):
+            log.info("container runtimes: lookups still running after %gs; ids change when they answer",
+                     RUNTIME_STARTUP_WAIT)
+        n = len(self.registry.apply_runtime_answers())
+        log.info("container runtimes: %d containers named in %.2fs", n, time.monotonic() - t)
         self.metrics.register(ComponentsCollector(self.components, const))
         self.metrics.register(self.api.collector())
         self.api.start()

@@ -23,6 +23,7 @@ import shutil
 import socket
 import socketserver
 import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
@@ -50,7 +51,7 @@ from agent.containers.runtimes.crio import CrioClient
 from agent.containers.runtimes.docker import DockerClient
 from agent.containers.runtimes.podman import PodmanClient
 from agent.containers.runtimes.resolver import FOUND, WAITING, RuntimeResolver
-from tests.system.helpers import wait_for
+from tests.system.helpers import AgentFactory, AgentProcess, rows, wait_for
 
 CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"
@@ -297,15 +298,20 @@ class KubeletCgroups:
                 f"cri-containerd-{cid}.scope")
 
     def spawn(self, rel: str) -> int:
+        return self.start(rel, ["sleep", "120"]).pid
+
+    def start(self, rel: str, argv: list[str], **kw: object) -> subprocess.Popen[bytes]:
+        """argv in the cgroup at `rel` (made if need be): the shell joins it, then execs argv."""
         procs = os.path.join(self._makedirs(rel), "cgroup.procs")
-        p = subprocess.Popen(["sh", "-c", f'echo $$ > {procs} && exec sleep 120'])
+        p = subprocess.Popen(["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *argv], **kw)  # type: ignore[call-overload]
         self.procs.append(p)
         assert wait_for(lambda: f"0::{rel}\n" in Path(f"/proc/{p.pid}/cgroup").read_text(), 5)
-        return p.pid
+        return p
 
     def cleanup(self) -> None:
         for p in self.procs:
-            p.kill()
+            if p.poll() is None:
+                p.kill()
             p.wait()
         for path in reversed(self.made):
             for _ in range(50):
@@ -847,3 +853,193 @@ def test_crio_recorded_answers_container_sandbox_and_status(recorded_crio: _Reco
         assert recorded_crio.hits.count(f"/containers/{CRIO_WEB}") == 2  # one inspect above, one lookup
     finally:
         resolver.close()
+
+
+# ------------------------------------------- the agent: one id across signals ---
+
+# A process of the test's own in a container's cgroup: on each "HOST PORT N" line from the
+# test it makes N TCP connections, then answers "ok".
+CONNECTOR = (sys.executable, "-c", """
+import socket, sys
+for line in sys.stdin:
+    host, port, n = line.split()
+    for _ in range(int(n)):
+        socket.create_connection((host, int(port))).close()
+    print("ok", flush=True)
+""")
+ONLY = ("--disable-runtime", "crio", "--disable-runtime", "podman")  # asked: containerd and Docker
+
+
+class Listener:
+    """A TCP server on loopback that accepts and closes."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(512)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            c.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Connector:
+    def __init__(self, cgs: KubeletCgroups, rel: str) -> None:
+        self.p = cgs.start(rel, list(CONNECTOR), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def connect(self, port: int, n: int) -> None:
+        assert self.p.stdin is not None and self.p.stdout is not None
+        self.p.stdin.write(f"127.0.0.1 {port} {n}\n")
+        self.p.stdin.flush()
+        assert self.p.stdout.readline().strip() == "ok"
+
+
+def _now_rfc3339() -> str:
+    """Now, as runtimes stamp log lines (a line older than the logs' TTL would not be kept)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + ".000000001Z"
+
+
+def _container_of(agent: AgentProcess, pid: int) -> str | None:
+    found = agent.processes(pid)
+    return found[0]["container_id"] if found else None
+
+
+def _connects(agent: AgentProcess, cid: str, port: int) -> float | None:
+    return agent.value("container_net_tcp_successful_connects_total", container_id=cid,
+                       destination=f"127.0.0.1:{port}")
+
+
+def _ids(agent: AgentProcess) -> set[str]:
+    return {lb["container_id"] for n, lb, _ in agent.metrics() if n == "container_info"}
+
+
+def test_agent_names_kubelet_containers_by_containerd_and_never_reports_the_sandbox(
+        containerd: Containerd, dockerd: Dockerd, agent_factory: AgentFactory) -> None:
+    web, db, sandbox = _hexid(), _hexid(), _hexid()
+    web_id, db_id = f"/k8s/{NS}/{DEPLOY_POD}/web", f"/k8s/{NS}/{STS_POD}/postgres"
+    # The web container's record as containerd's CRI plugin keeps it, with the CRI log path:
+    # in a temporary directory here, where no directory walk of the agent looks, so a line
+    # read from it can only come through containerd's answer.
+    log_path = os.path.join(containerd.base, "pods", f"{NS}_{DEPLOY_POD}_{WEB_UID}", "web", "0.log")
+    os.makedirs(os.path.dirname(log_path))
+    meta = {"Version": "v1", "Metadata": {"ID": web, "LogPath": log_path,
+                                          "Config": {"metadata": {"name": "web", "attempt": 0}}}}
+    containerd.api_create(web, {**_k8s_labels(DEPLOY_POD, WEB_UID, "web"), "io.cri-containerd.kind": "container"},
+                          image="docker.io/library/nginx:1.25", extensions={
+                              "io.cri-containerd.container.metadata":
+                                  ("github.com/containerd/cri/pkg/store/container/Metadata", json.dumps(meta).encode())})
+    containerd.ctr_create(db, _k8s_labels(STS_POD, DB_UID, "postgres"))
+    containerd.ctr_create(sandbox, {**_k8s_labels(DEPLOY_POD, WEB_UID, None), "io.cri-containerd.kind": "sandbox"})
+    cgs, server = KubeletCgroups(), Listener()
+    try:
+        w = Connector(cgs, cgs.systemd(WEB_UID, web))  # systemd driver: cri-containerd-<id>.scope
+        d = Connector(cgs, cgs.cgroupfs(DB_UID, db))  # cgroupfs driver: a bare id (Docker is asked first)
+        pause = cgs.spawn(cgs.cgroupfs(WEB_UID, sandbox))
+        sandbox_derived = f"/k8s-cgroup/{WEB_UID}/{sandbox[:12]}"
+        # Containers are reported after 3 s: the runtimes answer well before, so the sandbox
+        # is never reported, not even under its cgroup-derived id.
+        agent = agent_factory("--containerd-socket", containerd.address, "--docker-socket", dockerd.sock, *ONLY,
+                              "--min-container-age", "3s")
+        t0, seen = time.monotonic(), set()
+        while time.monotonic() - t0 < 8:
+            seen |= _ids(agent)
+            time.sleep(0.2)
+        assert {web_id, db_id} <= seen
+        assert sandbox_derived not in seen and not [i for i in seen if i.startswith("/k8s-cgroup/")], seen
+        assert _container_of(agent, pause) is None
+        assert (_container_of(agent, w.pid), _container_of(agent, d.pid)) == (web_id, db_id)
+        assert agent.value("container_info", container_id=web_id, app_id=f"/k8s/{NS}/web",
+                           image="docker.io/library/nginx:1.25") == 1
+        assert agent.value("container_info", container_id=db_id, app_id=f"/k8s/{NS}/db", image="") == 1
+        w.connect(server.port, 7)
+        d.connect(server.port, 3)
+        assert wait_for(lambda: _connects(agent, web_id, server.port) == 7, 15), agent.log()[-3000:]
+        assert wait_for(lambda: _connects(agent, db_id, server.port) == 3, 15)
+        time.sleep(1.5)
+        assert (_connects(agent, web_id, server.port), _connects(agent, db_id, server.port)) == (7, 3)
+        assert agent.value("container_net_tcp_successful_connects_total", app_id=f"/k8s/{NS}/web",
+                           destination=f"127.0.0.1:{server.port}") == 7
+        # The runtime writes the container's output to its CRI log file; the agent follows
+        # the path containerd named, under the container's one id.
+        with open(log_path, "a") as f:
+            f.write(f"{_now_rfc3339()} stdout F ERROR payment failed for order 42\n")
+        lbl = {"container_id": web_id, "app_id": f"/k8s/{NS}/web", "source": "stdout/stderr", "level": "error"}
+        assert wait_for(lambda: agent.value("container_log_messages_total", **lbl) == 1, 20), agent.log()[-3000:]
+        stored = wait_for(lambda: rows(agent, "SELECT ServiceName AS s, Body AS b FROM otel_logs "
+                                              f"WHERE ResourceAttributes['container.id'] = '{web_id}'"), 15)
+        assert stored == [{"s": f"/k8s/{NS}/web", "b": "ERROR payment failed for order 42"}]
+        assert not [i for i in _ids(agent) if i.startswith("/k8s-cgroup/")]
+        assert agent.value("coroot_agent_runtime_lookups_total", runtime="containerd", result="found") == 3
+    finally:
+        server.close()
+        cgs.cleanup()
+
+
+def test_agent_with_containerd_down_at_start_renames_when_it_comes_up_and_loses_no_count(
+        containerd: Containerd, agent_factory: AgentFactory) -> None:
+    cid = _hexid()
+    new_id, derived = f"/k8s/{NS}/{STS_POD}/postgres", f"/k8s-cgroup/{DB_UID}/{cid[:12]}"
+    containerd.ctr_create(cid, _k8s_labels(STS_POD, DB_UID, "postgres"))
+    cgs, server = KubeletCgroups(), Listener()
+    containerd.stop()
+    try:
+        c = Connector(cgs, cgs.systemd(DB_UID, cid))
+        agent = agent_factory("--containerd-socket", containerd.address, "--disable-runtime", "docker", *ONLY)
+        assert wait_for(lambda: _container_of(agent, c.pid) == derived, 10)
+        c.connect(server.port, 5)
+        assert wait_for(lambda: _connects(agent, derived, server.port) == 5, 15), agent.log()[-3000:]
+        assert agent.value("container_info", container_id=derived, app_id="") == 1
+        containerd.start()
+        t0 = time.monotonic()
+        assert wait_for(lambda: _container_of(agent, c.pid) == new_id, 45), agent.log()[-3000:]
+        print(f"\nrenamed {time.monotonic() - t0:.1f}s after containerd came up (the resolver's backoff)")
+        assert wait_for(lambda: _connects(agent, new_id, server.port) == 5, 5)
+        assert _connects(agent, derived, server.port) is None and derived not in _ids(agent)
+        c.connect(server.port, 4)
+        assert wait_for(lambda: _connects(agent, new_id, server.port) == 9, 15)
+        time.sleep(1.5)
+        assert _connects(agent, new_id, server.port) == 9
+        assert agent.value("container_info", container_id=new_id, app_id=f"/k8s/{NS}/db") == 1
+    finally:
+        server.close()
+        cgs.cleanup()
+        if containerd.proc is None:
+            containerd.start()
+
+
+def test_agent_names_docker_containers_with_their_image_and_json_file_log(
+        dockerd: Dockerd, agent_factory: AgentFactory) -> None:
+    cid = dockerd.docker("create", "--name", "shop-api", "--runtime", "fake", "testimg:1", "/bin/true")
+    dockerd.docker("start", "shop-api", check=False)  # refused by the failing runtime; LogPath is set
+    log_path = dockerd.docker("inspect", "-f", "{{.LogPath}}", "shop-api")
+    assert log_path.startswith(dockerd.data)
+    cgs, server = KubeletCgroups(), Listener()
+    try:
+        c = Connector(cgs, f"/system.slice/docker-{cid}.scope")  # Docker's systemd cgroup driver
+        agent = agent_factory("--docker-socket", dockerd.sock, "--disable-runtime", "containerd", *ONLY)
+        assert wait_for(lambda: _container_of(agent, c.pid) == "/docker/shop-api", 20), agent.log()[-3000:]
+        assert agent.value("container_info", container_id="/docker/shop-api", app_id="", image="testimg:1") == 1
+        c.connect(server.port, 6)
+        assert wait_for(lambda: _connects(agent, "/docker/shop-api", server.port) == 6, 15)
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"log": "WARNING low stock for item 7\n", "stream": "stderr",
+                                "time": _now_rfc3339()}) + "\n")
+        lbl = {"container_id": "/docker/shop-api", "source": "stdout/stderr", "level": "warning"}
+        assert wait_for(lambda: agent.value("container_log_messages_total", **lbl) == 1, 20), agent.log()[-3000:]
+        assert f"/docker/{cid[:12]}" not in _ids(agent)
+    finally:
+        server.close()
+        cgs.cleanup()
