@@ -27,7 +27,7 @@ from agent.containers.apptype import AppTypeCollector
 from agent.containers.disk import DiskCollector
 from agent.containers.registry import Registry
 from agent.containers.restarts import RestartCounter
-from agent.containers.runtimes.resolver import RuntimeResolver, build_clients
+from agent.containers.runtimes.resolver import runtime_resolver
 from agent.ebpf import headers as headers_mod
 from agent.ebpf import loader, tracefs
 from agent.l7.tls import TlsAttacher
@@ -89,15 +89,6 @@ class RegistryMetrics(Component):
         f.gauge("coroot_agent_tracked_processes", "processes the registry knows", len(r.pids()))
         f.gauge("coroot_agent_tracked_containers", "containers reported", len(r.containers()))
         f.counter("coroot_agent_process_events_total", "process events received from the kernel", r.events_seen)
-
-
-def runtime_resolver(cfg: Config) -> RuntimeResolver:
-    """The container runtime clients the configuration leaves on, behind one resolver."""
-    sockets = {"containerd": cfg.containerd_socket, "crio": cfg.crio_socket,
-               "docker": cfg.docker_socket, "podman": cfg.podman_socket}
-    clients = build_clients(sockets, disabled=cfg.disabled_runtimes,
-                            host_root=os.path.join(cfg.procfs_root, "1", "root"))
-    return RuntimeResolver(clients, cache_size=cfg.runtime_cache_size, disabled=cfg.disabled_runtimes)
 
 
 def _overrides(c: Component, method: str) -> bool:

@@ -51,7 +51,7 @@ from agent.containers.runtimes.crio import CrioClient
 from agent.containers.runtimes.docker import DockerClient
 from agent.containers.runtimes.podman import PodmanClient
 from agent.containers.runtimes.resolver import FOUND, WAITING, RuntimeResolver
-from tests.system.helpers import AgentFactory, AgentProcess, rows, wait_for
+from tests.system.helpers import AgentFactory, AgentProcess, coroot_agent, rows, wait_for
 
 CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"
@@ -1043,3 +1043,27 @@ def test_agent_names_docker_containers_with_their_image_and_json_file_log(
     finally:
         server.close()
         cgs.cleanup()
+
+
+def test_check_has_a_row_per_runtime_reachable_unreachable_absent_disabled(
+        containerd: Containerd, dockerd: Dockerd) -> None:
+    base = tempfile.mkdtemp(prefix="rt-chk-", dir="/tmp")
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(os.path.join(base, "crio.sock"))  # a socket nothing listens on: connect() is refused
+    try:
+        r = coroot_agent("check", "--no-probe", "--containerd-socket", containerd.address,
+                         "--docker-socket", dockerd.sock, "--crio-socket", os.path.join(base, "crio.sock"),
+                         "--podman-socket", os.path.join(base, "none.sock"), "--storage-path", base)
+        rows = {line.split("  ")[0].strip(): line for line in r.stdout.splitlines() if line.startswith("runtime: ")}
+        ctd = _run(CONTAINERD, "--version").split()[2]
+        dk = dockerd.docker("version", "--format", "{{.Server.Version}}")
+        assert rows["runtime: containerd"].split() == ["runtime:", "containerd", "ok", ctd, "at", containerd.address]
+        assert rows["runtime: docker"].split() == ["runtime:", "docker", "ok", dk, "at", dockerd.sock]
+        assert rows["runtime: crio"].split()[2:4] == ["warn", "unreachable"]
+        assert rows["runtime: podman"].split()[2:4] == ["ok", "absent"]
+        assert "fix: is crio running?" in r.stdout
+        r = coroot_agent("check", "--no-probe", "--disable-runtime", "docker", "--storage-path", base)
+        assert "runtime: docker      ok    disabled (--disable-runtime)" in r.stdout
+    finally:
+        dead.close()
+        shutil.rmtree(base, ignore_errors=True)
