@@ -147,18 +147,20 @@ class LogCollector(Component):
             return True  # followed already, maybe under the id the runtime gave its container
         return key in self._sources or len(self._sources) >= MAX_SOURCES
 
-    def _add_file(self, cid: str, label: str, path: str, fmt: str, from_end: bool, prefix: str) -> None:
-        """A runtime's file (found by our own walk): resolved under `prefix` on the host."""
+    def _add_file(self, cid: str, label: str, path: str, fmt: str, from_end: bool, prefix: str,
+                  root: str = "/") -> None:
+        """A runtime's file (found by our own walk, or named by the runtime): resolved under
+        `prefix` inside `root` (the host's root when it is not mounted where we run)."""
         if self._has_source(cid, label, path, fmt):
             return
         try:
-            st = os.lstat(path)
+            st = os.lstat(os.path.join(root, path.lstrip("/")))
         except OSError:
             return
         seen = (st.st_dev, st.st_ino, st.st_ctime_ns)
         if self._refused_files.get(path) == seen:
             return  # refused before, unchanged since: not counted again on every scan
-        t = Tailer(path, root="/", prefix=prefix)
+        t = Tailer(path, root=root, prefix=prefix)
         if not t.open(from_end=from_end):
             if t.refused:
                 self.refused["runtime_file"] += t.refused
@@ -255,8 +257,13 @@ class LogCollector(Component):
                     continue
                 src = self._by_path.get(md.log_path)
                 if src is None:
+                    # The path is the host's: as mounted (/var/log), else inside the host's root
+                    # (Docker's /var/lib/docker/containers), as the node agent reads it.
+                    root = "/"
+                    if not os.path.lexists(md.log_path):
+                        root = os.path.join(self.registry.procfs, "1", "root")
                     self._add_file(rc.id, "stdout/stderr", md.log_path, fmt, from_end=startup,
-                                   prefix=os.path.dirname(md.log_path) + "/")
+                                   prefix=os.path.dirname(md.log_path) + "/", root=root)
                 elif src.container_id != rc.id:  # found by a walk before the runtime answered
                     self._move_source(src, rc.id)
             for root, _dirs, files in os.walk(self.pods_dir):
