@@ -1067,3 +1067,80 @@ def test_check_has_a_row_per_runtime_reachable_unreachable_absent_disabled(
     finally:
         dead.close()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _pod_suffix(i: int) -> str:
+    alphabet = "bcdfghjklmnpqrstvwxz2456789"  # what the ReplicaSet controller draws from
+    out = ""
+    for _ in range(5):
+        i, r = divmod(i, len(alphabet))
+        out += alphabet[r]
+    return out
+
+
+def test_thousand_new_containers_one_lookup_each_and_the_poll_thread_never_waits(
+        containerd: Containerd, tmp_path: Path) -> None:
+    """The registry and resolver as the agent wires them, with containerd behind a counting
+    proxy; the 1,000 processes are files of a procfs laid out in a temporary directory (1,000
+    real processes in 1,000 cgroups would be the test's load, not the agent's)."""
+    from agent.containers.registry import Registry
+    from agent.containers.restarts import RestartCounter
+    from agent.net.public import PublicFilter
+    from agent.net.tcp import TcpTracker
+
+    ids = [_hexid() for _ in range(1000)]
+    pods = [f"api-7d9f8b6c5d-{_pod_suffix(i)}" for i in range(1000)]  # a ReplicaSet's pod names
+    ch = grpc.insecure_channel("unix://" + containerd.address)
+    for pod, cid in zip(pods, ids, strict=True):
+        containerd.api_create(cid, _k8s_labels(pod, WEB_UID, "api"), channel=ch)
+    ch.close()
+    unified = tmp_path / "cgroup"
+    unified.mkdir()
+    (unified / "cgroup.controllers").write_text("")
+    cgs = KubeletCgroups.__new__(KubeletCgroups)
+    for i, cid in enumerate(ids):
+        rel = cgs.systemd(WEB_UID, cid)
+        d = tmp_path / "proc" / str(100000 + i)
+        d.mkdir(parents=True)
+        (d / "stat").write_text(f"{100000 + i} (api) S " + " ".join(["0"] * 17 + ["4242"] + ["0"] * 20) + "\n")
+        (d / "cgroup").write_text(f"0::{rel}\n")
+        (d / "environ").write_bytes(b"")
+    proxy_path = os.path.join(containerd.base, "count1k.sock")
+    proxy = Http2CountingProxy(proxy_path, containerd.address)
+    resolver = RuntimeResolver([ContainerdClient(socket=proxy_path, timeout=30)], cache_size=1000)
+    reg = Registry(procfs=str(tmp_path / "proc"), cgroupfs=str(unified), min_container_age=0)
+    reg.use_resolver(resolver)
+    restarts = RestartCounter(reg)
+    tcp = TcpTracker(reg, PublicFilter(["0.0.0.0/0"]), (32768, 60999), procfs=str(tmp_path / "proc"))
+    reg.subscribe(restarts.on_process)
+    reg.subscribe_renames(restarts.on_rename)
+    reg.subscribe_renames(tcp.on_rename)
+    resolver.start()
+    try:
+        proxy.hold()  # containerd hangs while the 1,000 containers appear
+        t0 = time.perf_counter()
+        assert reg.scan() == 1000
+        scan = time.perf_counter() - t0
+        assert len(reg.containers()) == 1000 and all(c.id.startswith("/k8s-cgroup/") for c in reg.containers())
+        proxy.release()
+        ticks, t0 = [], time.monotonic()
+        while time.monotonic() - t0 < 60:
+            t = time.perf_counter()
+            reg.housekeeping()  # what the poll thread does once a second; here every 50 ms
+            ticks.append(time.perf_counter() - t)
+            if reg.renames == 1000:
+                break
+            time.sleep(0.05)
+        took = time.monotonic() - t0
+        print(f"\n1,000 new containers: scan (1,000 requests queued, containerd hanging) {scan * 1e3:.1f} ms; "
+              f"named in {took:.1f} s by {proxy.calls} gRPC calls; {len(ticks)} housekeeping ticks, "
+              f"longest {max(ticks) * 1e3:.1f} ms (renames applied with the TCP and restart listeners), "
+              f"cache {len(resolver)} of {resolver.cache_size}")
+        assert reg.renames == 1000 and proxy.calls == 1000
+        assert sorted(c.id for c in reg.containers()) == sorted(f"/k8s/{NS}/{pod}/api" for pod in pods)
+        assert {c.app_id for c in reg.containers()} == {f"/k8s/{NS}/api"}
+        assert len(resolver) == 1000 and resolver.evictions == 0
+        assert scan < 5, "the scan waited for the runtime"
+    finally:
+        resolver.close()
+        proxy.close()
