@@ -290,3 +290,54 @@ def test_rekey_moves_and_merges_entries_of_one_container() -> None:
     s = {"/a": 1, "/c": 5}
     rekey(s, "/a", "/c")
     assert s == {"/c": 1}
+
+
+def test_components_re_key_what_they_counted_adding_to_the_new_ids_counts(tmp_path: Path) -> None:
+    """TCP totals, open connections and L7/DNS counts of the old id move to the new one and add
+    up with what the new id had: nothing lost, nothing counted twice."""
+    from agent.l7.hist import Hist
+    from agent.l7.tracer import L7Tracer
+    from agent.net.public import PublicFilter
+    from agent.net.tcp import Conn, TcpTracker
+
+    r, _, _ = registry(tmp_path, min_container_age=0)
+    tcp = TcpTracker(r, PublicFilter(["0.0.0.0/0"]), (32768, 60999), procfs=str(tmp_path / "proc"))
+    key_old, key_new = ("/k8s-cgroup/u/aaaa", "10.0.0.1:80", "10.0.0.1:80"), ("/k8s/ns/p/c", "10.0.0.1:80", "10.0.0.1:80")
+    tcp._connects[key_old] = [5, 0.5]
+    tcp._connects[key_new] = [2, 0.25]
+    tcp._failed[("/k8s-cgroup/u/aaaa", "10.0.0.2:80")] = 1
+    conn = Conn(10, 3, "/k8s-cgroup/u/aaaa", "10.0.0.9", 40000, "10.0.0.1", 80, "10.0.0.1:80")
+    tcp._conns[(10, 3)] = conn
+    tcp._pending_connects.append((conn, 0.1, 0))
+    tcp.on_rename("/k8s-cgroup/u/aaaa", "/k8s/ns/p/c")
+    assert dict(tcp._connects) == {key_new: [7, 0.75]}
+    assert dict(tcp._failed) == {("/k8s/ns/p/c", "10.0.0.2:80"): 1}
+    assert conn.container_id == "/k8s/ns/p/c"
+    tcp.resolve_pending()  # the pending connect is counted under the new id
+    assert tcp._connects[key_new][0] == 8
+
+    l7 = L7Tracer(r, tcp, None)
+    h = Hist()
+    h.observe(0.01)
+    l7._in[("/k8s-cgroup/u/aaaa", 1, "200")] = h
+    h2 = Hist()
+    h2.observe(0.02)
+    l7._in[("/k8s/ns/p/c", 1, "200")] = h2
+    dns = l7._dns
+    dns._counts[("/k8s-cgroup/u/aaaa", "TypeA", "db", "ok")] = 3
+    l7.on_rename("/k8s-cgroup/u/aaaa", "/k8s/ns/p/c")
+    assert list(l7._in) == [("/k8s/ns/p/c", 1, "200")] and l7._in[("/k8s/ns/p/c", 1, "200")].count == 2
+    assert dict(dns._counts) == {("/k8s/ns/p/c", "TypeA", "db", "ok"): 3}
+
+
+def test_a_restarted_container_joining_its_previous_run_counts_one_restart(tmp_path: Path) -> None:
+    from agent.containers.registry import Process
+    from agent.containers.restarts import RestartCounter
+
+    r, _, _ = registry(tmp_path, min_container_age=0)
+    rc = RestartCounter(r)
+    rc.on_process("added", Process(10, 100, "pg", "/a", "/k8s/ns/db-0/pg", frozenset()))
+    rc.on_process("removed", Process(10, 100, "pg", "/a", "/k8s/ns/db-0/pg", frozenset()))
+    rc.on_process("added", Process(20, 200, "pg", "/b", "/k8s-cgroup/u/bbbb", frozenset()))
+    rc.on_rename("/k8s-cgroup/u/bbbb", "/k8s/ns/db-0/pg")
+    assert rc.restarts("/k8s/ns/db-0/pg") == 1 and rc.restarts("/k8s-cgroup/u/bbbb") == 0
