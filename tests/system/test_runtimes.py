@@ -51,7 +51,7 @@ from agent.containers.runtimes.crio import CrioClient
 from agent.containers.runtimes.docker import DockerClient
 from agent.containers.runtimes.podman import PodmanClient
 from agent.containers.runtimes.resolver import FOUND, WAITING, RuntimeResolver
-from tests.system.helpers import AgentFactory, AgentProcess, coroot_agent, rows, wait_for
+from tests.system.helpers import L7_CLIENT, REPO, AgentFactory, AgentProcess, coroot_agent, rows, wait_for
 
 CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"
@@ -907,6 +907,26 @@ class Connector:
         assert self.p.stdout.readline().strip() == "ok"
 
 
+class _Ok(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+def _spans_to(agent: AgentProcess, dest: str, want: int) -> list[dict] | None:
+    """The spans of HTTP requests to `dest` (service, container.id, URL), once `want` are stored."""
+    got = rows(agent, "SELECT ServiceName AS s, ResourceAttributes['container.id'] AS c, SpanAttributes['http.url'] AS u "
+                      f"FROM otel_traces WHERE startsWith(SpanAttributes['http.url'], 'http://{dest}/')")
+    return got if len(got) >= want else None
+
+
 def _now_rfc3339() -> str:
     """Now, as runtimes stamp log lines (a line older than the logs' TTL would not be kept)."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + ".000000001Z"
@@ -972,6 +992,23 @@ def test_agent_names_kubelet_containers_by_containerd_and_never_reports_the_sand
         assert (_connects(agent, web_id, server.port), _connects(agent, db_id, server.port)) == (7, 3)
         assert agent.value("container_net_tcp_successful_connects_total", app_id=f"/k8s/{NS}/web",
                            destination=f"127.0.0.1:{server.port}") == 7
+        # An HTTP request from a new process of the web container: counted and traced under
+        # the same id, its span's service the workload.
+        http_srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
+        threading.Thread(target=http_srv.serve_forever, daemon=True).start()
+        try:
+            client = cgs.start(cgs.systemd(WEB_UID, web), [*L7_CLIENT, "http", "127.0.0.1",
+                               str(http_srv.server_port), "/orders:3"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, cwd=REPO)
+            assert client.stdout is not None and json.loads(client.stdout.readline())
+            dest = f"127.0.0.1:{http_srv.server_port}"
+            assert wait_for(lambda: agent.value("container_http_requests_total", container_id=web_id,
+                                                app_id=f"/k8s/{NS}/web", destination=dest) == 3, 20), agent.log()[-3000:]
+            got = wait_for(lambda: _spans_to(agent, dest, 3), 30)
+            assert got == [{"s": f"/k8s/{NS}/web", "c": web_id, "u": f"http://{dest}/orders"}] * 3
+        finally:
+            http_srv.shutdown()
+            http_srv.server_close()
         # The runtime writes the container's output to its CRI log file; the agent follows
         # the path containerd named, under the container's one id.
         with open(log_path, "a") as f:
