@@ -51,7 +51,15 @@ from agent.containers.runtimes.crio import CrioClient
 from agent.containers.runtimes.docker import DockerClient
 from agent.containers.runtimes.podman import PodmanClient
 from agent.containers.runtimes.resolver import FOUND, WAITING, RuntimeResolver
-from tests.system.helpers import L7_CLIENT, REPO, AgentFactory, AgentProcess, coroot_agent, rows, wait_for
+from tests.system.helpers import (
+    L7_CLIENT,
+    REPO,
+    AgentFactory,
+    AgentProcess,
+    coroot_agent,
+    rows,
+    wait_for,
+)
 
 CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"
@@ -1181,3 +1189,46 @@ def test_thousand_new_containers_one_lookup_each_and_the_poll_thread_never_waits
     finally:
         resolver.close()
         proxy.close()
+
+
+def test_agent_names_podman_containers_and_crio_pods_from_recorded_answers(
+        podman: PodmanService, recorded_crio: _RecordedCrio, agent_factory: AgentFactory) -> None:
+    # Podman: a real container record (never started); the test's process sits in the cgroup
+    # rootful Podman makes for it. CRI-O: its recorded answers (CRI-O is not packaged in
+    # Debian), for a process in the cgroup kubelet's systemd driver makes for a CRI-O container.
+    pid_ = podman.podman("create", "--name", "shop-worker", "localhost/testimg:1", "/bin/true")
+    log_path = podman.podman("inspect", "--format", "{{.HostConfig.LogConfig.Path}}", pid_)
+    cgs, server = KubeletCgroups(), Listener()
+    u = WEB_UID.replace("-", "_")
+    crio_web = (f"/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice/"
+                f"crio-{CRIO_WEB}.scope")
+    crio_pause = crio_web.replace(CRIO_WEB, CRIO_SANDBOX)
+    try:
+        p = Connector(cgs, f"/machine.slice/libpod-{pid_}.scope")
+        c = Connector(cgs, crio_web)
+        pause = cgs.spawn(crio_pause)
+        agent = agent_factory("--podman-socket", podman.sock, "--crio-socket", str(recorded_crio.server_address),
+                              "--disable-runtime", "docker", "--disable-runtime", "containerd")
+        crio_id = f"/k8s/{NS}/{DEPLOY_POD}/web"
+        assert wait_for(lambda: _container_of(agent, p.pid) == "/podman/shop-worker", 20), agent.log()[-3000:]
+        assert wait_for(lambda: _container_of(agent, c.pid) == crio_id, 20), agent.log()[-3000:]
+        assert wait_for(lambda: _container_of(agent, pause) is None, 10)
+        assert agent.value("container_info", container_id="/podman/shop-worker", app_id="",
+                           image="localhost/testimg:1") == 1
+        assert agent.value("container_info", container_id=crio_id, app_id=f"/k8s/{NS}/web",
+                           image="docker.io/library/nginx:1.25") == 1
+        p.connect(server.port, 2)
+        c.connect(server.port, 4)
+        assert wait_for(lambda: _connects(agent, "/podman/shop-worker", server.port) == 2, 15)
+        assert wait_for(lambda: _connects(agent, crio_id, server.port) == 4, 15)
+        # Podman's k8s-file log driver writes the CRI line format
+        with open(log_path, "a") as f:
+            f.write(f"{_now_rfc3339()} stdout F ERROR queue stalled\n")
+        lbl = {"container_id": "/podman/shop-worker", "source": "stdout/stderr", "level": "error"}
+        assert wait_for(lambda: agent.value("container_log_messages_total", **lbl) == 1, 20), agent.log()[-3000:]
+        ids = _ids(agent)
+        assert not [i for i in ids if i.startswith(("/k8s-cgroup/", "/podman/" + pid_[:12]))], ids
+        assert recorded_crio.hits.count(f"/containers/{CRIO_WEB}") == 1  # one lookup
+    finally:
+        server.close()
+        cgs.cleanup()
