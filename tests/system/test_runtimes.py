@@ -11,6 +11,12 @@ test-only server on a unix socket. Said again at those tests.
 
 Requests are counted at the runtime: an HTTP/2 proxy in front of containerd counts the gRPC
 calls (one HEADERS frame each), dockerd's debug log counts its API calls.
+
+The agent tests at the end run a real agent (tests/system/conftest.py's `agent_factory`) with
+the runtimes' sockets, and processes of the tests' own placed in v2 cgroups at the paths
+kubelet (both cgroup drivers), Docker and Podman make for those container ids: the ids, app_id,
+image, TCP connect and HTTP counts, spans and log lines come out under the runtime's id; a
+runtime down at start then up renames the container without losing or doubling a count.
 """
 
 from __future__ import annotations
