@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from agent import caps as caps_mod
 from agent.config import Config
 from agent.containers.cgroup import detect_layout
+from agent.containers.runtimes import ABSENT, DISABLED, REACHABLE
+from agent.containers.runtimes.resolver import runtime_resolver
 from agent.ebpf import headers as headers_mod
 from agent.ebpf import loader, tracefs
 
@@ -86,6 +88,7 @@ def run_checks(cfg: Config, probe: bool = True) -> list[Row]:
 
     rows.append(_listen_row(cfg))
     rows.append(_store_row(cfg))
+    rows += runtime_rows(cfg)
 
     ready = have_bcc and hdr.found and mounts.ok and bpf_ok
     for name, fam in loader.FAMILIES.items():
@@ -233,6 +236,34 @@ def _store_row(cfg: Config) -> Row:
         return Row("store", FAIL, str(e), "the message names the setting to fix")
     finally:
         store.close()
+
+
+RUNTIME_CHECK_TIMEOUT = 2.0  # seconds each runtime gets to answer `check`
+
+
+def runtime_rows(cfg: Config) -> list[Row]:
+    """One row per container runtime: reachable (its version), absent (no socket: most likely
+    not on this node), unreachable (a socket nothing answers on) or disabled. None fails the
+    check: without a runtime, containers keep the ids their cgroups give."""
+    resolver = runtime_resolver(cfg, timeout=RUNTIME_CHECK_TIMEOUT)
+    rows = []
+    try:
+        statuses = resolver.status()
+    finally:
+        resolver.close()
+    for st in statuses:
+        name = f"runtime: {st.runtime}"
+        if st.state == REACHABLE:
+            rows.append(Row(name, OK, f"{st.version or 'version unknown'} at {st.socket}"))
+        elif st.state == ABSENT:
+            rows.append(Row(name, OK, f"absent ({st.detail})"))
+        elif st.state == DISABLED:
+            rows.append(Row(name, OK, "disabled (--disable-runtime)"))
+        else:
+            rows.append(Row(name, WARN, f"unreachable at {st.socket}: {st.detail}",
+                            f"is {st.runtime} running? its containers keep cgroup-derived ids until it answers; "
+                            f"mount its socket (deploy/kubernetes) or set --{st.runtime}-socket"))
+    return rows
 
 
 def render(rows: list[Row]) -> str:

@@ -9,6 +9,10 @@ Life cycle, each step called once per component in list order (`close` in revers
 - `on_process(what, proc)`: the registry saw a process "added" or "removed" (the poll thread, or
   the logs thread when it looks up a process whose exec event is still queued): short, no I/O,
   safe against the component's other threads. Subscribed by `Agent` after `attach`.
+- `on_rename(old, new)`: the registry renamed a container from its cgroup-derived id to the
+  id its runtime gave (the poll thread, right before `tick`): what was kept under `old` is kept
+  under `new` from now on, added to what `new` has when another container held that id already.
+  Nothing counted may be lost or counted twice. Subscribed by `Agent` with `on_process`.
 - `tick(now, gone)`: housekeeping on the poll thread, about once a second; `gone` lists the
   containers the registry forgot since the last tick. Work that changes state belongs here.
 - `collect(f)`: a scrape (the HTTP server's or the remote writer's thread) adds its series to
@@ -42,6 +46,9 @@ class Component:
 
     def on_process(self, what: str, proc: Process) -> None:
         """A process was "added" to or "removed" from the registry."""
+
+    def on_rename(self, old: str, new: str) -> None:
+        """Container `old` is `new` from now on: re-key what is kept under `old`."""
 
     def tick(self, now: float, gone: list[str]) -> None:
         """Housekeeping on the poll thread; `gone`: containers forgotten since the last tick."""

@@ -113,6 +113,13 @@ def _group(v: str) -> None:
         raise ValueError(f"no such group {_show(v)} on this host") from None
 
 
+def _runtime_names(v: tuple[str, ...]) -> None:
+    known = ("containerd", "crio", "docker", "podman")
+    bad = [n for n in v if n not in known]
+    if bad:
+        raise ValueError(f"unknown container runtime {_show(bad[0])}; known: {', '.join(known)}")
+
+
 def _log_level(v: str) -> None:
     if v.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ValueError(f"must be one of debug, info, warning, error; got {_show(v)}")
@@ -161,6 +168,12 @@ class Config:
     container_denylist: tuple[str, ...] = _opt((), "regexes", "containers whose id matches one of these regexes are ignored (repeatable)", flag="--container-denylist", yaml="container_denylist")
     min_container_age: float = _opt(30.0, "duration", "containers younger than this are not reported yet (0s disables)", flag="--min-container-age", yaml="min_container_age")
     dead_container_ttl: float = _opt(60.0, "duration", "a container whose last process exited is forgotten after this", flag="--dead-container-ttl", yaml="dead_container_ttl")
+    containerd_socket: str = _opt("", "str", "containerd's gRPC socket; empty = the first found of /var/snap/microk8s/common/run/containerd.sock, /run/k0s/containerd.sock, /run/k3s/containerd/containerd.sock, /run/containerd/containerd.sock (as mounted, then under /proc/1/root)", flag="--containerd-socket", yaml="runtimes.containerd_socket", check=_socket_path)
+    crio_socket: str = _opt("", "str", "CRI-O's socket; empty = /var/run/crio/crio.sock or /run/crio/crio.sock", flag="--crio-socket", yaml="runtimes.crio_socket", check=_socket_path)
+    docker_socket: str = _opt("", "str", "the Docker Engine API socket; empty = /run/docker.sock or /var/run/docker.sock", flag="--docker-socket", yaml="runtimes.docker_socket", check=_socket_path)
+    podman_socket: str = _opt("", "str", "Podman's API socket; empty = /run/podman/podman.sock or /var/run/podman/podman.sock", flag="--podman-socket", yaml="runtimes.podman_socket", check=_socket_path)
+    disabled_runtimes: tuple[str, ...] = _opt((), "list", "container runtimes never asked for container names (repeatable): containerd, crio, docker, podman", flag="--disable-runtime", yaml="runtimes.disabled", check=_runtime_names)
+    runtime_cache_size: int = _opt(4096, "int", "containers whose runtime answer is kept (least recently used go first)", flag="--runtime-cache-size", yaml="runtimes.cache_size", check=_positive)
     # --- metrics shipping ---
     metrics_endpoint: str = _opt("", "str", "Prometheus remote_write URL, http:// or https:// (alias --remote-write-url); a user:password@ in it becomes basic auth", flag="--metrics-endpoint", yaml="global_prometheus.remote_write_url")
     prometheus_url: str = _opt("", "str", "Prometheus query URL, http:// or https:// (informational; the agent only writes)", yaml="global_prometheus.url")

@@ -27,6 +27,7 @@ from agent.containers.apptype import AppTypeCollector
 from agent.containers.disk import DiskCollector
 from agent.containers.registry import Registry
 from agent.containers.restarts import RestartCounter
+from agent.containers.runtimes.resolver import runtime_resolver
 from agent.ebpf import headers as headers_mod
 from agent.ebpf import loader, tracefs
 from agent.l7.tls import TlsAttacher
@@ -52,6 +53,7 @@ POLL_MS = 100
 HOUSEKEEPING_SECONDS = 1.0
 RESYNC_SECONDS = 30.0
 POLLER_JOIN_SECONDS = 1.0
+RUNTIME_STARTUP_WAIT = 2.0  # seconds start-up waits for the runtimes' names of running containers
 
 
 class ComponentsCollector:
@@ -104,6 +106,8 @@ class Agent:
             allowlist=cfg.container_allowlist,
             denylist=cfg.container_denylist,
         )
+        self.resolver = runtime_resolver(cfg)
+        self.registry.use_resolver(self.resolver)
         self.tcp = TcpTracker(self.registry, PublicFilter(cfg.track_public_networks),
                               units.parse_port_range(cfg.ephemeral_port_range), procfs=cfg.procfs_root)
         # In start order; closed in reverse. What reads the BPF maps comes after `BpfStats`
@@ -186,12 +190,22 @@ class Agent:
         for c in self.components:  # after attach: a listener may write to a map
             if _overrides(c, "on_process"):
                 self.registry.subscribe(c.on_process)
+            if _overrides(c, "on_rename"):
+                self.registry.subscribe_renames(c.on_rename)
         # Probes attached: give up what is not needed any more, before any thread of ours (or
         # of the store engine) starts, so that every thread runs with the smaller set.
         self._drop_capabilities()
         self._open_store()
         for c in self.components:
             c.start()
+        # The containers running already: their runtimes' names before the first scrape, when
+        # the runtimes answer quickly (one that is down or slow leaves the cgroup-derived ids).
+        t = time.monotonic()
+        if not self.resolver.wait_idle(RUNTIME_STARTUP_WAIT):
+            log.info("container runtimes: lookups still running after %gs; ids change when they answer",
+                     RUNTIME_STARTUP_WAIT)
+        n = len(self.registry.apply_runtime_answers())
+        log.info("container runtimes: %d containers named in %.2fs", n, time.monotonic() - t)
         self.metrics.register(ComponentsCollector(self.components, const))
         self.metrics.register(self.api.collector())
         self.api.start()
@@ -206,7 +220,7 @@ class Agent:
         collectors, the metric shipper (whose last scrape follows the profiler's and the logs'
         last flush, as it closes after them), then the profiler and the logs."""
         cfg = self.cfg
-        out: list[Component] = [self.tcp]
+        out: list[Component] = [self.resolver, self.tcp]
         if "l7" in self.families():
             out.append(L7Tracer(self.registry, self.tcp, self.sink, spans=cfg.tracer_enabled,
                                 sampling=cfg.traces_sampling, exclude_paths=cfg.exclude_http_requests_by_path,

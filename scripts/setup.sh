@@ -23,6 +23,8 @@ if [ "$WANT_TEST" = 1 ]; then
     pkgs+=(gcc libc6-dev iproute2 procps curl openssl prometheus nftables ethtool
            nginx-light postgresql redis-server dnsmasq-base wrk python3-psycopg python3-redis
            debootstrap mariadb-server)
+    # container runtimes the runtime tests start themselves, each with its own root and socket
+    pkgs+=(containerd docker.io podman)
 fi
 missing=()
 for p in "${pkgs[@]}"; do

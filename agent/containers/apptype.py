@@ -237,6 +237,10 @@ class AppTypeCollector(Component):
             if self._types.pop(proc.pid, None):
                 self._dirty = True
 
+    def on_rename(self, old: str, new: str) -> None:
+        """Published again from the processes, which the registry has moved to `new`."""
+        self._dirty = True
+
     def tick(self, now: float, gone: list[str]) -> None:
         if not self._synced:  # processes the registry knew before this component listened
             self._synced = True

@@ -22,6 +22,8 @@ _SYSTEMD_UNIT = re.compile(r"/(system|runtime|reserved|kube|azure|podruntime)\.s
 _TALOS = re.compile(r"/(system|podruntime)/([^/]+)")
 _LXC = re.compile(r"/lxc/([^/]+)")
 _LXC_PAYLOAD = re.compile(r"/lxc\.payload\.([^/]+)")
+_LIBPOD_SCOPE = re.compile(r"libpod-([a-z0-9]{64})\.scope$")
+_LIBPOD_PAYLOAD = re.compile(r"libpod-payload-([a-z0-9]{64})")
 _SYSTEMD_SLICES = {"system.slice", "runtime.slice", "reserved.slice", "kube.slice", "azure.slice", "podruntime.slice"}
 
 
@@ -92,7 +94,7 @@ def cgroup_id(subsystems: dict[str, str]) -> str:
 
 @dataclass(frozen=True)
 class ContainerRef:
-    kind: str  # docker | crio | cri-containerd | systemd | lxc | talos
+    kind: str  # docker | crio | cri-containerd | podman | systemd | lxc | talos
     runtime_id: str  # what the runtime calls it (64-hex id, unit path, lxc name)
     cgroup: str  # the cgroup path
 
@@ -106,7 +108,14 @@ def classify(path: str) -> ContainerRef | None:
     first = parts[0]
     if path == "/init":
         return ContainerRef("talos", "/talos/init", path)
-    if first in ("user.slice", "init.scope", "systemd"):
+    if "libpod-conmon-" in path:
+        return None  # Podman's monitor process, as crio-conmon
+    if first in ("user.slice", "machine.slice"):
+        # Podman: rootful containers in machine.slice, rootless ones in the user's slice
+        # (the node agent's Podman support, coroot-node-agent pull request 251).
+        m = _LIBPOD_SCOPE.search(path)
+        return ContainerRef("podman", m.group(1), path) if m else None
+    if first in ("init.scope", "systemd"):
         return None
     if first == "docker" or (first == "system.slice" and len(parts) > 1 and parts[1].startswith("docker-")):
         m = _DOCKER_ID.search(path)
@@ -125,6 +134,8 @@ def classify(path: str) -> ContainerRef | None:
         m = _TALOS.search(path)
         return ContainerRef("talos", "/talos/" + m.group(2), path) if m else None
     if first in _SYSTEMD_SLICES:
+        if m := _LIBPOD_PAYLOAD.search(path):
+            return ContainerRef("podman", m.group(1), path)  # podman --cgroups=split
         if path.endswith(".scope"):
             return None
         m = _SYSTEMD_UNIT.search(path)
@@ -142,14 +153,18 @@ def classify(path: str) -> ContainerRef | None:
 
 
 def container_id(ref: ContainerRef) -> str:
-    """Coroot's container_id. Docker and Kubernetes ids come from runtime metadata (Docker API,
-    CRI); until those are read, the id is derived from the cgroup path (see README)."""
+    """The id derived from the cgroup path. Docker, Podman and Kubernetes containers are
+    renamed to their runtime's id (`/docker/<name>`, `/podman/<name>`, `/k8s/<ns>/<pod>/<c>`)
+    when the runtime answers (registry.py); until then, or when no runtime answers, this id
+    stands (`/docker/<id12>`, `/podman/<id12>`, `/k8s-cgroup/<pod-uid>/<id12>`)."""
     if ref.kind in ("systemd", "talos"):
         return ref.runtime_id
     if ref.kind == "lxc":
         return ref.runtime_id if ref.runtime_id.startswith("/lxc/") else "/lxc/" + ref.runtime_id
     if ref.kind == "docker" and "kubepods" not in ref.cgroup:
         return "/docker/" + ref.runtime_id[:12]
+    if ref.kind == "podman":
+        return "/podman/" + ref.runtime_id[:12]
     pod = _POD_UID.search(ref.cgroup)
     pod_uid = pod.group(1).replace("_", "-") if pod else "unknown"
     return f"/k8s-cgroup/{pod_uid}/{ref.runtime_id[:12]}"

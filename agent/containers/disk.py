@@ -160,6 +160,19 @@ class DiskCollector(Component):
         # What a scrape reads, replaced whole by a tick.
         self._published: dict[str, tuple[Mount, ...]] = {}
 
+    def on_rename(self, old: str, new: str) -> None:
+        """Mounts found for `old` are `new`'s (both on the poll thread; a scrape reads the
+        published copy, re-keyed whole)."""
+        known = self._mounts.pop(old, None)
+        if known is not None:
+            self._mounts.setdefault(new, {}).update(known)
+        published = dict(self._published)
+        mounts = published.pop(old, None)
+        if mounts is not None:
+            published[new] = tuple(sorted({*published.get(new, ()), *mounts},
+                                          key=lambda m: (m.mount_point, m.major_minor)))
+            self._published = published
+
     def tick(self, now: float, gone: list[str]) -> None:
         for cid in gone:
             self._mounts.pop(cid, None)

@@ -4,6 +4,15 @@ Fed by a /proc scan at start (and a periodic resync that repairs anything a lost
 missed), then by process events from bpf/proc.c. Answers "which container is pid P" and
 "did P opt out of X" for the other modules; notifies listeners of processes coming and going.
 Holds no BPF objects and ships nothing.
+
+Runtime names: a container whose cgroup names only a runtime's 64-hex id (Docker, containerd,
+CRI-O, Podman) starts under the id derived from its cgroup path and is looked up once, when it
+is first seen, by the runtime resolver (agent/containers/runtimes/resolver.py), which asks on
+its own thread. The answer is queued and applied on the poll thread at the next housekeeping:
+the container is renamed to the runtime's id (`/k8s/<ns>/<pod>/<container>`, `/docker/<name>`,
+...) and rename listeners move what they counted under the old id to the new one (adding to
+what the new id has, when another container already holds it: a Kubernetes container
+restarted in a new cgroup under the same name). A pod's sandbox is hidden for good.
 """
 
 from __future__ import annotations
@@ -14,11 +23,15 @@ import re
 import struct
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, MutableMapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from agent.containers import cgroup as cg
+
+if TYPE_CHECKING:
+    from agent.containers.runtimes import ContainerMetadata
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +71,30 @@ class Container:
     dead_since: float | None = None  # monotonic
     oom_kills: int = 0
     opt_out: frozenset[str] = frozenset()  # union over its processes
+    runtime_id: str | None = None  # the runtime's id, when the cgroup names one (64-hex)
+    metadata: ContainerMetadata | None = None  # what the runtime said, once it answered
+    sandbox: bool = False  # a pod's sandbox (pause): never reported
+
+    @property
+    def image(self) -> str:
+        return self.metadata.image if self.metadata is not None else ""
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def rekey(d: MutableMapping[K, V], old: str, new: str, merge: Callable[[V, V], V] | None = None) -> None:
+    """For rename listeners: move the entries of container `old` to `new` in a dict keyed by
+    a container id, or by a tuple whose first item is one. `merge(kept, moved)` combines the
+    values of a key both have (by default the moved value replaces the kept one)."""
+    for k in [k for k in d if (k[0] if isinstance(k, tuple) else k) == old]:
+        v = d.pop(k)
+        nk: K = (new, *k[1:]) if isinstance(k, tuple) else new  # type: ignore[assignment]
+        if merge is not None and nk in d:
+            d[nk] = merge(d[nk], v)
+        else:
+            d[nk] = v
 
 
 def read_environ_opt_outs(environ: bytes) -> frozenset[str]:
@@ -69,6 +106,23 @@ def read_environ_opt_outs(environ: bytes) -> frozenset[str]:
 
 
 Listener = Callable[[str, Process], None]  # ("added" | "removed", process)
+RenameListener = Callable[[str, str], None]  # (old id, new id)
+
+# Cgroup kinds whose id is the runtime's to give (cgroup.ContainerRef.kind).
+RUNTIME_KINDS = frozenset({"docker", "cri-containerd", "crio", "podman"})
+MAX_PENDING_ANSWERS = 65536  # runtime answers waiting for the poll thread; beyond it the oldest go
+
+
+class Resolver(Protocol):
+    """What the registry needs of agent/containers/runtimes/resolver.py's RuntimeResolver."""
+
+    def request(self, runtime_id: str, runtime_hint: str | None = None) -> None: ...
+
+    def get(self, runtime_id: str) -> ContainerMetadata | None: ...
+
+    def forget(self, runtime_id: str) -> None: ...
+
+    def subscribe(self, listener: Callable[[str, ContainerMetadata], None]) -> None: ...
 
 
 class Registry:
@@ -97,11 +151,32 @@ class Registry:
         self._listeners: list[Listener] = []
         self._exited: OrderedDict[int, str] = OrderedDict()  # pid -> container id, recent exits
         self.events_seen = 0
+        self._resolver: Resolver | None = None
+        self._rename_listeners: list[RenameListener] = []
+        self._by_runtime: dict[str, Container] = {}  # runtime id -> the container it is part of
+        self._answers: deque[tuple[str, ContainerMetadata]] = deque(maxlen=MAX_PENDING_ANSWERS)
+        self.renames = 0
 
     # ----------------------------------------------------------- queries ---
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    def subscribe_renames(self, listener: RenameListener) -> None:
+        """`listener(old, new)` on the poll thread when a container takes its runtime's id:
+        move what was counted under `old` to `new`, adding to what `new` has already."""
+        self._rename_listeners.append(listener)
+
+    def use_resolver(self, resolver: Resolver) -> None:
+        """Ask `resolver` for the runtime's name of every container whose cgroup names only
+        a runtime id (those known now, and each new one once); its answers are applied by
+        `housekeeping`."""
+        self._resolver = resolver
+        resolver.subscribe(self._runtime_answer)
+        with self._lock:
+            known = [c for c in self._containers.values() if c.runtime_id and c.metadata is None]
+        for c in known:
+            self._request(c)
 
     def process(self, pid: int) -> Process | None:
         return self._procs.get(pid)
@@ -141,6 +216,8 @@ class Registry:
         return list(self._procs)
 
     def _visible(self, c: Container) -> bool:
+        if c.sandbox:
+            return False
         if self.min_age > 0 and self._wall() - c.created_at < self.min_age:
             return False
         if self._deny and any(r.search(c.id) for r in self._deny):
@@ -185,7 +262,8 @@ class Registry:
         read = self._read_process(pid)
         if read is None:
             return None
-        proc, subsystems = read
+        proc, subsystems, runtime_id = read
+        new: Container | None = None
         with self._lock:
             old = self._procs.get(pid)
             if old is not None:
@@ -194,11 +272,20 @@ class Registry:
             if proc.container_id is not None:
                 c = self._containers.get(proc.container_id)
                 if c is None:
-                    c = self._new_container(proc, subsystems)
-                    self._containers[c.id] = c
+                    rc = self._by_runtime.get(runtime_id) if runtime_id else None
+                    if rc is not None and self._containers.get(rc.id) is rc:
+                        c = rc  # renamed already: the process joins it under the runtime's id
+                        proc = replace(proc, container_id=c.id)
+                        self._procs[pid] = proc
+                    else:
+                        c = self._new_container(proc, subsystems, runtime_id)
+                        self._containers[c.id] = c
+                        new = c
                 c.pids.add(pid)
                 c.dead_since = None
                 c.opt_out = c.opt_out | proc.opt_out
+        if new is not None and new.runtime_id is not None:
+            self._request(new)
         for cb in self._listeners:
             cb("added", proc)
         return proc
@@ -227,21 +314,111 @@ class Registry:
             c.dead_since = self._clock()
 
     def housekeeping(self) -> list[str]:
-        """Forget containers dead for longer than the bound. Returns the ids forgotten."""
+        """Apply the runtimes' answers (renames), then forget containers dead for longer than
+        the bound. Returns the ids forgotten. The poll thread's."""
+        self.apply_runtime_answers()
         now = self._clock()
         gone = []
+        runtime_ids: list[str] = []
         with self._lock:
             for cid, c in list(self._containers.items()):
                 if c.dead_since is not None and now - c.dead_since >= self.dead_ttl:
                     del self._containers[cid]
                     gone.append(cid)
+                    for rid in [r for r, rc in self._by_runtime.items() if rc is c]:
+                        del self._by_runtime[rid]
+                        runtime_ids.append(rid)
+        if self._resolver is not None:
+            for rid in runtime_ids:
+                self._resolver.forget(rid)
         for cid in gone:
             log.debug("container %s forgotten", cid)
         return gone
 
+    # ----------------------------------------------------------- runtimes ---
+
+    def _request(self, c: Container) -> None:
+        """Ask the resolver (a queue insert: it never waits for a runtime)."""
+        if self._resolver is None or c.runtime_id is None:
+            return
+        known = self._resolver.get(c.runtime_id)
+        if known is not None:  # answered before (another cgroup of the same container)
+            self._answers.append((c.runtime_id, known))
+            return
+        self._resolver.request(c.runtime_id, c.kind)
+
+    def _runtime_answer(self, runtime_id: str, meta: ContainerMetadata) -> None:
+        """The resolver's listener, on its thread: queued for the poll thread."""
+        self._answers.append((runtime_id, meta))
+
+    def apply_runtime_answers(self) -> list[tuple[str, str]]:
+        """Rename the containers the runtimes have answered for; the rename listeners hear
+        each (old, new). Returns them."""
+        renamed: list[tuple[str, str]] = []
+        while True:
+            try:
+                runtime_id, meta = self._answers.popleft()
+            except IndexError:
+                break
+            with self._lock:
+                c = self._by_runtime.get(runtime_id)
+                if c is None or self._containers.get(c.id) is not c:
+                    continue  # forgotten meanwhile
+                pair = self._apply_locked(c, meta)
+            if pair is not None:
+                renamed.append(pair)
+                for cb in self._rename_listeners:
+                    try:
+                        cb(*pair)
+                    except Exception:
+                        log.exception("rename listener failed for %s -> %s", *pair)
+        return renamed
+
+    def _apply_locked(self, c: Container, meta: ContainerMetadata) -> tuple[str, str] | None:
+        c.metadata = meta
+        if meta.sandbox:
+            c.sandbox = True
+            log.debug("container %s is a pod sandbox: not reported", c.id)
+            return None
+        new = meta.id
+        if not new or new == c.id:
+            return None
+        old = c.id
+        pids = set(c.pids)
+        into = self._containers.get(new)
+        if into is not None and into is not c:
+            # Another cgroup under the same name (the previous run of a restarted Kubernetes
+            # container): one container, as the node agent keeps it, on the newer cgroup.
+            into.pids |= c.pids
+            into.oom_kills += c.oom_kills
+            into.opt_out |= c.opt_out
+            if c.pids:
+                into.dead_since = None
+            if c.created_at >= into.created_at:
+                into.cgroup_path, into.subsystems, into.created_at = c.cgroup_path, c.subsystems, c.created_at
+                into.metadata, into.runtime_id = meta, c.runtime_id
+            for rid, rc in list(self._by_runtime.items()):
+                if rc is c:
+                    self._by_runtime[rid] = into
+            del self._containers[old]
+        else:
+            del self._containers[old]
+            c.id, c.app_id = new, cg.app_id(new)
+            self._containers[new] = c
+        for pid in pids:
+            p = self._procs.get(pid)
+            if p is not None and p.container_id == old:
+                self._procs[pid] = replace(p, container_id=new)
+        for pid, cid in list(self._exited.items()):
+            if cid == old:
+                self._exited[pid] = new
+        self.renames += 1
+        log.info("container %s is %s (%s)", old, new, meta.runtime)
+        return old, new
+
     # ----------------------------------------------------------- reading ---
 
-    def _read_process(self, pid: int) -> tuple[Process, dict[str, str]] | None:
+    def _read_process(self, pid: int) -> tuple[Process, dict[str, str], str | None] | None:
         base = f"{self.procfs}/{pid}"
         try:
             with open(f"{base}/stat", "rb") as f:
@@ -263,20 +440,30 @@ class Registry:
         path = cg.cgroup_id(subsystems)
         ref = cg.classify(path)
         cid = cg.container_id(ref) if ref else None
+        runtime_id = ref.runtime_id if ref is not None and ref.kind in RUNTIME_KINDS else None
+        if runtime_id is not None:
+            c = self._by_runtime.get(runtime_id)
+            if c is not None:
+                cid = c.id  # its runtime's name, known already
         proc = Process(pid, start_ticks, comm, path, cid, read_environ_opt_outs(environ))
-        return proc, subsystems
+        return proc, subsystems, runtime_id
 
-    def _new_container(self, proc: Process, subsystems: dict[str, str]) -> Container:
+    def _new_container(self, proc: Process, subsystems: dict[str, str], runtime_id: str | None) -> Container:
+        """(Lock held.)"""
         ref = cg.classify(proc.cgroup_path)
         assert ref is not None and proc.container_id is not None
-        return Container(
+        c = Container(
             id=proc.container_id,
             app_id=cg.app_id(proc.container_id),
             kind=ref.kind,
             cgroup_path=proc.cgroup_path,
             subsystems=subsystems,
             created_at=self._cgroup_created(proc.cgroup_path, subsystems),
+            runtime_id=runtime_id,
         )
+        if runtime_id is not None:
+            self._by_runtime[runtime_id] = c
+        return c
 
     def _cgroup_created(self, path: str, subsystems: dict[str, str]) -> float:
         candidates = []

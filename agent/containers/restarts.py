@@ -67,6 +67,19 @@ class RestartCounter(Component):
             st.restarts += 1
             st.started = oldest
 
+    def on_rename(self, old: str, new: str) -> None:
+        """`old`'s processes join `new`: a container that ran under `new` before (a Kubernetes
+        container restarted in a new cgroup) counts a restart by the same rule as any join."""
+        with self._lock:
+            st = self._state.pop(old, None)
+            if st is None:
+                return
+            if new not in self._state:
+                self._state[new] = st
+                return
+            for pid, start in sorted(st.live.items(), key=lambda kv: kv[1]):
+                self._joined(new, pid, start)
+
     def tick(self, now: float, gone: list[str]) -> None:
         if not self._synced:
             # Processes the registry found before this component listened, oldest first so

@@ -8,6 +8,7 @@ import struct
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 
+from agent.containers.registry import rekey
 from agent.l7 import contract
 from agent.l7 import protocol as p
 from agent.l7.hist import Hist
@@ -135,6 +136,15 @@ class Dns(p.Protocol):
                             container_id=cid, app_id=apps[cid])
         for ip, name in self.fqdn.items():
             f.gauge("ip_to_fqdn", "an IP address and the name a DNS answer gave it", 1, ip=ip, fqdn=name)
+
+    def rename(self, old: str, new: str) -> None:
+        def hist(kept: Hist, moved: Hist) -> Hist:
+            kept.merge(moved)
+            return kept
+
+        rekey(self._counts, old, new, lambda a, b: a + b)
+        rekey(self._hist, old, new, hist)
+        rekey(self._domains, old, new, lambda a, b: a | b)
 
     def forget(self, containers: set[str]) -> None:
         for k in [k for k in self._counts if k[0] in containers]:

@@ -120,6 +120,9 @@ class Protocol:
     def forget(self, containers: set[str]) -> None:
         """Drop what is kept for containers the registry forgot."""
 
+    def rename(self, old: str, new: str) -> None:
+        """What is kept for container `old` is `new`'s (added to what `new` has)."""
+
 
 def db_span(r: Request, system: str, name: str, operation: str = "") -> Span:
     """A database client span: db.system, db.statement (masked), db.operation when given; an

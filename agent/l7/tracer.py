@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from agent.component import Component
 from agent.containers.cgroup import service_name
-from agent.containers.registry import Container, Process
+from agent.containers.registry import Container, Process, rekey
 from agent.ebpf.maps import BpfMap, Programs
 from agent.l7 import contract
 from agent.l7.contract import HTTP, HTTP_STATUS, KERNEL_STATS
@@ -335,6 +335,18 @@ class L7Tracer(Component):
                 if proc.container_id is not None:
                     self._in[(proc.container_id, HTTP, HTTP_STATUS[st])].merge(Hist.of_kernel(v))
                 t.delete(key)
+
+    def on_rename(self, old: str, new: str) -> None:
+        """Counts of `old` are `new`'s (added to what `new` has); deferred events carry no id."""
+        def add(kept: Hist, moved: Hist) -> Hist:
+            kept.merge(moved)
+            return kept
+
+        with self._lock:
+            rekey(self._out, old, new, add)
+            rekey(self._in, old, new, add)
+            for plugin in self.plugins.values():
+                plugin.rename(old, new)
 
     def forget_containers(self, gone: list[str]) -> None:
         if not gone:

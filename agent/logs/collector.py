@@ -1,6 +1,8 @@
 """Container logs: sources, pipeline, log metrics and log records.
 
-Sources, each attributed to a container: CRI files (/var/log/pods/<ns>_<pod>_<uid>/<c>/*.log ->
+Sources, each attributed to a container: the log file its runtime names (Docker's json-file
+LogPath, the CRI log path containerd and CRI-O keep: under the container's id, the same as its
+cgroup's), CRI files (/var/log/pods/<ns>_<pod>_<uid>/<c>/*.log ->
 /k8s/<ns>/<pod>/<c>), Docker json-file logs (/var/lib/docker/containers/<id>/<id>-json.log ->
 /docker/<id12>), journald (by _SYSTEMD_UNIT), and files under /var/log that a container's
 processes have opened for writing (bpf/logs.c, successful opens only; at start-up and on every
@@ -41,7 +43,8 @@ from dataclasses import dataclass, field
 from agent.component import Component
 from agent.containers.cgroup import app_id, service_name
 from agent.containers.procfs import fd_targets
-from agent.containers.registry import Registry
+from agent.containers.registry import Registry, rekey
+from agent.containers.runtimes import LOG_CRI, LOG_DOCKER_JSON
 from agent.logs.birth import birth_time
 from agent.logs.formats import Line, MultilineJoiner, PartialJoiner
 from agent.logs.journald import JournalEntry, JournalFollower
@@ -60,6 +63,7 @@ NEW_FILE_MAX = 256 * 1024
 MAX_SOURCES = 4096
 MAX_PENDING_OPENS = 4096  # open events waiting for the logs thread; beyond it the oldest go
 LOG_DIR = "/var/log/"
+RUNTIME_FORMATS = {LOG_CRI: "cri", LOG_DOCKER_JSON: "docker"}  # a runtime's log framing -> ours
 _POD_DIR = re.compile(r"^([^_]+)_([^_]+)_[^/]+/([^/]+)/[^/]+\.log$")
 
 
@@ -108,6 +112,7 @@ class LogCollector(Component):
         self.hostname = socket.gethostname()
         self._lock = threading.Lock()
         self._sources: dict[tuple[str, str], Source] = {}
+        self._by_path: dict[str, Source] = {}  # runtime files (not plain): one source per file
         self._patterns: dict[str, PatternSet] = {}
         self._counts: dict[tuple[str, str, str, str], tuple[list[int], str]] = {}  # -> ([count], sample)
         self._journal = JournalFollower(self._journal_entry) if journald else None
@@ -122,6 +127,7 @@ class LogCollector(Component):
         self._refused_fds: set[tuple[int, int, str]] = set()  # (pid, fd, path): the rescan skips them
         self._refused_files: dict[str, tuple[int, int, int]] = {}  # runtime file -> lstat when refused
         self._gone: deque[list[str]] = deque(maxlen=1024)  # containers forgotten, from the poll thread
+        self._renames: deque[tuple[str, str]] = deque()  # (old, new) from the poll thread, in order
 
     # ------------------------------------------------------------- sources --
 
@@ -129,26 +135,32 @@ class LogCollector(Component):
         src = Source(cid, label, tailer, fmt)
         src.joiner = MultilineJoiner(functools.partial(self._record, src))
         self._sources[(cid, label if fmt == "plain" else tailer.path)] = src
+        if fmt != "plain":
+            self._by_path[tailer.path] = src
         log.info("logs: following %s for %s", tailer.path, cid)
 
     def _has_source(self, cid: str, label: str, path: str, fmt: str) -> bool:
         # One tailer per container and file: a plain file is named by its path in the
         # container (two processes writing it are one source), a runtime file by its own path.
         key = (cid, label if fmt == "plain" else path)
+        if fmt != "plain" and path in self._by_path:
+            return True  # followed already, maybe under the id the runtime gave its container
         return key in self._sources or len(self._sources) >= MAX_SOURCES
 
-    def _add_file(self, cid: str, label: str, path: str, fmt: str, from_end: bool, prefix: str) -> None:
-        """A runtime's file (found by our own walk): resolved under `prefix` on the host."""
+    def _add_file(self, cid: str, label: str, path: str, fmt: str, from_end: bool, prefix: str,
+                  root: str = "/") -> None:
+        """A runtime's file (found by our own walk, or named by the runtime): resolved under
+        `prefix` inside `root` (the host's root when it is not mounted where we run)."""
         if self._has_source(cid, label, path, fmt):
             return
         try:
-            st = os.lstat(path)
+            st = os.lstat(os.path.join(root, path.lstrip("/")))
         except OSError:
             return
         seen = (st.st_dev, st.st_ino, st.st_ctime_ns)
         if self._refused_files.get(path) == seen:
             return  # refused before, unchanged since: not counted again on every scan
-        t = Tailer(path, root="/", prefix=prefix)
+        t = Tailer(path, root=root, prefix=prefix)
         if not t.open(from_end=from_end):
             if t.refused:
                 self.refused["runtime_file"] += t.refused
@@ -234,6 +246,26 @@ class LogCollector(Component):
     def scan(self, startup: bool = False) -> None:
         """Find runtime log files, and (at start-up) files container processes hold open."""
         with self._lock:
+            # The files the runtimes name, under the container's own id, before the directory
+            # walks below name them by their path (which then find them followed already).
+            for rc in self.registry.containers():
+                md = rc.metadata
+                if md is None or not md.log_path or "logs" in rc.opt_out:
+                    continue
+                fmt = RUNTIME_FORMATS.get(md.log_format or "")
+                if fmt is None:
+                    continue
+                src = self._by_path.get(md.log_path)
+                if src is None:
+                    # The path is the host's: as mounted (/var/log), else inside the host's root
+                    # (Docker's /var/lib/docker/containers), as the node agent reads it.
+                    root = "/"
+                    if not os.path.lexists(md.log_path):
+                        root = os.path.join(self.registry.procfs, "1", "root")
+                    self._add_file(rc.id, "stdout/stderr", md.log_path, fmt, from_end=startup,
+                                   prefix=os.path.dirname(md.log_path) + "/", root=root)
+                elif src.container_id != rc.id:  # found by a walk before the runtime answered
+                    self._move_source(src, rc.id)
             for root, _dirs, files in os.walk(self.pods_dir):
                 for name in files:
                     full = os.path.join(root, name)
@@ -260,6 +292,46 @@ class LogCollector(Component):
                     if (c.id, path) in self._sources or (pid, fd, path) in self._refused_fds:
                         continue  # already followed, or refused
                     self._follow(c.id, pid, fd, path, startup=startup)
+
+    def _move_source(self, src: Source, cid: str) -> None:
+        """(Lock held.) A source's lines go to `cid` from now on."""
+        for k, s in list(self._sources.items()):
+            if s is src:
+                del self._sources[k]
+                nk = (cid, k[1])
+                if nk in self._sources:  # the same file twice: keep one
+                    if src.tailer is not None:
+                        src.tailer.close()
+                    self._by_path = {p: s for p, s in self._by_path.items() if s is not src}
+                    return
+                self._sources[nk] = src
+        log.info("logs: %s is %s's", src.tailer.path if src.tailer else src.label, cid)
+        src.container_id = cid
+
+    def on_rename(self, old: str, new: str) -> None:
+        """On the poll thread: no I/O, no lock; the logs thread applies it."""
+        self._renames.append((old, new))
+
+    def _apply_renames(self) -> None:
+        """Sources, counts and patterns of a renamed container are its new id's (counts added
+        to what the new id has). The logs thread's."""
+        while True:
+            try:
+                old, new = self._renames.popleft()
+            except IndexError:
+                return
+            self._rename(old, new)
+
+    def _rename(self, old: str, new: str) -> None:
+        def add(kept: tuple[list[int], str], moved: tuple[list[int], str]) -> tuple[list[int], str]:
+            kept[0][0] += moved[0][0]
+            return kept
+
+        with self._lock:
+            for src in [s for s in self._sources.values() if s.container_id == old]:
+                self._move_source(src, new)
+            rekey(self._counts, old, new, add)
+            rekey(self._patterns, old, new, lambda kept, _moved: kept)
 
     def _journal_entry(self, e: JournalEntry) -> None:
         with self._lock:
@@ -389,6 +461,7 @@ class LogCollector(Component):
         next_scan = time.monotonic() + 5
         while not self._stop.wait(0.2):
             try:
+                self._apply_renames()
                 self._drain_opens()
                 self.pump()
                 self._forget_gone()
@@ -408,6 +481,7 @@ class LogCollector(Component):
             self._thread = None
         if self._journal is not None:
             self._journal.stop()
+        self._apply_renames()
         self._drain_opens()
         self.pump()
         self.flush()

@@ -21,10 +21,11 @@ import threading
 import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 from agent.component import Component
 from agent.containers.procfs import fd_targets
-from agent.containers.registry import Process, Registry
+from agent.containers.registry import Process, Registry, rekey
 from agent.ebpf.maps import BpfMap, Programs
 from agent.metrics import Families
 from agent.net.conntrack import Conntrack
@@ -353,6 +354,30 @@ class TcpTracker(Component):
                 if cid in apps:
                     f.gauge("container_net_tcp_listen_info", "a listening TCP socket", 1,
                             container_id=cid, app_id=apps[cid], listen_addr=addr, proxy="")
+
+    def on_rename(self, old: str, new: str) -> None:
+        """Connections and totals of `old` are `new`'s (added to what `new` has)."""
+        def add(kept: list[Any], moved: list[Any]) -> list[Any]:
+            for i, v in enumerate(moved):
+                kept[i] += v
+            return kept
+
+        with self._lock:
+            conns = [*self._conns.values(), *self._pending, *(c for c, _, _ in self._pending_connects),
+                     *(c for c, _ in self._closed_pending), *(c for c, _ in self._late_pending),
+                     *(v for v in self._recently_closed.values() if isinstance(v, Conn))]
+            for conn in conns:
+                if conn.container_id == old:
+                    conn.container_id = new
+            for k, v in self._recently_closed.items():
+                if isinstance(v, tuple) and v[0] == old:
+                    self._recently_closed[k] = (new, v[1], v[2])
+            rekey(self._connects, old, new, add)
+            rekey(self._closed, old, new, add)
+            rekey(self._failed, old, new, lambda a, b: a + b)
+            for lk, cid in self._listens.items():
+                if cid == old:
+                    self._listens[lk] = new
 
     def forget_containers(self, gone: list[str]) -> None:
         """Drop totals of containers the registry forgot (bounded memory)."""

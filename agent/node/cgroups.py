@@ -40,7 +40,7 @@ class CgroupCollector(Component):
     def collect(self, f: Families) -> None:
         for c in self.registry.containers():
             lbl = {"container_id": c.id, "app_id": c.app_id}
-            f.gauge("container_info", "container metadata", 1, **lbl, image="",
+            f.gauge("container_info", "container metadata", 1, **lbl, image=c.image,
                     systemd_triggered_by="", systemd_type="")
             f.counter("container_oom_kills_total", "processes killed by the OOM killer", c.oom_kills, **lbl)
             self._cpu(f, c, lbl)

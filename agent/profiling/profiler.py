@@ -103,6 +103,15 @@ class Profiler(Component):
                 self.symbols.forget(proc.pid)
                 self._sync_one(proc.pid)
 
+    def on_rename(self, old: str, new: str) -> None:
+        """Samples from now on go to `new`; those drained already keep the id they were taken
+        under (a profile covers its own interval)."""
+        with self._lock:
+            for table in (self._allowed, self._exited):
+                for pid, cid in table.items():
+                    if cid == old:
+                        table[pid] = new
+
     def _sync_one(self, pid: int) -> None:
         c = self.registry.container_of(pid)
         ok = c is not None and not self.registry.opted_out(pid, "profiling")

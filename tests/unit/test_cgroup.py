@@ -97,3 +97,38 @@ def test_layout_detection(tmp_path) -> None:  # noqa: ANN001
     assert cg.detect_layout(str(tmp_path)).mode == cg.HYBRID
     (tmp_path / "cgroup.controllers").write_text("")
     assert cg.detect_layout(str(tmp_path)).mode == cg.V2
+
+
+PODMAN_ID = "4" * 64
+
+
+@pytest.mark.parametrize(("path", "kind", "cid"), [
+    (f"/machine.slice/libpod-{PODMAN_ID}.scope", "podman", f"/podman/{PODMAN_ID[:12]}"),
+    (f"/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{PODMAN_ID}.scope", "podman",
+     f"/podman/{PODMAN_ID[:12]}"),
+    (f"/system.slice/web.service/libpod-payload-{PODMAN_ID}", "podman", f"/podman/{PODMAN_ID[:12]}"),
+    (f"/kubepods/burstable/pod8712f785-1a3e-41ec-a00b-e2dcc77431cb/{PODMAN_ID}", "docker",
+     f"/k8s-cgroup/8712f785-1a3e-41ec-a00b-e2dcc77431cb/{PODMAN_ID[:12]}"),
+    (f"/kubepods.slice/kubepods-pod8712f785_1a3e_41ec_a00b_e2dcc77431cb.slice/crio-{PODMAN_ID}.scope", "crio",
+     f"/k8s-cgroup/8712f785-1a3e-41ec-a00b-e2dcc77431cb/{PODMAN_ID[:12]}"),
+    (f"/system.slice/docker-{PODMAN_ID}.scope", "docker", f"/docker/{PODMAN_ID[:12]}"),
+])
+def test_runtime_containers_keep_the_runtime_id_and_get_a_derived_one(path: str, kind: str, cid: str) -> None:
+    ref = cg.classify(path)
+    assert ref is not None and (ref.kind, ref.runtime_id, cg.container_id(ref)) == (kind, PODMAN_ID, cid)
+
+
+@pytest.mark.parametrize("path", [
+    f"/machine.slice/libpod-conmon-{PODMAN_ID}.scope", "/machine.slice/machine-qemu.scope",
+    "/user.slice/user-1000.slice/session-2.scope",
+])
+def test_podman_monitors_and_other_scopes_are_no_containers(path: str) -> None:
+    assert cg.classify(path) is None
+
+
+def test_v1_kubepods_cgroupfs_driver_wins_over_the_unified_path() -> None:
+    text = (f"12:cpu,cpuacct:/kubepods/besteffort/pod8712f785-1a3e-41ec-a00b-e2dcc77431cb/{PODMAN_ID}\n"
+            f"11:memory:/kubepods/besteffort/pod8712f785-1a3e-41ec-a00b-e2dcc77431cb/{PODMAN_ID}\n"
+            "0::/system.slice/containerd.service\n")
+    ref = cg.classify(cg.cgroup_id(cg.parse_proc_cgroup(text)))
+    assert ref is not None and (ref.kind, ref.runtime_id) == ("docker", PODMAN_ID)

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from agent import caps, config
+from agent.containers.runtimes.resolver import build_clients
 
 DIR = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
 K8S_VERSION = "1.30.0"
@@ -81,6 +82,27 @@ def test_daemonset_mounts_and_host_pid() -> None:
     assert vols[mounts["/var/lib/coroot-agent"]["name"]]["hostPath"]["path"] == "/var/lib/coroot-agent"
     cfg = agent_config()
     assert cfg.cgroupfs_root == "/host/sys/fs/cgroup" and cfg.wal_dir.startswith("/var/lib/coroot-agent")
+
+
+def test_daemonset_mounts_the_runtime_socket_directories_read_only() -> None:
+    spec = one("DaemonSet", "daemonset.yaml")["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m for m in container()["volumeMounts"]}
+    vols = {v["name"]: v for v in spec["volumes"]}
+    cfg = agent_config()
+    clients = {c.name: c for c in build_clients()}
+    for path, runtime in (("/run/containerd", "containerd"), ("/run/crio", "crio"), ("/run/podman", "podman")):
+        m = mounts[path]
+        assert m["readOnly"] is True, path
+        assert vols[m["name"]]["hostPath"] == {"path": path, "type": "DirectoryOrCreate"}
+        # the client finds its socket there (the default sockets, no flag in the ConfigMap)
+        assert any(s.startswith(path + "/") for s in clients[runtime].sockets), runtime
+    assert (cfg.containerd_socket, cfg.crio_socket, cfg.docker_socket, cfg.podman_socket) == ("", "", "", "")
+    assert cfg.disabled_runtimes == ()
+    # Docker's socket is in /run itself: reached through /proc/1/root, which needs hostPID and
+    # CAP_SYS_PTRACE; no capability is added for the sockets
+    assert "/run/docker.sock" in clients["docker"].sockets and spec["hostPID"] is True
+    assert "SYS_PTRACE" in container()["securityContext"]["capabilities"]["add"]
+    assert "DAC_OVERRIDE" not in container()["securityContext"]["capabilities"]["add"]
 
 
 def test_the_two_variants_differ_only_in_privilege() -> None:

@@ -14,7 +14,9 @@ from agent.containers.registry import (
     PROC_EVENT,
     Registry,
     read_environ_opt_outs,
+    rekey,
 )
+from agent.containers.runtimes import ContainerMetadata
 
 
 class Clock:
@@ -152,3 +154,190 @@ def test_opt_out_parsing() -> None:
     assert read_environ_opt_outs(b"XCOROOT_EBPF_TRACES=disabled\0") == frozenset()
     assert read_environ_opt_outs(b"COROOT_EBPF_TRACES=disabled") == frozenset({"traces"})
     assert read_environ_opt_outs(b"") == frozenset()
+
+
+# ------------------------------------------------------------ runtime names ---
+
+WEB = "a" * 64
+WEB2 = "b" * 64
+PAUSE = "c" * 64
+POD_UID = "8712f785-1a3e-41ec-a00b-e2dcc77431cb"
+
+
+def make_k8s_proc(root: Path, pid: int, runtime_id: str, start: int = 4242) -> str:
+    """A process in the cgroup kubelet's systemd driver makes for a containerd container."""
+    u = POD_UID.replace("-", "_")
+    path = (f"/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice/"
+            f"cri-containerd-{runtime_id}.scope")
+    d = root / "proc" / str(pid)
+    d.mkdir(parents=True, exist_ok=True)
+    fields = ["S"] + ["0"] * 18 + [str(start)] + ["0"] * 20
+    (d / "stat").write_text(f"{pid} (app) " + " ".join(fields) + "\n")
+    (d / "cgroup").write_text(f"0::{path}\n")
+    (d / "environ").write_bytes(b"")
+    cg = root / "cgroup" / "unified" / path.lstrip("/")
+    cg.mkdir(parents=True, exist_ok=True)
+    os.utime(cg, (1000.0 + start, 1000.0 + start))
+    return f"/k8s-cgroup/{POD_UID}/{runtime_id[:12]}"
+
+
+class FakeResolver:
+    """Stands in for RuntimeResolver (its own tests, unit and against real runtimes, are in
+    test_runtimes.py): records requests; the test plays the runtime's answers."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str | None]] = []
+        self.forgotten: list[str] = []
+        self.cache: dict[str, ContainerMetadata] = {}
+        self.listeners: list = []
+
+    def request(self, runtime_id: str, runtime_hint: str | None = None) -> None:
+        self.requests.append((runtime_id, runtime_hint))
+
+    def get(self, runtime_id: str) -> ContainerMetadata | None:
+        return self.cache.get(runtime_id)
+
+    def forget(self, runtime_id: str) -> None:
+        self.forgotten.append(runtime_id)
+
+    def subscribe(self, listener) -> None:  # noqa: ANN001
+        self.listeners.append(listener)
+
+    def answer(self, runtime_id: str, cid: str | None, sandbox: bool = False, image: str = "") -> None:
+        md = ContainerMetadata(runtime="containerd", runtime_id=runtime_id, id=cid, sandbox=sandbox, image=image)
+        self.cache[runtime_id] = md
+        for cb in self.listeners:
+            cb(runtime_id, md)
+
+
+def test_a_runtime_container_is_asked_for_once_and_renamed_at_housekeeping(tmp_path: Path) -> None:
+    derived = make_k8s_proc(tmp_path, 10, WEB)
+    make_k8s_proc(tmp_path, 11, WEB)
+    r, _, _ = registry(tmp_path, min_container_age=0)
+    res = FakeResolver()
+    r.use_resolver(res)
+    renames: list[tuple[str, str]] = []
+    r.subscribe_renames(lambda old, new: renames.append((old, new)))
+    r.scan()
+    r.scan()
+    assert res.requests == [(WEB, "cri-containerd")]
+    assert r.container_of(10).id == derived  # type: ignore[union-attr]
+    res.answer(WEB, "/k8s/shop/web-7d9f8b6c5d-x2k4p/web", image="nginx:1.25")
+    assert r.container_of(10).id == derived, "renamed on the poll thread only"  # type: ignore[union-attr]
+    assert r.housekeeping() == []
+    c = r.container_of(10)
+    assert c is not None and (c.id, c.app_id, c.image) == ("/k8s/shop/web-7d9f8b6c5d-x2k4p/web", "/k8s/shop/web", "nginx:1.25")
+    assert r.process(11).container_id == c.id and c.pids == {10, 11}  # type: ignore[union-attr]
+    assert renames == [(derived, c.id)] and r.container(derived) is None
+    make_k8s_proc(tmp_path, 12, WEB)  # a new process of the renamed container
+    r.handle_event(event(EVENT_FORK, 12))
+    assert r.process(12).container_id == c.id and c.pids == {10, 11, 12}  # type: ignore[union-attr]
+    assert res.requests == [(WEB, "cri-containerd")]
+
+
+def test_a_pod_sandbox_is_never_reported_once_the_runtime_says_so(tmp_path: Path) -> None:
+    make_k8s_proc(tmp_path, 10, PAUSE)
+    r, _, _ = registry(tmp_path, min_container_age=0)
+    res = FakeResolver()
+    r.use_resolver(res)
+    r.scan()
+    res.answer(PAUSE, None, sandbox=True)
+    r.housekeeping()
+    assert r.containers() == [] and r.container_of(10) is None
+
+
+def test_no_answer_keeps_the_cgroup_derived_id_and_a_forgotten_container_is_forgotten_by_the_resolver(
+        tmp_path: Path) -> None:
+    derived = make_k8s_proc(tmp_path, 10, WEB)
+    r, mono, _ = registry(tmp_path, min_container_age=0, dead_container_ttl=60)
+    res = FakeResolver()
+    r.use_resolver(res)
+    r.scan()
+    r.housekeeping()
+    assert [c.id for c in r.containers()] == [derived]
+    r.handle_event(event(EVENT_EXIT, 10))
+    mono.t = 60
+    assert r.housekeeping() == [derived] and res.forgotten == [WEB]
+
+
+def test_a_restarted_kubernetes_container_joins_its_previous_run_under_one_id(tmp_path: Path) -> None:
+    make_k8s_proc(tmp_path, 10, WEB, start=100)
+    r, _, _ = registry(tmp_path, min_container_age=0)
+    res = FakeResolver()
+    r.use_resolver(res)
+    renames: list[tuple[str, str]] = []
+    r.subscribe_renames(lambda old, new: renames.append((old, new)))
+    r.scan()
+    res.answer(WEB, "/k8s/shop/db-0/postgres")
+    r.housekeeping()
+    r.handle_event(event(EVENT_OOM_KILL, 10))
+    r.handle_event(event(EVENT_EXIT, 10))
+    derived2 = make_k8s_proc(tmp_path, 20, WEB2, start=200)  # the kubelet's next attempt: a new cgroup
+    r.handle_event(event(EVENT_FORK, 20))
+    assert r.container_of(20).id == derived2  # type: ignore[union-attr]
+    res.answer(WEB2, "/k8s/shop/db-0/postgres")
+    r.housekeeping()
+    [c] = r.containers()
+    assert (c.id, c.pids, c.oom_kills, c.dead_since, c.runtime_id) == ("/k8s/shop/db-0/postgres", {20}, 1, None, WEB2)
+    assert c.cgroup_path.endswith(f"cri-containerd-{WEB2}.scope")  # the newer cgroup's counters
+    assert renames[-1] == (derived2, "/k8s/shop/db-0/postgres")
+
+
+def test_rekey_moves_and_merges_entries_of_one_container() -> None:
+    d = {("/a", "x"): 1, ("/b", "x"): 2, ("/a", "y"): 3}
+    rekey(d, "/a", "/b", lambda kept, moved: kept + moved)
+    assert d == {("/b", "x"): 3, ("/b", "y"): 3}
+    s = {"/a": 1, "/c": 5}
+    rekey(s, "/a", "/c")
+    assert s == {"/c": 1}
+
+
+def test_components_re_key_what_they_counted_adding_to_the_new_ids_counts(tmp_path: Path) -> None:
+    """TCP totals, open connections and L7/DNS counts of the old id move to the new one and add
+    up with what the new id had: nothing lost, nothing counted twice."""
+    from agent.l7.hist import Hist
+    from agent.l7.tracer import L7Tracer
+    from agent.net.public import PublicFilter
+    from agent.net.tcp import Conn, TcpTracker
+
+    r, _, _ = registry(tmp_path, min_container_age=0)
+    tcp = TcpTracker(r, PublicFilter(["0.0.0.0/0"]), (32768, 60999), procfs=str(tmp_path / "proc"))
+    key_old, key_new = ("/k8s-cgroup/u/aaaa", "10.0.0.1:80", "10.0.0.1:80"), ("/k8s/ns/p/c", "10.0.0.1:80", "10.0.0.1:80")
+    tcp._connects[key_old] = [5, 0.5]
+    tcp._connects[key_new] = [2, 0.25]
+    tcp._failed[("/k8s-cgroup/u/aaaa", "10.0.0.2:80")] = 1
+    conn = Conn(10, 3, "/k8s-cgroup/u/aaaa", "10.0.0.9", 40000, "10.0.0.1", 80, "10.0.0.1:80")
+    tcp._conns[(10, 3)] = conn
+    tcp._pending_connects.append((conn, 0.1, 0))
+    tcp.on_rename("/k8s-cgroup/u/aaaa", "/k8s/ns/p/c")
+    assert dict(tcp._connects) == {key_new: [7, 0.75]}
+    assert dict(tcp._failed) == {("/k8s/ns/p/c", "10.0.0.2:80"): 1}
+    assert conn.container_id == "/k8s/ns/p/c"
+    tcp.resolve_pending()  # the pending connect is counted under the new id
+    assert tcp._connects[key_new][0] == 8
+
+    l7 = L7Tracer(r, tcp, None)
+    h = Hist()
+    h.observe(0.01)
+    l7._in[("/k8s-cgroup/u/aaaa", 1, "200")] = h
+    h2 = Hist()
+    h2.observe(0.02)
+    l7._in[("/k8s/ns/p/c", 1, "200")] = h2
+    dns = l7._dns
+    dns._counts[("/k8s-cgroup/u/aaaa", "TypeA", "db", "ok")] = 3
+    l7.on_rename("/k8s-cgroup/u/aaaa", "/k8s/ns/p/c")
+    assert list(l7._in) == [("/k8s/ns/p/c", 1, "200")] and l7._in[("/k8s/ns/p/c", 1, "200")].count == 2
+    assert dict(dns._counts) == {("/k8s/ns/p/c", "TypeA", "db", "ok"): 3}
+
+
+def test_a_restarted_container_joining_its_previous_run_counts_one_restart(tmp_path: Path) -> None:
+    from agent.containers.registry import Process
+    from agent.containers.restarts import RestartCounter
+
+    r, _, _ = registry(tmp_path, min_container_age=0)
+    rc = RestartCounter(r)
+    rc.on_process("added", Process(10, 100, "pg", "/a", "/k8s/ns/db-0/pg", frozenset()))
+    rc.on_process("removed", Process(10, 100, "pg", "/a", "/k8s/ns/db-0/pg", frozenset()))
+    rc.on_process("added", Process(20, 200, "pg", "/b", "/k8s-cgroup/u/bbbb", frozenset()))
+    rc.on_rename("/k8s-cgroup/u/bbbb", "/k8s/ns/db-0/pg")
+    assert rc.restarts("/k8s/ns/db-0/pg") == 1 and rc.restarts("/k8s-cgroup/u/bbbb") == 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict, defaultdict
@@ -44,6 +45,7 @@ from agent.containers.runtimes.docker import DockerClient
 from agent.containers.runtimes.podman import PodmanClient
 
 if TYPE_CHECKING:
+    from agent.config import Config
     from agent.metrics import Families
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,17 @@ def build_clients(
                          f"known: {', '.join(CLIENTS)}")
     return [cls(socket=(sockets or {}).get(name) or None, host_root=host_root, timeout=timeout)
             for name, cls in CLIENTS.items() if name not in off]
+
+
+def runtime_resolver(cfg: Config, timeout: float = DEFAULT_TIMEOUT) -> RuntimeResolver:
+    """The clients the configuration leaves on (--containerd-socket, --crio-socket,
+    --docker-socket, --podman-socket, --disable-runtime), behind one resolver; the host's root
+    is the configured procfs's /1/root."""
+    sockets = {"containerd": cfg.containerd_socket, "crio": cfg.crio_socket,
+               "docker": cfg.docker_socket, "podman": cfg.podman_socket}
+    clients = build_clients(sockets, disabled=cfg.disabled_runtimes,
+                            host_root=os.path.join(cfg.procfs_root, "1", "root"), timeout=timeout)
+    return RuntimeResolver(clients, cache_size=cfg.runtime_cache_size, disabled=cfg.disabled_runtimes)
 
 
 @dataclass
