@@ -236,7 +236,8 @@ class Agent:
         if shipper is not None:
             out.append(shipper)
         if "profiler" in self.families():
-            out.append(Profiler(self.registry, self.sink, cfg.profiling_frequency, cfg.profiling_interval))
+            out.append(Profiler(self.registry, self.sink, cfg.profiling_frequency, cfg.profiling_interval,
+                                host_id=const["machine_id"]))
         if "logs" in self.families():
             scrubber = Scrubber(emails=cfg.log_mask_emails, cards=cfg.log_mask_cards, tokens=cfg.log_mask_tokens,
                                 secrets=cfg.log_mask_secrets, headers=cfg.log_mask_headers,
@@ -244,7 +245,7 @@ class Agent:
             out.append(LogCollector(self.registry, self.sink, metrics=cfg.log_metrics_enabled,
                                     entries=cfg.log_entries_enabled,
                                     patterns_per_container=cfg.log_patterns_per_container,
-                                    scrubber=scrubber))
+                                    scrubber=scrubber, host_id=const["machine_id"]))
         return out
 
     def _check_capabilities(self) -> None:

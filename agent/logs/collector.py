@@ -18,7 +18,8 @@ operation happens on this collector's own thread.
 
 Pipeline per record: partial-line joining, multi-line joining, PII scrubbing, level, pattern;
 then `container_log_messages_total{source,level,pattern_hash,sample}` (unless log parsing is
-off) and an otel_logs row (unless log entries are off). COROOT_LOG_MONITORING=disabled in a
+off) and an otel_logs row (unless log entries are off) with LogAttributes['pattern.hash'] equal
+to that pattern_hash, and TraceId/SpanId from JSON fields named as the node agent reads them. COROOT_LOG_MONITORING=disabled in a
 container's processes: nothing for that container.
 
 A component (agent/component.py): its thread reads, a scrape only reads the counts, and a tick
@@ -86,6 +87,55 @@ def decode_open(raw: bytes) -> LogOpen | None:
     return LogOpen(pid, fd, path_b.split(b"\0", 1)[0].decode(errors="replace"))
 
 
+_TRACE_KEYS = ("traceid", "trace_id", "trace-id", "trace.id")
+_SPAN_KEYS = ("spanid", "span_id", "span-id", "span.id")
+_HEX = re.compile(r"[0-9a-f]+")
+
+
+def _context_key(key: str) -> str:
+    """'trace', 'span' or '': what a JSON field names, by the node agent's rule (logs/otel.go):
+    case-insensitive, a dotted path's last part counts, `@tr`/`@sp` too, `parent` never."""
+    k = key.lower()
+    if k in ("@tr", "@sp"):
+        return "trace" if k == "@tr" else "span"
+    if "parent" in k:
+        return ""
+    if any(k == s or k.endswith("." + s) for s in _TRACE_KEYS):
+        return "trace"
+    if any(k == s or k.endswith("." + s) for s in _SPAN_KEYS):
+        return "span"
+    return ""
+
+
+def _flat(obj: dict[str, object], prefix: str = "", depth: int = 0) -> list[tuple[str, object]]:
+    out: list[tuple[str, object]] = []
+    for k, v in obj.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict) and depth < 4:
+            out += _flat(v, name + ".", depth + 1)
+        else:
+            out.append((name, v))
+    return out
+
+
+def trace_context(obj: dict[str, object]) -> tuple[str, str]:
+    """(TraceId, SpanId) of a JSON log record: the first field of each kind whose value is a
+    valid id (32 or 16 hex digits, not all zero), lower-cased; '' where there is none."""
+    trace_id = span_id = ""
+    for key, value in _flat(obj):
+        if not isinstance(value, str):
+            continue
+        kind = _context_key(key)
+        v = value.lower()
+        if not kind or not _HEX.fullmatch(v) or not v.strip("0"):
+            continue
+        if kind == "trace" and not trace_id and len(v) == 32:
+            trace_id = v
+        elif kind == "span" and not span_id and len(v) == 16:
+            span_id = v
+    return trace_id, span_id
+
+
 @dataclass
 class Source:
     container_id: str
@@ -102,7 +152,7 @@ class LogCollector(Component):
     def __init__(self, registry: Registry, sink: Sink | None, metrics: bool = True, entries: bool = True,
                  patterns_per_container: int = 256, scrubber: Scrubber | None = None,
                  pods_dir: str = "/var/log/pods", docker_dir: str = "/var/lib/docker/containers",
-                 journald: bool = True) -> None:
+                 journald: bool = True, host_id: str = "") -> None:
         self.registry = registry
         self.sink = sink if entries else None
         self.metrics = metrics
@@ -110,6 +160,7 @@ class LogCollector(Component):
         self.scrub = scrubber or Scrubber()
         self.pods_dir, self.docker_dir = pods_dir, docker_dir
         self.hostname = socket.gethostname()
+        self.host_id = host_id
         self._lock = threading.Lock()
         self._sources: dict[tuple[str, str], Source] = {}
         self._by_path: dict[str, Source] = {}  # runtime files (not plain): one source per file
@@ -381,28 +432,33 @@ class LogCollector(Component):
                     if isinstance(obj.get(k), str):
                         level = level or level_of_word(obj[k])
                         break
-                trace_id = str(obj.get("trace_id") or obj.get("traceId") or obj.get("trace.id") or "")
-                span_id = str(obj.get("span_id") or obj.get("spanId") or obj.get("span.id") or "")
+                trace_id, span_id = trace_context(obj)
         level = level or detect_level(body)
         self.records += 1
-        if self.metrics:
+        pattern = None
+        if self.metrics or self.sink is not None:
             ps = self._patterns.get(cid)
             if ps is None:
                 ps = self._patterns[cid] = PatternSet(cap=self.cap)
-            p = ps.match(body)
-            key = (cid, source, level, p.hash)
+            pattern = ps.match(body)
+        if self.metrics and pattern is not None:
+            key = (cid, source, level, pattern.hash)
             entry = self._counts.get(key)
             if entry is None:
-                entry = self._counts[key] = ([0], p.sample)
+                entry = self._counts[key] = ([0], pattern.sample)
             entry[0][0] += 1
-        if self.sink is not None:
+        if self.sink is not None and pattern is not None:
             app = service_name(cid)
+            # As the node agent sends a record (logs/otel.go): the resource names the host and
+            # the container; the record carries `pattern.hash`, equal to the `pattern_hash`
+            # label of container_log_messages_total (the server filters a pattern's entries by it).
             self.sink.add("otel_logs", schema.row("otel_logs", {
                 "Timestamp": ts_ns or time.time_ns(), "TraceId": trace_id, "SpanId": span_id,
                 "SeverityText": level, "SeverityNumber": SEVERITY_NUMBER[level], "ServiceName": app,
                 "Body": body,
-                "ResourceAttributes": {"host.name": self.hostname, "container.id": cid, "service.name": app},
-                "LogAttributes": {"log.source": source},
+                "ResourceAttributes": {"host.name": self.hostname, "host.id": self.host_id,
+                                       "container.id": cid, "service.name": app},
+                "LogAttributes": {"pattern.hash": pattern.hash},
             }))
 
     def _forget_gone(self) -> None:

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 
 from agent.config import Config
+from agent.profiling.profiler import frame_name
 from agent.units import parse_duration
 
 WIDTH = 1200
@@ -37,7 +38,7 @@ def load(cfg: Config, service: str | None, since: str) -> dict[tuple[str, ...], 
     out: dict[tuple[str, ...], int] = {}
     for line in buf.getvalue().decode().splitlines():
         row = json.loads(line)
-        frames = tuple(reversed(row["stack"]))  # stored leaf first
+        frames = tuple(frame_name(f) for f in reversed(row["stack"]))  # stored leaf first
         if service is None:
             frames = (row["service"], *frames)
         out[frames] = out.get(frames, 0) + int(row["value"])

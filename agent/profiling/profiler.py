@@ -2,6 +2,10 @@
 stacks and writes one profile per container to `profiling_stacks` / `profiling_samples` in
 Coroot's format (type ebpf:cpu:nanoseconds, frames leaf first, FNV-1a 64 stack hash, value =
 samples x sampling period in ns, service name = the container's workload or id, as for spans).
+Rows are what the server writes for a profile the node agent sends (coroot: collector/profiles.go;
+node agent: profiling/profiling.go): Labels `container.id`, `host.name`, `host.id`; each frame
+`"<function> <file>:<line>"`, which for the node agent's eBPF frames (a name only) is
+`"<function> :0"`; the process's command name is the outermost frame.
 
 Keeps the kernel's `profile_pids` map equal to the processes that may be sampled: in a
 reported container, not opted out with COROOT_EBPF_PROFILING=disabled.
@@ -13,6 +17,7 @@ last time and hands the last profile to the sink.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections import Counter, defaultdict
@@ -39,6 +44,20 @@ def stack_hash(frames: Stack) -> int:
     return fnv1a64(f.encode() for f in frames)
 
 
+def frame(name: str) -> str:
+    """A frame as the server stores a pprof line ("%s %s:%d" of function, file, line), for a
+    frame known by its name only, as the node agent's eBPF frames are."""
+    return f"{name} :0"
+
+
+def frame_name(text: str) -> str:
+    """The function of a stored frame (its " <file>:<line>" tail removed)."""
+    head, sep, tail = text.rpartition(" ")
+    if sep and ":" in tail and tail.rsplit(":", 1)[1].isdigit():
+        return head
+    return text
+
+
 @dataclass(frozen=True)
 class Maps:
     """bpf/profiler.c's maps."""
@@ -60,8 +79,10 @@ class Profiler(Component):
     name = "profiler"
 
     def __init__(self, registry: Registry, sink: Sink | None, frequency: int, interval: float,
-                 symbolizer: Symbolizer | None = None, wall: Callable[[], float] = time.time) -> None:
+                 symbolizer: Symbolizer | None = None, wall: Callable[[], float] = time.time,
+                 host_id: str = "") -> None:
         self.registry = registry
+        self.host_labels = {"host.name": socket.gethostname(), "host.id": host_id}
         self.sink = sink
         self.frequency = frequency
         self.period_ns = 1_000_000_000 // frequency
@@ -71,6 +92,7 @@ class Profiler(Component):
         self._lock = threading.Lock()
         self._maps: Maps | None = None
         self._allowed: dict[int, str] = {}  # pid -> container_id, mirrored in profile_pids
+        self._comm: dict[int, str] = {}  # pid -> command name: the root frame of its stacks
         # Exited since the last drain: their samples still count, and their memory maps stay
         # cached until that drain has symbolized them.
         self._exited: dict[int, str] = {}
@@ -97,10 +119,13 @@ class Profiler(Component):
                 if cid is not None:
                     self._set_pid(proc.pid, False)
                     self._exited[proc.pid] = cid
+                    self._comm.setdefault(proc.pid, proc.comm)
                 else:
                     self.symbols.forget(proc.pid)
+                    self._comm.pop(proc.pid, None)
             else:
                 self.symbols.forget(proc.pid)
+                self._comm[proc.pid] = proc.comm
                 self._sync_one(proc.pid)
 
     def on_rename(self, old: str, new: str) -> None:
@@ -118,6 +143,9 @@ class Profiler(Component):
         if c is not None and ok and pid not in self._allowed:
             self._allowed[pid] = c.id
             self._set_pid(pid, True)
+            p = self.registry.process(pid)
+            if p is not None:
+                self._comm[pid] = p.comm
         elif not ok and pid in self._allowed:
             del self._allowed[pid]
             self._set_pid(pid, False)
@@ -130,6 +158,8 @@ class Profiler(Component):
                 if pid not in live:
                     del self._allowed[pid]
                     self._set_pid(pid, False)
+            for pid in [p for p in self._comm if p not in live and p not in self._exited]:
+                del self._comm[pid]
             for pid in live:
                 self._sync_one(pid)
 
@@ -169,13 +199,19 @@ class Profiler(Component):
                 cid = c.id
             frames: list[str] = []
             if kstack >= 0:
-                frames += [self.symbols.kernel(a) for a in stacks_t.walk_stack(kstack)]
+                frames += [frame(self.symbols.kernel(a)) for a in stacks_t.walk_stack(kstack)]
                 used.add(kstack)
             if ustack >= 0:
-                frames += [self.symbols.user(pid, a) for a in stacks_t.walk_stack(ustack)]
+                frames += [frame(self.symbols.user(pid, a)) for a in stacks_t.walk_stack(ustack)]
                 used.add(ustack)
             if not frames:
-                frames = ["[unknown]"]
+                frames = [frame("[unknown]")]
+            comm = self._comm.get(pid)
+            if comm is None:
+                p = self.registry.process(pid)
+                comm = p.comm if p is not None else ""
+            if comm:
+                frames.append(frame(comm))  # outermost, as the node agent's profiles have it
             out[cid][tuple(frames)] += n
         # Stack ids still referenced by the other (now active) map must survive.
         other = m.counts[1 - cur].keys()
@@ -184,6 +220,9 @@ class Profiler(Component):
             stacks_t.delete_stack(sid)
         for pid in exited:
             self.symbols.forget(pid)
+            with self._lock:
+                if pid not in self._allowed:
+                    self._comm.pop(pid, None)
         self.drops = m.dropped.percpu_sum(0)
         return out
 
@@ -206,7 +245,8 @@ class Profiler(Component):
                     "ServiceName": service, "Hash": h, "LastSeen": now_ns, "Stack": list(frames)}))
                 self.sink.add("profiling_samples", schema.row("profiling_samples", {
                     "ServiceName": service, "Type": PROFILE_TYPE, "Start": start_ns, "End": now_ns,
-                    "Labels": {"container_id": cid}, "StackHash": h, "Value": count * self.period_ns}))
+                    "Labels": {"container.id": cid, **self.host_labels}, "StackHash": h,
+                    "Value": count * self.period_ns}))
                 n += count
         self.samples_written += n
         return n

@@ -3,8 +3,9 @@ ELF .symtab/.dynsym of the mapped file (pyelftools), JIT frames from /tmp/perf-P
 
 Caches are bounded: ELF symbol tables are kept per binary (device + inode, never per pid) in an
 LRU of `max_binaries`; a process's memory map is kept until it execs or exits
-(`forget(pid)`), at most `max_processes` of them. An address nothing explains is
-`[unknown] <module>+0x<offset>` rather than dropped. Reads files; holds no BPF objects.
+(`forget(pid)`), at most `max_processes` of them. An address nothing explains is named as the
+node agent's profiler names it (grafana/pyroscope ebpf, with module offsets on):
+`<file path>+<hex offset>` inside a mapped file, `[unknown]` elsewhere, never dropped. Reads files; holds no BPF objects.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ class KernelSymbols:
 
     def lookup(self, addr: int) -> str:
         i = bisect.bisect_right(self.addrs, addr) - 1
-        return self.names[i] if i >= 0 and self.addrs[i] else f"[unknown] [kernel]+0x{addr:x}"
+        return self.names[i] if i >= 0 and self.addrs[i] else "[unknown]"
 
 
 class Symbolizer:
@@ -223,11 +224,10 @@ class Symbolizer:
                 name = table.lookup(va) if va is not None else None
                 if name:
                     return name
-            return f"[unknown] {os.path.basename(m.path)}+0x{addr - m.start + m.offset:x}"
+            return f"{m.path}+{addr - m.start + m.offset:x}"
         perf = self._perf_map(pid)
         if perf is not None:
             j = bisect.bisect_right(perf[0], addr) - 1
             if j >= 0 and addr < perf[1][j]:
                 return perf[2][j]
-        module = os.path.basename(m.path) if m is not None and m.path else "[anon]"
-        return f"[unknown] {module}+0x{addr - (m.start if m else 0):x}"
+        return "[unknown]"

@@ -1,8 +1,12 @@
 """Standalone metric history: with no remote_write URL and the embedded store, every scrape
 interval the agent's registry is written to the store's `metrics` table (Coroot's schema), so
-`coroot-agent query` can answer "what was the connect rate an hour ago". A component
-(agent/component.py): its thread scrapes; `close()` scrapes a last time (the other components
-have closed and flushed by then)."""
+`coroot-agent query` can answer "what was the connect rate an hour ago". Rows are those the
+Coroot server's collector writes for a remote_write request (coroot: collector/metrics.go), which
+its PromQL engine reads back (prom/clickhouse*.go): Labels without `__name__`, keys sorted (it
+groups series by the Labels map), MetricHash the Prometheus label-set signature, and one
+`metrics_metadata` row per metric family (name and type as a Prometheus scraping /metrics would
+send them) the first time the family is seen. A component (agent/component.py): its thread
+scrapes; `close()` scrapes a last time (the other components have closed and flushed by then)."""
 
 from __future__ import annotations
 
@@ -16,14 +20,24 @@ from agent.component import Component
 from agent.hashing import fnv1a64
 from agent.sinks import schema
 from agent.sinks.batcher import Sink
-from agent.sinks.remote_write import gather
 
 log = logging.getLogger(__name__)
 
+_SEP = b"\xff"
+# prometheus_client family type -> (suffix of the family name in the text exposition, the type
+# remote_write metadata names: prompb.MetricMetadata.MetricType)
+_META_TYPES = {
+    "counter": ("_total", "COUNTER"), "gauge": ("", "GAUGE"), "histogram": ("", "HISTOGRAM"),
+    "gaugehistogram": ("", "GAUGEHISTOGRAM"), "summary": ("", "SUMMARY"), "info": ("_info", "GAUGE"),
+    "stateset": ("", "GAUGE"), "unknown": ("", "UNKNOWN"),
+}
+
 
 def series_hash(labels: list[tuple[str, str]]) -> int:
-    """FNV-1a 64 of the sorted labels (name included), `k=v` joined by NUL."""
-    return fnv1a64(f"{k}={v}\0".encode() for k, v in labels)
+    """The Prometheus signature of a label set (`__name__` included), as the server's collector
+    computes MetricHash (prometheus/common model.LabelsToSignature): FNV-1a 64 over each label,
+    by name, as name 0xff value 0xff."""
+    return fnv1a64(part for k, v in sorted(labels) for part in (k.encode(), _SEP, v.encode(), _SEP))
 
 
 class MetricHistory(Component):
@@ -36,17 +50,29 @@ class MetricHistory(Component):
         self.extra = {"instance": instance, "job": "coroot-node-agent"}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._described: set[str] = set()  # families with a metrics_metadata row
 
     def scrape(self, ts_ms: int | None = None) -> int:
+        """One pass over the registry: a metrics row per sample (returns how many) and a
+        metrics_metadata row per family not described before."""
         ts_ms = ts_ms if ts_ms is not None else int(time.time() * 1000)
         n = 0
-        for labels, samples in gather(self.registry, self.extra, ts_ms):
-            name = dict(labels)["__name__"]
-            rest = {k: v for k, v in labels if k != "__name__"}
-            h = series_hash(list(labels))
-            for value, ts in samples:
+        for fam in self.registry.collect():
+            suffix, type_ = _META_TYPES.get(fam.type, ("", "UNKNOWN"))
+            family = fam.name + suffix
+            if family not in self._described:
+                self._described.add(family)
+                self.sink.add("metrics_metadata", schema.row("metrics_metadata", {
+                    "MetricFamilyName": family, "Type": type_, "Help": fam.documentation, "Unit": fam.unit}))
+            for smp in fam.samples:
+                labels = dict(self.extra)
+                labels.update(smp.labels)
+                labels["__name__"] = smp.name
+                ts = int(float(smp.timestamp) * 1000) if smp.timestamp is not None else ts_ms
+                ordered = sorted(labels.items())
                 self.sink.add("metrics", schema.row("metrics", {
-                    "Timestamp": ts, "MetricHash": h, "MetricName": name, "Labels": rest, "Value": value}))
+                    "Timestamp": ts, "MetricHash": series_hash(ordered), "MetricName": smp.name,
+                    "Labels": {k: v for k, v in ordered if k != "__name__"}, "Value": float(smp.value)}))
                 n += 1
         return n
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.profiling.profiler import frame_name
 from tests.system.helpers import AgentProcess, TestCgroups, coroot_agent, rows, wait_for
 
 pytestmark = pytest.mark.agent_args("--profiling-interval", "3s")
@@ -29,6 +30,8 @@ def burn(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def frames_by_service(storage: str) -> dict[str, list[tuple[list[str], int]]]:
+    """Stacks by service, frames as function names: each stored frame must be in the server's
+    form ("<function> <file>:<line>", ":0" for the node agent's name-only frames)."""
     found = rows(storage, (
         "SELECT p.ServiceName AS service, s.Stack AS stack, sum(p.Value) AS value FROM profiling_samples p "
         "JOIN (SELECT ServiceName, Hash, any(Stack) AS Stack FROM profiling_stacks GROUP BY ServiceName, Hash) s "
@@ -36,7 +39,8 @@ def frames_by_service(storage: str) -> dict[str, list[tuple[list[str], int]]]:
         "WHERE p.Type = 'ebpf:cpu:nanoseconds' GROUP BY service, stack"))
     out: dict[str, list[tuple[list[str], int]]] = {}
     for r in found:
-        out.setdefault(r["service"], []).append((r["stack"], int(r["value"])))
+        assert all(f.endswith(" :0") for f in r["stack"]), r["stack"]
+        out.setdefault(r["service"], []).append(([frame_name(f) for f in r["stack"]], int(r["value"])))
     return out
 
 
@@ -62,7 +66,7 @@ def profiled(burn: str, agent: AgentProcess) -> Iterator[dict]:
         # named from /tmp/perf-PID.map only while the process lives (a fixed 3 s was too short
         # for a loaded machine). The test below still fails if that never happens.
         wait_for(lambda: rows(agent, f"SELECT count() AS n FROM profiling_stacks WHERE ServiceName = '{jit_cid}' "
-                                     "AND has(Stack, 'jitted_spin_loop')") != [{"n": 0}], 60, interval=1)
+                                     "AND has(Stack, 'jitted_spin_loop :0')") != [{"n": 0}], 60, interval=1)
         p_jit.kill()
         # 500 short-lived processes: the symbol caches must not keep them
         for _ in range(50):
@@ -110,6 +114,12 @@ def test_cpu_splits_3_to_1_and_totals_the_processes_cpu_time(profiled: dict) -> 
     assert abs(total / 1e9 - own) <= 0.15 * own, (total / 1e9, own)
     # leaf first: the caller is below the hot function
     assert any(s[:2] == ["burn_alpha", "main"] for s, _ in stacks), sorted(stacks, key=lambda x: -x[1])[:3]
+
+
+def test_the_outermost_frame_is_the_command_name_as_in_the_node_agents_profiles(profiled: dict) -> None:
+    for key in ("main", "sys", "jit"):
+        roots = {s[-1] for s, _ in profiled["profiles"][profiled[key]]}
+        assert roots <= {"burn", "sh"} and "burn" in roots, (key, roots)  # sh: before its exec
 
 
 def test_an_opted_out_process_is_never_sampled(profiled: dict) -> None:

@@ -349,7 +349,7 @@ class ProfRegistry(TcpRegistry):
 
 def test_profiles_are_rows_named_by_column() -> None:
     rows = Rows()
-    p = Profiler(ProfRegistry(), rows, frequency=100, interval=10, wall=lambda: 2.0)  # type: ignore[arg-type]
+    p = Profiler(ProfRegistry(), rows, frequency=100, interval=10, wall=lambda: 2.0, host_id="m1")  # type: ignore[arg-type]
     p._last_flush_ns = 1_000_000_000
     p._pending[CID][("leaf", "main")] = 3
     assert p.flush() == 3
@@ -359,10 +359,19 @@ def test_profiles_are_rows_named_by_column() -> None:
         {"ServiceName": service, "Hash": h, "LastSeen": 2_000_000_000, "Stack": ["leaf", "main"]}]
     assert rows.rows["profiling_samples"] == [
         {"ServiceName": service, "Type": PROFILE_TYPE, "Start": 1_000_000_000, "End": 2_000_000_000,
-         "Labels": {"container_id": CID}, "StackHash": h, "Value": 3 * 10_000_000}]
+         "Labels": {"container.id": CID, "host.name": socket.gethostname(), "host.id": "m1"}, "StackHash": h,
+         "Value": 3 * 10_000_000}]
     f = Families({})
     p.self_metrics(f)
     assert series(f, "coroot_agent_profiler_samples_total") == {(): 3}
+
+
+def test_frames_are_stored_as_the_server_stores_the_node_agents() -> None:
+    from agent.profiling.profiler import frame, frame_name
+
+    assert frame("burn_alpha") == "burn_alpha :0"  # "%s %s:%d" of a name-only pprof line
+    assert frame_name("burn_alpha :0") == "burn_alpha" and frame_name("f(int, char) a.c:12") == "f(int, char)"
+    assert frame_name("/usr/lib/libc.so.6+2a1b :0") == "/usr/lib/libc.so.6+2a1b" and frame_name("main") == "main"
 
 
 class LogRegistry(TcpRegistry):
@@ -373,11 +382,12 @@ class LogRegistry(TcpRegistry):
 def test_log_records_are_rows_named_by_column_and_forgotten_with_their_container() -> None:
     rows = Rows()
     c = LogCollector(LogRegistry(), rows, journald=False, pods_dir="/nonexistent", docker_dir="/nonexistent")  # type: ignore[arg-type]
-    c._process(CID, "/var/log/app.log", '{"level": "error", "trace_id": "t1", "msg": "x"}', 5, None)
+    tid = "4bf92f3577b34da6a3ce929d0e0e4736"
+    c._process(CID, "/var/log/app.log", f'{{"level": "error", "trace_id": "{tid}", "msg": "x"}}', 5, None)
     [row] = rows.rows["otel_logs"]
-    assert row["Timestamp"] == 5 and row["TraceId"] == "t1" and row["SeverityText"] == "error"
+    assert row["Timestamp"] == 5 and row["TraceId"] == tid and row["SeverityText"] == "error"
     assert row["SeverityNumber"] == 17 and row["Body"].startswith('{"level"')
-    assert row["ServiceName"] == service_name(CID) and row["LogAttributes"] == {"log.source": "/var/log/app.log"}
+    assert row["ServiceName"] == service_name(CID) and set(row["LogAttributes"]) == {"pattern.hash"}
     assert row["ResourceAttributes"]["container.id"] == CID and row["TraceFlags"] == 0
     f = Families({})
     c.collect(f)

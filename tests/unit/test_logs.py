@@ -151,3 +151,83 @@ def test_journald_entries_are_attributed_by_unit_with_priority_levels() -> None:
     assert parse_entry('{"MESSAGE":"kernel says hi","PRIORITY":"6"}') is None  # no unit: no container
     assert parse_entry('{"_SYSTEMD_UNIT":"session-1.scope","MESSAGE":"x"}') is None
     assert parse_entry("garbage") is None and parse_entry("[1,2]") is None
+
+
+# ------------------------------------------------------------ records as the server reads them --
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.rows: list[dict[str, object]] = []
+
+    def add(self, table: str, row: tuple[object, ...]) -> None:
+        from agent.sinks import schema
+
+        assert table == "otel_logs"
+        self.rows.append(dict(zip(schema.TABLES_BY_NAME[table].insert_columns, row, strict=True)))
+
+
+class _Registry:
+    def container(self, cid: str) -> None:
+        return None
+
+    def containers(self) -> list[object]:
+        return []
+
+
+def _collector(metrics: bool = True, entries: bool = True) -> tuple[object, _Sink]:
+    from agent.logs.collector import LogCollector
+
+    sink = _Sink()
+    c = LogCollector(_Registry(), sink, metrics=metrics, entries=entries, journald=False,  # type: ignore[arg-type]
+                     pods_dir="/nonexistent", docker_dir="/nonexistent", host_id="m1")
+    return c, sink
+
+
+def _counts(c: object) -> dict[tuple[str, str], float]:
+    from agent.metrics import Families
+
+    f = Families({})
+    c.collect(f)  # type: ignore[attr-defined]
+    return {(s.labels["level"], s.labels["pattern_hash"]): s.value for fam in f
+            for s in fam.samples if s.name == "container_log_messages_total"}
+
+
+def test_each_record_carries_the_pattern_hash_of_its_counter() -> None:
+    c, sink = _collector()
+    cid = "/system.slice/app.service"
+    lines = [f"ERROR order {i} failed: timeout after {i}s" for i in range(5)]
+    lines += [f"WARN cache miss for key {i}" for i in range(3)] + ["INFO started in 12ms"]
+    for i, line in enumerate(lines):
+        c._process(cid, "journald", line, 1_000 + i, None)  # type: ignore[attr-defined]
+    by_hash: dict[tuple[str, str], int] = {}
+    for row in sink.rows:
+        assert set(row["LogAttributes"]) == {"pattern.hash"}  # type: ignore[arg-type]
+        key = (str(row["SeverityText"]), row["LogAttributes"]["pattern.hash"])  # type: ignore[index]
+        by_hash[key] = by_hash.get(key, 0) + 1
+    assert by_hash == _counts(c) and sorted(by_hash.values()) == [1, 3, 5]
+    res = sink.rows[0]["ResourceAttributes"]
+    assert res == {"host.name": res["host.name"], "host.id": "m1", "container.id": cid,  # type: ignore[index]
+                   "service.name": cid}
+
+
+def test_records_keep_the_pattern_hash_when_log_metrics_are_off() -> None:
+    c, sink = _collector(metrics=False)
+    c._process("/system.slice/a.service", "journald", "ERROR disk 1 full", 1, None)  # type: ignore[attr-defined]
+    c._process("/system.slice/a.service", "journald", "ERROR disk 2 full", 2, None)  # type: ignore[attr-defined]
+    hashes = {r["LogAttributes"]["pattern.hash"] for r in sink.rows}  # type: ignore[index]
+    assert len(hashes) == 1 and len(next(iter(hashes))) == 16 and _counts(c) == {}
+
+
+def test_trace_context_fields_are_read_by_the_node_agents_names() -> None:
+    from agent.logs.collector import trace_context
+
+    tid, sid = "4BF92F3577B34DA6A3CE929D0E0E4736", "00F067AA0BA902B7"
+    assert trace_context({"trace_id": tid, "span_id": sid}) == (tid.lower(), sid.lower())
+    assert trace_context({"traceId": tid, "spanId": sid}) == (tid.lower(), sid.lower())
+    assert trace_context({"@tr": tid, "@sp": sid}) == (tid.lower(), sid.lower())
+    assert trace_context({"otel": {"trace.id": tid, "span-id": sid}}) == (tid.lower(), sid.lower())
+    assert trace_context({"dd.trace_id": tid}) == (tid.lower(), "")
+    assert trace_context({"parent_span_id": sid, "trace_id": "t1"}) == ("", "")  # not ids of this record
+    assert trace_context({"trace_id": "0" * 32, "span_id": sid[:8]}) == ("", "")  # invalid ids
+    assert trace_context({"trace": tid, "span": 5}) == ("", "")

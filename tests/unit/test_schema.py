@@ -216,3 +216,46 @@ def test_a_column_of_another_type_is_a_conflict() -> None:
     assert plan.conflicts == ["profiling_profiles.ServiceName is String, expected LowCardinality(String)",
                               "profiling_profiles.LastSeen is DateTime, expected DateTime64(9)"]
     assert plan.alters == [] and plan.rebuild == []
+
+
+def test_metric_history_rows_are_those_the_servers_collector_writes() -> None:
+    """coroot/coroot collector/metrics.go: Labels without __name__ and sorted (the server's
+    PromQL reader groups by the map), MetricHash = prometheus/common LabelsToSignature; one
+    metrics_metadata row per family, typed as remote_write metadata."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+    from agent.sinks.history import MetricHistory, series_hash
+
+    # LabelsToSignature's own test vectors (prometheus/common model/signature_test.go)
+    assert series_hash([("name", "garland, briggs"), ("fear", "love is not enough")]) == 5799056148416392346
+    assert series_hash([]) == 14695981039346656037
+
+    class Sink:
+        def __init__(self) -> None:
+            self.rows: dict[str, list[dict[str, object]]] = {}
+
+        def add(self, table: str, row: tuple[object, ...]) -> None:
+            cols = schema.TABLES_BY_NAME[table].insert_columns
+            self.rows.setdefault(table, []).append(dict(zip(cols, row, strict=True)))
+
+    reg = CollectorRegistry()
+    Counter("hist_events", "events", ["zone", "app"], registry=reg).labels("b", "a").inc(2)
+    Gauge("hist_level", "level", unit="bytes", registry=reg).set(3)
+    Histogram("hist_wait_seconds", "wait", buckets=(1,), registry=reg).observe(0.5)
+    Info("hist_build", "build", registry=reg).info({"version": "1"})
+    sink = Sink()
+    h = MetricHistory(reg, sink, 15, "node-1")  # type: ignore[arg-type]
+    assert h.scrape(ts_ms=1234) > 0
+    [ev] = [r for r in sink.rows["metrics"] if r["MetricName"] == "hist_events_total"]
+    assert list(ev["Labels"].items()) == [("app", "a"), ("instance", "node-1"), ("job", "coroot-node-agent"),  # type: ignore[attr-defined]
+                                          ("zone", "b")]
+    assert ev["MetricHash"] == series_hash([("__name__", "hist_events_total"), *ev["Labels"].items()])  # type: ignore[attr-defined]
+    assert ev["Timestamp"] == 1234 and ev["Value"] == 2.0
+    meta = {r["MetricFamilyName"]: (r["Type"], r["Help"], r["Unit"]) for r in sink.rows["metrics_metadata"]}
+    assert meta["hist_events_total"] == ("COUNTER", "events", "")
+    assert meta["hist_level_bytes"] == ("GAUGE", "level", "bytes")
+    assert meta["hist_wait_seconds"] == ("HISTOGRAM", "wait", "")
+    assert meta["hist_build_info"] == ("GAUGE", "build", "")
+    n = len(sink.rows["metrics_metadata"])
+    h.scrape(ts_ms=2234)  # a family is described once
+    assert len(sink.rows["metrics_metadata"]) == n and len(sink.rows["metrics"]) > n
