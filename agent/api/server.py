@@ -51,7 +51,8 @@ READ_CHUNK = 64 * 1024
 STREAM_LIMIT = 32 * 1024    # the transport stops reading past twice this many unread bytes
 BACKLOG = 1024
 LINGER_SECONDS = 0.5        # after refusing a request whose body is still coming: let the
-LINGER_BYTES = 256 * 1024   # client read the answer before the close turns into a reset
+LINGER_BYTES = 8 << 20      # client read the answer before the close turns into a reset (the
+                            # socket buffers of a fast client hold MBs sent before the answer)
 METRICS_WORKERS = 2
 METRICS_QUEUE = 8
 PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
