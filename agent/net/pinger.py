@@ -333,6 +333,8 @@ class Pinger(Component):
         r = Round()
         pause = _BURST / self.rate
         for i, ip in enumerate(ips):
+            if self._stop.is_set():  # the agent stops: no more requests, no waiting for replies
+                return r.rtt
             if i and i % _BURST == 0:  # the rate: read replies meanwhile
                 until = time.monotonic() + pause
                 self._receive(s, r, until)
@@ -353,13 +355,12 @@ class Pinger(Component):
         return r.rtt
 
     def _receive(self, s: IcmpSocket, r: Round, until: float) -> None:
-        while len(r.rtt) < len(r.sent):
-            left = until - time.monotonic()
+        while len(r.rtt) < len(r.sent) and not self._stop.is_set():
+            left = min(until - time.monotonic(), 0.1)  # a stop is noticed within 0.1 s
             if left <= 0:
                 return
-            ready, _, _ = select.select([s.sock], [], [], left)
-            if not ready:
-                return
+            if not select.select([s.sock], [], [], left)[0]:
+                continue
             try:
                 data, anc, _, peer = s.sock.recvmsg(2048, socket.CMSG_SPACE(_TIMESPEC.size))
             except (BlockingIOError, InterruptedError):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 
@@ -212,3 +213,14 @@ def test_without_an_icmp_socket_the_own_namespace_is_skipped_and_counted() -> No
     p = pinger([(CID, OWN_NS, 10, "10.0.0.1"), (CID, OWN_NS, 10, "10.0.0.2")])
     p.ping_round()
     assert series(p) == {} and p.skipped == {"no_socket": 2} and p.requests == 0
+
+
+def test_a_stop_ends_a_round_within_a_fraction_of_its_timeout() -> None:
+    net = Network(lambda ip, req: [])
+    p = pinger([(CID, OWN_NS, 10, f"10.0.0.{i}") for i in range(1, 5)], net, timeout=5.0)
+    threading.Timer(0.1, p._stop.set).start()
+    t0 = time.monotonic()
+    p.ping_round()
+    assert time.monotonic() - t0 < 0.5
+    assert len(net.sent) == 4
+    net.close()
