@@ -35,6 +35,7 @@ from agent.l7.tracer import L7Tracer, Masks
 from agent.logs.collector import LogCollector
 from agent.logs.pii import Scrubber
 from agent.metrics import Families, host_labels
+from agent.net.pinger import Pinger
 from agent.net.public import PublicFilter
 from agent.net.tcp import TcpTracker
 from agent.node.cgroups import CgroupCollector
@@ -232,6 +233,8 @@ class Agent:
                 AppTypeCollector(self.registry, procfs=cfg.procfs_root, runtimes=cfg.l7_tracing),
                 RestartCounter(self.registry), DiskCollector(self.registry, procfs=cfg.procfs_root),
                 RegistryMetrics(self.registry)]
+        if cfg.pinger_enabled:
+            out.append(Pinger(self.registry, self.tcp, interval=cfg.scrape_interval, procfs=cfg.procfs_root))
         shipper = self._metrics_shipper()
         if shipper is not None:
             out.append(shipper)

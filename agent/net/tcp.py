@@ -234,6 +234,19 @@ class TcpTracker(Component):
             ip, _, port = dst.rpartition(":")
             return Conn(pid, fd, cid, "", 0, ip.strip("[]"), int(port), dst, actual, start_ns=start_ns)
 
+    def active_destinations(self) -> list[tuple[str, int | None, int, str]]:
+        """(container_id, netns inode, a pid in that namespace, IP) for the actual destination of
+        each open outbound connection whose actual destination is known, one entry per
+        (container, namespace, IP). Read-only: for the pinger's thread."""
+        out: dict[tuple[str, int | None, str], int] = {}
+        with self._lock:
+            for conn in self._conns.values():
+                if conn.actual is None:
+                    continue
+                ip = conn.dst if conn.actual == conn.destination else conn.actual.rpartition(":")[0].strip("[]")
+                out.setdefault((conn.container_id, conn.netns, ip), conn.pid)
+        return [(cid, netns, pid, ip) for (cid, netns, ip), pid in out.items()]
+
     def on_process(self, what: str, proc: Process) -> None:
         """Registry listener: a process that exited takes its connections and listens along.
         Its connections are closed at the next tick, not now: the close events its exit caused

@@ -17,6 +17,7 @@ from agent import __version__
 from agent.component import Component
 from agent.containers.cgroup import read_text
 from agent.metrics import Families
+from agent.node.cloud import cloud_info
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,14 @@ class NodeCollector(Component):
         self.procfs = procfs
         self.sysfs = sysfs
         self.hz = os.sysconf("SC_CLK_TCK")
+        self.cloud = cloud_info(sysfs)  # DMI does not change while the machine runs
+        log.info("cloud provider: %s", self.cloud["provider"] or "none recognised")
 
     def collect(self, f: Families) -> None:
         f.gauge("node_agent_info", "coroot-agent version", 1, version=__version__)
         hostname = (read_text(f"{self.procfs}/sys/kernel/hostname") or socket.gethostname()).strip()
         f.gauge("node_info", "node hostname and kernel", 1, hostname=hostname, kernel_version=platform.release())
+        f.gauge("node_cloud_info", "cloud provider and instance (provider from DMI only)", 1, **self.cloud)
         uptime = read_text(f"{self.procfs}/uptime")
         if uptime:
             f.gauge("node_uptime_seconds", "seconds since boot", float(uptime.split()[0]))

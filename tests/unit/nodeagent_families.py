@@ -12,6 +12,12 @@ added per container by WrapRegistererWith in containers/registry.go:438; these a
 listed explicitly in each container-level entry. ip_to_fqdn is emitted by the
 registry itself (containers/registry.go:155), so it has no container_id/app_id.
 
+When the instance metadata gives both a region and an availability zone, main.go:147-152 wraps
+the registerer the containers registry gets with az and region: every container-level family
+and ip_to_fqdn then carry those two labels as well. Without a metadata service (the only case
+here: node_cloud_info comes from DMI alone, and has neither) they are absent, as below.
+The remote writer's own "up" series (prom/remote_writer.go:58) is not exposed on /metrics.
+
 Types: metrics/metrics.go only declares descriptors; the type is the one used at
 emission (metrics.Gauge/metrics.Counter in containers/container.go, containers/jvm.go,
 hsperf/hsperf.go, node/*.go, gpu/gpu_linux.go).
@@ -267,8 +273,10 @@ FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     "container_cassandra_inbound_queries_total": ("counter", _CT | frozenset({"status"})),
     # containers/metrics.go:50
     "container_dubbo_inbound_requests_total": ("counter", _CT | frozenset({"status"})),
-    # containers/metrics.go:51
-    "container_dns_inbound_requests_total": ("counter", _CT | frozenset({"request_type", "domain", "status"})),
+    # containers/metrics.go:51; labels from L7InboundStats.get (containers/l7.go:96-117): "status"
+    # only, unlike the outbound DNS counter. observeInboundL7 (containers/container.go:953-964)
+    # gives it Status.String() of the DNS rcode: "unknown" for NOERROR, the rcode's digits else.
+    "container_dns_inbound_requests_total": ("counter", _CT | frozenset({"status"})),
     # containers/metrics.go:52
     "container_clickhouse_inbound_queries_total": ("counter", _CT | frozenset({"status"})),
     # containers/metrics.go:53
@@ -319,6 +327,8 @@ FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     "container_dotnet_thread_pool_completed_items_total": ("counter", _CT | frozenset({"application"})),
     # containers/dotnet.go:87
     "container_dotnet_thread_pool_queue_length": ("gauge", _CT | frozenset({"application"})),
+    # containers/dotnet.go:88
+    "container_dotnet_thread_pool_size": ("gauge", _CT | frozenset({"application"})),
     # main.go:145 (info() at main.go:211)
     "node_agent_info": ("gauge", frozenset({"version"})),
 }
