@@ -1238,3 +1238,33 @@ def test_agent_names_podman_containers_and_crio_pods_from_recorded_answers(
     finally:
         server.close()
         cgs.cleanup()
+
+
+def test_agent_with_a_hanging_containerd_keeps_derived_ids_answers_and_stops_in_time(
+        containerd: Containerd, agent_factory: AgentFactory) -> None:
+    cid = _hexid()
+    derived = f"/k8s-cgroup/{WEB_UID}/{cid[:12]}"
+    containerd.ctr_create(cid, _k8s_labels(DEPLOY_POD, WEB_UID, "web"))
+    proxy_path = os.path.join(containerd.base, "hang.sock")
+    proxy = Http2CountingProxy(proxy_path, containerd.address)
+    proxy.hold()  # every call reaches the proxy and waits there: a runtime that hangs
+    cgs, server = KubeletCgroups(), Listener()
+    try:
+        c = Connector(cgs, cgs.systemd(WEB_UID, cid))
+        agent = agent_factory("--containerd-socket", proxy_path, "--disable-runtime", "docker", *ONLY)
+        assert "container runtimes: lookups still running after 2s" in agent.log()
+        assert _container_of(agent, c.pid) == derived
+        c.connect(server.port, 3)
+        t0 = time.monotonic()
+        assert wait_for(lambda: _connects(agent, derived, server.port) == 3, 15)
+        print(f"\nconnects counted {time.monotonic() - t0:.1f}s after they were made, containerd hanging")
+        assert proxy.calls >= 1
+        t0 = time.monotonic()
+        assert agent.stop() == 0
+        took = time.monotonic() - t0
+        print(f"stopped in {took:.1f}s with a lookup hanging")
+        assert took < 6, agent.log()[-3000:]
+    finally:
+        proxy.close()
+        server.close()
+        cgs.cleanup()
