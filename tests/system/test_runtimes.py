@@ -1268,3 +1268,35 @@ def test_agent_with_a_hanging_containerd_keeps_derived_ids_answers_and_stops_in_
         proxy.close()
         server.close()
         cgs.cleanup()
+
+
+def test_agent_keeps_one_container_across_a_kubernetes_restart_in_a_new_cgroup(
+        containerd: Containerd, agent_factory: AgentFactory) -> None:
+    """kubelet restarts a container as a new one (a new id, a new cgroup) under the same pod and
+    name: one container for the agent, as for the node agent, whose counts go on and whose
+    restart is counted."""
+    first, second = _hexid(), _hexid()
+    name = f"/k8s/{NS}/{STS_POD}/postgres"
+    for cid in (first, second):
+        containerd.ctr_create(cid, _k8s_labels(STS_POD, DB_UID, "postgres"))
+    cgs, server = KubeletCgroups(), Listener()
+    try:
+        a = Connector(cgs, cgs.cgroupfs(DB_UID, first))
+        agent = agent_factory("--containerd-socket", containerd.address, "--disable-runtime", "docker", *ONLY)
+        assert wait_for(lambda: _container_of(agent, a.pid) == name, 15), agent.log()[-3000:]
+        a.connect(server.port, 4)
+        assert wait_for(lambda: _connects(agent, name, server.port) == 4, 15)
+        assert agent.value("container_restarts_total", container_id=name) == 0
+        a.p.kill()
+        a.p.wait()
+        b = Connector(cgs, cgs.cgroupfs(DB_UID, second))  # the next attempt
+        assert wait_for(lambda: _container_of(agent, b.pid) == name, 15), agent.log()[-3000:]
+        b.connect(server.port, 2)
+        assert wait_for(lambda: _connects(agent, name, server.port) == 6, 15), agent.log()[-3000:]
+        time.sleep(1.5)
+        assert _connects(agent, name, server.port) == 6
+        assert agent.value("container_restarts_total", container_id=name) == 1
+        assert [i for i in _ids(agent) if DB_UID in i or STS_POD in i] == [name]
+    finally:
+        server.close()
+        cgs.cleanup()
