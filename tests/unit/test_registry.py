@@ -280,6 +280,7 @@ def test_a_restarted_kubernetes_container_joins_its_previous_run_under_one_id(tm
     [c] = r.containers()
     assert (c.id, c.pids, c.oom_kills, c.dead_since, c.runtime_id) == ("/k8s/shop/db-0/postgres", {20}, 1, None, WEB2)
     assert c.cgroup_path.endswith(f"cri-containerd-{WEB2}.scope")  # the newer cgroup's counters
+    assert c.created_at == 1100.0  # as old as its first run: min_container_age does not hide it again
     assert renames[-1] == (derived2, "/k8s/shop/db-0/postgres")
 
 
