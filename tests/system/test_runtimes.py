@@ -983,12 +983,13 @@ def test_agent_names_kubelet_containers_by_containerd_and_never_reports_the_sand
         d = Connector(cgs, cgs.cgroupfs(DB_UID, db))  # cgroupfs driver: a bare id (Docker is asked first)
         pause = cgs.spawn(cgs.cgroupfs(WEB_UID, sandbox))
         sandbox_derived = f"/k8s-cgroup/{WEB_UID}/{sandbox[:12]}"
-        # Containers are reported after 3 s: the runtimes answer well before, so the sandbox
-        # is never reported, not even under its cgroup-derived id.
+        # The cgroups exist before the agent starts: start-up waits (up to 2 s) for the
+        # runtimes' answers before the first scrape, so the sandbox is never reported, not even
+        # under its cgroup-derived id, and neither id of the others is a cgroup-derived one.
         agent = agent_factory("--containerd-socket", containerd.address, "--docker-socket", dockerd.sock, *ONLY,
-                              "--min-container-age", "3s")
+                              "--min-container-age", "5s")
         t0, seen = time.monotonic(), set()
-        while time.monotonic() - t0 < 8:
+        while time.monotonic() - t0 < 10:
             seen |= _ids(agent)
             time.sleep(0.2)
         assert {web_id, db_id} <= seen
