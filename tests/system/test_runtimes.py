@@ -1012,10 +1012,17 @@ def test_agent_names_kubelet_containers_by_containerd_and_never_reports_the_sand
         http_srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
         threading.Thread(target=http_srv.serve_forever, daemon=True).start()
         try:
-            client = cgs.start(cgs.systemd(WEB_UID, web), [*L7_CLIENT, "http", "127.0.0.1",
+            client = cgs.start(cgs.systemd(WEB_UID, web), [*L7_CLIENT, "wait", "http", "127.0.0.1",
                                str(http_srv.server_port), "/orders:3"], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, text=True, cwd=REPO)
-            assert client.stdout is not None and json.loads(client.stdout.readline())
+            assert client.stdout is not None and client.stdin is not None
+            assert json.loads(client.stdout.readline()) == {"ready": True}
+            # its requests once the agent has it in the container (on a loaded machine its exec
+            # event may otherwise come after its connect's)
+            assert wait_for(lambda: _container_of(agent, client.pid) == web_id, 15)
+            client.stdin.write("go\n")
+            client.stdin.flush()
+            assert json.loads(client.stdout.readline())
             dest = f"127.0.0.1:{http_srv.server_port}"
             assert wait_for(lambda: agent.value("container_http_requests_total", container_id=web_id,
                                                 app_id=f"/k8s/{NS}/web", destination=dest) == 3, 20), agent.log()[-3000:]
