@@ -395,7 +395,9 @@ class Registry:
             if c.pids:
                 into.dead_since = None
             if c.created_at >= into.created_at:
-                into.cgroup_path, into.subsystems, into.created_at = c.cgroup_path, c.subsystems, c.created_at
+                # the newer cgroup's counters; the container stays as old as its first run (a
+                # younger created_at would hide it again for min_container_age)
+                into.cgroup_path, into.subsystems = c.cgroup_path, c.subsystems
                 into.metadata, into.runtime_id = meta, c.runtime_id
             for rid, rc in list(self._by_runtime.items()):
                 if rc is c:

@@ -350,10 +350,13 @@ class LogCollector(Component):
             if s is src:
                 del self._sources[k]
                 nk = (cid, k[1])
-                if nk in self._sources:  # the same file twice: keep one
+                if nk in self._sources:  # the same file twice: keep the one the new id has
+                    kept = self._sources[nk]
                     if src.tailer is not None:
                         src.tailer.close()
-                    self._by_path = {p: s for p, s in self._by_path.items() if s is not src}
+                    for p, s in list(self._by_path.items()):
+                        if s is src:
+                            self._by_path[p] = kept
                     return
                 self._sources[nk] = src
         log.info("logs: %s is %s's", src.tailer.path if src.tailer else src.label, cid)

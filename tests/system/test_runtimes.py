@@ -983,12 +983,13 @@ def test_agent_names_kubelet_containers_by_containerd_and_never_reports_the_sand
         d = Connector(cgs, cgs.cgroupfs(DB_UID, db))  # cgroupfs driver: a bare id (Docker is asked first)
         pause = cgs.spawn(cgs.cgroupfs(WEB_UID, sandbox))
         sandbox_derived = f"/k8s-cgroup/{WEB_UID}/{sandbox[:12]}"
-        # Containers are reported after 3 s: the runtimes answer well before, so the sandbox
-        # is never reported, not even under its cgroup-derived id.
+        # The cgroups exist before the agent starts: start-up waits (up to 2 s) for the
+        # runtimes' answers before the first scrape, so the sandbox is never reported, not even
+        # under its cgroup-derived id, and neither id of the others is a cgroup-derived one.
         agent = agent_factory("--containerd-socket", containerd.address, "--docker-socket", dockerd.sock, *ONLY,
-                              "--min-container-age", "3s")
+                              "--min-container-age", "5s")
         t0, seen = time.monotonic(), set()
-        while time.monotonic() - t0 < 8:
+        while time.monotonic() - t0 < 10:
             seen |= _ids(agent)
             time.sleep(0.2)
         assert {web_id, db_id} <= seen
@@ -1011,10 +1012,17 @@ def test_agent_names_kubelet_containers_by_containerd_and_never_reports_the_sand
         http_srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
         threading.Thread(target=http_srv.serve_forever, daemon=True).start()
         try:
-            client = cgs.start(cgs.systemd(WEB_UID, web), [*L7_CLIENT, "http", "127.0.0.1",
+            client = cgs.start(cgs.systemd(WEB_UID, web), [*L7_CLIENT, "wait", "http", "127.0.0.1",
                                str(http_srv.server_port), "/orders:3"], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, text=True, cwd=REPO)
-            assert client.stdout is not None and json.loads(client.stdout.readline())
+            assert client.stdout is not None and client.stdin is not None
+            assert json.loads(client.stdout.readline()) == {"ready": True}
+            # its requests once the agent has it in the container (on a loaded machine its exec
+            # event may otherwise come after its connect's)
+            assert wait_for(lambda: _container_of(agent, client.pid) == web_id, 15)
+            client.stdin.write("go\n")
+            client.stdin.flush()
+            assert json.loads(client.stdout.readline())
             dest = f"127.0.0.1:{http_srv.server_port}"
             assert wait_for(lambda: agent.value("container_http_requests_total", container_id=web_id,
                                                 app_id=f"/k8s/{NS}/web", destination=dest) == 3, 20), agent.log()[-3000:]
@@ -1235,6 +1243,68 @@ def test_agent_names_podman_containers_and_crio_pods_from_recorded_answers(
         ids = _ids(agent)
         assert not [i for i in ids if i.startswith(("/k8s-cgroup/", "/podman/" + pid_[:12]))], ids
         assert recorded_crio.hits.count(f"/containers/{CRIO_WEB}") == 1  # one lookup
+    finally:
+        server.close()
+        cgs.cleanup()
+
+
+def test_agent_with_a_hanging_containerd_keeps_derived_ids_answers_and_stops_in_time(
+        containerd: Containerd, agent_factory: AgentFactory) -> None:
+    cid = _hexid()
+    derived = f"/k8s-cgroup/{WEB_UID}/{cid[:12]}"
+    containerd.ctr_create(cid, _k8s_labels(DEPLOY_POD, WEB_UID, "web"))
+    proxy_path = os.path.join(containerd.base, "hang.sock")
+    proxy = Http2CountingProxy(proxy_path, containerd.address)
+    proxy.hold()  # every call reaches the proxy and waits there: a runtime that hangs
+    cgs, server = KubeletCgroups(), Listener()
+    try:
+        c = Connector(cgs, cgs.systemd(WEB_UID, cid))
+        agent = agent_factory("--containerd-socket", proxy_path, "--disable-runtime", "docker", *ONLY)
+        assert "container runtimes: lookups still running after 2s" in agent.log()
+        assert _container_of(agent, c.pid) == derived
+        c.connect(server.port, 3)
+        t0 = time.monotonic()
+        assert wait_for(lambda: _connects(agent, derived, server.port) == 3, 15)
+        print(f"\nconnects counted {time.monotonic() - t0:.1f}s after they were made, containerd hanging")
+        assert proxy.calls >= 1
+        t0 = time.monotonic()
+        assert agent.stop() == 0
+        took = time.monotonic() - t0
+        print(f"stopped in {took:.1f}s with a lookup hanging")
+        assert took < 6, agent.log()[-3000:]
+    finally:
+        proxy.close()
+        server.close()
+        cgs.cleanup()
+
+
+def test_agent_keeps_one_container_across_a_kubernetes_restart_in_a_new_cgroup(
+        containerd: Containerd, agent_factory: AgentFactory) -> None:
+    """kubelet restarts a container as a new one (a new id, a new cgroup) under the same pod and
+    name: one container for the agent, as for the node agent, whose counts go on and whose
+    restart is counted."""
+    first, second = _hexid(), _hexid()
+    name = f"/k8s/{NS}/{STS_POD}/postgres"
+    for cid in (first, second):
+        containerd.ctr_create(cid, _k8s_labels(STS_POD, DB_UID, "postgres"))
+    cgs, server = KubeletCgroups(), Listener()
+    try:
+        a = Connector(cgs, cgs.cgroupfs(DB_UID, first))
+        agent = agent_factory("--containerd-socket", containerd.address, "--disable-runtime", "docker", *ONLY)
+        assert wait_for(lambda: _container_of(agent, a.pid) == name, 15), agent.log()[-3000:]
+        a.connect(server.port, 4)
+        assert wait_for(lambda: _connects(agent, name, server.port) == 4, 15)
+        assert agent.value("container_restarts_total", container_id=name) == 0
+        a.p.kill()
+        a.p.wait()
+        b = Connector(cgs, cgs.cgroupfs(DB_UID, second))  # the next attempt
+        assert wait_for(lambda: _container_of(agent, b.pid) == name, 15), agent.log()[-3000:]
+        b.connect(server.port, 2)
+        assert wait_for(lambda: _connects(agent, name, server.port) == 6, 15), agent.log()[-3000:]
+        time.sleep(1.5)
+        assert _connects(agent, name, server.port) == 6
+        assert agent.value("container_restarts_total", container_id=name) == 1
+        assert [i for i in _ids(agent) if DB_UID in i or STS_POD in i] == [name]
     finally:
         server.close()
         cgs.cleanup()

@@ -280,6 +280,7 @@ def test_a_restarted_kubernetes_container_joins_its_previous_run_under_one_id(tm
     [c] = r.containers()
     assert (c.id, c.pids, c.oom_kills, c.dead_since, c.runtime_id) == ("/k8s/shop/db-0/postgres", {20}, 1, None, WEB2)
     assert c.cgroup_path.endswith(f"cri-containerd-{WEB2}.scope")  # the newer cgroup's counters
+    assert c.created_at == 1100.0  # as old as its first run: min_container_age does not hide it again
     assert renames[-1] == (derived2, "/k8s/shop/db-0/postgres")
 
 
@@ -341,3 +342,36 @@ def test_a_restarted_container_joining_its_previous_run_counts_one_restart(tmp_p
     rc.on_process("added", Process(20, 200, "pg", "/b", "/k8s-cgroup/u/bbbb", frozenset()))
     rc.on_rename("/k8s-cgroup/u/bbbb", "/k8s/ns/db-0/pg")
     assert rc.restarts("/k8s/ns/db-0/pg") == 1 and rc.restarts("/k8s-cgroup/u/bbbb") == 0
+
+
+def test_logs_follow_a_renamed_container_without_a_second_tailer_or_a_lost_count(tmp_path: Path) -> None:
+    import json
+
+    from agent.logs.collector import LogCollector
+
+    r, _, _ = registry(tmp_path, min_container_age=0)
+    docker_dir = tmp_path / "docker"
+    cid = "d" * 64
+    (docker_dir / cid).mkdir(parents=True)
+    log_file = docker_dir / cid / f"{cid}-json.log"
+    log_file.write_text("")
+    logs = LogCollector(r, None, pods_dir=str(tmp_path / "pods"), docker_dir=str(docker_dir), journald=False)
+
+    def line(text: str) -> None:
+        with open(log_file, "a") as f:
+            f.write(json.dumps({"log": text + "\n", "stream": "stdout", "time": "2026-12-04T10:00:00.000000001Z"}) + "\n")
+
+    logs.scan()
+    line("ERROR one")
+    logs.pump()
+    logs.flush()
+    assert [(k[0], v[0][0]) for k, v in logs._counts.items()] == [(f"/docker/{cid[:12]}", 1)]
+    logs.on_rename(f"/docker/{cid[:12]}", "/docker/shop-api")
+    logs._apply_renames()
+    logs.scan()  # the walk finds the file again: followed already, under the new id
+    assert [s.container_id for s in logs._sources.values()] == ["/docker/shop-api"]
+    line("ERROR one")
+    logs.pump()
+    logs.flush()
+    assert [(k[0], v[0][0]) for k, v in logs._counts.items()] == [("/docker/shop-api", 2)]
+    logs.close()

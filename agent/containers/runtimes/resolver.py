@@ -64,6 +64,8 @@ RUNTIMES_BY_KIND: dict[str, tuple[str, ...]] = {
 }
 ALL_RUNTIMES = ("docker", "containerd", "crio", "podman")
 
+CLOSE_WAIT = 1.0  # seconds close() waits for a lookup in flight
+
 # Entry states.
 QUEUED, RUNNING, WAITING, FOUND, MISSING = "queued", "running", "waiting", "found", "missing"
 
@@ -253,7 +255,11 @@ class RuntimeResolver(Component):
             self._cond.notify_all()
             t, self._thread = self._thread, None
         if t is not None:
-            t.join(timeout=10)
+            # A lookup in flight ends within its client's timeout; the agent's stop does not
+            # wait that long for it (the thread is a daemon, and its answer would go unused).
+            t.join(timeout=CLOSE_WAIT)
+            if t.is_alive():
+                log.info("runtime resolver: a lookup still in flight at close")
         for rt in self._runtimes.values():
             rt.client.close()
 
