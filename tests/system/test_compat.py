@@ -245,6 +245,10 @@ Q_INBOUND_SPANS = (
     " WHERE ServiceName IN (@services) AND (SpanAttributes['net.peer.name'] IN (@ips) OR"
     " (SpanAttributes['net.peer.name'], SpanAttributes['net.peer.port']) IN (@addrs))"
     " AND Timestamp >= @tsFrom AND Timestamp < @tsTo")
+# clickhouse/traces.go, tracesHistogramCreatedAt: the server reads spans from the histogram
+# table only for a time range after the view was created
+Q_HISTOGRAM_CREATED = ("SELECT metadata_modification_time FROM system.tables "
+                       "WHERE database = currentDatabase() AND name = 'otel_traces_histogram_mv'")
 # clickhouse/traces.go, GetServicesFromTraces
 Q_TRACE_SERVICES = "SELECT DISTINCT ServiceName FROM @@table_otel_traces_service_name@@ WHERE LastSeen >= @from"
 # clickhouse/traces.go, GetSpansByTraceId (the time range of a trace)
@@ -254,6 +258,8 @@ HISTOGRAM_BUCKETS = [0.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 25
 
 def test_traces_inbound_spans_histograms_and_services_as_the_server_reads_them(world: World) -> None:
     a = world.agent
+    [created] = query(a, Q_HISTOGRAM_CREATED)  # the view exists under the server's name
+    assert values(created)[0] > "2000"
     listens = {"nginx": (world.http, str(world.nginx.port)), "redis": (world.rcli, str(world.redis.port)),
                "postgres": (world.pgcli, str(world.pg.port))}
     want_total = {"nginx": (150, 50), "redis": (106, 5), "postgres": (PG_OK + PG_FAILED, PG_FAILED)}
