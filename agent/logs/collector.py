@@ -107,32 +107,41 @@ def _context_key(key: str) -> str:
     return ""
 
 
-def _flat(obj: dict[str, object], prefix: str = "", depth: int = 0) -> list[tuple[str, object]]:
-    out: list[tuple[str, object]] = []
-    for k, v in obj.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, dict) and depth < 4:
-            out += _flat(v, name + ".", depth + 1)
-        else:
-            out.append((name, v))
-    return out
+_KINDS: dict[str, str] = {}  # field name -> _context_key(name): log records repeat their keys
 
 
-def trace_context(obj: dict[str, object]) -> tuple[str, str]:
-    """(TraceId, SpanId) of a JSON log record: the first field of each kind whose value is a
-    valid id (32 or 16 hex digits, not all zero), lower-cased; '' where there is none."""
+def _kind(key: str) -> str:
+    kind = _KINDS.get(key)
+    if kind is None:
+        if len(_KINDS) >= 4096:
+            _KINDS.clear()
+        kind = _KINDS[key] = _context_key(key)
+    return kind
+
+
+def trace_context(obj: dict[str, object], _prefix: str = "", _depth: int = 0) -> tuple[str, str]:
+    """(TraceId, SpanId) of a JSON log record: the first field of each kind (nested objects by
+    their dotted path) whose value is a valid id (32 or 16 hex digits, not all zero),
+    lower-cased; '' where there is none."""
     trace_id = span_id = ""
-    for key, value in _flat(obj):
-        if not isinstance(value, str):
-            continue
-        kind = _context_key(key)
-        v = value.lower()
-        if not kind or not _HEX.fullmatch(v) or not v.strip("0"):
-            continue
-        if kind == "trace" and not trace_id and len(v) == 32:
-            trace_id = v
-        elif kind == "span" and not span_id and len(v) == 16:
-            span_id = v
+    for key, value in obj.items():
+        if isinstance(value, str):
+            n = len(value)
+            if (n != 32 or trace_id) and (n != 16 or span_id):
+                continue  # not the length of an id still wanted: the common case, decided first
+            kind = _kind(_prefix + key if _prefix else key)
+            if not kind:
+                continue
+            v = value.lower()
+            if not _HEX.fullmatch(v) or not v.strip("0"):
+                continue
+            if kind == "trace" and n == 32 and not trace_id:
+                trace_id = v
+            elif kind == "span" and n == 16 and not span_id:
+                span_id = v
+        elif isinstance(value, dict) and _depth < 4:
+            t, sp = trace_context(value, f"{_prefix}{key}.", _depth + 1)
+            trace_id, span_id = trace_id or t, span_id or sp
     return trace_id, span_id
 
 

@@ -5,8 +5,9 @@ start of the line; Coroot's lower-case values (critical, error, warning, info, d
 
 Pattern: the message with its variable tokens masked (quoted strings, UUIDs, IPs, hex, numbers),
 grouped with near-identical token sequences (same length, at least 70% equal tokens). Each
-container keeps at most `cap` patterns; later ones fall into one "unclassified" pattern. The
-hash is FNV-1a 64 of the first masked form, hex: stable for the life of the pattern. Pure.
+container keeps at most `cap` patterns; later ones fall into one "unclassified" pattern, named as
+the node agent names it (coroot/logparser: hash of 32 zeros, a fixed sample). The hash is FNV-1a
+64 of the first masked form, hex: stable for the life of the pattern. Pure.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 
 from agent.hashing import fnv1a64
 
+UNCLASSIFIED_HASH = "0" * 32
+UNCLASSIFIED_SAMPLE = "unclassified pattern (pattern limit reached)"
 LEVELS = ("critical", "error", "warning", "info", "debug", "unknown")
 SEVERITY_NUMBER = {"critical": 21, "error": 17, "warning": 13, "info": 9, "debug": 5, "unknown": 0}
 
@@ -87,7 +90,7 @@ class PatternSet:
     cap: int = 256
     by_len: dict[int, list[Pattern]] = field(default_factory=dict)
     count: int = 0
-    unclassified: Pattern = field(default_factory=lambda: Pattern([], "unclassified", ""))
+    unclassified: Pattern = field(default_factory=lambda: Pattern([], UNCLASSIFIED_HASH, UNCLASSIFIED_SAMPLE))
 
     def match(self, message: str) -> Pattern:
         tokens = mask(message)
@@ -96,8 +99,6 @@ class PatternSet:
             if not tokens or same / len(tokens) >= 0.7:
                 return p
         if self.count >= self.cap:
-            if not self.unclassified.sample:
-                self.unclassified.sample = message.split("\n", 1)[0][:256]
             return self.unclassified
         h = format(fnv1a64([" ".join(tokens).encode()]), "016x")
         p = Pattern(tokens, h, message.split("\n", 1)[0][:256])
