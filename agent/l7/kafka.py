@@ -224,9 +224,10 @@ def _codes(key: int, version: int, r: Reader) -> list[int]:
                 r.string()  # cluster id
             if version >= 1:
                 r.num(4)  # controller id
-            for _ in range(r.array()):  # topics: each one's code is all we read of it
+            if r.array():  # topics: the first one's code is all that is read of them
                 codes.append(r.num(2))
-                break
+            else:  # brokers only
+                codes.append(0)
         else:
             return []
     except Short:
