@@ -46,6 +46,7 @@ TOP_ERROR: dict[int, int | None] = {
 }
 
 MAX_REQUESTS = 64  # pipelined requests read from one write
+MAX_API_KEY, MAX_API_VERSION = 92, 20  # L7_KAFKA_MAX_API_KEY, L7_KAFKA_MAX_API_VERSION
 
 
 def flexible(key: int, version: int) -> bool:
@@ -126,17 +127,22 @@ class Reader:
 def parse_requests(data: bytes) -> list[Header]:
     """The requests in a write (a pipeline holds several), as far as their headers were captured."""
     out: list[Header] = []
+    if len(data) < 15:  # the kernel looks at 15 bytes of the first
+        return out
     pos = 0
     while pos + 12 <= len(data) and len(out) < MAX_REQUESTS:
         size = int.from_bytes(data[pos:pos + 4], "big", signed=True)
         key = int.from_bytes(data[pos + 4:pos + 6], "big", signed=True)
         version = int.from_bytes(data[pos + 6:pos + 8], "big", signed=True)
         corr = int.from_bytes(data[pos + 8:pos + 12], "big", signed=True)
-        if size < 8 or not 0 <= key <= 127 or not 0 <= version <= 64 or corr < 0:
+        # as the kernel's detector (bpf/include/l7/kafka.h) checks a request
+        if size < 10 or not 0 <= key <= MAX_API_KEY or not 0 <= version <= MAX_API_VERSION or corr < 0:
             break
         client = ""
         if pos + 14 <= len(data):
             n = int.from_bytes(data[pos + 12:pos + 14], "big", signed=True)
+            if n != -1 and (n <= 0 or n + 10 > size or (pos + 15 <= len(data) and not 0x20 <= data[pos + 14] <= 0x7E)):
+                break
             if n > 0:
                 client = data[pos + 14:pos + 14 + n].decode("utf-8", "replace")
         out.append(Header(key, version, corr, client))
