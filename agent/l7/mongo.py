@@ -13,7 +13,9 @@ a query, as the node agent, which does not count the OP_QUERY a driver starts wi
 Status from the reply's document: "ok" when its `ok` is 1 and it carries no writeErrors or
 writeConcernError, "failed" otherwise (the error's code is the span's message); an OP_REPLY with
 QueryFailure or `$err` failed; "unknown" when the reply's document was not seen (a driver that
-reads the 16-byte header alone first: the kernel pairs the request with that read).
+reads the 16-byte header alone first: the kernel pairs the request with that read). A reply
+may also come as its body alone (the read after such a header), told from a whole message by
+its header's responseTo, which names the request.
 
 The statement is the command document as relaxed JSON with its values masked (`?`): keys, the
 command's collection and `$db` stay; the session and cluster-time fields are left out."""
@@ -188,9 +190,11 @@ def statement(doc: Doc, mask: bool = True) -> str:
 
 
 class Command:
-    def __init__(self, name: str, text: str, more_to_come: bool = False) -> None:
+    def __init__(self, name: str, text: str, request_id: int, op: int, more_to_come: bool = False) -> None:
         self.name = name
         self.text = text
+        self.request_id = request_id
+        self.op = op
         self.more_to_come = more_to_come
 
 
@@ -200,14 +204,14 @@ def parse_request(data: bytes, mask: bool = True) -> Command | None:
     try:
         if len(data) < 16:
             return None
-        length, _req, response_to, op = HEADER.unpack_from(data)
+        length, req, response_to, op = HEADER.unpack_from(data)
         if response_to != 0 or length < 16 or op not in (OP_MSG, OP_QUERY, OP_COMPRESSED):
             return None
         if op == OP_COMPRESSED or len(data) == 16:
-            return Command("", "")
+            return Command("", "", req, op)
         if op == OP_MSG:
             if len(data) < 21:
-                return Command("", "")
+                return Command("", "", req, op)
             flags = int.from_bytes(data[16:20], "little")
             pos = 20
             while pos < len(data) and data[pos] == 1:  # document sequences before the body
@@ -216,7 +220,7 @@ def parse_request(data: bytes, mask: bool = True) -> Command | None:
                     return None
                 pos += 1 + n
             if pos >= len(data):
-                return Command("", TRUNCATED, bool(flags & MORE_TO_COME))
+                return Command("", TRUNCATED, req, op, bool(flags & MORE_TO_COME))
             if data[pos] != 0:
                 return None
             doc, _ = decode(data, pos + 1)
@@ -231,7 +235,7 @@ def parse_request(data: bytes, mask: bool = True) -> Command | None:
                 q.truncated = doc.truncated
                 doc = q
         name = doc.items[0][0] if doc.items else ""
-        return Command(name, statement(doc, mask), more)
+        return Command(name, statement(doc, mask), req, op, more)
     except (Truncated, ValueError, struct.error, IndexError):
         return None
 
@@ -263,27 +267,33 @@ def _status(doc: Doc) -> Reply:
     return Reply("ok")
 
 
-def parse_reply(data: bytes) -> Reply:
-    """The status of a reply message (header included)."""
+def parse_reply(data: bytes, request_id: int | None = None, op: int = OP_MSG) -> Reply:
+    """The status of a reply to the request `request_id` (of opcode `op`): its message with
+    the header, or, when the header was read on its own (a driver reads it first), its body."""
     try:
-        if len(data) < 16:
+        if len(data) >= 16:
+            _len, _req, response_to, reply_op = HEADER.unpack_from(data)
+            if response_to != 0 and (request_id is None or response_to == request_id):
+                return _reply_body(data[16:], reply_op)
+        if request_id is None:
             return Reply("unknown")
-        _len, _req, response_to, op = HEADER.unpack_from(data)
-        if response_to == 0:
-            return Reply("unknown")
-        if op == OP_MSG and len(data) > 21 and data[20] == 0:
-            doc, _ = decode(data, 21)
-            return _status(doc)
-        if op == OP_REPLY and len(data) >= 20:
-            flags = int.from_bytes(data[16:20], "little")
-            if flags & QUERY_FAILURE:
-                return Reply("failed")
-            if len(data) > 36:
-                doc, _ = decode(data, 36)
-                return _status(doc)
-        return Reply("unknown")
+        return _reply_body(data, OP_REPLY if op == OP_QUERY else OP_MSG)
     except (Truncated, ValueError, struct.error, IndexError):
         return Reply("unknown")
+
+
+def _reply_body(body: bytes, op: int) -> Reply:
+    if op == OP_MSG and len(body) > 5 and body[4] == 0 and int.from_bytes(body[:4], "little") < 1 << 17:
+        doc, _ = decode(body, 5)
+        return _status(doc)
+    if op == OP_REPLY and len(body) >= 4:
+        flags = int.from_bytes(body[:4], "little")
+        if flags & QUERY_FAILURE:
+            return Reply("failed")
+        if len(body) > 20:
+            doc, _ = decode(body, 20)
+            return _status(doc)
+    return Reply("unknown")
 
 
 def bson(*items: tuple[str, str | int]) -> bytes:
@@ -327,7 +337,7 @@ class Mongo(p.Protocol):
         cmd = parse_request(request, self.settings.masks.sql_literals)
         if cmd is None or cmd.name.lower() in HANDSHAKES:
             return []
-        reply = parse_reply(response)
+        reply = parse_reply(response, cmd.request_id, cmd.op)
         return [p.Request(self.id, reply.status, seconds, cmd.name, statement=cmd.text, error=reply.error)]
 
     def span(self, r: p.Request, peer: p.Peer, tls: bool) -> p.Span | None:

@@ -111,6 +111,14 @@ def test_a_reply_seen_as_its_header_alone_leaves_the_status_unknown() -> None:
         ("find", "unknown", '{"find": "people", "filter": {"fail": ?}, "$db": "ca"}', "")]
 
 
+def test_a_reply_seen_as_its_body_alone_has_its_status() -> None:
+    assert parse(FIND_FAIL, FIND_FAIL_REPLY[16:]) == [
+        ("find", "failed", '{"find": "people", "filter": {"fail": ?}, "$db": "ca"}', "2")]
+    assert parse(INSERT, INSERT_REPLY[16:])[0][1] == "ok"
+    cmd = mongo.op_query(9, "ca.$cmd", mongo.bson(("count", "people")))
+    assert parse(cmd, op_reply(9, mongo.bson(("ok", 0)))[16:])[0][1] == "failed"
+
+
 def test_a_server_reading_the_header_alone_counts_a_query_without_its_statement() -> None:
     assert parse(FIND[:16], FIND_REPLY) == [("", "ok", "", "")]
 
