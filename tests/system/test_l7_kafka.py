@@ -147,10 +147,14 @@ def test_requests_one_at_a_time_by_status_on_both_sides(agent: AgentProcess, cgr
     assert produce == {"ok": 7, "failed": 3}
 
 
-@pytest.mark.xfail(strict=True, reason="the kernel keeps one unanswered request per connection (bpf/l7.c): a "
-                   "pipelined request replaces the one before it; pairing by correlation id needs l7.c to key "
-                   "Kafka's pending requests by it (a change outside this plug-in)")
+@pytest.mark.xfail(strict=True, reason="bpf/l7.c keeps one unanswered request per connection: a pipelined "
+                   "request replaces the one before it; pairing by correlation id needs l7.c to keep Kafka's "
+                   "requests under it (l7_kafka_request_stream/l7_kafka_response_stream in kafka.h; a change "
+                   "outside this plug-in)")
 def test_pipelined_requests_each_counted_once(agent: AgentProcess, cgroups: TestCgroups, server: Server) -> None:
     seen = len(server.answers())
     check(agent, cgroups, server, "kafka-pipeline", "pipeline:8", want={"ok": 8})
-    assert Counter(a["status"] for a in server.answers()[seen:] if a["api"] == 0) == {"ok": 8}
+    produce = [a for a in server.answers()[seen:] if a["api"] == 0]
+    # the client batches what waits: fewer requests than messages, several of them in flight at once
+    assert {a["status"] for a in produce} == {"ok"} and 2 <= len(produce) <= 8
+    assert max(a["in_flight"] for a in produce) >= 2

@@ -10,7 +10,8 @@ container_mongo_inbound_queries_total{status} for the server's; the driver's han
 monitor's `hello`s are not queries. A reply with ok 0 or a writeError is "failed", ok 1 "ok".
 The driver reads a reply's 16-byte header alone before its body, and the kernel pairs a request
 with the first read of its reply: the client's side sees no reply document, so its status is
-"unknown" (the server's side writes the whole reply at once and is exact). One span per client
+"unknown" until the kernel lets such a read leave the request waiting (see the last test's
+mark); the server's side writes the whole reply at once and is exact. One span per client
 query, named "query", with db.system "mongodb" and the command as its statement with the filter
 values masked."""
 
@@ -138,27 +139,44 @@ def test_queries_by_status_on_both_sides_handshakes_left_out_and_a_masked_span_e
         want_in = {"ok": 11, "failed": 5}
         got_in = wait_counts(agent, IN, sum(before.values()) + 16, container_id=server.cid)
         assert delta(got_in, before) == want_in, [(lb, v) for n, lb, v in agent.metrics() if n == IN]
-        # the driver reads each reply's header alone first: its side sees no reply document
+        # every query once on the client's side too (its status: the next test)
         got_out = wait_counts(agent, OUT, 16, container_id=cid, destination=server.dest,
                               actual_destination=server.dest)
-        assert got_out == {"unknown": 16}, [(lb, v) for n, lb, v in agent.metrics() if n == OUT]
+        assert sum(got_out.values()) == 16, [(lb, v) for n, lb, v in agent.metrics() if n == OUT]
         assert histogram_count(agent, "container_mongo_queries_duration_seconds_total", container_id=cid) == 16
         assert histogram_count(agent, "container_mongo_inbound_queries_duration_seconds_total",
                                container_id=server.cid) - before_hist == 16
         got = spans(agent, cid, 16)
     finally:
         finish(p)
-    seen_spans: Counter[tuple[str, str, str]] = Counter()
+    seen_spans: Counter[tuple[str, str]] = Counter()
     for s in got:
         a = s["SpanAttributes"]
         assert s["SpanKind"] == "SPAN_KIND_CLIENT" and a["db.system"] == "mongodb" and s["Duration"] > 0
         assert a["net.peer.port"] == str(server.port)
-        seen_spans[(s["SpanName"], a["db.statement"], s["StatusCode"])] += 1
-    unset = "STATUS_CODE_UNSET"
+        seen_spans[(s["SpanName"], a["db.statement"])] += 1
     assert seen_spans == {
-        ("query", '{"find": "people", "filter": {"name": ?, "age": {"$gt": ?}}, "$db": "ca"}', unset): 7,
-        ("query", '{"find": "people", "filter": {"fail": ?}, "$db": "ca"}', unset): 3,
-        ("query", '{"insert": "people", "ordered": ?, "$db": "ca"}', unset): 6,
+        ("query", '{"find": "people", "filter": {"name": ?, "age": {"$gt": ?}}, "$db": "ca"}'): 7,
+        ("query", '{"find": "people", "filter": {"fail": ?}, "$db": "ca"}'): 3,
+        ("query", '{"insert": "people", "ordered": ?, "$db": "ca"}'): 6,
     }
     assert not any(re.search(r"secret-", s["SpanAttributes"]["db.statement"]) for s in got)
     assert rows(agent, f"SELECT count() AS n FROM otel_traces WHERE ServiceName = '{server.cid}'") == [{"n": 0}]
+
+
+@pytest.mark.xfail(strict=True, reason="pymongo reads a reply's 16-byte header alone, and bpf/l7.c pairs the "
+                   "request with that read: the client's side sees no reply document (status unknown) until l7.c "
+                   "lets a header-only read leave the request waiting for the body (a change outside this plug-in)")
+def test_the_client_side_status_comes_from_the_reply_body(agent: AgentProcess, cgroups: TestCgroups,
+                                                           server: Server) -> None:
+    cid = cgroups.create("mongo-status")
+    p, result = run_client(cgroups, cid, server.port, "find:4", "find-fail:2", "insert-dup:1")
+    try:
+        assert result["counts"] == {"ok": 4, "failed": 3}
+        got_out = wait_counts(agent, OUT, 7, container_id=cid, destination=server.dest)
+        got = spans(agent, cid, 7)
+    finally:
+        finish(p)
+    assert got_out == {"ok": 4, "failed": 3}, [(lb, v) for n, lb, v in agent.metrics() if n == OUT]
+    assert Counter((s["StatusCode"], s["StatusMessage"]) for s in got) == {
+        ("STATUS_CODE_OK", ""): 4, ("STATUS_CODE_ERROR", "2"): 2, ("STATUS_CODE_ERROR", "11000"): 1}

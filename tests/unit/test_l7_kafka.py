@@ -7,10 +7,13 @@ and the plug-in through the tracer with packed kernel events."""
 from __future__ import annotations
 
 import struct
+import subprocess
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.ebpf.loader import BPF_DIR
 from agent.l7 import contract, kafka
 from agent.l7.contract import F_INBOUND, F_OUTBOUND, Event, pack
 from agent.l7.protocol import Settings
@@ -186,3 +189,40 @@ def test_through_the_tracer_counts_both_sides_and_makes_no_spans() -> None:
     assert value(t, "container_kafka_inbound_requests_total", status="ok") == 1
     assert value(t, "container_kafka_inbound_requests_total", status="unknown") == 1
     assert rows.rows == []
+
+
+NATIVE = r"""
+#include <stdint.h>
+#include <stdio.h>
+typedef uint8_t u8; typedef uint16_t u16; typedef uint32_t u32; typedef uint64_t u64;
+#ifndef __always_inline
+#define __always_inline inline __attribute__((always_inline))
+#endif
+#include "l7/kafka.h"
+static int unhex(int c) { return c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10; }
+int main(void) {
+    static char line[4096];
+    while (fgets(line, sizeof(line), stdin)) {
+        u8 b[16] = {0}; u32 n = 0;
+        for (char *p = line; p[0] && p[0] != '\n' && p[1] && n < 16; p += 2)
+            b[n++] = (u8)(unhex(p[0]) << 4 | unhex(p[1]));
+        printf("%u %u\n", n >= 12 ? l7_kafka_request_stream(b, n) : 0, l7_kafka_response_stream(b, n));
+    }
+    return 0;
+}
+"""
+
+
+def test_the_kernel_reads_the_correlation_ids_the_parser_pairs_by(tmp_path: Path) -> None:
+    """kafka.h's stream helpers (for pairing pipelined requests in the kernel), run natively."""
+    src, exe = tmp_path / "k.c", tmp_path / "k"
+    src.write_text(NATIVE)
+    subprocess.run(["gcc", "-O1", "-Wall", "-Werror", "-I", str(BPF_DIR / "include"), "-o", str(exe), str(src)],
+                   check=True)
+    frames = [PIPE1, PIPE2, PRODUCE_BAD, PIPE1_RESP, PIPE3_RESP, API_VERSIONS_RESP, b"\x01" + PIPE1_RESP[1:], b"\0\0"]
+    out = subprocess.run([str(exe)], input="".join(f[:16].hex() + "\n" for f in frames), check=True,
+                         capture_output=True, text=True).stdout.split("\n")
+    got = [tuple(int(x) for x in line.split()) for line in out if line]
+    corr = [kafka.parse_requests(f)[0].correlation_id for f in (PIPE1, PIPE2, PRODUCE_BAD)]
+    assert [g[0] for g in got[:3]] == corr == [6, 7, 5]
+    assert [g[1] for g in got[3:]] == [6, 8, 1, 0, 0]  # a size of 16 MB or more, or 2 bytes: no response

@@ -7,10 +7,13 @@ tracer with packed kernel events."""
 from __future__ import annotations
 
 import struct
+import subprocess
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.ebpf.loader import BPF_DIR
 from agent.l7 import contract, mongo
 from agent.l7.contract import F_INBOUND, F_OUTBOUND, Event, pack
 from agent.l7.protocol import Masks, Settings
@@ -198,3 +201,41 @@ def test_through_the_tracer_counts_both_sides_and_a_span_per_outbound_query() ->
                                     ("query", "mongodb", "STATUS_CODE_OK", ""),
                                     ("query", "mongodb", "STATUS_CODE_ERROR", "11000")]
     assert rows.rows[1]["SpanAttributes"]["db.statement"] == '{"find": "people", "filter": {"fail": ?}, "$db": "ca"}'
+
+
+NATIVE = r"""
+#include <stdint.h>
+#include <stdio.h>
+typedef uint8_t u8; typedef uint16_t u16; typedef uint32_t u32; typedef uint64_t u64;
+#ifndef __always_inline
+#define __always_inline inline __attribute__((always_inline))
+#endif
+#include "l7/mongo.h"
+static int unhex(int c) { return c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10; }
+int main(void) {
+    static char line[4096];
+    unsigned long size;
+    while (scanf("%lu %4095s", &size, line) == 2) {
+        u8 b[16] = {0}; u32 n = 0;
+        for (char *p = line; p[0] && p[1] && n < 16; p += 2)
+            b[n++] = (u8)(unhex(p[0]) << 4 | unhex(p[1]));
+        printf("%d %d\n", l7_mongo_request(b, n, size, 0), l7_mongo_response_header(b, n, size));
+    }
+    return 0;
+}
+"""
+
+
+def test_the_kernel_tells_a_replys_header_read_alone(tmp_path: Path) -> None:
+    """mongo.h, run natively: a request whole or as a server's 16-byte header read, and a reply's
+    header read alone (for the kernel to let its request wait for the body)."""
+    src, exe = tmp_path / "m.c", tmp_path / "m"
+    src.write_text(NATIVE)
+    subprocess.run(["gcc", "-O1", "-Wall", "-Werror", "-I", str(BPF_DIR / "include"), "-o", str(exe), str(src)],
+                   check=True)
+    calls = [(len(FIND), FIND), (16, FIND), (len(FIND) - 1, FIND), (16, FIND_REPLY), (len(FIND_REPLY), FIND_REPLY),
+             (16, op_reply(3, b"")), (16, mongo.HEADER.pack(16, 1, 2, 2010))]
+    out = subprocess.run([str(exe)], input="".join(f"{size} {data[:16].hex()}\n" for size, data in calls),
+                         check=True, capture_output=True, text=True).stdout
+    assert [tuple(int(x) for x in line.split()) for line in out.splitlines()] == [
+        (1, 0), (1, 0), (0, 0), (0, 1), (0, 0), (0, 1), (0, 0)]

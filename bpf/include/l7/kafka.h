@@ -27,4 +27,17 @@ static __always_inline int l7_kafka_request(u8 *b, u32 n, u64 size, u64 ptr) {
     return client == 0xffff || (client != 0 && client + 10 <= len && b[14] >= 0x20 && b[14] <= 0x7e);
 }
 
+/* The correlation id a request waits under (b: its first bytes, a request's by
+ * l7_kafka_request), and the one a response names: its second int32, after the size; 0 when
+ * the bytes cannot be a response (a size of 16 MB or more, a negative id). */
+static __always_inline u32 l7_kafka_request_stream(u8 *b, u32 n) {
+    return ((u32)b[8] << 24) | ((u32)b[9] << 16) | ((u32)b[10] << 8) | b[11];
+}
+
+static __always_inline u32 l7_kafka_response_stream(u8 *b, u32 n) {
+    if (n < 8 || b[0] != 0 || (b[4] & 0x80))
+        return 0;
+    return ((u32)b[4] << 24) | ((u32)b[5] << 16) | ((u32)b[6] << 8) | b[7];
+}
+
 #endif

@@ -29,4 +29,13 @@ static __always_inline int l7_mongo_request(u8 *b, u32 n, u64 size, u64 ptr) {
     return len == size || size == 16;
 }
 
+/* A read of a reply's 16-byte header alone (pymongo reads it first, then the body): its
+ * responseTo is set and its opcode a reply's (OP_MSG, OP_REPLY 1, OP_COMPRESSED). */
+static __always_inline int l7_mongo_response_header(u8 *b, u32 n, u64 size) {
+    if (size != 16 || n < 16 || l7_le32(b + 8) == 0)
+        return 0;
+    u32 op = l7_le32(b + 12);
+    return op == L7_MONGO_OP_MSG || op == 1 || op == L7_MONGO_OP_COMPRESSED;
+}
+
 #endif

@@ -11,7 +11,8 @@ is not installable here), so this answers the wire protocol by its specification
 Requests are read as they arrive (several at once when they do) and answered in order, one
 write per response; with DELAY_MS, Produce responses leave that long after their request came,
 while later requests are read meanwhile (so a client pipelines them). Each answer is logged to
-stdout as a JSON line {"api", "version", "correlation_id", "status"}.
+stdout as a JSON line {"api", "version", "correlation_id", "status", "in_flight"}: in_flight counts
+the responses of the connection not written yet, this one included.
 
     python -m tests.system.workloads.kafka_responder PORT [DELAY_MS]
 """
@@ -137,13 +138,14 @@ def produce(r: In) -> tuple[bytes, bool]:
     return carray(topics) + struct.pack(">i", 0) + NO_TAGS, failed
 
 
-def log(api: int, version: int, corr: int, status: str) -> None:
+def log(api: int, version: int, corr: int, status: str, in_flight: int) -> None:
     with LOCK:
-        sys.stdout.write(json.dumps({"api": api, "version": version, "correlation_id": corr, "status": status}) + "\n")
+        sys.stdout.write(json.dumps({"api": api, "version": version, "correlation_id": corr, "status": status,
+                                     "in_flight": in_flight}) + "\n")
         sys.stdout.flush()
 
 
-def respond(req: bytes, port: int) -> tuple[bytes, int]:
+def respond(req: bytes, port: int, in_flight: int) -> tuple[bytes, int]:
     """A response's bytes and the api key it answers."""
     r = In(req)
     key, version, corr = r.i16(), r.i16(), r.i32()
@@ -168,13 +170,15 @@ def respond(req: bytes, port: int) -> tuple[bytes, int]:
         head, status = struct.pack(">i", corr) + NO_TAGS, "failed" if bad else "ok"
     else:
         raise ValueError(f"unsupported request: api {key} v{version}")
-    log(key, version, corr, status)
+    log(key, version, corr, status, in_flight)
     msg = head + body
     return struct.pack(">i", len(msg)) + msg, key
 
 
 def serve(conn: socket.socket, port: int, delay: float) -> None:
     out: queue.Queue[tuple[float, bytes] | None] = queue.Queue()
+    unsent = [0]
+    lock = threading.Lock()
 
     def writer() -> None:  # in order, each when it is due
         while (item := out.get()) is not None:
@@ -184,6 +188,8 @@ def serve(conn: socket.socket, port: int, delay: float) -> None:
                 conn.sendall(data)
             except OSError:
                 return
+            with lock:
+                unsent[0] -= 1
 
     w = threading.Thread(target=writer, daemon=True)
     w.start()
@@ -196,7 +202,10 @@ def serve(conn: socket.socket, port: int, delay: float) -> None:
             buf += data
             while len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"):
                 n = int.from_bytes(buf[:4], "big")
-                resp, key = respond(buf[4:4 + n], port)
+                with lock:
+                    unsent[0] += 1
+                    waiting = unsent[0]
+                resp, key = respond(buf[4:4 + n], port, waiting)
                 buf = buf[4 + n:]
                 out.put((time.monotonic() + (delay if key == PRODUCE else 0.0), resp))
         out.put(None)
