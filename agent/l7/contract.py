@@ -12,6 +12,8 @@ from dataclasses import dataclass
 HTTP, POSTGRES, REDIS, DNS = 1, 2, 3, 4
 HTTP2 = 7
 MYSQL = 5
+MONGO = 11
+KAFKA = 12
 
 # Event flags (event.flags)
 F_OUTBOUND, F_INBOUND, F_TLS, F_COUNTED = 1, 2, 4, 8

@@ -4,7 +4,8 @@ protocols.h's l7_detect (or l7_message for one-way messages), and its id in both
 
 from __future__ import annotations
 
-from agent.l7 import dns, http, http2, mysql, postgres, redis
+from agent.l7 import dns, http, http2, kafka, mongo, mysql, postgres, redis
 from agent.l7.protocol import Protocol
 
-PLUGINS: tuple[type[Protocol], ...] = (http.Http, postgres.Postgres, redis.Redis, dns.Dns, http2.Http2, mysql.Mysql)
+PLUGINS: tuple[type[Protocol], ...] = (http.Http, postgres.Postgres, redis.Redis, dns.Dns, http2.Http2, mysql.Mysql,
+                                      mongo.Mongo, kafka.Kafka)

@@ -13,6 +13,8 @@
 #define L7_DNS 4
 #define L7_HTTP2 7
 #define L7_MYSQL 5
+#define L7_MONGO 11
+#define L7_KAFKA 12
 
 /* Event flags (event.flags). */
 #define L7_OUTBOUND 1 /* the process made the connection: it is the client */

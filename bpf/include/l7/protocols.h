@@ -8,6 +8,8 @@
 #include "l7/dns.h"
 #include "l7/http.h"
 #include "l7/http2.h"
+#include "l7/kafka.h"
+#include "l7/mongo.h"
 #include "l7/mysql.h"
 #include "l7/postgres.h"
 #include "l7/redis.h"
@@ -24,6 +26,10 @@ static __always_inline u32 l7_detect(u8 *b, u32 n, u64 size, u64 ptr) {
         return L7_POSTGRES;
     if (l7_mysql_request(b, n, size, ptr))
         return L7_MYSQL;
+    if (l7_mongo_request(b, n, size, ptr))
+        return L7_MONGO;
+    if (l7_kafka_request(b, n, size, ptr))
+        return L7_KAFKA;
     return 0;
 }
 
