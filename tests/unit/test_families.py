@@ -140,8 +140,9 @@ def test_collectors_on_this_machine_export_the_node_agents_families() -> None:
             c.close()
     assert mismatches(got) == {}
     for name in ("node_info", "node_cloud_info", "node_uptime_seconds", "node_resources_cpu_usage_seconds_total",
-                 "node_resources_memory_total_bytes", "node_net_interface_up", "node_agent_info",
-                 "container_resources_cpu_usage_seconds_total"):
+                 "node_resources_memory_total_bytes", "node_net_interface_up", "node_agent_info"):
+        # (container families need a container, which this machine may not have at the moment:
+        # tests/system/test_families.py makes them)
         assert name in got, name
 
 
