@@ -156,6 +156,7 @@ class Config:
     ephemeral_port_range: str = _opt("32768-60999", "portrange", "listen sockets on ports in this range are not reported", flag="--ephemeral-port-range", yaml="ephemeral_port_range")
     max_fqdns_per_container: int = _opt(50, "int", "distinct DNS domains kept per container", flag="--max-fqdns-per-container", yaml="max_fqdns_per_container", check=_positive)
     max_label_length: int = _opt(4096, "int", "longer label values are truncated", flag="--max-label-length", yaml="max_label_length", check=_positive)
+    jvm_enabled: bool = _opt(True, "bool", "read JVM performance counters (hsperfdata) for container_jvm_* metrics", flag="--disable-jvm-monitoring", yaml="runtimes.jvm", invert=True)
     # --- containers ---
     container_allowlist: tuple[str, ...] = _opt((), "regexes", "only containers whose id matches one of these regexes (repeatable)", flag="--container-allowlist", yaml="container_allowlist")
     container_denylist: tuple[str, ...] = _opt((), "regexes", "containers whose id matches one of these regexes are ignored (repeatable)", flag="--container-denylist", yaml="container_denylist")

@@ -40,6 +40,7 @@ from agent.node.cgroups import CgroupCollector
 from agent.node.node import NodeCollector
 from agent.profiling.profiler import Profiler
 from agent.query import StoreLock, api_handler, socket_path
+from agent.runtime.jvm import JvmMetrics
 from agent.sinks.batcher import Sink
 from agent.sinks.history import MetricHistory
 from agent.sinks.remote_write import RemoteWriter
@@ -118,6 +119,7 @@ class Agent:
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self.started_at = 0.0
+        self.jvm: JvmMetrics | None = None
 
     def families(self) -> list[str]:
         fams = ["proc", "tcp"]
@@ -218,6 +220,9 @@ class Agent:
                 AppTypeCollector(self.registry, procfs=cfg.procfs_root, runtimes=cfg.l7_tracing),
                 RestartCounter(self.registry), DiskCollector(self.registry, procfs=cfg.procfs_root),
                 RegistryMetrics(self.registry)]
+        if cfg.jvm_enabled:
+            self.jvm = JvmMetrics(self.registry, procfs=cfg.procfs_root)
+            out.append(self.jvm)
         shipper = self._metrics_shipper()
         if shipper is not None:
             out.append(shipper)
@@ -315,7 +320,8 @@ class Agent:
         return None
 
     def _api_processes(self, query: str, _body: bytes) -> Response:
-        """Every process the registry knows: pid, comm, container and opt-outs (?pid=N for one)."""
+        """Every process the registry knows: pid, comm, container and opt-outs (?pid=N for one);
+        for a JVM, `jvm`: where its counters are read from, or why there are none."""
         want = parse_qs(query).get("pid")
         pids = [int(p) for p in want if p.isdigit()] if want else sorted(self.registry.pids())
         out = []
@@ -326,6 +332,9 @@ class Agent:
             c = self.registry.container_of(pid)
             out.append({"pid": p.pid, "comm": p.comm, "cgroup": p.cgroup_path,
                         "container_id": c.id if c else None, "opt_out": sorted(p.opt_out)})
+            jvm = self.jvm.describe(pid) if self.jvm is not None else None
+            if jvm is not None:
+                out[-1]["jvm"] = jvm
         return Response(200, json.dumps(out).encode() + b"\n")
 
     def _health(self) -> tuple[bool, str]:

@@ -23,6 +23,7 @@ if [ "$WANT_TEST" = 1 ]; then
     pkgs+=(gcc libc6-dev iproute2 procps curl openssl prometheus nftables ethtool
            nginx-light postgresql redis-server dnsmasq-base wrk python3-psycopg python3-redis
            debootstrap mariadb-server)
+    pkgs+=(default-jdk-headless)  # the JVM tests compile and run Java programs
 fi
 missing=()
 for p in "${pkgs[@]}"; do
