@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 MAGIC = b"\xca\xfe\xc0\xc0"
 PROLOGUE_SIZE = 32
@@ -101,8 +101,9 @@ class PerfData:
             return False
         for name, e in self.entries.items():
             if e.variability != 1:
-                self.entries[name] = replace(e, value=_value(buf, self.byte_order, e.type, e.units,
-                                                             e.offset, e.vector_length))
+                self.entries[name] = Entry(name, e.type, e.units, e.variability,
+                                           _value(buf, self.byte_order, e.type, e.units, e.offset, e.vector_length),
+                                           e.offset, e.vector_length)
         return True
 
     def get(self, name: str) -> Value:

@@ -221,9 +221,15 @@ def hsperfdata_dirs(root: str) -> list[str]:
 def open_hsperfdata(root: str, nspid: int, known: str | None = None) -> tuple[int, str]:
     """A read-only descriptor of the JVM's file under `root` and its path there; `known`, the
     path found before, is tried first. Raises NotFound, safeopen.Refused or OSError."""
-    candidates = [known] if known else []
-    candidates += [f"/tmp/{d}/{nspid}" for d in hsperfdata_dirs(root) if f"/tmp/{d}/{nspid}" != known]
-    for path in candidates:
+    if known:
+        try:
+            return safeopen.open_in_root(root, known, prefix="/tmp"), known
+        except FileNotFoundError:
+            pass
+    for d in hsperfdata_dirs(root):
+        path = f"/tmp/{d}/{nspid}"
+        if path == known:
+            continue
         try:
             return safeopen.open_in_root(root, path, prefix="/tmp"), path
         except FileNotFoundError:
