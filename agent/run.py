@@ -41,6 +41,7 @@ from agent.node.node import NodeCollector
 from agent.profiling.profiler import Profiler
 from agent.query import StoreLock, api_handler, socket_path
 from agent.runtime.jvm import JvmMetrics
+from agent.runtime.python import PythonGilMetrics
 from agent.sinks.batcher import Sink
 from agent.sinks.history import MetricHistory
 from agent.sinks.remote_write import RemoteWriter
@@ -129,6 +130,8 @@ class Agent:
             fams.append("logs")
         if self.cfg.profiler_enabled:
             fams.append("profiler")
+        if self.cfg.python_gil_enabled:
+            fams.append("python")
         return fams
 
     def start(self) -> None:
@@ -223,6 +226,8 @@ class Agent:
         if cfg.jvm_enabled:
             self.jvm = JvmMetrics(self.registry, procfs=cfg.procfs_root)
             out.append(self.jvm)
+        if "python" in self.families():
+            out.append(PythonGilMetrics(self.registry, procfs=cfg.procfs_root))
         shipper = self._metrics_shipper()
         if shipper is not None:
             out.append(shipper)

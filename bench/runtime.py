@@ -6,7 +6,14 @@ wanted entries, a refresh of a parsed layout) and per read as the agent does it 
 safe open through /proc/PID/root, the read, the refresh), and what that makes per JVM at the
 5 s refresh.
 
-Run as root: `python bench/runtime.py [--jvms 4] [--rounds 200]`.
+Python GIL: the agent's uprobes sit on the C library's pthread_cond_timedwait, which every
+process on the host using that library runs. A loop of calls that return at once (a deadline in
+the past), timed without the agent, then with it from a process it does not follow (the
+probes fire, the kernel side leaves after one lookup) and from a Python process it follows
+(the wait is timed and added): nanoseconds each call costs more, and the BPF programs' own run
+time per call (kernel.bpf_stats_enabled).
+
+Run as root: `python bench/runtime.py [--jvms 4] [--rounds 200] [--calls 200000] [--only jvm|python]`.
 """
 
 from __future__ import annotations
@@ -23,9 +30,31 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agent.containers.registry import Registry  # noqa: E402
 from agent.runtime import hsperfdata, jvm  # noqa: E402
-from tests.system.helpers import REPO, TestCgroups  # noqa: E402
+from tests.system.helpers import AGENT_DEFAULTS, REPO, AgentProcess, TestCgroups, wait_for  # noqa: E402
 
 GC_LOOP = REPO / "tests" / "system" / "workloads" / "GcLoop.java"
+# Calls pthread_cond_timedwait (through ctypes) with a deadline in the past; prints ns per call
+# beyond the same loop without the call, best of three.
+COND_LOOP = """
+import ctypes, sys, time
+libc = ctypes.CDLL("libc.so.6")
+cond, mutex = ctypes.create_string_buffer(64), ctypes.create_string_buffer(64)
+class Timespec(ctypes.Structure):
+    _fields_ = [("s", ctypes.c_long), ("ns", ctypes.c_long)]
+past = ctypes.byref(Timespec(0, 0))
+lock, unlock, wait = libc.pthread_mutex_lock, libc.pthread_mutex_unlock, libc.pthread_cond_timedwait
+def loop(n, call):
+    t = time.perf_counter()
+    for _ in range(n):
+        lock(mutex)
+        if call:
+            wait(cond, mutex, past)
+        unlock(mutex)
+    return (time.perf_counter() - t) / n
+n = int(sys.argv[1])
+sys.stdin.readline()
+print((min(loop(n, True) for _ in range(3)) - min(loop(n, False) for _ in range(3))) * 1e9, flush=True)
+"""
 
 
 def per_call_us(fn, n: int) -> float:  # noqa: ANN001
@@ -88,12 +117,57 @@ def bench_jvm(n_jvms: int, rounds: int) -> None:
         shutil.rmtree(classes, ignore_errors=True)
 
 
+def cond_loop(calls: int, cg: TestCgroups | None, wait_followed: AgentProcess | None = None) -> float:
+    """ns per call beyond the loop; in a test cgroup (a container) when `cg` is given."""
+    argv = ["/usr/bin/python3", "-c", COND_LOOP, str(calls)]
+    kw = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
+    p = cg.spawn(cg.create("bench-gil"), argv, **kw) if cg is not None else subprocess.Popen(argv, **kw)  # type: ignore[call-overload]
+    if wait_followed is not None:
+        assert wait_for(lambda: [1 for n, lb, _ in wait_followed.metrics()
+                                 if n == "coroot_agent_python_processes" and _ >= 1], 30), "not followed"
+    out, _ = p.communicate("go\n", timeout=300)
+    return float(out)
+
+
+def bench_python(calls: int) -> None:
+    subprocess.run(["sysctl", "-qw", "kernel.bpf_stats_enabled=1"], check=True)
+    cg = TestCgroups()
+    a = AgentProcess([*AGENT_DEFAULTS, "--disable-l7-tracing", "--disable-profiling", "--disable-log-parsing",
+                      "--disable-log-entries"])
+    try:
+        without = cond_loop(calls, None)
+        a.start()
+        # a Python process in a container: the agent probes the host's C library and follows it
+        followed = cond_loop(calls, cg, wait_followed=a)
+        unfollowed = cond_loop(calls, None)
+        samples = [(n, lb.get("program", ""), v) for n, lb, v in a.metrics()]
+        runs = {p: v for n, p, v in samples if n == "coroot_agent_bpf_program_runs_total" and p.startswith("python_")}
+        secs = {p: v for n, p, v in samples if n == "coroot_agent_bpf_program_run_seconds_total"
+                and p.startswith("python_")}
+        print(f"pthread_cond_timedwait, {calls} calls a loop (ctypes; ns beyond the loop, best of 3):")
+        print(f"  without the agent:                       {without:8.0f} ns a call")
+        print(f"  with it, a process it does not follow:   {unfollowed:8.0f} ns (+{unfollowed - without:.0f})")
+        print(f"  with it, a Python process it follows:    {followed:8.0f} ns (+{followed - without:.0f})")
+        for prog in sorted(runs):
+            if runs[prog]:
+                print(f"  {prog}: {secs.get(prog, 0) / runs[prog] * 1e9:.0f} ns in the kernel a run "
+                      f"({runs[prog]:.0f} runs, all processes)")
+    finally:
+        cg.cleanup()
+        a.cleanup()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--jvms", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--calls", type=int, default=200_000)
+    ap.add_argument("--only", choices=("jvm", "python"))
     args = ap.parse_args()
-    bench_jvm(args.jvms, args.rounds)
+    if args.only != "python":
+        bench_jvm(args.jvms, args.rounds)
+    if args.only != "jvm":
+        bench_python(args.calls)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,8 @@ FAMILIES: dict[str, Family] = {
     "logs": Family("logs", "logs.c", ("log_events",), "log files opened for writing under /var/log (tracepoint)"),
     "profiler": Family("profiler", "profiler.c", (), "CPU stacks sampled by a cpu-clock perf event",
                        perf_functions=("on_cpu_sample",)),
+    "python": Family("python", "python.c", (), "CPython GIL waits: pthread_cond_timedwait in the C library (uprobes)",
+                     uprobe_functions=("python_cond_wait_enter", "python_cond_wait_exit")),
 }
 
 Handler = Callable[[bytes], None]
@@ -144,20 +146,27 @@ class Loaded:
             raise KeyError(f"{name}: the BPF programs are closed")
         return BpfMap(self.bpf[name], name)
 
-    def attach_uprobe(self, path: str, symbol: str, fn_name: str, *, ret: bool = False) -> None:
+    def attach_uprobe(self, path: str, symbol: str, fn_name: str, *, ret: bool = False,
+                      addr: int | None = None) -> None:
         attach = self.bpf.attach_uretprobe if ret else self.bpf.attach_uprobe
         with self._attach_lock:
             if self._detach_begun:  # begin_detach has taken its list: this one would stay
                 raise ProgramsClosing(f"{fn_name} on {path}:{symbol}: the programs are being detached")
             try:
-                attach(name=path, sym=symbol, fn_name=fn_name)
+                if addr is not None:  # `symbol` only names it: a versioned symbol's address
+                    attach(name=path, addr=addr, fn_name=fn_name)
+                else:
+                    attach(name=path, sym=symbol, fn_name=fn_name)
             except Exception as e:  # noqa: BLE001 - BCC raises bare Exception for every failure
                 raise AttachError(f"{'uretprobe' if ret else 'uprobe'} {fn_name} on {path}:{symbol}: {e}") from e
 
-    def detach_uprobe(self, path: str, symbol: str, *, ret: bool = False) -> None:
+    def detach_uprobe(self, path: str, symbol: str, *, ret: bool = False, addr: int | None = None) -> None:
         detach = self.bpf.detach_uretprobe if ret else self.bpf.detach_uprobe
         try:
-            detach(name=path, sym=symbol)
+            if addr is not None:
+                detach(name=path, addr=addr)
+            else:
+                detach(name=path, sym=symbol)
         except Exception as e:  # noqa: BLE001
             raise AttachError(f"{'uretprobe' if ret else 'uprobe'} on {path}:{symbol}: {e}") from e
 
