@@ -147,28 +147,33 @@ class Loaded:
         return BpfMap(self.bpf[name], name)
 
     def attach_uprobe(self, path: str, symbol: str, fn_name: str, *, ret: bool = False,
-                      addr: int | None = None) -> None:
+                      addr: int | None = None, pid: int = -1) -> None:
         attach = self.bpf.attach_uretprobe if ret else self.bpf.attach_uprobe
         with self._attach_lock:
             if self._detach_begun:  # begin_detach has taken its list: this one would stay
                 raise ProgramsClosing(f"{fn_name} on {path}:{symbol}: the programs are being detached")
+            # `symbol` only names a probe put at `addr` (a versioned symbol's address)
+            where: dict[str, Any] = {"addr": addr} if addr is not None else {"sym": symbol}
+            if pid != -1:
+                where["pid"] = pid
             try:
-                if addr is not None:  # `symbol` only names it: a versioned symbol's address
-                    attach(name=path, addr=addr, fn_name=fn_name)
-                else:
-                    attach(name=path, sym=symbol, fn_name=fn_name)
+                attach(name=path, fn_name=fn_name, **where)
             except Exception as e:  # noqa: BLE001 - BCC raises bare Exception for every failure
                 raise AttachError(f"{'uretprobe' if ret else 'uprobe'} {fn_name} on {path}:{symbol}: {e}") from e
 
-    def detach_uprobe(self, path: str, symbol: str, *, ret: bool = False, addr: int | None = None) -> None:
+    def detach_uprobe(self, path: str, symbol: str, *, ret: bool = False, addr: int | None = None,
+                      pid: int = -1) -> None:
         detach = self.bpf.detach_uretprobe if ret else self.bpf.detach_uprobe
-        try:
-            if addr is not None:
-                detach(name=path, addr=addr)
-            else:
-                detach(name=path, sym=symbol)
-        except Exception as e:  # noqa: BLE001
-            raise AttachError(f"{'uretprobe' if ret else 'uprobe'} on {path}:{symbol}: {e}") from e
+        with self._attach_lock:  # not while begin_detach takes its list: it detaches them all
+            if self._detach_begun:
+                raise ProgramsClosing(f"{path}:{symbol}: the programs are being detached")
+            where: dict[str, Any] = {"addr": addr} if addr is not None else {"sym": symbol}
+            if pid != -1:
+                where["pid"] = pid
+            try:
+                detach(name=path, **where)
+            except Exception as e:  # noqa: BLE001
+                raise AttachError(f"{'uretprobe' if ret else 'uprobe'} on {path}:{symbol}: {e}") from e
 
     # ------------------------------------------------------------- loading --
 

@@ -120,13 +120,15 @@ class Programs(Protocol):
         ...
 
     def attach_uprobe(self, path: str, symbol: str, fn_name: str, *, ret: bool = False,
-                      addr: int | None = None) -> None:
+                      addr: int | None = None, pid: int = -1) -> None:
         """Attach program `fn_name` at `symbol` of the file `path` (at its return with `ret`);
         with `addr`, at that address of the file instead (for a symbol with several versions,
-        which a lookup by name may resolve to the wrong one); AttachError when the file has no
-        such symbol or the kernel refuses, ProgramsClosing once the agent has begun to stop."""
+        which a lookup by name may resolve to the wrong one); with `pid`, for that process only
+        (the kernel plants the breakpoint in no other); AttachError when the file has no such
+        symbol or the kernel refuses, ProgramsClosing once the agent has begun to stop."""
         ...
 
-    def detach_uprobe(self, path: str, symbol: str, *, ret: bool = False, addr: int | None = None) -> None:
+    def detach_uprobe(self, path: str, symbol: str, *, ret: bool = False, addr: int | None = None,
+                      pid: int = -1) -> None:
         """Undo attach_uprobe; AttachError when nothing was attached there."""
         ...

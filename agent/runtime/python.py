@@ -6,12 +6,17 @@ to 3.13, whether libpython is a shared library or linked into a static `python3`
 Which processes: those of a container whose command's first word looks like a Python
 interpreter (the node agent's rule, `python`, `python3`, `python3.11`, any path). For each,
 the C library files it maps (glibc's libc.so.6, libpthread, musl's ld-musl) are found in
-/proc/PID/maps and probed once per file (device and inode: the host's libc once for every
-process that uses it; a container's own copy is another file, reached through /proc/PID/root).
+/proc/PID/maps and probed for that process only: the node agent puts its probes on the file,
+which makes every process using it (the host's libc: nearly all) take the uprobe trap on each
+call (tens of microseconds on this project's test VM) to be filtered out in BPF; with the
+process given, the kernel plants the breakpoint in that process alone. The file is read once
+(device and inode; a container's own copy is another file, reached through /proc/PID/root).
 glibc exports two pthread_cond_timedwait symbols: the current one and a compatibility version
 kept for programs linked before 2.3.2, which a lookup by name may pick (BCC does); the probe
 goes on the default version's address, read from the library's own symbol versions. The
-process is then marked in the kernel's python_pids map: only marked processes' waits count.
+process is also marked in the kernel's python_pids map (a pid reused by another program does
+not count). When it exits, its probes are detached on the component's own thread (each detach
+waits for the kernel, ~0.1 s).
 
 A process's total lives in the kernel map until it exits; then it is added to its container's
 retired total and its entries are deleted. The metric of a container is the retired total plus
@@ -20,14 +25,15 @@ Python process probed. Like the node agent's, it is a counter; like container_jv
 is exposed as a gauge of the exact name (the Prometheus client would name a counter NAME_total).
 
 Work is done on ticks (the poll thread): reading /proc/PID/cmdline and maps of new processes,
-and, once per new C library file, its ELF symbols and two uprobes (the TLS attacher does the
-same); process events only queue pids.
+once per new C library file its ELF symbols, and two uprobes per Python process (the TLS
+attacher attaches on ticks too); process events only queue pids.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
 import threading
 from collections import OrderedDict
@@ -40,6 +46,7 @@ from elftools.elf.sections import SymbolTableSection
 
 from agent.component import Component
 from agent.containers.registry import Process, Registry
+from agent.ebpf import tracefs
 from agent.ebpf.maps import AttachError, BpfMap, Programs, ProgramsClosing
 from agent.logs import safeopen
 from agent.metrics import Families
@@ -48,9 +55,10 @@ log = logging.getLogger(__name__)
 
 SYMBOL = "pthread_cond_timedwait"
 ENTER, EXIT = "python_cond_wait_enter", "python_cond_wait_exit"
-LINK_DIR = "/run/coroot-agent/python"
 MAX_PROCESSES = 4096  # CA_PYTHON_PROCESSES in bpf/python.c
 MAX_QUEUED = 8192
+STALE_TRIES = 30  # seconds a left-behind probe definition is tried again
+MAX_LIBRARIES = 256  # C library files remembered (a descriptor each for those probed)
 MAX_CLASSIFY_PER_TICK = 512
 CMDLINE_MAX = 4096  # the first word is all that is needed
 MAPS_MAX = 4 << 20
@@ -99,18 +107,58 @@ def default_symbol_address(fd: int, name: str = SYMBOL) -> int | None:
         return found
 
 
+def _event_names(target: str, addr: int, pid: int) -> list[str]:
+    """The names BCC gives a process's uprobe and uretprobe when it defines them through
+    tracing/uprobe_events (libbcc appends its own pid)."""
+    base = f"{re.sub(r'[^a-zA-Z0-9_]', '_', target)}_0x{addr:x}_{pid}_bcc_{os.getpid()}"
+    return [f"p_{base}", f"r_{base}"]
+
+
+def _remove_events(names: dict[str, int]) -> None:
+    """Remove these probe definitions of this agent from tracing/uprobe_events where they are
+    still there: a detach of a probe whose process has exited can leave its definition behind
+    (busy at that moment), and BCC forgets it either way. `names`: name -> tries left; a name
+    is dropped once gone or out of tries."""
+    events = tracefs.tracefs_events_dir()
+    path = os.path.join(os.path.dirname(events), "uprobe_events") if events else ""
+    try:
+        with open(path) as f:
+            defined = {line.split()[0].split("/", 1)[-1] for line in f if line.strip()}
+    except OSError:
+        names.clear()  # no uprobe_events: BCC used the perf PMU, which leaves nothing behind
+        return
+    for name in list(names):
+        if name not in defined:
+            del names[name]
+            continue
+        try:  # one write(2) (a buffered file in append mode seeks first, which tracefs refuses)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            try:
+                os.write(fd, f"-:uprobes/{name}\n".encode())
+            finally:
+                os.close(fd)
+            del names[name]
+        except OSError:
+            names[name] -= 1
+            if names[name] <= 0:
+                log.debug("python: could not remove the probe definition %s", name)
+                del names[name]
+
+
 @dataclass
 class _Tracked:
     pid: int
     start_ticks: int
     container_id: str
+    probes: list[tuple[str, int]]  # (attach path, address) probed for this process
 
 
 @dataclass
 class _Library:
     path: str  # as the first process that mapped it sees it
     address: int | None
-    probes: int = 0
+    target: str = ""  # the path the probes are attached by
+    fd: int = -1  # kept open while the agent runs (target names it)
     error: str = ""
 
 
@@ -119,10 +167,9 @@ class PythonGilMetrics(Component):
 
     name = "python"
 
-    def __init__(self, registry: Registry, procfs: str = "/proc", link_dir: str = LINK_DIR) -> None:
+    def __init__(self, registry: Registry, procfs: str = "/proc") -> None:
         self.registry = registry
         self.procfs = procfs
-        self.link_dir = link_dir
         self.programs: Programs | None = None
         self._pids: BpfMap | None = None
         self._waits: BpfMap | None = None
@@ -133,6 +180,9 @@ class PythonGilMetrics(Component):
         self.libraries: dict[tuple[int, int], _Library] = {}
         self._synced = False
         self.dropped = 0
+        self._detach: queue.SimpleQueue[tuple[str, int, int] | None] = queue.SimpleQueue()
+        self._detacher: threading.Thread | None = None
+        self.detached = 0
 
     # ------------------------------------------------------------ component --
 
@@ -142,6 +192,10 @@ class PythonGilMetrics(Component):
         self.programs = programs
         self._pids = programs.map("python_pids")
         self._waits = programs.map("python_wait_ns")
+
+    def start(self) -> None:
+        self._detacher = threading.Thread(target=self._detach_loop, name="python-detach", daemon=True)
+        self._detacher.start()
 
     def on_process(self, what: str, proc: Process) -> None:
         with self._lock:
@@ -176,8 +230,40 @@ class PythonGilMetrics(Component):
                     self._retired.pop(cid, None)
 
     def close(self) -> None:
-        """The probes stay until the programs are freed (all probes are detached together)."""
+        """The probes left stay until the programs are freed (all probes are detached together)."""
         self.programs = None
+        if self._detacher is not None:
+            self._detach.put(None)
+            self._detacher.join(timeout=1.0)
+            self._detacher = None
+        # The descriptors stay open: the loader detaches the probes named by them after this.
+
+    def _detach_loop(self) -> None:
+        stale: dict[str, int] = {}  # probe definitions left behind -> tries left
+        while True:
+            job: tuple[str, int, int] | None | bool
+            try:
+                job = self._detach.get(timeout=1.0)
+            except queue.Empty:
+                job = False  # nothing to detach: only the sweep below
+            programs = self.programs
+            if job is None or programs is None:
+                return
+            if job:
+                assert isinstance(job, tuple)
+                target, addr, pid = job
+                for ret in (False, True):
+                    try:
+                        programs.detach_uprobe(target, SYMBOL, ret=ret, addr=addr, pid=pid)
+                    except ProgramsClosing:
+                        return  # the agent stops: the loader detaches what is left
+                    except AttachError as e:
+                        log.debug("python: detaching pid %d's probe: %s", pid, e)
+                self.detached += 1
+                for name in _event_names(target, addr, pid):
+                    stale[name] = STALE_TRIES
+            if stale:
+                _remove_events(stale)
 
     # ------------------------------------------------------------ processes --
 
@@ -200,13 +286,17 @@ class PythonGilMetrics(Component):
         if len(self._tracked) >= MAX_PROCESSES:
             self.dropped += 1
             return
-        if not self._probe_libraries(pid):
-            return
         assert self._pids is not None
-        if self._pids.set(self._pids.key(pid), self._pids.leaf(1)):
-            with self._lock:
-                self._tracked[pid] = _Tracked(pid, proc.start_ticks, proc.container_id)
-            log.debug("python: pid %d (%s): GIL waits counted", pid, proc.container_id)
+        if not self._pids.set(self._pids.key(pid), self._pids.leaf(1)):
+            self.dropped += 1
+            return
+        probes = self._probe_process(pid)
+        if not probes:
+            self._pids.delete(self._pids.key(pid))
+            return
+        with self._lock:
+            self._tracked[pid] = _Tracked(pid, proc.start_ticks, proc.container_id, probes)
+        log.debug("python: pid %d (%s): GIL waits counted", pid, proc.container_id)
 
     def _untrack(self, pid: int) -> None:
         t = self._tracked.get(pid)
@@ -223,17 +313,19 @@ class PythonGilMetrics(Component):
                 self._retired[t.container_id] = 0  # the container keeps its series
         self._pids.delete(self._pids.key(pid))
         self._waits.delete(key)
+        for target, addr in t.probes:
+            self._detach.put((target, addr, pid))
 
     # -------------------------------------------------------------- probes --
 
-    def _probe_libraries(self, pid: int) -> bool:
-        """Probe the C libraries `pid` maps (those not probed yet). True when one of them is."""
+    def _probe_process(self, pid: int) -> list[tuple[str, int]]:
+        """Probe the C libraries `pid` maps, for that process. The probes attached."""
         try:
             with open(f"{self.procfs}/{pid}/maps", "rb") as f:
                 maps = f.read(MAPS_MAX)
         except OSError:
-            return False
-        ok = False
+            return []
+        out = []
         root = f"{self.procfs}/{pid}/root"
         for path in c_libraries(maps):
             try:
@@ -241,18 +333,24 @@ class PythonGilMetrics(Component):
             except OSError as e:  # Refused among them
                 log.debug("python: pid %d: %s: %s", pid, path, e)
                 continue
-            try:
-                st = os.fstat(fd)
-                key = (st.st_dev, st.st_ino)
-                lib = self.libraries.get(key)
-                if lib is None:
-                    lib = self._attach(key, fd, f"{root}{path}", path)
-            finally:
+            st = os.fstat(fd)
+            key = (st.st_dev, st.st_ino)
+            lib = self.libraries.get(key)
+            if lib is None:
+                lib = self._library(key, fd, path)  # keeps fd when it probes the file
+            else:
                 os.close(fd)
-            ok = ok or lib.probes == 2
-        return ok
+            if lib.address is not None and self._attach(lib, pid):
+                out.append((lib.target, lib.address))
+        return out
 
-    def _attach(self, key: tuple[int, int], fd: int, host_path: str, path: str) -> _Library:
+    def _library(self, key: tuple[int, int], fd: int, path: str) -> _Library:
+        """A C library file seen for the first time: its symbol's address, and the path the
+        probes are attached by: /proc/self/fd/N of a descriptor kept open, which names the very
+        file for as long as the agent runs (the process it was found through may exit), is
+        short (BCC names the probe's event after it, and through uprobe_events such a name must
+        stay under 64 characters) and starts with /proc (BCC would otherwise look for it under
+        /proc/PID/root of the process probed)."""
         try:
             addr = default_symbol_address(fd)
         except (ELFError, OSError, ValueError) as e:
@@ -260,46 +358,48 @@ class PythonGilMetrics(Component):
         else:
             err = "" if addr is not None else f"no {SYMBOL}"
         lib = _Library(path, addr, error=err)
-        self.libraries[key] = lib
-        if addr is None:
-            log.info("python: %s: %s; GIL waits of the processes using it are not seen", path, err)
-            return lib
-        programs = self.programs
-        assert programs is not None
-        target = self._short_path(key, host_path)
-        try:
-            programs.attach_uprobe(target, SYMBOL, ENTER, addr=addr)
-            lib.probes += 1
-            programs.attach_uprobe(target, SYMBOL, EXIT, ret=True, addr=addr)
-            lib.probes += 1
-        except ProgramsClosing:
-            del self.libraries[key]
-        except AttachError as e:
-            lib.error = str(e)
-            log.warning("python: %s; GIL waits of the processes using %s are not seen", e, path)
-            if lib.probes == 1:  # an entry without its exit would only fill the start map
-                try:
-                    programs.detach_uprobe(target, SYMBOL, addr=addr)
-                    lib.probes = 0
-                except AttachError:
-                    pass
+        if addr is not None and len(self.libraries) >= MAX_LIBRARIES:
+            lib.address, lib.error = None, f"more than {MAX_LIBRARIES} C library files"
+        if lib.address is None:
+            os.close(fd)
+            log.info("python: %s: %s; GIL waits of the processes using it are not seen", path, lib.error)
         else:
-            log.info("python: GIL wait uprobes on %s:%s at %#x", path, SYMBOL, addr)
+            lib.fd, lib.target = fd, f"/proc/self/fd/{fd}"
+            log.info("python: %s: %s at %#x", path, SYMBOL, addr)
+        if len(self.libraries) < MAX_LIBRARIES:
+            self.libraries[key] = lib
         return lib
 
-    def _short_path(self, key: tuple[int, int], host_path: str) -> str:
-        """A short link to the library: BCC names the probe's event after the path, and such a
-        name must stay under 64 characters when the probe goes through uprobe_events."""
-        link = os.path.join(self.link_dir, f"{key[0]}-{key[1]}")
+    def _attach(self, lib: _Library, pid: int) -> bool:
+        programs = self.programs
+        assert programs is not None and lib.address is not None
         try:
-            os.makedirs(self.link_dir, exist_ok=True)
-            if os.path.lexists(link):
-                os.unlink(link)
-            os.symlink(host_path, link)
-            return link
-        except OSError as e:
-            log.debug("python: no link in %s (%s): attaching by the full path", self.link_dir, e)
-            return host_path
+            programs.attach_uprobe(lib.target, SYMBOL, ENTER, addr=lib.address, pid=pid)
+        except AttachError as e:  # ProgramsClosing among them
+            self._attach_failed(e, lib, pid, "p")
+            return False
+        try:
+            programs.attach_uprobe(lib.target, SYMBOL, EXIT, ret=True, addr=lib.address, pid=pid)
+        except AttachError as e:
+            self._attach_failed(e, lib, pid, "r")
+            try:  # an entry without its exit would only fill the start map
+                programs.detach_uprobe(lib.target, SYMBOL, addr=lib.address, pid=pid)
+            except AttachError:
+                pass
+            return False
+        return True
+
+    def _attach_failed(self, e: AttachError, lib: _Library, pid: int, kind: str) -> None:
+        if isinstance(e, ProgramsClosing):
+            return
+        if os.path.exists(f"{self.procfs}/{pid}"):
+            log.warning("python: %s; pid %d's GIL waits in %s are not seen", e, pid, lib.path)
+        else:
+            log.debug("python: pid %d exited before its probes were attached", pid)
+        # Through uprobe_events, BCC defines the probe before it opens it for the process, and
+        # leaves the definition behind when that fails (the process has exited): remove it.
+        assert lib.address is not None
+        _remove_events({n: 1 for n in _event_names(lib.target, lib.address, pid) if n.startswith(kind)})
 
     # -------------------------------------------------------------- answers --
 
@@ -324,7 +424,7 @@ class PythonGilMetrics(Component):
         with self._lock:
             n = len(self._tracked)
         f.gauge("coroot_agent_python_processes", "Python processes whose GIL waits are counted", n)
-        f.gauge("coroot_agent_python_libraries", "C library files with GIL wait uprobes attached",
-                sum(1 for lib in self.libraries.values() if lib.probes == 2))
+        f.gauge("coroot_agent_python_libraries", "C library files with pthread_cond_timedwait found",
+                sum(1 for lib in self.libraries.values() if lib.address is not None))
         f.counter("coroot_agent_python_dropped_total", "Python processes not followed: a bound was reached",
                   self.dropped)

@@ -95,7 +95,9 @@ def test_two_threads_contending_for_5s_wait_as_long_as_the_program_measures(
 
 def test_a_single_thread_waits_for_nothing(agent: AgentProcess, cgroups: TestCgroups, timer: str) -> None:
     got, done = measure(agent, cgroups, 1, timer)
-    assert got < 0.05 and done["condwait"] < 0.05, (got, done)
+    # ~0: what remains is the main thread handing the GIL to the new one as it starts
+    assert got < 0.2 and done["condwait"] < 0.2, (got, done)
+    assert abs(got - done["condwait"]) <= 0.01 + 0.25 * done["condwait"], (got, done)
 
 
 def test_an_exited_process_keeps_its_wait_in_the_containers_total(agent: AgentProcess, cgroups: TestCgroups) -> None:
@@ -127,3 +129,31 @@ def test_disable_python_gil_monitoring_loads_no_probe(agent_factory: AgentFactor
     finally:
         w.close()
 
+
+
+def test_a_probe_definition_left_behind_is_removed_from_uprobe_events() -> None:
+    """What the component does when BCC leaves a definition behind (an attach to a process that
+    has just exited, a detach while busy): the names it computes are BCC's, and removing them
+    works through tracefs (a buffered append, which seeks first, does not)."""
+    from agent.ebpf import tracefs
+    from agent.runtime import python as gil
+
+    events = tracefs.tracefs_events_dir()
+    assert events is not None
+    path = os.path.join(os.path.dirname(events), "uprobe_events")
+    libc = "/lib/x86_64-linux-gnu/libc.so.6"
+    names = gil._event_names("/proc/self/fd/999", 0x886A0, 4_000_000)
+    assert names[0].startswith("p__proc_self_fd_999_0x886a0_4000000_bcc_")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        for kind, name in zip("pr", names, strict=True):
+            os.write(fd, f"{kind}:uprobes/{name} {libc}:0x886a0\n".encode())
+    finally:
+        os.close(fd)
+    defined = Path(path).read_text()
+    assert all(n in defined for n in names)
+    left = dict.fromkeys(names, 3)
+    gil._remove_events(left)
+    assert left == {}
+    defined = Path(path).read_text()
+    assert not any(n in defined for n in names)
