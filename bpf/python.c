@@ -4,9 +4,10 @@
  * blocking waits (locks, sleeps, I/O) go through semaphores and syscalls, not this function.
  *
  * The uprobe and uretprobe sit on the C library's pthread_cond_timedwait (the library file a
- * Python process maps: glibc's libc.so.6 since 2.34, libpthread before, musl's loader), which
- * every process using that file runs: only processes user space marks in python_pids count,
- * the others leave after one lookup. A wait is timed from entry to return, per thread, and its
+ * Python process maps: glibc's libc.so.6 since 2.34, libpthread before, musl's loader),
+ * attached for each Python process followed (agent/runtime/python.py), so no other process
+ * runs them; python_pids is checked too (a process the agent stopped following while its
+ * probes are being detached). A wait is timed from entry to return, per thread, and its
  * nanoseconds are added to the process's total; user space reads the totals and deletes a
  * process's entries when it exits. */
 #include "common.h"
