@@ -42,6 +42,8 @@ from agent.node.cgroups import CgroupCollector
 from agent.node.node import NodeCollector
 from agent.profiling.profiler import Profiler
 from agent.query import StoreLock, api_handler, socket_path
+from agent.runtime.jvm import JvmMetrics
+from agent.runtime.python import PythonGilMetrics
 from agent.sinks.batcher import Sink
 from agent.sinks.history import MetricHistory
 from agent.sinks.remote_write import RemoteWriter
@@ -123,6 +125,7 @@ class Agent:
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self.started_at = 0.0
+        self.jvm: JvmMetrics | None = None
 
     def families(self) -> list[str]:
         fams = ["proc", "tcp"]
@@ -132,6 +135,8 @@ class Agent:
             fams.append("logs")
         if self.cfg.profiler_enabled:
             fams.append("profiler")
+        if self.cfg.python_gil_enabled:
+            fams.append("python")
         return fams
 
     def start(self) -> None:
@@ -235,6 +240,11 @@ class Agent:
                 RegistryMetrics(self.registry)]
         if cfg.pinger_enabled:
             out.append(Pinger(self.registry, self.tcp, interval=cfg.scrape_interval, procfs=cfg.procfs_root))
+        if cfg.jvm_enabled:
+            self.jvm = JvmMetrics(self.registry, procfs=cfg.procfs_root)
+            out.append(self.jvm)
+        if "python" in self.families():
+            out.append(PythonGilMetrics(self.registry, procfs=cfg.procfs_root))
         shipper = self._metrics_shipper()
         if shipper is not None:
             out.append(shipper)
@@ -333,7 +343,8 @@ class Agent:
         return None
 
     def _api_processes(self, query: str, _body: bytes) -> Response:
-        """Every process the registry knows: pid, comm, container and opt-outs (?pid=N for one)."""
+        """Every process the registry knows: pid, comm, container and opt-outs (?pid=N for one);
+        for a JVM, `jvm`: where its counters are read from, or why there are none."""
         want = parse_qs(query).get("pid")
         pids = [int(p) for p in want if p.isdigit()] if want else sorted(self.registry.pids())
         out = []
@@ -344,6 +355,9 @@ class Agent:
             c = self.registry.container_of(pid)
             out.append({"pid": p.pid, "comm": p.comm, "cgroup": p.cgroup_path,
                         "container_id": c.id if c else None, "opt_out": sorted(p.opt_out)})
+            jvm = self.jvm.describe(pid) if self.jvm is not None else None
+            if jvm is not None:
+                out[-1]["jvm"] = jvm
         return Response(200, json.dumps(out).encode() + b"\n")
 
     def _health(self) -> tuple[bool, str]:

@@ -25,6 +25,7 @@ if [ "$WANT_TEST" = 1 ]; then
            debootstrap mariadb-server)
     # container runtimes the runtime tests start themselves, each with its own root and socket
     pkgs+=(containerd docker.io podman)
+    pkgs+=(default-jdk-headless)  # the JVM tests compile and run Java programs
 fi
 missing=()
 for p in "${pkgs[@]}"; do

@@ -61,6 +61,8 @@ FAMILIES: dict[str, Family] = {
     "logs": Family("logs", "logs.c", ("log_events",), "log files opened for writing under /var/log (tracepoint)"),
     "profiler": Family("profiler", "profiler.c", (), "CPU stacks sampled by a cpu-clock perf event",
                        perf_functions=("on_cpu_sample",)),
+    "python": Family("python", "python.c", (), "CPython GIL waits: pthread_cond_timedwait in the C library (uprobes)",
+                     uprobe_functions=("python_cond_wait_enter", "python_cond_wait_exit")),
 }
 
 Handler = Callable[[bytes], None]
@@ -144,22 +146,34 @@ class Loaded:
             raise KeyError(f"{name}: the BPF programs are closed")
         return BpfMap(self.bpf[name], name)
 
-    def attach_uprobe(self, path: str, symbol: str, fn_name: str, *, ret: bool = False) -> None:
+    def attach_uprobe(self, path: str, symbol: str, fn_name: str, *, ret: bool = False,
+                      addr: int | None = None, pid: int = -1) -> None:
         attach = self.bpf.attach_uretprobe if ret else self.bpf.attach_uprobe
         with self._attach_lock:
             if self._detach_begun:  # begin_detach has taken its list: this one would stay
                 raise ProgramsClosing(f"{fn_name} on {path}:{symbol}: the programs are being detached")
+            # `symbol` only names a probe put at `addr` (a versioned symbol's address)
+            where: dict[str, Any] = {"addr": addr} if addr is not None else {"sym": symbol}
+            if pid != -1:
+                where["pid"] = pid
             try:
-                attach(name=path, sym=symbol, fn_name=fn_name)
+                attach(name=path, fn_name=fn_name, **where)
             except Exception as e:  # noqa: BLE001 - BCC raises bare Exception for every failure
                 raise AttachError(f"{'uretprobe' if ret else 'uprobe'} {fn_name} on {path}:{symbol}: {e}") from e
 
-    def detach_uprobe(self, path: str, symbol: str, *, ret: bool = False) -> None:
+    def detach_uprobe(self, path: str, symbol: str, *, ret: bool = False, addr: int | None = None,
+                      pid: int = -1) -> None:
         detach = self.bpf.detach_uretprobe if ret else self.bpf.detach_uprobe
-        try:
-            detach(name=path, sym=symbol)
-        except Exception as e:  # noqa: BLE001
-            raise AttachError(f"{'uretprobe' if ret else 'uprobe'} on {path}:{symbol}: {e}") from e
+        with self._attach_lock:  # not while begin_detach takes its list: it detaches them all
+            if self._detach_begun:
+                raise ProgramsClosing(f"{path}:{symbol}: the programs are being detached")
+            where: dict[str, Any] = {"addr": addr} if addr is not None else {"sym": symbol}
+            if pid != -1:
+                where["pid"] = pid
+            try:
+                detach(name=path, **where)
+            except Exception as e:  # noqa: BLE001
+                raise AttachError(f"{'uretprobe' if ret else 'uprobe'} on {path}:{symbol}: {e}") from e
 
     # ------------------------------------------------------------- loading --
 

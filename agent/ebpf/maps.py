@@ -119,12 +119,16 @@ class Programs(Protocol):
         """The map `name` declares in bpf/; KeyError when none does."""
         ...
 
-    def attach_uprobe(self, path: str, symbol: str, fn_name: str, *, ret: bool = False) -> None:
+    def attach_uprobe(self, path: str, symbol: str, fn_name: str, *, ret: bool = False,
+                      addr: int | None = None, pid: int = -1) -> None:
         """Attach program `fn_name` at `symbol` of the file `path` (at its return with `ret`);
-        AttachError when the file has no such symbol or the kernel refuses, ProgramsClosing
-        once the agent has begun to stop."""
+        with `addr`, at that address of the file instead (for a symbol with several versions,
+        which a lookup by name may resolve to the wrong one); with `pid`, for that process only
+        (the kernel plants the breakpoint in no other); AttachError when the file has no such
+        symbol or the kernel refuses, ProgramsClosing once the agent has begun to stop."""
         ...
 
-    def detach_uprobe(self, path: str, symbol: str, *, ret: bool = False) -> None:
+    def detach_uprobe(self, path: str, symbol: str, *, ret: bool = False, addr: int | None = None,
+                      pid: int = -1) -> None:
         """Undo attach_uprobe; AttachError when nothing was attached there."""
         ...
