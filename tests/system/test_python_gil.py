@@ -22,6 +22,8 @@ import pytest
 
 from tests.system.helpers import REPO, AgentFactory, AgentProcess, TestCgroups, wait_for
 
+pytestmark = pytest.mark.agent_args("--enable-python-gil-monitoring")  # off by default
+
 METRIC = "container_python_thread_lock_wait_time_seconds"
 SECONDS = 5.0
 TIMER_SRC = REPO / "tests" / "system" / "workloads" / "condwait_timer.c"
@@ -116,8 +118,8 @@ def test_an_exited_process_keeps_its_wait_in_the_containers_total(agent: AgentPr
     assert after == pytest.approx(before, rel=0.02), (before, after)
 
 
-def test_disable_python_gil_monitoring_loads_no_probe(agent_factory: AgentFactory, cgroups: TestCgroups) -> None:
-    a = agent_factory("--disable-python-gil-monitoring", "--disable-l7-tracing", "--disable-profiling")
+def test_without_enable_python_gil_monitoring_no_probe_is_loaded(agent_factory: AgentFactory, cgroups: TestCgroups) -> None:
+    a = agent_factory("--disable-l7-tracing", "--disable-profiling")  # off by default
     cid = cgroups.create("gil-off")
     w = GilWorkload(cgroups, cid, 2)
     try:
