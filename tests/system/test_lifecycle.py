@@ -157,7 +157,8 @@ def test_sigterm_under_load_exits_within_2s_with_what_it_had_in_the_store(
             assert client.result["statuses"] == {"200": 40}
             handled = wait_for(lambda: sum(log_counts(a, marker_log).values()) == 300
                                and a.value("coroot_agent_l7_spans_total") == spans_before + 40, 30)
-            assert handled, (log_counts(a, marker_log), a.value("coroot_agent_l7_spans_total"), spans_before)
+            assert handled, (log_counts(a, marker_log), a.value("coroot_agent_l7_spans_total"), spans_before,
+                             {n: v for n, lb, v in a.metrics() if n == "coroot_agent_lost_events_total" and v})
             pending = a.value("coroot_agent_store_pending_rows")
             code, took = stop_and_time(a.proc)
         client.finish()
