@@ -155,6 +155,7 @@ class Config:
     track_public_networks: tuple[str, ...] = _opt(("0.0.0.0/0",), "cidrs", "public destinations inside these prefixes are labelled (repeatable; private, CGNAT and loopback always are)", flag="--track-public-network", yaml="nodeAgent.trackPublicNetworks")
     ephemeral_port_range: str = _opt("32768-60999", "portrange", "listen sockets on ports in this range are not reported", flag="--ephemeral-port-range", yaml="ephemeral_port_range")
     max_fqdns_per_container: int = _opt(50, "int", "distinct DNS domains kept per container", flag="--max-fqdns-per-container", yaml="max_fqdns_per_container", check=_positive)
+    tcp_events_pages: int = _opt(0, "int", "size of the TCP event buffer in pages, a power of two up to 4096 (ring buffer kernels, 5.8+); 0 = the default (64). Connect counts stay exact when it overflows; tests shrink it to prove that", flag="--tcp-events-pages", check=lambda v: v == 0 or _power_of_two(1, 4096)(v))
     max_label_length: int = _opt(4096, "int", "longer label values are truncated", flag="--max-label-length", yaml="max_label_length", check=_positive)
     # --- containers ---
     container_allowlist: tuple[str, ...] = _opt((), "regexes", "only containers whose id matches one of these regexes (repeatable)", flag="--container-allowlist", yaml="container_allowlist")
