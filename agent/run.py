@@ -186,6 +186,8 @@ class Agent:
                 cfg = self.cfg
                 defines = {"CA_SELF_TGID": os.getpid(), "CA_L7_PAYLOAD": cfg.l7_payload_size,
                            "CA_L7_SAMPLE": L7Tracer.kernel_sampling(cfg.tracer_enabled, cfg.traces_sampling)}
+        if self.cfg.tcp_events_pages:
+            defines["CA_TCP_EVENTS_PAGES"] = self.cfg.tcp_events_pages
         self.bpf = loader.load(self.families(), handlers, hdr, defines=defines,
                                sample_hz=self.cfg.profiling_frequency)
         self.components = [loader.BpfStats(self.bpf), self.sink, *parts]

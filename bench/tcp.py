@@ -3,11 +3,19 @@ the agent running. Prints events lost (target 0), connects counted vs made, agen
 connection, and in-kernel ns per program run (kernel.bpf_stats_enabled). Asserts nothing.
 
 Run as root: `python bench/tcp.py [--rate 5000] [--seconds 10]`.
+
+Burst: `python bench/tcp.py --burst 100000 [--listeners 200] [--refused 1000] [--stopped] [--repeat N]
+[--agent-args="..."]`: as fast as one client can, in its own network namespace (tests/system/
+workloads/tcp_burst.py), to LISTENERS loopback listeners plus refused connects; `--stopped`
+keeps the agent stopped (SIGSTOP) through the burst, a descheduled agent on a busy node, so the
+event buffer surely overflows. Prints connects made vs counted, events lost, the agent's RSS
+before and after each burst.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +26,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.system.helpers import AgentProcess, TestCgroups, bpf_programs  # noqa: E402
+from tests.system.helpers import REPO, AgentProcess, TestCgroups, bpf_programs  # noqa: E402
 
 CLIENT = """
 import socket, sys, time
@@ -39,11 +47,83 @@ def prog_stats(pid: int) -> dict[str, tuple[int, int]]:
     return {k: (v.get("run_time_ns", 0), v.get("run_cnt", 0)) for k, v in bpf_programs(pid).items()}
 
 
+def burst(args: argparse.Namespace) -> None:
+    cg = TestCgroups()
+    agent = AgentProcess(["--min-container-age", "0s", *args.agent_args])
+    agent.start()
+    try:
+        cid = cg.create("burst")
+        proc = psutil.Process(agent.proc.pid)
+        time.sleep(2)
+        rss0 = proc.memory_info().rss
+        print(f"agent RSS before: {rss0 / 2**20:.0f} MB")
+        made_total = failed_total = 0
+        for i in range(args.repeat):
+            cpu0 = sum(proc.cpu_times()[:2])
+            lost0 = agent.value("coroot_agent_lost_events_total", what="tcp_events") or 0
+            argv = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", sys.executable, "-m",
+                    "tests.system.workloads.tcp_burst", "127.0.0.1", str(args.listeners), str(args.burst),
+                    str(min(10, args.refused) or 1), str(args.refused)]
+            client = cg.spawn(cid, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+            ready = client.stdout.readline()
+            assert ready.startswith("ready"), ready
+            if args.stopped:
+                agent.proc.send_signal(signal.SIGSTOP)
+            try:
+                client.stdin.write("go\n")
+                client.stdin.flush()
+                _, ok, failed, took = client.stdout.readline().split()
+            finally:
+                if args.stopped:
+                    agent.proc.send_signal(signal.SIGCONT)
+            client.stdin.write("exit\n")
+            client.stdin.flush()
+            client.wait()
+            made, refused = int(ok), int(failed)
+            made_total += made
+            failed_total += refused
+
+            def counted() -> tuple[float, float]:
+                m = agent.metrics()
+                good = sum(v for n, lb, v in m if n == "container_net_tcp_successful_connects_total"
+                           and lb.get("container_id") == cid)
+                bad = sum(v for n, lb, v in m if n == "container_net_tcp_failed_connects_total"
+                          and lb.get("container_id") == cid)
+                return good, bad
+
+            deadline = time.monotonic() + 30
+            while counted() != (made_total, failed_total) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            good, bad = counted()
+            time.sleep(3)
+            rss = proc.memory_info().rss
+            cpu = sum(proc.cpu_times()[:2]) - cpu0
+            lost = (agent.value("coroot_agent_lost_events_total", what="tcp_events") or 0) - lost0
+            print(f"burst {i + 1}{' (agent stopped through it)' if args.stopped else ''}: {made} connections made in "
+                  f"{float(took):.1f} s ({made / float(took):,.0f}/s) to {args.listeners} listeners, "
+                  f"{refused} refused; tcp events lost: {lost:.0f}")
+            print(f"  counted by the agent so far: {good:.0f} of {made_total} connects, {bad:.0f} of {failed_total} "
+                  f"failed connects; agent RSS {rss / 2**20:.0f} MB; agent CPU {cpu * 1e6 / made:.1f} µs per connection")
+    finally:
+        agent.stop()
+        cg.cleanup()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rate", type=float, default=5000)
     ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--burst", type=int, default=0, help="connections of one burst (0: the rate mode)")
+    ap.add_argument("--listeners", type=int, default=200)
+    ap.add_argument("--refused", type=int, default=1000)
+    ap.add_argument("--stopped", action="store_true", help="SIGSTOP the agent through the burst")
+    ap.add_argument("--repeat", type=int, default=1, help="bursts, one after the other (memory across them)")
+    ap.add_argument("--agent-args", type=str.split, default=[], help='more flags for the agent, one string: '
+                    '--agent-args="--tcp-events-pages 1"')
     args = ap.parse_args()
+    if args.burst:
+        burst(args)
+        return
     subprocess.run(["sysctl", "-qw", "kernel.bpf_stats_enabled=1"], check=True)
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))

@@ -8,7 +8,12 @@
  * A connection is keyed by (tgid, fd); its value remembers the socket pointer and start time,
  * so a reused fd number starts a new connection (the old one is closed first) and the two can
  * never mix. Maps are LRU with the sizes below: a full map evicts the least recently used
- * entry, never blocks. */
+ * entry, never blocks.
+ *
+ * Connect counts stay exact when the event buffer overflows (see tcp_connects below): a failed
+ * connect is counted here, per (tgid, destination), and sends no event; a successful one sends
+ * its event (user space needs each connection: its NAT target, bytes, requests) and is counted
+ * here only when that event could not be handed over. */
 #include "common.h"
 
 #ifndef CA_MAX_CONNS
@@ -16,6 +21,12 @@
 #endif
 #ifndef CA_MAX_CONNECTING
 #define CA_MAX_CONNECTING 16384 /* sockets between SYN_SENT and ESTABLISHED/CLOSE */
+#endif
+#ifndef CA_MAX_CONNECT_STATS
+#define CA_MAX_CONNECT_STATS 16384 /* (tgid, destination) pairs with kernel-side connect counts */
+#endif
+#ifndef CA_TCP_EVENTS_PAGES
+#define CA_TCP_EVENTS_PAGES CA_EVENTS_PAGES /* the agent's --tcp-events-pages */
 #endif
 
 #define TCP_EVENT_CONNECT 1
@@ -90,7 +101,30 @@ BPF_TABLE("lru_hash", u64, struct connecting, connecting, CA_MAX_CONNECTING);
 BPF_TABLE("lru_hash", u64, struct connecting, closing, CA_MAX_CONNECTING);
 BPF_TABLE("lru_hash", u64, u32, connect_fds, 16384); /* pid_tgid -> fd inside connect() */
 BPF_PERCPU_ARRAY(tcp_scratch, struct tcp_event, 1);
-CA_EVENTS(tcp_events);
+CA_EVENTS_SIZED(tcp_events, CA_TCP_EVENTS_PAGES);
+
+/* Connect counts the events cannot lose, per (process, destination): failed connects, and the
+ * successful connects (with their time) whose event did not fit in the buffer. User space
+ * (agent/net/tcp.py) folds the growth of each entry into its totals per (container,
+ * destination) and deletes an entry once its process is gone. A plain hash, not LRU: an
+ * evicted entry would lose counts; when it is full a failed connect goes as an event (user
+ * space counts it) and a lost successful one is counted in tcp_uncounted. */
+struct tcp_dest_key {
+    u32 tgid;
+    u16 family;
+    u16 dport;
+    u8 daddr[16]; /* IPv4: the first 4 bytes, the rest zero */
+};
+
+/* Mirror: agent/net/tcp.py (read as the map's ctypes leaf). */
+struct tcp_connect_counts {
+    u64 failed;
+    u64 lost;    /* successful connects whose event was not handed over */
+    u64 lost_ns; /* their time from connect() to ESTABLISHED */
+};
+
+BPF_HASH(tcp_connects, struct tcp_dest_key, struct tcp_connect_counts, CA_MAX_CONNECT_STATS);
+BPF_PERCPU_ARRAY(tcp_uncounted, u64, 1); /* connects neither counted here nor sent: map and buffer full */
 
 #ifdef CA_L7 /* bpf/l7.c, compiled after this file */
 static __always_inline void l7_forget(struct conn_key *key, struct conn *c);
@@ -98,13 +132,17 @@ static __always_inline void l7_on_connect(struct conn_key *key, u64 sockaddr);
 static __always_inline void l7_on_accept(struct conn_key *key, struct conn *c);
 #endif
 
-static __always_inline void tcp_submit(void *ctx, struct tcp_event *e) {
+/* 0 when the event was handed over; otherwise it is counted as lost. */
+static __always_inline int tcp_submit(void *ctx, struct tcp_event *e) {
 #ifdef CA_RINGBUF
-    if (tcp_events.ringbuf_output(e, sizeof(*e), 0) < 0)
+    if (tcp_events.ringbuf_output(e, sizeof(*e), 0) < 0) {
 #else
-    if (tcp_events.perf_submit(ctx, e, sizeof(*e)) < 0)
+    if (tcp_events.perf_submit(ctx, e, sizeof(*e)) < 0) {
 #endif
         tcp_events_lost.increment(0);
+        return -1;
+    }
+    return 0;
 }
 
 static __always_inline struct tcp_event *tcp_event_new(u32 type) {
@@ -197,16 +235,39 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         struct connecting *p = connecting.lookup(&sk);
         if (!p)
             return 0;
-        u64 now = bpf_ktime_get_ns();
-        struct tcp_event *e = tcp_event_new(to == CA_TCP_ESTABLISHED ? TCP_EVENT_CONNECT : TCP_EVENT_CONNECT_FAILED);
+        u64 duration = bpf_ktime_get_ns() - p->start_ns;
+        int ok = to == CA_TCP_ESTABLISHED;
+        struct tcp_dest_key dk = {.tgid = p->tgid, .family = args->family, .dport = args->dport};
+        if (args->family == CA_AF_INET)
+            __builtin_memcpy(dk.daddr, args->daddr, 4);
+        else
+            __builtin_memcpy(dk.daddr, args->daddr_v6, 16);
+        struct tcp_connect_counts zero = {};
+        struct tcp_connect_counts *n = 0;
+        if (!ok) { /* counted here; an event only when the map has no room */
+            n = tcp_connects.lookup_or_try_init(&dk, &zero);
+            if (n)
+                __sync_fetch_and_add(&n->failed, 1);
+        }
+        struct tcp_event *e = 0;
+        if (ok || !n)
+            e = tcp_event_new(ok ? TCP_EVENT_CONNECT : TCP_EVENT_CONNECT_FAILED);
         if (e) {
             FILL_ADDRS(e, args);
             e->tgid = p->tgid;
             e->fd = p->fd;
             e->start_ns = p->start_ns;
-            e->duration_ns = now - p->start_ns;
+            e->duration_ns = duration;
             e->retransmits = p->retransmits;
-            tcp_submit(args, e);
+        }
+        if ((ok || !n) && (!e || tcp_submit(args, e) < 0)) { /* nobody else counts this connect */
+            n = ok ? tcp_connects.lookup_or_try_init(&dk, &zero) : 0;
+            if (n) {
+                __sync_fetch_and_add(&n->lost, 1);
+                __sync_fetch_and_add(&n->lost_ns, duration);
+            } else {
+                tcp_uncounted.increment(0);
+            }
         }
         if (to == CA_TCP_ESTABLISHED) {
             struct conn_key key = {.tgid = p->tgid, .fd = p->fd};

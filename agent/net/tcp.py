@@ -1,11 +1,21 @@
 """The connection table and the TCP metrics of reference §1 (TCP), per container and
 destination.
 
-Fed by bpf/tcp.c events (connect, failed connect, listen, close) and by a /proc seed of the
+Fed by bpf/tcp.c events (connect, listen, close) and by a /proc seed of the
 connections and listening sockets that existed before the agent started. Byte and retransmit
 counters of live connections stay in the kernel's `conns` map and are read at scrape time;
 closed connections' final values are added to per-destination totals. actual_destination comes
 from conntrack, resolved in batches (one table read per network namespace per tick).
+
+Connect counts are exact when the event buffer overflows: the kernel's `tcp_connects` map
+counts, per (process, destination), the failed connects (they send no event) and the successful
+connects whose event was lost, with their time; the growth of each entry is folded into the
+totals with every batch, and an entry is deleted once its process is gone. A successful connect
+still sends its event, because NAT is per connection: each one is resolved through conntrack.
+A lost one cannot be, and counts toward the actual destination last resolved for its container
+and destination (the destination itself when none was): exact unless a DNATed destination
+balances over several targets, where the destination's total stays exact and only the split of
+the lost connects among its targets is a guess.
 A component (agent/component.py): events and ticks change the table on the poll thread; a scrape
 only reads it (a connection still waiting for its batch is counted after the next tick).
 Decodes and aggregates; ships nothing.
@@ -40,6 +50,8 @@ RECENTLY_CLOSED = 8192  # closed connections remembered for retransmits after cl
 AF_INET, AF_INET6 = 2, 10
 CONN_OUTBOUND = 1
 MAX_CONNS = 65536  # user-space mirror of the kernel's bound
+MAX_RETRY = 10_000  # connect events of processes the registry does not know yet
+MAX_ACTUALS = 65536  # (container, destination) -> last actual destination, for lost connects
 
 
 def _addr(family: int, raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -98,6 +110,13 @@ class TcpTracker(Component):
         self._late_pending: list[tuple[Conn, int]] = []
         self._exited: list[tuple[int, int]] = []  # (pid, monotonic ns of its exit)
         self._live: BpfMap | None = None  # the kernel's `conns` map: live byte and retransmit counters
+        self._counts: BpfMap | None = None  # the kernel's `tcp_connects` map: failed and lost connects
+        self._uncounted: BpfMap | None = None
+        # kernel `tcp_connects` entry (tgid, family, daddr, dport) -> (failed, lost, lost_ns) folded so far
+        self._folded: dict[tuple[int, int, bytes, int], tuple[int, int, int]] = {}
+        self._last_actual: dict[tuple[str, str], str] = {}  # (container, destination) -> actual
+        self._unknown_pids: set[int] = set()  # processes with connects the registry lacks
+        self._retry: list[bytes] = []  # their connect events, handled once more after it read them
         self.events = 0
         # Hot-path caches (bounded): destination bytes -> (tracked, ip, "ip:port"); pid -> netns.
         self._dst_cache: dict[tuple[int, bytes, int], tuple[bool, str, str]] = {}
@@ -110,6 +129,8 @@ class TcpTracker(Component):
         """Take the kernel's `conns` map and seed the table with the connections and listening
         sockets that exist already."""
         self._live = programs.map("conns") if programs is not None else None
+        self._counts = programs.map("tcp_connects") if programs is not None else None
+        self._uncounted = programs.map("tcp_uncounted") if programs is not None else None
         if programs is not None:
             n = seed(self, self.registry.pids())
             log.info("TCP: %d connections open before the agent started are tracked", n)
@@ -122,15 +143,16 @@ class TcpTracker(Component):
         """Nothing reads the kernel's map after this (it is freed next); the conntrack handles
         are closed."""
         with self._lock:
-            self._live = None
+            self._live = self._counts = self._uncounted = None
             self.conntrack.close()
 
     # --------------------------------------------------------------- events --
 
-    def handle_event(self, raw: bytes) -> None:
+    def handle_event(self, raw: bytes, retry: bool = False) -> None:
         (start, duration, sent, received, kind, pid, fd, retrans, family, sport, dport, _,
          saddr, daddr) = TCP_EVENT.unpack_from(raw)
-        self.events += 1
+        if not retry:
+            self.events += 1
         with self._lock:
             if kind == EV_CONNECT or kind == EV_CONNECT_FAILED:
                 tracked, dst, dst_ep = self._destination(family, daddr, dport)
@@ -138,8 +160,11 @@ class TcpTracker(Component):
                     return
                 c = self.registry.container_of_recent(pid)  # it may have exited since
                 if c is None:
+                    if not retry and self.registry.process(pid) is None and len(self._retry) < MAX_RETRY:
+                        self._retry.append(raw)  # its exec event is late or lost: once more after
+                        self._unknown_pids.add(pid)  # the registry has read it
                     return
-                if kind == EV_CONNECT_FAILED:
+                if kind == EV_CONNECT_FAILED:  # only when the kernel's map had no room for it
                     self._failed[(c.id, dst_ep)] += 1
                     return
                 src = self._src_cache.get((family, saddr))
@@ -306,6 +331,14 @@ class TcpTracker(Component):
         """Label new connections with their actual destination and count their connects (the
         poll thread: every tick, and when an L7 request needs its connection's labels now)."""
         with self._lock:
+            unknown, self._unknown_pids = self._unknown_pids, set()
+            retry, self._retry = self._retry, []
+        for pid in unknown:  # met in events or in the kernel's counts: read before this batch
+            if self.registry.process(pid) is None:
+                self.registry.add(pid)
+        for raw in retry:
+            self.handle_event(raw, retry=True)
+        with self._lock:
             self._close_exited()
             pending, self._pending = self._pending, []
             connects, self._pending_connects = self._pending_connects, []
@@ -321,9 +354,56 @@ class TcpTracker(Component):
                 if isinstance(key, tuple):
                     self._closed[key][2] += n
             for conn, seconds, _retrans in connects:
-                agg = self._connects[(conn.container_id, conn.destination, conn.actual or conn.destination)]
+                actual = conn.actual or conn.destination
+                agg = self._connects[(conn.container_id, conn.destination, actual)]
                 agg[0] += 1
                 agg[1] += seconds
+                if len(self._last_actual) >= MAX_ACTUALS:
+                    self._last_actual.clear()
+                self._last_actual[(conn.container_id, conn.destination)] = actual
+            self._fold_kernel_counts()
+
+    def _fold_kernel_counts(self) -> None:
+        """Add the growth of the kernel's connect counts to the totals (lock held). An entry
+        whose process is gone grows no more: folded a last time and deleted. A live process the
+        registry does not know yet is read into it; one outside any (reported) container has
+        its entries deleted uncounted, as its events would be."""
+        t = self._counts
+        if t is None:
+            return
+        for k, v in t.items():
+            tgid, family, dport = int(k.tgid), int(k.family), int(k.dport)
+            daddr = bytes(k.daddr)
+            key = (tgid, family, daddr, dport)
+            now = (int(v.failed), int(v.lost), int(v.lost_ns))
+            alive = os.path.exists(f"{self.procfs}/{tgid}")
+            c = self.registry.container_of_recent(tgid)
+            if c is None and alive and self.registry.process(tgid) is None:
+                # Not known: its exec event is still on its way, or was lost. The registry reads
+                # it after this batch (not under our lock: it calls its listeners), or its counts
+                # would go uncounted if it exited before the registry's next resync.
+                self._unknown_pids.add(tgid)
+                continue
+            if c is None:
+                self._folded.pop(key, None)
+                t.delete(k)
+                continue
+            before = self._folded.get(key, (0, 0, 0))
+            if now != before:
+                tracked, _dst, dst_ep = self._destination(family, daddr, dport)
+                if tracked:
+                    if now[0] > before[0]:
+                        self._failed[(c.id, dst_ep)] += now[0] - before[0]
+                    if now[1] > before[1]:
+                        actual = self._last_actual.get((c.id, dst_ep), dst_ep)
+                        agg = self._connects[(c.id, dst_ep, actual)]
+                        agg[0] += now[1] - before[1]
+                        agg[1] += (now[2] - before[2]) / 1e9
+            if alive:
+                self._folded[key] = now
+            else:
+                self._folded.pop(key, None)
+                t.delete(k)
 
     # ------------------------------------------------------------ metrics --
 
@@ -347,7 +427,8 @@ class TcpTracker(Component):
                 lbl = {"container_id": cid, "app_id": apps[cid], "destination": dst, "actual_destination": actual}
                 f.counter("container_net_tcp_successful_connects_total", "successful TCP connects", n, **lbl)
                 f.counter("container_net_tcp_connection_time_seconds_total", "time spent in TCP connect", secs, **lbl)
-            for (cid, dst), n in self._failed.items():
+            failed = self._failed_now()
+            for (cid, dst), n in failed.items():
                 if cid in apps:
                     f.counter("container_net_tcp_failed_connects_total", "failed TCP connects", n,
                               container_id=cid, app_id=apps[cid], destination=dst)
@@ -391,6 +472,29 @@ class TcpTracker(Component):
             for lk, cid in self._listens.items():
                 if cid == old:
                     self._listens[lk] = new
+            rekey(self._last_actual, old, new, lambda kept, _moved: kept)
+
+    def _failed_now(self) -> dict[tuple[str, str], int]:
+        """Failed connects with what the kernel counted since the last batch (lock held; read
+        only: the batch adds the same growth to the same series, so the value never goes back).
+        A refused connect shows at the next scrape, not the next batch, as its event used to."""
+        t = self._counts
+        if t is None:
+            return self._failed
+        out = dict(self._failed)
+        for k, v in t.items():
+            tgid = int(k.tgid)
+            if self.registry.process(tgid) is None:
+                continue  # not known, or gone: the batch decides
+            c = self.registry.container_of(tgid)
+            key = (tgid, int(k.family), bytes(k.daddr), int(k.dport))
+            grown = int(v.failed) - self._folded.get(key, (0, 0, 0))[0]
+            if c is None or grown <= 0:
+                continue
+            tracked, _dst, dst_ep = self._destination(key[1], key[2], key[3])
+            if tracked:
+                out[(c.id, dst_ep)] = out.get((c.id, dst_ep), 0) + grown
+        return out
 
     def forget_containers(self, gone: list[str]) -> None:
         """Drop totals of containers the registry forgot (bounded memory)."""
@@ -404,6 +508,14 @@ class TcpTracker(Component):
                 del self._closed[tk]
             for fk in [k for k in self._failed if k[0] in dead]:
                 del self._failed[fk]
+            for ak in [k for k in self._last_actual if k[0] in dead]:
+                del self._last_actual[ak]
+
+    def self_metrics(self, f: Families) -> None:
+        t = self._uncounted
+        if t is not None:
+            f.counter("coroot_agent_tcp_uncounted_connects_total", "TCP connects counted nowhere: the kernel's "
+                      "connect-count map and the event buffer were both full", t.percpu_sum(0))
 
 
 # ------------------------------------------------------------- /proc seed ---

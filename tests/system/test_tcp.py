@@ -4,8 +4,10 @@ knows what it sent."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -208,3 +210,73 @@ def test_ipv6_connections_are_counted_with_bracketed_destinations(env: Env) -> N
     assert env.metric("container_net_tcp_bytes_sent_total", **lbl) == 4 * (50 + HEADER)
     assert env.metric("container_net_tcp_bytes_received_total", **lbl) == 4 * 20
     p.communicate("\n")
+
+
+BURST = [sys.executable, "-m", "tests.system.workloads.tcp_burst"]
+
+
+def test_connect_counts_stay_exact_when_the_event_buffer_overflows(env: Env, agent_factory: AgentFactory) -> None:
+    """Two bursts of short connects (and refused ones) from one container to 200 loopback
+    listeners, seen by an agent whose TCP event buffer holds one page (~39 events): the first
+    while it runs, the second while it is stopped (SIGSTOP: a descheduled agent on a busy node),
+    so events are surely lost. Every connect is still counted, per destination, exactly: while
+    the client lives, and after it exited (its kernel entries folded a last time and deleted)."""
+    small = agent_factory("--tcp-events-pages", "1")
+    cid = env.cgroups.create("tcp-burst")
+    listeners, connects, refused_ports, refused = 200, 10_000, 10, 500
+    want: dict[tuple[str, str], float] = {}
+
+    def counts() -> dict[tuple[str, str], float]:
+        out: dict[tuple[str, str], float] = {}
+        for name, lb, v in small.metrics():
+            if lb.get("container_id") == cid and name in ("container_net_tcp_successful_connects_total",
+                                                          "container_net_tcp_failed_connects_total"):
+                assert lb.get("actual_destination", lb["destination"]) == lb["destination"], lb
+                out[(name, lb["destination"])] = v
+        return out
+
+    def check(when: str) -> None:
+        got = wait_for(lambda: (c := counts()) == want and c, 60) or counts()
+        wrong = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+        lost = small.value("coroot_agent_lost_events_total", what="tcp_events")
+        missed = {lb["program"]: v for n, lb, v in small.metrics() if n == "coroot_agent_bpf_missed_runs_total" and v}
+        assert not wrong and len(got) == len(want), (when, len(wrong), sorted(wrong.items())[:5], sum(got.values()),
+                                                     sum(want.values()), lost, missed)
+
+    for stopped in (False, True):
+        p = env.cgroups.spawn(cid, env.hosts.argv(env.hosts.cli, *BURST, "127.0.0.1", str(listeners), str(connects),
+                                                  str(refused_ports), str(refused)),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert p.stdin is not None and p.stdout is not None
+        ready = p.stdout.readline().split()
+        assert ready[0] == "ready", ready
+        good, bad = ready[1].split(","), ready[3].split(",")
+        for name, ports, n in (("container_net_tcp_successful_connects_total", good, connects / listeners),
+                               ("container_net_tcp_failed_connects_total", bad, refused / refused_ports)):
+            for port in ports:  # the second burst's ports may be some of the first's again
+                key = (name, f"127.0.0.1:{port}")
+                want[key] = want.get(key, 0) + n
+        if stopped:
+            small.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+        try:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+            assert p.stdout.readline().split()[:3] == ["done", str(connects), str(refused)]
+        finally:
+            if stopped:
+                small.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+        check(f"burst {'2, agent stopped' if stopped else '1'}, client alive")
+        p.stdin.write("exit\n")
+        p.stdin.flush()
+        assert p.wait(30) == 0
+        time.sleep(2)  # a few batches: the client's entries are folded a last time and deleted
+        check(f"burst {'2' if stopped else '1'}, client exited")
+
+    lost = small.value("coroot_agent_lost_events_total", what="tcp_events")
+    assert lost is not None and lost > 0, "the event buffer never overflowed: the test proves nothing"
+    assert sum(v for (n, _), v in counts().items() if n.endswith("successful_connects_total")) == 2 * connects
+    secs = [v for n, lb, v in small.metrics() if n == "container_net_tcp_connection_time_seconds_total"
+            and lb.get("container_id") == cid]
+    assert len(secs) == len([k for k in want if k[0].endswith("successful_connects_total")])
+    assert all(s > 0 for s in secs)
+    assert small.value("coroot_agent_tcp_uncounted_connects_total") == 0
