@@ -23,6 +23,7 @@ if [ "$WANT_TEST" = 1 ]; then
     pkgs+=(gcc libc6-dev iproute2 procps curl openssl prometheus nftables ethtool
            nginx-light postgresql redis-server dnsmasq-base wrk python3-psycopg python3-redis
            debootstrap mariadb-server)
+    pkgs+=(golang-go) # Go TLS tests build their client and server with Debian's Go
 fi
 missing=()
 for p in "${pkgs[@]}"; do

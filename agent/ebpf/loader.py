@@ -56,7 +56,8 @@ FAMILIES: dict[str, Family] = {
     "l7": Family("l7", "l7.c", ("l7_events",), "HTTP, Postgres, Redis and DNS requests paired with responses; "
                  "OpenSSL plaintext (tracepoints, uprobes)",
                  uprobe_functions=tuple(f"ssl_{op}{ex}_{end}" for op in ("write", "read") for ex in ("", "_ex")
-                                        for end in ("enter", "exit")),
+                                        for end in ("enter", "exit"))
+                 + ("go_tls_write_enter", "go_tls_read_enter", "go_tls_read_return"),  # Go crypto/tls
                  defines=("CA_L7",), requires=("tcp",), pages=256),
     "logs": Family("logs", "logs.c", ("log_events",), "log files opened for writing under /var/log (tracepoint)"),
     "profiler": Family("profiler", "profiler.c", (), "CPU stacks sampled by a cpu-clock perf event",
@@ -144,22 +145,30 @@ class Loaded:
             raise KeyError(f"{name}: the BPF programs are closed")
         return BpfMap(self.bpf[name], name)
 
-    def attach_uprobe(self, path: str, symbol: str, fn_name: str, *, ret: bool = False) -> None:
+    def attach_uprobe(self, path: str, symbol: str, fn_name: str, *, ret: bool = False,
+                      addr: int | None = None) -> None:
         attach = self.bpf.attach_uretprobe if ret else self.bpf.attach_uprobe
+        where = symbol if addr is None else f"{addr:#x}"
         with self._attach_lock:
             if self._detach_begun:  # begin_detach has taken its list: this one would stay
-                raise ProgramsClosing(f"{fn_name} on {path}:{symbol}: the programs are being detached")
+                raise ProgramsClosing(f"{fn_name} on {path}:{where}: the programs are being detached")
             try:
-                attach(name=path, sym=symbol, fn_name=fn_name)
+                if addr is None:
+                    attach(name=path, sym=symbol, fn_name=fn_name)
+                else:
+                    attach(name=path, addr=addr, fn_name=fn_name)
             except Exception as e:  # noqa: BLE001 - BCC raises bare Exception for every failure
-                raise AttachError(f"{'uretprobe' if ret else 'uprobe'} {fn_name} on {path}:{symbol}: {e}") from e
+                raise AttachError(f"{'uretprobe' if ret else 'uprobe'} {fn_name} on {path}:{where}: {e}") from e
 
-    def detach_uprobe(self, path: str, symbol: str, *, ret: bool = False) -> None:
+    def detach_uprobe(self, path: str, symbol: str, *, ret: bool = False, addr: int | None = None) -> None:
         detach = self.bpf.detach_uretprobe if ret else self.bpf.detach_uprobe
         try:
-            detach(name=path, sym=symbol)
+            if addr is None:
+                detach(name=path, sym=symbol)
+            else:
+                detach(name=path, addr=addr)
         except Exception as e:  # noqa: BLE001
-            raise AttachError(f"{'uretprobe' if ret else 'uprobe'} on {path}:{symbol}: {e}") from e
+            raise AttachError(f"{'uretprobe' if ret else 'uprobe'} on {path}:{symbol or addr}: {e}") from e
 
     # ------------------------------------------------------------- loading --
 

@@ -119,12 +119,14 @@ class Programs(Protocol):
         """The map `name` declares in bpf/; KeyError when none does."""
         ...
 
-    def attach_uprobe(self, path: str, symbol: str, fn_name: str, *, ret: bool = False) -> None:
-        """Attach program `fn_name` at `symbol` of the file `path` (at its return with `ret`);
-        AttachError when the file has no such symbol or the kernel refuses, ProgramsClosing
-        once the agent has begun to stop."""
+    def attach_uprobe(self, path: str, symbol: str, fn_name: str, *, ret: bool = False,
+                      addr: int | None = None) -> None:
+        """Attach program `fn_name` at `symbol` of the file `path` (at its return with `ret`),
+        or at the virtual address `addr` (then `symbol` only names it); AttachError when the
+        file has no such symbol or the kernel refuses, ProgramsClosing once the agent has begun
+        to stop."""
         ...
 
-    def detach_uprobe(self, path: str, symbol: str, *, ret: bool = False) -> None:
+    def detach_uprobe(self, path: str, symbol: str, *, ret: bool = False, addr: int | None = None) -> None:
         """Undo attach_uprobe; AttachError when nothing was attached there."""
         ...

@@ -1,0 +1,156 @@
+"""Go crypto/tls: an HTTPS client and server built here with Debian's Go (standard library
+only, tests/system/workloads/gotls/), traced through the uprobes on crypto/tls.(*Conn).Write
+and .Read and Read's RET instructions — a normal build and a stripped one (`-ldflags="-s -w"`:
+no .symtab, the functions come from .gopclntab). Exact request counts by status on both sides
+of each connection and one span per request with tls="true"."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.system.helpers import (
+    AgentProcess,
+    TestCgroups,
+    free_port,
+    make_test_ca,
+    wait_for,
+    wait_port,
+)
+from tests.system.servers import Nginx
+from tests.system.test_l7 import by_status, spans, wait_counts
+
+WORKLOADS = Path(__file__).parent / "workloads" / "gotls"
+OK, MISSING = 60, 25
+
+
+@dataclass
+class GoBuilds:
+    client: str
+    stripped: str
+    server: str
+
+
+def go_build(source: Path, out: Path, work: Path, *flags: str) -> str:
+    env = {**os.environ, "GOCACHE": str(work / "cache"), "GOPATH": str(work / "gopath"), "GOFLAGS": "",
+           "CGO_ENABLED": "0", "HOME": str(work)}
+    subprocess.run(["go", "build", *flags, "-o", str(out), str(source)], cwd=work, env=env, check=True,
+                   capture_output=True, timeout=300)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def go(tmp_path_factory: pytest.TempPathFactory) -> GoBuilds:
+    """The client (normal and stripped) and the server, built once for the module."""
+    work = tmp_path_factory.mktemp("gobuild")
+    client = WORKLOADS / "client.go"
+    return GoBuilds(client=go_build(client, work / "client", work),
+                    stripped=go_build(client, work / "client-stripped", work, "-ldflags=-s -w"),
+                    server=go_build(WORKLOADS / "server.go", work / "server", work))
+
+
+@pytest.fixture
+def nginx(cgroups: TestCgroups) -> Iterator[tuple[Nginx, str]]:
+    cid = cgroups.create("gotls-nginx")
+    n = Nginx()
+    try:
+        n.start(cgroups, cid)
+        yield n, cid
+    finally:
+        n.stop()
+
+
+def attached(agent: AgentProcess, binary: str) -> None:
+    """Wait until the agent has attached the Go TLS probes to `binary` (looked at 1 s after the
+    process's exec)."""
+    ok = wait_for(lambda: f"Go crypto/tls uprobes on {binary} " in agent.log(), 20)
+    assert ok, "\n".join(line for line in agent.log().splitlines() if "TLS" in line or "ERROR" in line)
+
+
+class GoClient:
+    def __init__(self, cgroups: TestCgroups, cid: str, binary: str, ca: str, url: str) -> None:
+        self.proc = cgroups.spawn(cid, [binary, "-wait", "-ca", ca, url, f"/ok:{OK}", f"/missing:{MISSING}"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        assert json.loads(self.proc.stdout.readline()) == {"ready": True}
+
+    def run(self) -> dict:
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, f"the Go client failed (exit {self.proc.wait()})"
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def finish(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+def check_client_side(agent: AgentProcess, cid: str, port: int) -> None:
+    want = {"2xx": OK, "4xx": MISSING}
+    dest = f"127.0.0.1:{port}"
+    assert wait_counts(agent, "container_http_requests_total", want, container_id=cid) == want
+    assert by_status(agent, "container_http_requests_total", container_id=cid, destination=dest,
+                     actual_destination=dest) == want
+    got = spans(agent, cid, OK + MISSING)
+    assert len(got) == OK + MISSING, {n: v for n, lb, v in agent.metrics() if n.startswith("coroot_agent_l7")}
+    urls: dict[tuple[str, str], int] = {}
+    for s in got:
+        attrs = s["SpanAttributes"]
+        assert s["SpanName"] == "GET" and s["SpanKind"] == "SPAN_KIND_CLIENT"
+        assert attrs["tls"] == "true" and attrs["net.peer.port"] == str(port)
+        key = (attrs["http.url"], attrs["http.status_code"])
+        urls[key] = urls.get(key, 0) + 1
+    assert urls == {(f"https://{dest}/ok", "200"): OK, (f"https://{dest}/missing", "404"): MISSING}
+
+
+@pytest.mark.parametrize("build", ["normal", "stripped"])
+def test_go_https_client_to_nginx_counted_exactly_with_tls_spans(
+        agent: AgentProcess, cgroups: TestCgroups, nginx: tuple[Nginx, str], go: GoBuilds, build: str) -> None:
+    server, server_cid = nginx
+    binary = go.client if build == "normal" else go.stripped
+    cid = cgroups.create(f"gotls-{build}")
+    client = GoClient(cgroups, cid, binary, server.ca, f"https://127.0.0.1:{server.tls_port}")
+    attached(agent, binary)
+    line = agent.log().split(f"Go crypto/tls uprobes on {binary} ")[1].split("\n")[0]
+    assert ("functions from pclntab" if build == "stripped" else "functions from symtab") in line, line
+    assert client.run() == {"statuses": {"200": OK, "404": MISSING}}
+    try:
+        check_client_side(agent, cid, server.tls_port)
+        # nginx (OpenSSL) saw the same requests
+        want = {"2xx": OK, "4xx": MISSING}
+        assert wait_counts(agent, "container_http_inbound_requests_total", want, container_id=server_cid) == want
+    finally:
+        client.finish()
+    assert agent.value("coroot_agent_tls_go_binaries") >= 1
+
+
+def test_go_https_server_inbound_counts_exact(
+        agent: AgentProcess, cgroups: TestCgroups, go: GoBuilds, tmp_path: Path) -> None:
+    ca, cert, key = make_test_ca(str(tmp_path), "goserver")
+    port = free_port()
+    server_cid = cgroups.create("gotls-server")
+    server = cgroups.spawn(server_cid, [go.server, "-cert", cert, "-key", key, f"127.0.0.1:{port}"])
+    wait_port("127.0.0.1", port, proc=server)
+    attached(agent, go.server)
+    cid = cgroups.create("gotls-server-client")
+    client = GoClient(cgroups, cid, go.client, ca, f"https://127.0.0.1:{port}")
+    attached(agent, go.client)
+    assert client.run() == {"statuses": {"200": OK, "404": MISSING}}
+    try:
+        want = {"2xx": OK, "4xx": MISSING}
+        assert wait_counts(agent, "container_http_inbound_requests_total", want, container_id=server_cid) == want
+        check_client_side(agent, cid, port)
+    finally:
+        client.finish()
+        server.kill()
+        server.wait()
