@@ -20,6 +20,7 @@ Pure functions of a file: no BPF here (agent/l7/tls.py attaches).
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -71,20 +72,9 @@ class GoTls:
 
 
 def parse_version(v: str) -> tuple[int, int]:
-    """(major, minor) of "go1.19.8", "go1.21rc2", "devel go1.22-abc": (0, 0) if unreadable."""
-    s = v.split()[-1] if v.startswith("devel") and len(v.split()) > 1 else v
-    s = s.removeprefix("go")
-    parts = s.split(".")
-    try:
-        major = int(parts[0])
-        digits = ""
-        for ch in parts[1] if len(parts) > 1 else "":
-            if not ch.isdigit():
-                break
-            digits += ch
-        return major, int(digits or 0)
-    except ValueError:
-        return 0, 0
+    """(major, minor) of "go1.19.8", "go1.21rc2", "devel go1.22-abc Tue ...": (0, 0) if unreadable."""
+    m = re.search(r"\bgo(\d+)\.(\d+)", v)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 def _uvarint(data: bytes, pos: int) -> tuple[int, int]:
@@ -142,8 +132,10 @@ def _symtab_functions(elf: ELFFile, names: set[str]) -> dict[str, tuple[int, int
     return out
 
 
-def pclntab_functions(data: bytes, names: set[str]) -> dict[str, tuple[int, int]]:
-    """Entry (virtual address) and size of the functions named, from a `.gopclntab` image."""
+def pclntab_functions(data: bytes, names: set[str], text: int | None = None) -> dict[str, tuple[int, int]]:
+    """Entry (virtual address) and size of the functions named, from a `.gopclntab` image.
+    `text`: where the Go code starts when the header does not say (a position-independent
+    executable's table holds 0 there, relocated at load time)."""
     if len(data) < 16:
         raise GoBinaryError("truncated .gopclntab")
     magic = struct.unpack_from("<I", data, 0)[0]
@@ -158,7 +150,8 @@ def pclntab_functions(data: bytes, names: set[str]) -> dict[str, tuple[int, int]
     out: dict[str, tuple[int, int]] = {}
     want = {n.encode() for n in names}
     if magic in (PCLN_118, PCLN_120):
-        nfunc, text, nameoff, pcln = w(0), w(2), w(3), w(7)
+        nfunc, nameoff, pcln = w(0), w(3), w(7)
+        text = w(2) or text or 0
         entry_size = 8  # (entryoff uint32, funcoff uint32), relative to text and the table
 
         def entry(i: int) -> tuple[int, int]:
@@ -203,6 +196,48 @@ def pclntab_functions(data: bytes, names: set[str]) -> dict[str, tuple[int, int]
             if len(out) == len(want):
                 break
     return out
+
+
+def _embedded_pclntab_functions(elf: ELFFile, names: set[str]) -> dict[str, tuple[int, int]]:
+    """The functions from a function table without a section of its own: position-independent
+    executables keep it in .data.rel.ro.gopclntab, or inside .data.rel.ro when externally
+    linked (or .rodata), found by its
+    header; its code start is then a load-time relocation, read from .rela.dyn."""
+    ptr = 8 if elf.elfclass == 64 else 4
+    quantum = {"EM_X86_64": 1, "EM_386": 1, "EM_AARCH64": 4}.get(elf["e_machine"], 1)
+    for name in (".data.rel.ro.gopclntab", ".data.rel.ro", ".rodata"):
+        sec = elf.get_section_by_name(name)
+        if sec is None:
+            continue
+        data = bytes(sec.data())
+        for magic in (PCLN_120, PCLN_118, PCLN_116):
+            needle = struct.pack("<IBBBB", magic, 0, 0, quantum, ptr)
+            pos = -1
+            while (pos := data.find(needle, pos + 1)) >= 0:
+                if pos % ptr:
+                    continue
+                text = _relocated(elf, sec["sh_addr"] + pos + 8 + 2 * ptr) if magic != PCLN_116 else None
+                try:
+                    found = pclntab_functions(data[pos:], names, text)
+                except (GoBinaryError, struct.error, IndexError):
+                    continue
+                if found:
+                    return found
+    raise GoBinaryError("no .symtab functions and no Go function table (.gopclntab)")
+
+
+def _relocated(elf: ELFFile, addr: int) -> int | None:
+    """The value a RELATIVE relocation stores at `addr` when the program is loaded (its addend)."""
+    sec = elf.get_section_by_name(".rela.dyn")
+    if sec is None or elf.elfclass != 64:
+        return None
+    data = bytes(sec.data())
+    needle = struct.pack("<Q", addr)
+    pos = -1
+    while (pos := data.find(needle, pos + 1)) >= 0:
+        if pos % 24 == 0 and pos + 24 <= len(data):  # Elf64_Rela: offset, info, addend
+            return int(struct.unpack_from("<q", data, pos + 16)[0])
+    return None
 
 
 def _cstring(data: bytes, off: int) -> bytes:
@@ -301,9 +336,10 @@ def inspect(f: BinaryIO) -> GoTls:
     if len(found) < len(names):
         source = "pclntab"
         sec = elf.get_section_by_name(".gopclntab")
-        if sec is None:
-            raise GoBinaryError("no .symtab functions and no .gopclntab")
-        found = pclntab_functions(bytes(sec.data()), names)
+        if sec is not None:
+            found = pclntab_functions(bytes(sec.data()), names)
+        else:
+            found = _embedded_pclntab_functions(elf, names)
     if READ not in found or WRITE not in found:
         raise GoBinaryError("no crypto/tls.(*Conn).Read/Write: the program does not use crypto/tls")
     funcs: dict[str, Function] = {}

@@ -1,7 +1,7 @@
 """Go crypto/tls: an HTTPS client and server built here with Debian's Go (standard library
 only, tests/system/workloads/gotls/), traced through the uprobes on crypto/tls.(*Conn).Write
-and .Read and Read's RET instructions — a normal build and a stripped one (`-ldflags="-s -w"`:
-no .symtab, the functions come from .gopclntab). Exact request counts by status on both sides
+and .Read and Read's RET instructions — a normal build, a stripped one (`-ldflags="-s -w"`:
+no .symtab, the functions come from .gopclntab) and a stripped position-independent one. Exact request counts by status on both sides
 of each connection and one span per request with tls="true"."""
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ OK, MISSING = 60, 25
 class GoBuilds:
     client: str
     stripped: str
+    pie: str  # position-independent and stripped: the function table in .data.rel.ro.gopclntab
     server: str
 
 
@@ -52,6 +53,7 @@ def go(tmp_path_factory: pytest.TempPathFactory) -> GoBuilds:
     client = WORKLOADS / "client.go"
     return GoBuilds(client=go_build(client, work / "client", work),
                     stripped=go_build(client, work / "client-stripped", work, "-ldflags=-s -w"),
+                    pie=go_build(client, work / "client-pie", work, "-buildmode=pie", "-ldflags=-s -w"),
                     server=go_build(WORKLOADS / "server.go", work / "server", work))
 
 
@@ -113,16 +115,16 @@ def check_client_side(agent: AgentProcess, cid: str, port: int) -> None:
     assert urls == {(f"https://{dest}/ok", "200"): OK, (f"https://{dest}/missing", "404"): MISSING}
 
 
-@pytest.mark.parametrize("build", ["normal", "stripped"])
+@pytest.mark.parametrize("build", ["normal", "stripped", "pie"])
 def test_go_https_client_to_nginx_counted_exactly_with_tls_spans(
         agent: AgentProcess, cgroups: TestCgroups, nginx: tuple[Nginx, str], go: GoBuilds, build: str) -> None:
     server, server_cid = nginx
-    binary = go.client if build == "normal" else go.stripped
+    binary = {"normal": go.client, "stripped": go.stripped, "pie": go.pie}[build]
     cid = cgroups.create(f"gotls-{build}")
     client = GoClient(cgroups, cid, binary, server.ca, f"https://127.0.0.1:{server.tls_port}")
     attached(agent, binary)
     line = agent.log().split(f"Go crypto/tls uprobes on {binary} ")[1].split("\n")[0]
-    assert ("functions from pclntab" if build == "stripped" else "functions from symtab") in line, line
+    assert ("functions from symtab" if build == "normal" else "functions from pclntab") in line, line
     assert client.run() == {"statuses": {"200": OK, "404": MISSING}}
     try:
         check_client_side(agent, cid, server.tls_port)
