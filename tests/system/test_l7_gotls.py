@@ -97,14 +97,21 @@ class GoClient:
         self.proc.wait(10)
 
 
+def diagnostics(agent: AgentProcess, cid: str) -> str:
+    """What the agent knows of the container and its own L7 counters, for a failure message."""
+    lines = [f"{n}{lb} {v}" for n, lb, v in agent.metrics()
+             if lb.get("container_id") == cid or n.startswith(("coroot_agent_l7", "coroot_agent_lost", "coroot_agent_tls"))]
+    return "\n".join(lines + [line for line in agent.log().splitlines() if "WARNING" in line or "ERROR" in line])
+
+
 def check_client_side(agent: AgentProcess, cid: str, port: int) -> None:
     want = {"2xx": OK, "4xx": MISSING}
     dest = f"127.0.0.1:{port}"
-    assert wait_counts(agent, "container_http_requests_total", want, container_id=cid) == want
+    assert wait_counts(agent, "container_http_requests_total", want, container_id=cid) == want, diagnostics(agent, cid)
     assert by_status(agent, "container_http_requests_total", container_id=cid, destination=dest,
                      actual_destination=dest) == want
     got = spans(agent, cid, OK + MISSING)
-    assert len(got) == OK + MISSING, {n: v for n, lb, v in agent.metrics() if n.startswith("coroot_agent_l7")}
+    assert len(got) == OK + MISSING, diagnostics(agent, cid)
     urls: dict[tuple[str, str], int] = {}
     for s in got:
         attrs = s["SpanAttributes"]
@@ -150,7 +157,8 @@ def test_go_https_server_inbound_counts_exact(
     assert client.run() == {"statuses": {"200": OK, "404": MISSING}}
     try:
         want = {"2xx": OK, "4xx": MISSING}
-        assert wait_counts(agent, "container_http_inbound_requests_total", want, container_id=server_cid) == want
+        assert wait_counts(agent, "container_http_inbound_requests_total", want, container_id=server_cid) == want, \
+            diagnostics(agent, server_cid)
         check_client_side(agent, cid, port)
     finally:
         client.finish()
