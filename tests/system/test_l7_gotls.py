@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from agent.l7 import gotls
 from tests.system.helpers import (
     AgentProcess,
     TestCgroups,
@@ -164,3 +168,61 @@ def test_go_https_server_inbound_counts_exact(
         client.finish()
         server.kill()
         server.wait()
+
+
+def perf_events(pid: int) -> int:
+    """The perf event fds a process holds: each uprobe BCC attaches is one (through the perf
+    PMU or a tracefs-defined event alike)."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[perf_event]"
+        except OSError:
+            continue
+    return n
+
+
+def probes_logged(log: str) -> int:
+    """Uprobes the agent says it attached in this part of its log (OpenSSL and Go)."""
+    return sum(int(n) for n in re.findall(r"TLS: (\d+) (?:Go crypto/tls )?uprobes on ", log))
+
+
+def test_short_lived_go_processes_leak_no_probes_and_an_early_exit_hides_nothing(
+        agent: AgentProcess, cgroups: TestCgroups, go: GoBuilds, tmp_path: Path) -> None:
+    """200 processes of one Go binary, each gone in milliseconds (no CA file: it exits at once),
+    give at most one set of probes; a binary whose first process exited before the agent looked
+    is still traced when it runs again."""
+    early, many = tmp_path / "early", tmp_path / "many"
+    shutil.copy(go.client, early)  # new files (inodes): neither is attached yet
+    shutil.copy(go.client, many)
+    cid = cgroups.create("gotls-short")
+    before, logged = perf_events(agent.pid), len(agent.log())
+    p = cgroups.spawn(cid, [str(early), "-ca", str(tmp_path / "absent"), "https://127.0.0.1:1"],
+                      stderr=subprocess.DEVNULL)
+    assert p.wait(10) == 1
+    for _ in range(200):
+        q = cgroups.spawn(cid, [str(many), "-ca", str(tmp_path / "absent"), "https://127.0.0.1:1"],
+                          stderr=subprocess.DEVNULL)
+        assert q.wait(10) == 1
+    time.sleep(7)  # past both of the agent's looks at each process (1 s and 5 s after its exec)
+    assert agent.proc is not None and agent.proc.poll() is None
+    # Every one of the 200 may have exited before the agent looked: one set of probes or none.
+    # (The agent attaches to whatever else starts on this shared machine meanwhile: the probes
+    # it logged are what its perf events must add up to.)
+    new = agent.log()[logged:]
+    assert new.count(f"Go crypto/tls uprobes on {many} ") <= 1 and f"uprobes on {early} " not in new
+    m = re.search(rf"TLS: (\d+) Go crypto/tls uprobes on {re.escape(str(many))} ", new)
+    assert m is None or int(m.group(1)) == 2 + len(gotls.inspect_path(str(many)).read.returns)
+    assert perf_events(agent.pid) - before == probes_logged(new), new
+    # the early one's file runs again, long enough this time
+    server = Nginx()
+    try:
+        server.start(cgroups, cgroups.create("gotls-short-nginx"))
+        client = GoClient(cgroups, cid, str(early), server.ca, f"https://127.0.0.1:{server.tls_port}")
+        attached(agent, str(early))
+        assert client.run() == {"statuses": {"200": OK, "404": MISSING}}
+        client.finish()
+        assert agent.log()[logged:].count(f"Go crypto/tls uprobes on {early} ") == 1
+        assert perf_events(agent.pid) - before == probes_logged(agent.log()[logged:])
+    finally:
+        server.stop()
