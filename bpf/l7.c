@@ -30,6 +30,7 @@
 #ifndef CA_SELF_TGID
 #define CA_SELF_TGID 0
 #endif
+#include "gotls.h" /* Go crypto/tls uprobes (they call l7_on_io_tls below) */
 
 struct l7_key {
     u32 tgid;
@@ -270,7 +271,7 @@ static __always_inline void l7_stream(void *ctx, struct conn_key *ckey, struct c
 /* A plain write on a stream connection, at its exit (bpf/tcp.c): `size` is what was written. */
 static __always_inline void l7_on_sent(void *ctx, struct conn_key *ckey, struct conn *c, u64 buf, u32 kind,
                                        u64 size) {
-    if (ckey->tgid != CA_SELF_TGID)
+    if (ckey->tgid != CA_SELF_TGID && !(c->flags & CONN_GO_TLS)) /* Go TLS: ciphertext (gotls.h) */
         l7_stream(ctx, ckey, c, buf, kind, size, 1, 0, L7_HTTP2);
 }
 
@@ -481,7 +482,8 @@ static __always_inline void l7_on_io_tls(void *ctx, struct conn_key *ckey, struc
 
 static __always_inline void l7_on_io(void *ctx, struct conn_key *ckey, struct conn *c, u64 buf, u32 kind,
                                      u64 size, int sent) {
-    l7_on_io_tls(ctx, ckey, c, buf, kind, size, sent, 0);
+    if (!(c->flags & CONN_GO_TLS)) /* Go TLS: ciphertext, its plaintext comes from gotls.h */
+        l7_on_io_tls(ctx, ckey, c, buf, kind, size, sent, 0);
 }
 
 static __always_inline void l7_forget(struct conn_key *ckey, struct conn *c) {
@@ -600,3 +602,80 @@ int ssl_read_enter(struct pt_regs *ctx) { return ssl_enter(ctx, 0); }
 int ssl_read_exit(struct pt_regs *ctx) { return ssl_exit(ctx, 0, 0); }
 int ssl_read_ex_enter(struct pt_regs *ctx) { return ssl_enter(ctx, 1); }
 int ssl_read_ex_exit(struct pt_regs *ctx) { return ssl_exit(ctx, 1, 0); }
+
+/* ----------------------------------------------------------------------- Go crypto/tls --- */
+/* Uprobes on crypto/tls.(*Conn).Write, .Read and Read's RETs: see gotls.h. */
+
+#ifndef CA_GO_TLS_MAX_READS
+#define CA_GO_TLS_MAX_READS 16384 /* goroutines inside tls.Conn.Read (LRU: one may never return) */
+#endif
+BPF_TABLE("lru_hash", struct go_tls_read_key, struct go_tls_read, go_tls_reads, CA_GO_TLS_MAX_READS);
+BPF_TABLE("lru_hash", struct conn_key, struct go_tls_held, go_tls_held, 4096); /* a 1-byte Read's byte */
+
+/* The tracked connection under a *tls.Conn, marked as carrying ciphertext in its syscalls. */
+static __always_inline struct conn *go_tls_conn(u64 tls_conn, struct conn_key *key) {
+    key->tgid = ca_tgid();
+    if (key->tgid == CA_SELF_TGID || !go_tls_fd(tls_conn, &key->fd))
+        return 0;
+    struct conn *c = conns.lookup(key);
+    if (c && !(c->flags & CONN_GO_TLS))
+        c->flags |= CONN_GO_TLS;
+    return c;
+}
+
+/* Write(b []byte), at its entry: it writes all of b or fails; the request's time starts here. */
+int go_tls_write_enter(struct pt_regs *ctx) {
+    struct conn_key key = {};
+    struct conn *c = go_tls_conn(GO_REG1(ctx), &key);
+    u64 len = GO_REG3(ctx);
+    if (c && len)
+        l7_on_io_tls(ctx, &key, c, GO_REG2(ctx), IO_BUF, len, 1, L7_TLS);
+    return 0;
+}
+
+/* Read(b []byte): the buffer at its entry, kept per goroutine until a RET gives the count. */
+int go_tls_read_enter(struct pt_regs *ctx) {
+    struct conn_key key = {};
+    if (!go_tls_conn(GO_REG1(ctx), &key))
+        return 0;
+    struct go_tls_read_key rk = {.g = GO_G(ctx), .tgid = key.tgid};
+    struct go_tls_read r = {.buf = GO_REG2(ctx), .fd = key.fd};
+    go_tls_reads.update(&rk, &r);
+    return 0;
+}
+
+int go_tls_read_return(struct pt_regs *ctx) {
+    struct go_tls_read_key rk = {.g = GO_G(ctx), .tgid = ca_tgid()};
+    struct go_tls_read *r = go_tls_reads.lookup(&rk);
+    if (!r)
+        return 0;
+    struct conn_key key = {.tgid = rk.tgid, .fd = r->fd};
+    u64 buf = r->buf;
+    go_tls_reads.delete(&rk);
+    s64 n = (s64)GO_REG1(ctx); /* (n int, err error): n in the first result register */
+    if (n <= 0)
+        return 0;
+    struct conn *c = conns.lookup(&key);
+    if (!c)
+        return 0;
+    /* net/http's server reads one byte in the background while a handler runs (to notice a
+     * client going away): the next request's first byte, whose rest the next Read brings into
+     * bufio's buffer right after it. That byte is held here and joined to the next Read. */
+    struct go_tls_held held = {.conn_start = c->start_ns};
+    if (n == 1) {
+        if (bpf_probe_read_user(&held.byte, 1, (void *)buf) == 0)
+            go_tls_held.update(&key, &held);
+        return 0;
+    }
+    struct go_tls_held *h = go_tls_held.lookup(&key);
+    if (h) {
+        if (h->conn_start == c->start_ns && bpf_probe_read_user(&held.byte, 1, (void *)(buf - 1)) == 0 &&
+            held.byte == h->byte) {
+            buf -= 1;
+            n += 1;
+        }
+        go_tls_held.delete(&key);
+    }
+    l7_on_io_tls(ctx, &key, c, buf, IO_BUF, (u64)n, 0, L7_TLS);
+    return 0;
+}

@@ -26,6 +26,7 @@ if [ "$WANT_TEST" = 1 ]; then
     # container runtimes the runtime tests start themselves, each with its own root and socket
     pkgs+=(containerd docker.io podman)
     pkgs+=(default-jdk-headless)  # the JVM tests compile and run Java programs
+    pkgs+=(golang-go) # Go TLS tests build their client and server with Debian's Go
 fi
 missing=()
 for p in "${pkgs[@]}"; do

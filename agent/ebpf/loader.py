@@ -56,7 +56,8 @@ FAMILIES: dict[str, Family] = {
     "l7": Family("l7", "l7.c", ("l7_events",), "HTTP, Postgres, Redis and DNS requests paired with responses; "
                  "OpenSSL plaintext (tracepoints, uprobes)",
                  uprobe_functions=tuple(f"ssl_{op}{ex}_{end}" for op in ("write", "read") for ex in ("", "_ex")
-                                        for end in ("enter", "exit")),
+                                        for end in ("enter", "exit"))
+                 + ("go_tls_write_enter", "go_tls_read_enter", "go_tls_read_return"),  # Go crypto/tls
                  defines=("CA_L7",), requires=("tcp",), pages=256),
     "logs": Family("logs", "logs.c", ("log_events",), "log files opened for writing under /var/log (tracepoint)"),
     "profiler": Family("profiler", "profiler.c", (), "CPU stacks sampled by a cpu-clock perf event",
@@ -149,17 +150,19 @@ class Loaded:
     def attach_uprobe(self, path: str, symbol: str, fn_name: str, *, ret: bool = False,
                       addr: int | None = None, pid: int = -1) -> None:
         attach = self.bpf.attach_uretprobe if ret else self.bpf.attach_uprobe
+        shown = symbol if addr is None else f"{symbol}@{addr:#x}"
         with self._attach_lock:
             if self._detach_begun:  # begin_detach has taken its list: this one would stay
-                raise ProgramsClosing(f"{fn_name} on {path}:{symbol}: the programs are being detached")
-            # `symbol` only names a probe put at `addr` (a versioned symbol's address)
+                raise ProgramsClosing(f"{fn_name} on {path}:{shown}: the programs are being detached")
+            # `symbol` only names a probe put at `addr` (a versioned symbol's, or a stripped Go
+            # binary's function or RET address)
             where: dict[str, Any] = {"addr": addr} if addr is not None else {"sym": symbol}
             if pid != -1:
                 where["pid"] = pid
             try:
                 attach(name=path, fn_name=fn_name, **where)
             except Exception as e:  # noqa: BLE001 - BCC raises bare Exception for every failure
-                raise AttachError(f"{'uretprobe' if ret else 'uprobe'} {fn_name} on {path}:{symbol}: {e}") from e
+                raise AttachError(f"{'uretprobe' if ret else 'uprobe'} {fn_name} on {path}:{shown}: {e}") from e
 
     def detach_uprobe(self, path: str, symbol: str, *, ret: bool = False, addr: int | None = None,
                       pid: int = -1) -> None:
