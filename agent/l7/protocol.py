@@ -62,7 +62,7 @@ class Peer:
 class Span:
     name: str
     attributes: dict[str, str]
-    status: str = "STATUS_CODE_UNSET"
+    status: str = "STATUS_CODE_UNSET"  # or STATUS_CODE_ERROR; never OK (the node agent sets only errors)
     message: str = ""
 
 
@@ -73,6 +73,9 @@ class Stem:
 
     protocol: str
     unit: str
+    histogram: bool = True  # False: the counters only (one-way messages have no duration)
+    method: bool = False  # the outbound counter has a `method` label: each request's method
+    inbound: bool = True  # False: no inbound families; the server side's events are dropped
 
 
 ConnKey = tuple[int, int, int]  # (pid, fd, connection start): one connection
@@ -123,13 +126,12 @@ class Protocol:
 
 def db_span(r: Request, system: str, name: str, operation: str = "") -> Span:
     """A database client span: db.system, db.statement (masked), db.operation when given; an
-    error reply makes it an error with the server's code as the message."""
+    error reply makes it an error with the server's code as the message; any other span keeps
+    the unset status, as the node agent sets only errors."""
     attrs = {"db.system": system, "db.statement": r.statement}
     if operation:
         attrs["db.operation"] = operation
     s = Span(name, attrs)
     if r.status == "failed":
         s.status, s.message = "STATUS_CODE_ERROR", r.error
-    elif r.status == "ok":
-        s.status = "STATUS_CODE_OK"
     return s

@@ -8,9 +8,13 @@
 #include "l7/dns.h"
 #include "l7/http.h"
 #include "l7/http2.h"
+#include "l7/memcached.h"
 #include "l7/mysql.h"
+#include "l7/nats.h"
 #include "l7/postgres.h"
+#include "l7/rabbitmq.h"
 #include "l7/redis.h"
+#include "l7/zookeeper.h"
 
 /* The protocol of a request whose first n bytes (n <= 16) are in b, or 0. */
 static __always_inline u32 l7_detect(u8 *b, u32 n, u64 size, u64 ptr) {
@@ -22,8 +26,12 @@ static __always_inline u32 l7_detect(u8 *b, u32 n, u64 size, u64 ptr) {
         return L7_REDIS;
     if (l7_postgres_request(b, n, size, ptr))
         return L7_POSTGRES;
+    if (l7_zookeeper_request(b, n, size, ptr))
+        return L7_ZOOKEEPER;
     if (l7_mysql_request(b, n, size, ptr))
         return L7_MYSQL;
+    if (l7_memcached_request(b, n, size, ptr))
+        return L7_MEMCACHED;
     return 0;
 }
 
@@ -31,6 +39,12 @@ static __always_inline u32 l7_detect(u8 *b, u32 n, u64 size, u64 ptr) {
  * whose first n bytes are in b, read or written, or 0. Each is an event at once, as a stream
  * protocol's calls are (contract.h); tried before l7_detect on every call. */
 static __always_inline u32 l7_message(u8 *b, u32 n, u64 size, u64 ptr) {
+    if (l7_nats_message(b, n, size, ptr))
+        return L7_NATS;
+    if (l7_rabbitmq_message(b, n, size, ptr))
+        return L7_RABBITMQ;
+    if (l7_memcached_noreply(b, n, size, ptr)) /* commands that are never answered */
+        return L7_MEMCACHED;
     return 0;
 }
 
