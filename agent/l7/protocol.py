@@ -113,6 +113,11 @@ class Protocol:
         """The span of an outbound request, or None when it should not be one."""
         return None
 
+    def sample_response(self, request: bytes) -> bytes:
+        """A response `parse` pairs with this request: tests/unit/test_l7_contract.py parses each
+        kernel sample with it. Empty unless a request counts only with its reply (ZooKeeper)."""
+        return b""
+
     # Plug-ins with their own metrics (stem None) --------------------------------------
     def record(self, container_id: str, requests: list[Request]) -> None:
         """Count requests of a container (called with the tracer's lock held)."""

@@ -1,16 +1,18 @@
 """ZooKeeper (jute, as ZooKeeper's zookeeper.jute defines it): each message is a 4-byte length,
 then its body. A request's header is (xid, op code), a reply's (xid, zxid, err); the reply to a
 request carries its xid. The kernel (bpf/include/l7/zookeeper.h) recognises a request written
-whole by a client or read as a bare body by ZooKeeper's server (which reads the length first),
-and pairs it with the next call in the other direction.
+whole by a client, or as a bare body: written or read after its length on its own (ZooKeeper's
+server and the C client do that), and pairs it with the next call in the other direction; a
+reply's length read on its own (the Java and C clients read it first) is waited past, so the
+reply's header comes bare in the call after it.
 
 Counted as the node agent counts them: status "failed" for the system errors (err -1..-9) and
 ReconfigDisabled (-123), "ok" for every other reply, API errors such as NoNode (-101) or
 NodeExists (-110) included; pings (xid -2) count, the session's ConnectRequest and watch
-notifications (xid -1) do not. When the call paired with a request holds no reply header (a
-client that reads the length alone first, a notification read in the reply's place) the request
-counts as "unknown"; a reply with another xid means the pair is not ZooKeeper's, and is not
-counted. Spans: named after the op, with the znode path in db.statement (data is never kept)
+notifications (xid -1) do not. The statuses are only these two, as the node agent's: a watch
+notification read in the reply's place answers the request with its err (0), as the node agent
+takes it; a call without a reply header, or a reply with another xid, means the pair is not
+ZooKeeper's, and it is not counted. Spans: named after the op, with the znode path in db.statement (data is never kept)
 and the err in zookeeper.status_code."""
 
 from __future__ import annotations
@@ -175,11 +177,11 @@ def parse_replies(data: bytes) -> list[Reply]:
     return out
 
 
-def reply_to(calls: list[Call], response: bytes) -> tuple[Call, Reply | None] | None:
+def reply_to(calls: list[Call], response: bytes) -> tuple[Call, Reply] | None:
     """The request and its reply: the first reply in the response that is not a watch
     notification, or else a bare reply header (a client that read the length alone first),
-    if its xid is one of the request's readings (else None: not a ZooKeeper pair). With no reply
-    header in the response (a read of the length alone, a notification), the request and None."""
+    if its xid is one of the request's readings; a notification alone answers the first
+    reading. None when the response holds no reply to it: not a ZooKeeper pair."""
     if not calls:
         return None
     framed = parse_replies(response)
@@ -189,7 +191,7 @@ def reply_to(calls: list[Call], response: bytes) -> tuple[Call, Reply | None] | 
         if MIN_ERR <= err <= 0 and (xid >= 0 or xid == PING_XID):
             replies = [Reply(xid, err)]
     if not replies:
-        return calls[0], None
+        return (calls[0], framed[0]) if framed else None
     for call in calls:
         if call.xid == replies[0].xid:
             return call, replies[0]
@@ -225,15 +227,16 @@ class Zookeeper(p.Protocol):
             return []
         call, reply = found
         statement = f"{call.name} {call.path}" if call.path else call.name
-        if reply is None:
-            return [p.Request(self.id, "unknown", seconds, call.name, call.path, statement=statement)]
         return [p.Request(self.id, status_of(reply.err), seconds, call.name, call.path, reply.err,
                           statement=statement, error=ERRORS.get(reply.err, str(reply.err)) if reply.err else "")]
 
+    def sample_response(self, request: bytes) -> bytes:
+        """A framed reply (err 0) to the request's first reading: a request without one is not counted."""
+        calls = parse_request(request)
+        return struct.pack("!i", 16) + _REPLY.pack(calls[0].xid, 0, 0) if calls else b""
+
     def span(self, r: p.Request, peer: p.Peer, tls: bool) -> p.Span | None:
         s = p.Span(r.method, {"db.system": "zookeeper", "db.operation": r.method, "db.statement": r.statement})
-        if r.status == "unknown":
-            return s
         s.attributes["zookeeper.status_code"] = str(r.code)
         if r.status == "failed":
             s.status, s.message = "STATUS_CODE_ERROR", r.error

@@ -106,8 +106,9 @@ def _session(port: int) -> bool:
         return False
 
 
-def run(cgroups: TestCgroups, cid: str, port: int, prefix: str, *specs: str) -> tuple[subprocess.Popen[str], dict]:
-    p = cgroups.spawn(cid, [*CLIENT, "run", str(port), prefix, *specs], stdin=subprocess.PIPE,
+def run(cgroups: TestCgroups, cid: str, port: int, prefix: str, *specs: str,
+        mode: str = "run") -> tuple[subprocess.Popen[str], dict]:
+    p = cgroups.spawn(cid, [*CLIENT, mode, str(port), prefix, *specs], stdin=subprocess.PIPE,
                       stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert p.stdout is not None
     line = p.stdout.readline()
@@ -189,3 +190,38 @@ def test_two_clients_at_once_count_apart(agent: AgentProcess, cgroups: TestCgrou
     assert delta == {"ok": 28, "failed": 4}, diagnosis(agent)
     for p in (pa, pb):
         finish(p)
+
+
+def test_lengths_written_and_read_on_their_own_count_the_same(agent: AgentProcess, cgroups: TestCgroups,
+                                                              zookeeper: tuple[int, str]) -> None:
+    """ZooKeeper's C client writes a message's length and its body apart, and the Java and C
+    clients read a reply's length on its own before its body: the kernel takes the body as the
+    request, waits past the length read alone, and reads the reply's status from the body."""
+    port, server_cid = zookeeper
+    before = by_status(agent, IN, container_id=server_cid)
+    cid = cgroups.create("zk-split")
+    prefix = f"/ca-zk-{uuid.uuid4().hex[:8]}"
+    p, result = run(cgroups, cid, port, prefix, "create:6", "get:6", "exists-missing:5", "create-bad:2", "ping:1",
+                    mode="split")
+    assert result["errors"] == {"0": 13, "-101": 5, "-8": 2}
+    dest = f"127.0.0.1:{port}"
+    want = {"ok": 18, "failed": 2}
+    assert wait_counts(agent, OUT, 20, container_id=cid, destination=dest) == want, diagnosis(agent)
+    after = wait_counts(agent, IN, sum(before.values()) + 20, container_id=server_cid)
+    assert {k: after.get(k, 0) - before.get(k, 0) for k in ("ok", "failed")} == want, diagnosis(agent)
+    got: list[dict] = []
+
+    def enough() -> bool:
+        nonlocal got
+        got = rows(agent, f"SELECT SpanName, SpanAttributes, StatusCode FROM otel_traces WHERE ServiceName = '{cid}'")
+        return len(got) >= 20
+
+    wait_for(enough, 30, interval=0.5)
+    finish(p)
+    seen: dict[tuple[str, str, str], int] = {}
+    for s in got:
+        key = (s["SpanName"], s["SpanAttributes"]["zookeeper.status_code"], s["StatusCode"])
+        seen[key] = seen.get(key, 0) + 1
+    assert seen == {("create", "0", "STATUS_CODE_UNSET"): 6, ("getData", "0", "STATUS_CODE_UNSET"): 6,
+                    ("exists", "-101", "STATUS_CODE_UNSET"): 5, ("create", "-8", "STATUS_CODE_ERROR"): 2,
+                    ("ping", "0", "STATUS_CODE_UNSET"): 1}

@@ -13,6 +13,9 @@ events.
         create-bad      create of "/." (a relative path element: err -8, BadArguments)
         ping            a ping (xid -2)
     prints {"session": hex id, "replies": [[op, path, err], ...], "errors": {err: count}}
+    split PORT PREFIX SPEC ... the same, framed as ZooKeeper's C client does it: each message's
+                               4-byte length in a write of its own, then its body; and every reply
+                               read as the Java and C clients read it, its length alone first
 """
 
 from __future__ import annotations
@@ -62,15 +65,35 @@ def ping_request() -> bytes:
 
 
 class Session:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, split: bool = False) -> None:
         self.s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.split = split
         self.buf = b""
         self.xid = 0
-        self.s.sendall(connect_request())
+        self.send(connect_request())
         body = self.frame()
         _proto, _timeout, self.session_id = struct.unpack_from("!iiq", body)
 
+    def send(self, message: bytes) -> None:
+        if self.split:  # the length, then the body: two writes
+            self.s.sendall(message[:4])
+            self.s.sendall(message[4:])
+        else:
+            self.s.sendall(message)
+
+    def exactly(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            more = self.s.recv(n - len(out))
+            if not more:
+                raise EOFError("the server closed the connection")
+            out += more
+        return out
+
     def frame(self) -> bytes:
+        if self.split:  # a read of the length alone, then the body's
+            (n,) = struct.unpack("!i", self.exactly(4))
+            return self.exactly(n)
         while len(self.buf) < 4 or len(self.buf) < 4 + struct.unpack_from("!i", self.buf)[0]:
             more = self.s.recv(65536)
             if not more:
@@ -81,8 +104,8 @@ class Session:
         return body
 
     def call(self, request: bytes, xid: int) -> int:
-        """Sends one request (one write) and returns its reply's err."""
-        self.s.sendall(request)
+        """Sends one request (one write, or two: split) and returns its reply's err."""
+        self.send(request)
         while True:
             rxid, _zxid, err = struct.unpack_from("!iqi", self.frame())
             if rxid == xid:
@@ -94,8 +117,8 @@ class Session:
         return self.xid
 
 
-def run(port: int, prefix: str, specs: list[str]) -> dict:
-    s = Session(port)
+def run(port: int, prefix: str, specs: list[str], split: bool = False) -> dict:
+    s = Session(port, split)
     replies: list[list] = []
     for spec in specs:
         op, _, n = spec.partition(":")
@@ -126,9 +149,9 @@ def run(port: int, prefix: str, specs: list[str]) -> dict:
 
 
 def main() -> None:
-    if sys.argv[1] != "run":
+    if sys.argv[1] not in ("run", "split"):
         raise SystemExit(__doc__)
-    print(json.dumps(run(int(sys.argv[2]), sys.argv[3], sys.argv[4:])), flush=True)
+    print(json.dumps(run(int(sys.argv[2]), sys.argv[3], sys.argv[4:], split=sys.argv[1] == "split")), flush=True)
     sys.stdin.read()
 
 
