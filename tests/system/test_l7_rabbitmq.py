@@ -83,6 +83,8 @@ def broker(agent: AgentProcess) -> Iterator[tuple[int, str]]:
         "RABBITMQ_CONF_ENV_FILE": os.path.join(base, "rabbitmq-env.conf"),
         "RABBITMQ_CONFIG_FILE": os.path.join(base, "rabbitmq"),
         "RABBITMQ_PLUGINS_EXPAND_DIR": os.path.join(base, "plugins-expand"),
+        # one scheduler, none spinning while idle: small and quiet on a loaded 2-core machine
+        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "+S 1:1 +sbwt none +sbwtdcpu none +sbwtdio none",
     }
     log = open(os.path.join(base, "server.log"), "wb")  # noqa: SIM115 - the children own it
     epmd = cg.spawn(cid, ["epmd", "-port", str(epmd_port)], env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -84,7 +84,7 @@ def zookeeper(agent: AgentProcess) -> Iterator[tuple[int, str]]:
         f.write(f"tickTime=2000\ndataDir={workdir}/data\nclientPort={port}\nclientPortAddress=127.0.0.1\n"
                 "admin.enableServer=false\n4lw.commands.whitelist=\n")
     log = open(os.path.join(workdir, "server.log"), "wb")  # noqa: SIM115 - the child owns it
-    p = cg.spawn(cid, ["java", "-Xmx256m", "-Dzookeeper.log.dir=" + workdir, "-cp", JAR,
+    p = cg.spawn(cid, ["java", "-Xmx128m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Dzookeeper.log.dir=" + workdir, "-cp", JAR,
                        "org.apache.zookeeper.server.quorum.QuorumPeerMain", cfg], stdout=log, stderr=subprocess.STDOUT)
     log.close()
     try:
