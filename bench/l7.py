@@ -1,12 +1,14 @@
 """L7 load on a traced server, per protocol family (--protocol): HTTP/1.1 (wrk against nginx),
-HTTP/2 (h2load against nginx's h2c port, one stream at a time per connection) or Redis
-(redis-benchmark GET/SET against redis-server); client and server on loopback in test cgroups,
+HTTP/2 (h2load against nginx's h2c port, one stream at a time per connection), Redis
+(redis-benchmark GET/SET against redis-server) or MySQL (mariadb-slap's clients, each a
+connection of `SELECT 1` queries, against mariadbd with its own datadir; its p99 is not known,
+only its throughput); client and server on loopback in test cgroups,
 first without the agent, then with it (sampling 1.0, every request a span, unless --sampling). Prints the throughput
 ratio (target >= 0.97), the p99 latency ratio (target <= 1.05), agent CPU µs per request
 (target <= 10), in-kernel ns per request from kernel.bpf_stats_enabled (target <= 1,000), and
 events lost (target 0). Asserts nothing: this machine is noisy; run it twice.
 
-Run as root: `python bench/l7.py [--protocol http|http2|redis] [--seconds 10] [--connections 20]
+Run as root: `python bench/l7.py [--protocol http|http2|redis|mysql] [--seconds 10] [--connections 20]
 [--sampling 1.0] [--rate N]` (h2load is Debian's nghttp2-client).
 """
 
@@ -24,8 +26,8 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.system.helpers import AgentProcess, TestCgroups, bpf_programs  # noqa: E402
-from tests.system.servers import Nginx, Redis  # noqa: E402
+from tests.system.helpers import AgentProcess, TestCgroups, bpf_programs, free_port, wait_port  # noqa: E402
+from tests.system.servers import Nginx, Redis, Server  # noqa: E402
 
 UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
@@ -72,6 +74,61 @@ def redis_benchmark(cg: TestCgroups, cid: str, port: int, seconds: float, connec
     return rps, p99, n * len(rows)
 
 
+class MariaDB(Server):
+    """mariadbd on loopback, its datadir made by mariadb-install-db (as tests/system/test_l7_mysql.py
+    starts it); root over the socket, USER over TCP."""
+
+    USER, PASSWORD = "bench", "bench-pw"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.host, self.port = "127.0.0.1", free_port()
+        self.data, self.sock = os.path.join(self.dir, "data"), os.path.join(self.dir, "mysqld.sock")
+        self.common = ["--no-defaults", f"--datadir={self.data}", "--user=root", "--skip-log-bin",
+                       "--innodb-buffer-pool-size=16M", "--max-connections=500"]
+
+    def start(self, cgroups: TestCgroups | None = None, cid: str | None = None) -> MariaDB:
+        subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={self.data}", "--user=root",
+                        "--auth-root-authentication-method=normal", "--skip-test-db"],
+                       check=True, capture_output=True, timeout=180)
+        setup = (f"FLUSH PRIVILEGES;\nCREATE USER '{self.USER}'@'127.0.0.1' IDENTIFIED BY '{self.PASSWORD}';\n"
+                 f"GRANT ALL ON *.* TO '{self.USER}'@'127.0.0.1';\nCREATE DATABASE bench;\n")  # a statement a line
+        subprocess.run(["mariadbd", *self.common, "--bootstrap"], input=setup.encode(), check=True,
+                       capture_output=True, timeout=120)
+        self._spawn(["mariadbd", *self.common, f"--socket={self.sock}", f"--port={self.port}",
+                     f"--bind-address={self.host}", "--skip-name-resolve", f"--pid-file={self.dir}/mysqld.pid"],
+                    cgroups, cid)
+        wait_port(self.host, self.port, timeout=60, proc=self.proc)
+        return self
+
+    def questions(self) -> int:
+        """The server's Questions counter (statements run), asked over its socket."""
+        out = subprocess.run(["mariadb", "--no-defaults", f"--socket={self.sock}", "-uroot", "-N", "-e",
+                              "SHOW GLOBAL STATUS LIKE 'Questions'"], check=True, capture_output=True, text=True)
+        return int(out.stdout.split()[1])
+
+
+def mariadb_slap(cg: TestCgroups, cid: str, server: MariaDB, seconds: float, connections: int,
+                 paced: bool = False) -> tuple[float, float, int]:
+    """(requests/s, 0: p99 unknown, requests) of mariadb-slap's clients running `SELECT 1` for
+    about `seconds` (`paced`: `SELECT SLEEP(0.002)`, at most 500/s per connection, as mariadb-slap
+    has no rate of its own); the requests are what the server counted (its Questions, less our own)."""
+    per_client = int(500 * seconds) if paced else max(1, int(8_000 * seconds / connections))
+    argv = ["mariadb-slap", "--no-defaults", f"--host={server.host}", f"--port={server.port}", f"--user={server.USER}",
+            f"--password={server.PASSWORD}", "--create-schema=bench", "--no-drop", f"--concurrency={connections}",
+            f"--number-of-queries={per_client * connections}",
+            f"--query={'SELECT SLEEP(0.002)' if paced else 'SELECT 1'}", "--iterations=1"]
+    before = server.questions()
+    t0 = time.monotonic()
+    p = cg.spawn(cid, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = p.communicate()[0].decode()
+    took = time.monotonic() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"mariadb-slap failed: {out}")
+    total = server.questions() - before - 1  # our SHOW STATUS
+    return total / took, 0.0, total
+
+
 class H2cNginx(Nginx):
     """nginx whose plain port speaks HTTP/2 with prior knowledge (h2c)."""
 
@@ -83,7 +140,7 @@ class H2cNginx(Nginx):
 
 
 COUNTED = {"http": "container_http_requests_total", "http2": "container_http_requests_total",
-           "redis": "container_redis_queries_total"}
+           "redis": "container_redis_queries_total", "mysql": "container_mysql_queries_total"}
 
 
 def main() -> None:
@@ -93,15 +150,17 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=20)
     ap.add_argument("--sampling", default="1.0", help="--traces-sampling of the agent (the targets are for 1.0)")
     ap.add_argument("--rate", type=int, default=0,
-                    help="about this many requests/s (1,000 per connection, paced by wrk's delay()) instead of "
+                    help="about this many requests/s (1,000 per connection, paced by wrk's delay(); mysql: 500 "
+                         "per connection, paced by SELECT SLEEP(0.002)) instead of "
                          "as fast as nginx goes; e.g. 10000, the load Coroot quotes its agent's cost at")
     ap.add_argument("--agent-args", default="", help="more agent flags, e.g. --disable-l7-tracing for a baseline "
                                                      "of the TCP probes alone")
     args = ap.parse_args()
     cg = TestCgroups()
-    server: Nginx | Redis = H2cNginx() if args.protocol == "http2" else Redis() if args.protocol == "redis" else Nginx()
+    server: Server = {"http2": H2cNginx, "redis": Redis, "mysql": MariaDB}.get(args.protocol, Nginx)()
     agent: AgentProcess | None = None
     try:
+        assert isinstance(server, Nginx | Redis | MariaDB)
         server.start(cg, cg.create("bench-server"))
         url = f"http://127.0.0.1:{server.port}/bench"
         cid = cg.create("bench-client")
@@ -110,12 +169,16 @@ def main() -> None:
             paced = f"{server.dir}/paced.lua"
             Path(paced).write_text("function delay()\n  return 1\nend\n")
             args.connections = max(1, args.rate // 1000)
+        if args.rate and args.protocol == "mysql":
+            args.connections = max(1, args.rate // 500)
 
         def load(seconds: float) -> tuple[float, float, int]:
             if args.protocol == "http2":
                 return h2load(cg, cid, url, seconds, args.connections, args.rate, f"{server.dir}/h2load.log")
-            if args.protocol == "redis":
+            if isinstance(server, Redis):
                 return redis_benchmark(cg, cid, server.port, seconds, args.connections)
+            if isinstance(server, MariaDB):
+                return mariadb_slap(cg, cid, server, seconds, args.connections, paced=bool(args.rate))
             return wrk(cg, cid, url, seconds, args.connections, paced)
 
         load(2)  # warm-up
@@ -142,7 +205,7 @@ def main() -> None:
         print(f"with the agent:    {rps:,.0f} requests/s, p99 {p99 * 1e3:.2f} ms; {total:,} requests, "
               f"{counted:,.0f} counted, {spans:,.0f} spans")
         print(f"throughput ratio: {rps / base_rps:.3f} (target >= 0.97)")
-        print(f"p99 latency ratio: {p99 / base_p99:.3f} (target <= 1.05)")
+        print(f"p99 latency ratio: {p99 / base_p99:.3f} (target <= 1.05)" if base_p99 else "p99: not known")
         print(f"agent CPU: {cpu * 1e6 / total:.1f} µs per request (target <= 10); {cpu / args.seconds * 100:.0f}% of one core")
         print(f"in-kernel: {ns / total:.0f} ns per request (target <= 1,000), all programs of the agent")
         print(f"events lost: {lost:.0f} (target 0)")

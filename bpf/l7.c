@@ -230,6 +230,35 @@ static __always_inline u64 l7_gather(struct l7_gather *g, u64 buf, u32 kind, u64
     return l7_clamp(off, CA_L7_PAYLOAD - 1);
 }
 
+/* A reply spread over a sendmsg's iovecs (a Memcached server writes a reply's parts, and a
+ * pipeline's replies, with one sendmsg; at its entry, so its byte count is not known): its first
+ * CA_L7_RESP bytes into e->resp, from at most L7_RESP_IOVS iovecs and never past the message's
+ * msg_iovlen. A copy may run on into e->req, which its caller writes afterwards.
+ * Straight-line per iovec, like l7_gather; the iovec count joins the bound arithmetically
+ * (past the last iovec `off` compares as past the end) rather than as a branch of its own. */
+#define L7_RESP_IOVS 8
+static __always_inline u64 l7_gather_resp(struct l7_event *e, u64 msghdr) {
+    u64 msg[2] = {}; /* struct user_msghdr: msg_iov at offset 16, msg_iovlen at 24 */
+    bpf_probe_read_user(msg, sizeof(msg), (void *)(msghdr + 16));
+    u64 iov = msg[0], niov = msg[1], total = CA_L7_RESP;
+    u64 off = 0;
+#pragma unroll
+    for (int i = 0; i < L7_RESP_IOVS; i++) {
+        u64 seg[2] = {}; /* struct iovec: base, len */
+        bpf_probe_read_user(seg, sizeof(seg), (void *)(iov + i * 16));
+        u64 n = seg[1] < total - off ? seg[1] : total - off;
+        n = l7_clamp(n, CA_L7_RESP);
+        asm volatile("" : "+r"(off)); /* the mask stays: the compiler would drop it, knowing off < total */
+        u64 at = off & (CA_L7_RESP - 1);
+        bpf_probe_read_user(e->resp + at, n, (void *)seg[0]);
+        off = at + n;
+        u64 last = ((niov - i - 1) >> 63) << 40; /* 2^40 once iovec i is the message's last */
+        if (off + last >= total)
+            break;
+    }
+    return l7_clamp(off, CA_L7_RESP);
+}
+
 /* One read or write of a stream connection, or one one-way message (contract.h): an event
  * with its first bytes. */
 static __always_inline void l7_stream(void *ctx, struct conn_key *ckey, struct conn *c, u64 buf, u32 kind,
@@ -425,6 +454,8 @@ static __always_inline u32 l7_io(void *ctx, struct conn_key *ckey, struct conn *
         proto = r->protocol;
         rn = r->len;
         rsize = r->size;
+        if (proto == L7_ZOOKEEPER && total == 4)
+            return 0; /* ZooKeeper's clients read a reply's length on its own: its body answers */
     }
     u64 duration = now - start;
     u32 counted = 0;
@@ -445,9 +476,16 @@ static __always_inline u32 l7_io(void *ctx, struct conn_key *ckey, struct conn *
     struct l7_event *e = l7_event_scratch.lookup(&zero);
     if (!e)
         return 0;
-    u32 n = size < CA_L7_RESP ? size : CA_L7_RESP;
-    if (bpf_probe_read_user(e->resp, n, (void *)ptr) < 0)
-        return 0;
+    u32 n;
+    /* A Memcached server's sendmsg: a reply's parts, and a pipeline's replies, an iovec each.
+     * Writes only (sent is a constant in each program: the read hooks do not carry this). */
+    if (sent && kind == IO_MSG && proto == L7_MEMCACHED) {
+        n = l7_gather_resp(e, buf);
+    } else {
+        n = size < CA_L7_RESP ? size : CA_L7_RESP;
+        if (bpf_probe_read_user(e->resp, n, (void *)ptr) < 0)
+            return 0;
+    }
     e->start_ns = start;
     e->duration_ns = duration;
     e->conn_start = c->start_ns;

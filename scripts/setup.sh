@@ -23,6 +23,8 @@ if [ "$WANT_TEST" = 1 ]; then
     pkgs+=(gcc libc6-dev iproute2 procps curl openssl prometheus nftables ethtool
            nginx-light postgresql redis-server dnsmasq-base wrk python3-psycopg python3-redis
            debootstrap mariadb-server)
+    # the L7 protocol tests' servers and clients (tests/system/test_l7_*.py)
+    pkgs+=(memcached nats-server rabbitmq-server amqp-tools zookeeperd)
     # container runtimes the runtime tests start themselves, each with its own root and socket
     pkgs+=(containerd docker.io podman)
     pkgs+=(default-jdk-headless)  # the JVM tests compile and run Java programs

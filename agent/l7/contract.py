@@ -11,7 +11,10 @@ from dataclasses import dataclass
 # Protocol ids (event.protocol)
 HTTP, POSTGRES, REDIS, DNS = 1, 2, 3, 4
 HTTP2 = 7
+NATS, RABBITMQ = 8, 9
+ZOOKEEPER = 10
 MYSQL = 5
+MEMCACHED = 6
 MONGO = 11
 KAFKA = 12
 

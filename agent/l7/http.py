@@ -39,7 +39,8 @@ class Response:
 
 
 def is_request(data: bytes) -> bool:
-    return data.startswith(tuple(m.encode() + b" " for m in METHODS))
+    """A method and a space; CONNECT's target is an authority, never NATS's `CONNECT {options}`."""
+    return data.startswith(tuple(m.encode() + b" " for m in METHODS)) and not data.startswith(b"CONNECT {")
 
 
 def mask_query(path: str) -> str:
@@ -162,7 +163,8 @@ class Http(p.Protocol):
     stem = p.Stem("http", "requests")
     kernel_requests = tuple(f"{m} /x HTTP/1.1\r\nHost: a\r\n\r\n".encode() for m in METHODS)
     kernel_non_requests = (b"HTTP/1.1 200 OK\r\n\r\n", b"GETX / HTTP/1.1\r\n", b"get / HTTP/1.1\r\n",
-                           b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"*1\r\n$4\r\nPING\r\n")
+                           b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"*1\r\n$4\r\nPING\r\n",
+                           b'CONNECT {"verbose":false,"pedantic":false}\r\nPING\r\n')  # NATS's CONNECT
 
     def parse(self, conn: p.ConnKey, request: bytes, response: bytes, seconds: float) -> list[p.Request]:
         m = self.settings.masks
@@ -183,5 +185,6 @@ class Http(p.Protocol):
         s = p.Span(r.method or "unknown", attrs)
         if r.code:
             attrs["http.status_code"] = str(r.code)
-            s.status = "STATUS_CODE_ERROR" if r.code >= 400 else "STATUS_CODE_OK"
+            if r.code >= 400:
+                s.status = "STATUS_CODE_ERROR"
         return s

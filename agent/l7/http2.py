@@ -265,6 +265,4 @@ class Http2(p.Protocol):
             attrs["rpc.grpc.status_code"] = str(r.grpc)
         if r.code >= 400 or r.grpc > 0:
             s.status = "STATUS_CODE_ERROR"
-        elif r.code:
-            s.status = "STATUS_CODE_OK"
         return s

@@ -62,7 +62,7 @@ class Peer:
 class Span:
     name: str
     attributes: dict[str, str]
-    status: str = "STATUS_CODE_UNSET"
+    status: str = "STATUS_CODE_UNSET"  # or STATUS_CODE_ERROR; never OK (the node agent sets only errors)
     message: str = ""
 
 
@@ -73,6 +73,9 @@ class Stem:
 
     protocol: str
     unit: str
+    histogram: bool = True  # False: the counters only (one-way messages have no duration)
+    method: bool = False  # the outbound counter has a `method` label: each request's method
+    inbound: bool = True  # False: no inbound families; the server side's events are dropped
 
 
 ConnKey = tuple[int, int, int]  # (pid, fd, connection start): one connection
@@ -110,6 +113,11 @@ class Protocol:
         """The span of an outbound request, or None when it should not be one."""
         return None
 
+    def sample_response(self, request: bytes) -> bytes:
+        """A response `parse` pairs with this request: tests/unit/test_l7_contract.py parses each
+        kernel sample with it. Empty unless a request counts only with its reply (ZooKeeper)."""
+        return b""
+
     # Plug-ins with their own metrics (stem None) --------------------------------------
     def record(self, container_id: str, requests: list[Request]) -> None:
         """Count requests of a container (called with the tracer's lock held)."""
@@ -126,13 +134,12 @@ class Protocol:
 
 def db_span(r: Request, system: str, name: str, operation: str = "") -> Span:
     """A database client span: db.system, db.statement (masked), db.operation when given; an
-    error reply makes it an error with the server's code as the message."""
+    error reply makes it an error with the server's code as the message; any other span keeps
+    the unset status, as the node agent sets only errors."""
     attrs = {"db.system": system, "db.statement": r.statement}
     if operation:
         attrs["db.operation"] = operation
     s = Span(name, attrs)
     if r.status == "failed":
         s.status, s.message = "STATUS_CODE_ERROR", r.error
-    elif r.status == "ok":
-        s.status = "STATUS_CODE_OK"
     return s

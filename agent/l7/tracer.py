@@ -81,7 +81,7 @@ class Sink(Protocol):
     def add(self, table: str, row: tuple[Any, ...]) -> None: ...
 
 
-OutKey = tuple[str, int, str, str, str]  # container, protocol, destination, actual, status
+OutKey = tuple[str, int, str, str, str, str]  # container, protocol, destination, actual, status, method
 InKey = tuple[str, int, str]  # container, protocol, status
 
 
@@ -154,7 +154,7 @@ class L7Tracer(Component):
         with self._lock:
             e = contract.unpack(raw)
             plugin = self.plugins.get(e.protocol)
-            if plugin is None:
+            if plugin is None or (plugin.stem is not None and not plugin.stem.inbound and not e.outbound):
                 return
             decoded = None
             if plugin.streaming:  # its calls are parsed in order now; what they complete waits if need be
@@ -205,8 +205,10 @@ class L7Tracer(Component):
                 return
             assert conn is not None
             actual = conn.actual or conn.destination
+            by_method = plugin.stem.method
             for r in requests:
-                self._out[(c.id, e.protocol, conn.destination, actual, r.status)].observe(r.duration)
+                key = (c.id, e.protocol, conn.destination, actual, r.status, r.method if by_method else "")
+                self._out[key].observe(r.duration)
         if outbound and self.spans and "traces" not in c.opt_out:
             assert conn is not None
             for r in requests:
@@ -302,7 +304,7 @@ class L7Tracer(Component):
                     log.debug("HTTP counts of an unknown connection dropped: pid %d fd %d start %d: %d",
                               pid, fd, start, h.count)
                 else:
-                    key = (conn.container_id, HTTP, conn.destination, conn.actual or conn.destination, status)
+                    key = (conn.container_id, HTTP, conn.destination, conn.actual or conn.destination, status, "")
                     self._out[key].merge(h)
                 self._unknown.pop((pid, fd, start), None)
                 t.delete(k)
@@ -367,14 +369,14 @@ class L7Tracer(Component):
         with self._lock:
             apps = {c.id: c.app_id for c in self.registry.containers()}
             # by metric stem: plug-ins that share one (HTTP/1 and HTTP/2) make one series
-            outbound: dict[tuple[str, Stem, str, str, str], Hist] = defaultdict(Hist)
+            outbound: dict[tuple[str, Stem, str, str, str, str], Hist] = defaultdict(Hist)
             inbound: dict[tuple[str, Stem, str], Hist] = defaultdict(Hist)
             http = self.plugins[HTTP].stem
             assert http is not None
-            for (cid, proto, dst, actual, status), h in self._out.items():
+            for (cid, proto, dst, actual, status, method), h in self._out.items():
                 stem = self.plugins[proto].stem
                 if stem is not None:
-                    outbound[(cid, stem, dst, actual, status)].merge(h)
+                    outbound[(cid, stem, dst, actual, status, method)].merge(h)
             for (cid, proto, status), h in self._in.items():
                 stem = self.plugins[proto].stem
                 if stem is not None:
@@ -383,20 +385,22 @@ class L7Tracer(Component):
                 if k.outbound:
                     conn = self.tcp.connection(int(k.tgid), int(k.fd), int(k.conn_start))
                     if conn is not None and conn.actual is not None:
-                        outbound[(conn.container_id, http, conn.destination, conn.actual, status)].merge(h)
+                        outbound[(conn.container_id, http, conn.destination, conn.actual, status, "")].merge(h)
                 else:
                     c = self.registry.container_of_recent(int(k.tgid))
                     if c is not None:
                         inbound[(c.id, http, status)].merge(h)
             hists: dict[tuple[str, Stem, str, str], Hist] = defaultdict(Hist)
-            for (cid, stem, dst, actual, status), h in outbound.items():
+            for (cid, stem, dst, actual, status, method), h in outbound.items():
                 if cid not in apps:
                     continue
                 p, unit = stem.protocol, stem.unit
                 lbl = {"container_id": cid, "app_id": apps[cid], "destination": dst, "actual_destination": actual}
-                f.counter(f"container_{p}_{unit}_total", f"outbound {p} {unit}", h.count, **lbl, status=status)
+                by = {"method": method} if stem.method else {}
+                f.counter(f"container_{p}_{unit}_total", f"outbound {p} {unit}", h.count, **lbl, status=status, **by)
                 # the node agent's histograms have no status: one per destination, summed below
-                hists[(cid, stem, dst, actual)].merge(h)
+                if stem.histogram:
+                    hists[(cid, stem, dst, actual)].merge(h)
             for (cid, stem, dst, actual), h in hists.items():
                 p, unit = stem.protocol, stem.unit
                 f.histogram(f"container_{p}_{unit}_duration_seconds_total", f"outbound {p} {unit} by duration", h,
@@ -408,7 +412,8 @@ class L7Tracer(Component):
                 p, unit = stem.protocol, stem.unit
                 f.counter(f"container_{p}_inbound_{unit}_total", f"inbound {p} {unit}", h.count, container_id=cid,
                           app_id=apps[cid], status=status)
-                in_hists[(cid, stem)].merge(h)
+                if stem.histogram:
+                    in_hists[(cid, stem)].merge(h)
             for (cid, stem), h in in_hists.items():
                 p, unit = stem.protocol, stem.unit
                 f.histogram(f"container_{p}_inbound_{unit}_duration_seconds_total", f"inbound {p} {unit} by duration",

@@ -115,7 +115,7 @@ def test_nginx_requests_by_status_on_both_sides_and_one_span_each(
         assert s["ResourceAttributes"]["container.id"] == cid and s["ResourceAttributes"]["service.name"] == cid
         key = (attrs["http.url"], attrs["http.status_code"])
         urls[key] = urls.get(key, 0) + 1
-        assert s["StatusCode"] == ("STATUS_CODE_OK" if attrs["http.status_code"] == "200" else "STATUS_CODE_ERROR")
+        assert s["StatusCode"] == ("STATUS_CODE_UNSET" if attrs["http.status_code"] == "200" else "STATUS_CODE_ERROR")
     assert urls == {(f"{scheme}://{dest}/ok?token=*", "200"): 100, (f"{scheme}://{dest}/missing", "404"): 30,
                     (f"{scheme}://{dest}/fail", "500"): 20}
     # The secrets the client sent reach no column of any stored span (the store itself is asked).
@@ -251,7 +251,7 @@ def test_redis_commands_errors_pipeline_and_auth_masked(agent: AgentProcess, cgr
         for s in got:
             names[(s["SpanName"], s["StatusCode"])] = names.get((s["SpanName"], s["StatusCode"]), 0) + 1
             assert s["SpanAttributes"]["db.system"] == "redis"
-        assert names == {("SET", "STATUS_CODE_OK"): 40, ("GET", "STATUS_CODE_OK"): 60, ("AUTH", "STATUS_CODE_OK"): 1,
+        assert names == {("SET", "STATUS_CODE_UNSET"): 40, ("GET", "STATUS_CODE_UNSET"): 60, ("AUTH", "STATUS_CODE_UNSET"): 1,
                          ("LPUSH", "STATUS_CODE_ERROR"): 5}
         statements = {s["SpanAttributes"]["db.statement"] for s in got}
         assert "AUTH ?" in statements and "SET key:7 ?" in statements and "GET key:3" in statements

@@ -95,9 +95,9 @@ def test_grpc_calls_by_status_on_both_sides_and_spans(agent: AgentProcess, cgrou
         key = (s["SpanName"], a["http.url"], a.get("rpc.grpc.status_code"), a.get("http.status_code"), s["StatusCode"])
         by[key] = by.get(key, 0) + 1
     assert by == {
-        ("POST", f"http://{dest}/test.Svc/Unary", "0", "200", "STATUS_CODE_OK"): ok,
+        ("POST", f"http://{dest}/test.Svc/Unary", "0", "200", "STATUS_CODE_UNSET"): ok,
         ("POST", f"http://{dest}/test.Svc/Unary", "5", "200", "STATUS_CODE_ERROR"): fail,
-        ("POST", f"http://{dest}/test.Svc/Stream", "0", "200", "STATUS_CODE_OK"): 1,
+        ("POST", f"http://{dest}/test.Svc/Stream", "0", "200", "STATUS_CODE_UNSET"): 1,
     }
 
 

@@ -179,4 +179,4 @@ def test_the_client_side_status_comes_from_the_reply_body(agent: AgentProcess, c
         finish(p)
     assert got_out == {"ok": 4, "failed": 3}, [(lb, v) for n, lb, v in agent.metrics() if n == OUT]
     assert Counter((s["StatusCode"], s["StatusMessage"]) for s in got) == {
-        ("STATUS_CODE_OK", ""): 4, ("STATUS_CODE_ERROR", "2"): 2, ("STATUS_CODE_ERROR", "11000"): 1}
+        ("STATUS_CODE_UNSET", ""): 4, ("STATUS_CODE_ERROR", "2"): 2, ("STATUS_CODE_ERROR", "11000"): 1}

@@ -80,7 +80,7 @@ def span(i: int, base_ns: int) -> tuple[Any, ...]:
         "GET" if i % 3 else "query", "SPAN_KIND_CLIENT", f"/system.slice/svc{i % 7}.service",
         {"host.name": "node-1", "container.id": f"/system.slice/svc{i % 7}.service"},
         {"http.url": f"http://10.0.0.1:80/p/{i}", "http.status_code": str(200 + i % 3)},
-        1_000_000 + i, "STATUS_CODE_ERROR" if i % 50 == 0 else "STATUS_CODE_OK", "",
+        1_000_000 + i, "STATUS_CODE_ERROR" if i % 50 == 0 else "STATUS_CODE_UNSET", "",
         [base_ns + i + 5] if ev else [], ["exception"] if ev else [], [{"k": f"v{i}"}] if ev else [],
         [f"{i:032x}"] if ev else [], ["0"] if ev else [], [""] if ev else [], [{}] if ev else [],
     )
@@ -147,7 +147,7 @@ def test_100k_spans_round_trip_through_the_sink(make_store: StoreFactory, tmp_pa
         "arrayMap(t -> toUnixTimestamp64Nano(t), Events.Timestamp), Events.Name, "
         "Events.Attributes[1]['k'], Links.TraceId FROM otel_traces WHERE TraceId = '" + f"{12340:032x}'"))
     assert row == [str(base + 12340), f"{12340:016x}", "", "GET", "/system.slice/svc6.service",
-                   "http://10.0.0.1:80/p/12340", "node-1", "1012340", "STATUS_CODE_OK",
+                   "http://10.0.0.1:80/p/12340", "node-1", "1012340", "STATUS_CODE_UNSET",
                    f"[{base + 12345}]", "['exception']", "v12340", f"['{12340:032x}']"]
     assert rows_of(store, "SELECT count() FROM otel_traces WHERE StatusCode = 'STATUS_CODE_ERROR'") == [["2000"]]
     assert rows_of(store, "SELECT count() FROM otel_traces_trace_id_ts") == [["100000"]]

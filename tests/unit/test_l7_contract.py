@@ -143,7 +143,7 @@ def test_each_detector_recognises_its_plugins_samples_and_no_others(detector: Pa
         if cls.streaming:  # recognition starts a stream; its requests are paired in feed()
             continue
         for sample in cls.kernel_requests:  # what the kernel sends up, the plug-in reads
-            assert plugin.parse((1, 2, 3), sample, b"", 0.001), (cls.name, sample)
+            assert plugin.parse((1, 2, 3), sample, plugin.sample_response(sample), 0.001), (cls.name, sample)
 
 
 def test_the_kernel_and_the_parser_agree_on_http_methods_and_status_lines(detector: Path) -> None:

@@ -136,7 +136,7 @@ def test_through_the_tracer_outbound_counts_merge_with_http_and_spans_carry_grpc
     assert value(t, "container_http_requests_duration_seconds_total_count", **lbl) == 3
     spans = {r["SpanAttributes"]["http.url"]: r for r in rows.rows if r["SpanName"] == "POST"}
     r = spans["http://10.0.0.9:50051/pkg.Svc/Get"]
-    assert r["SpanAttributes"]["rpc.grpc.status_code"] == "0" and r["StatusCode"] == "STATUS_CODE_OK"
+    assert r["SpanAttributes"]["rpc.grpc.status_code"] == "0" and r["StatusCode"] == "STATUS_CODE_UNSET"
     assert r["Duration"] == 3_000_000
     assert [x["StatusCode"] for x in rows.rows if x["SpanName"] == "POST"].count("STATUS_CODE_ERROR") == 1
 

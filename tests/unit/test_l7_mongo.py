@@ -196,9 +196,9 @@ def test_through_the_tracer_counts_both_sides_and_a_span_per_outbound_query() ->
     assert value(t, "container_mongo_inbound_queries_total", status="ok") == 2
     assert value(t, "container_mongo_inbound_queries_total", status="failed") == 2
     assert [(r["SpanName"], r["SpanAttributes"]["db.system"], r["StatusCode"], r["StatusMessage"])
-            for r in rows.rows] == [("query", "mongodb", "STATUS_CODE_OK", ""),
+            for r in rows.rows] == [("query", "mongodb", "STATUS_CODE_UNSET", ""),
                                     ("query", "mongodb", "STATUS_CODE_ERROR", "2"),
-                                    ("query", "mongodb", "STATUS_CODE_OK", ""),
+                                    ("query", "mongodb", "STATUS_CODE_UNSET", ""),
                                     ("query", "mongodb", "STATUS_CODE_ERROR", "11000")]
     assert rows.rows[1]["SpanAttributes"]["db.statement"] == '{"find": "people", "filter": {"fail": ?}, "$db": "ca"}'
 

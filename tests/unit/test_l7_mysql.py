@@ -174,7 +174,7 @@ def test_spans_are_named_query_with_the_masked_statement_and_the_error_code() ->
     assert s is not None and (s.name, s.status, s.message) == ("query", "STATUS_CODE_ERROR", "1146")
     assert s.attributes == {"db.system": "mysql", "db.statement": "SELECT * FROM ca_missing_0 WHERE secret = ?"}
     s = m.span(m.parse(K, QUERY, RESULT, 0.001)[0], peer, False)
-    assert s is not None and (s.name, s.status, s.message) == ("query", "STATUS_CODE_OK", "")
+    assert s is not None and (s.name, s.status, s.message) == ("query", "STATUS_CODE_UNSET", "")
     s = m.span(m.parse(K, QUERY, b"", 0.001)[0], peer, False)
     assert s is not None and s.status == "STATUS_CODE_UNSET"
 
@@ -294,7 +294,7 @@ def test_the_tracer_counts_clients_and_servers_by_status_with_spans_for_clients(
     assert value(t, "container_mysql_inbound_queries_duration_seconds_total_count") == 14
     got = [(r["SpanName"], r["SpanAttributes"]["db.statement"], r["StatusCode"], r["StatusMessage"])
            for r in rows.rows]
-    code = {"ok": "STATUS_CODE_OK", "failed": "STATUS_CODE_ERROR"}
+    code = {"ok": "STATUS_CODE_UNSET", "failed": "STATUS_CODE_ERROR"}
     assert got == [("query", stmt, code[status], err) for _, _, (_, stmt, status, err) in PAIRS]
     assert all(r["Duration"] == 2_000_000 and r["SpanAttributes"]["db.system"] == "mysql"
                and r["SpanKind"] == "SPAN_KIND_CLIENT" for r in rows.rows)

@@ -41,7 +41,7 @@ def test_outbound_redis_pairs_become_exact_counts_and_spans() -> None:
     r = rows.rows[0]
     assert r["SpanName"] == "SET" and r["SpanKind"] == "SPAN_KIND_CLIENT" and r["Duration"] == 3_000_000
     assert r["SpanAttributes"]["db.statement"] == "SET k ?" and r["SpanAttributes"]["db.system"] == "redis"
-    assert r["SpanAttributes"]["net.sock.peer.addr"] == "10.0.0.10" and r["StatusCode"] == "STATUS_CODE_OK"
+    assert r["SpanAttributes"]["net.sock.peer.addr"] == "10.0.0.10" and r["StatusCode"] == "STATUS_CODE_UNSET"
     assert rows.rows[-1]["StatusCode"] == "STATUS_CODE_ERROR"
     assert value(t, "coroot_agent_l7_requests_total") == 5 and value(t, "coroot_agent_l7_spans_total") == 5
 

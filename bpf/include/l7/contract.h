@@ -12,7 +12,11 @@
 #define L7_REDIS 3
 #define L7_DNS 4
 #define L7_HTTP2 7
+#define L7_NATS 8
+#define L7_RABBITMQ 9
+#define L7_ZOOKEEPER 10
 #define L7_MYSQL 5
+#define L7_MEMCACHED 6
 #define L7_MONGO 11
 #define L7_KAFKA 12
 

@@ -9,9 +9,11 @@ static __always_inline int l7_http_request(u8 *b, u32 n) {
     if (n < 5)
         return 0;
     u32 w = *(u32 *)b;
+    if (w == 0x4e4e4f43 /* CONN */) /* CONNECT host:port; not NATS's CONNECT {options} */
+        return n >= 9 && b[4] == 'E' && b[5] == 'C' && b[6] == 'T' && b[7] == ' ' && b[8] != '{';
     return w == 0x20544547 /* "GET " */ || w == 0x54534f50 /* POST */ || w == 0x20545550 /* "PUT " */ ||
            w == 0x44414548 /* HEAD */ || w == 0x454c4544 /* DELE */ || w == 0x43544150 /* PATC */ ||
-           w == 0x4954504f /* OPTI */ || w == 0x4e4e4f43 /* CONN */ || w == 0x43415254 /* TRAC */;
+           w == 0x4954504f /* OPTI */ || w == 0x43415254 /* TRAC */;
 }
 
 /* "HTTP/1.x NNN": 1..5 for the status class, 0 when it is not a status line. */

@@ -5,17 +5,34 @@
 #define COROOT_AGENT_L7_PROTOCOLS_H
 
 #include "l7/contract.h"
+
+/* A copy of v the verifier does not link to the caller's: what a detector's checks learn of a
+ * call's size or captured length (size >= 24, n < 8, ...) would otherwise narrow the caller's
+ * registers, and every differently narrowed state walks the rest of the program again. An ALU
+ * instruction, not an empty asm: a register copy stays linked to its source. */
+static __always_inline u64 l7_unlinked(u64 v) {
+#if defined(__BPF_TRACING__) || defined(__BPF__) || defined(__bpf__)
+    asm volatile("%0 |= 0" : "+r"(v));
+#endif
+    return v;
+}
 #include "l7/dns.h"
 #include "l7/http.h"
 #include "l7/http2.h"
+#include "l7/memcached.h"
 #include "l7/kafka.h"
 #include "l7/mongo.h"
 #include "l7/mysql.h"
+#include "l7/nats.h"
 #include "l7/postgres.h"
+#include "l7/rabbitmq.h"
 #include "l7/redis.h"
+#include "l7/zookeeper.h"
 
 /* The protocol of a request whose first n bytes (n <= 16) are in b, or 0. */
 static __always_inline u32 l7_detect(u8 *b, u32 n, u64 size, u64 ptr) {
+    size = l7_unlinked(size);
+    n = (u32)l7_unlinked(n);
     if (l7_http_request(b, n))
         return L7_HTTP;
     if (l7_http2_preface(b, n))
@@ -24,8 +41,12 @@ static __always_inline u32 l7_detect(u8 *b, u32 n, u64 size, u64 ptr) {
         return L7_REDIS;
     if (l7_postgres_request(b, n, size, ptr))
         return L7_POSTGRES;
+    if (l7_zookeeper_request(b, n, size, ptr))
+        return L7_ZOOKEEPER;
     if (l7_mysql_request(b, n, size, ptr))
         return L7_MYSQL;
+    if (l7_memcached_request(b, n, size, ptr))
+        return L7_MEMCACHED;
     if (l7_mongo_request(b, n, size, ptr))
         return L7_MONGO;
     if (l7_kafka_request(b, n, size, ptr))
@@ -37,6 +58,14 @@ static __always_inline u32 l7_detect(u8 *b, u32 n, u64 size, u64 ptr) {
  * whose first n bytes are in b, read or written, or 0. Each is an event at once, as a stream
  * protocol's calls are (contract.h); tried before l7_detect on every call. */
 static __always_inline u32 l7_message(u8 *b, u32 n, u64 size, u64 ptr) {
+    size = l7_unlinked(size);
+    n = (u32)l7_unlinked(n);
+    if (l7_nats_message(b, n, size, ptr))
+        return L7_NATS;
+    if (l7_rabbitmq_message(b, n, size, ptr))
+        return L7_RABBITMQ;
+    if (l7_memcached_noreply(b, n, size, ptr)) /* commands that are never answered */
+        return L7_MEMCACHED;
     return 0;
 }
 
