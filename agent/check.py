@@ -91,7 +91,11 @@ def run_checks(cfg: Config, probe: bool = True) -> list[Row]:
     rows += runtime_rows(cfg)
 
     ready = have_bcc and hdr.found and mounts.ok and bpf_ok
+    enabled = set(cfg.probe_families)
     for name, fam in loader.FAMILIES.items():
+        if name not in enabled:
+            rows.append(Row(f"probes: {name}", OK, "off in this configuration: not loaded"))
+            continue
         can, missing = caps_mod.can_load(caps, name)
         if not can:
             rows.append(Row(f"probes: {name}", FAIL, f"cannot load without {', '.join(missing)}",

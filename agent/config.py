@@ -213,6 +213,20 @@ class Config:
         return units.parse_host_port(self.listen)
 
     @property
+    def probe_families(self) -> list[str]:
+        """The BPF probe families (agent/ebpf/loader.py FAMILIES) this configuration runs."""
+        fams = ["proc", "tcp"]
+        if self.l7_tracing:
+            fams.append("l7")
+        if self.log_metrics_enabled or self.log_entries_enabled:
+            fams.append("logs")
+        if self.profiler_enabled:
+            fams.append("profiler")
+        if self.python_gil_enabled:
+            fams.append("python")
+        return fams
+
+    @property
     def embedded_store(self) -> bool:
         return not self.clickhouse_address
 

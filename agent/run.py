@@ -128,16 +128,7 @@ class Agent:
         self.jvm: JvmMetrics | None = None
 
     def families(self) -> list[str]:
-        fams = ["proc", "tcp"]
-        if self.cfg.l7_tracing:
-            fams.append("l7")
-        if self.cfg.log_metrics_enabled or self.cfg.log_entries_enabled:
-            fams.append("logs")
-        if self.cfg.profiler_enabled:
-            fams.append("profiler")
-        if self.cfg.python_gil_enabled:
-            fams.append("python")
-        return fams
+        return self.cfg.probe_families
 
     def start(self) -> None:
         t0 = time.monotonic()
