@@ -62,6 +62,14 @@ def spans(agent: AgentProcess, service: str, want: int) -> list[dict]:
     return got
 
 
+def span_drops(agent: AgentProcess) -> float:
+    """Requests whose span the agent could not make, as it counts them: kernel events lost to a
+    full buffer, outbound requests whose connection was never seen, deferred events dropped."""
+    return sum(v for n, lb, v in agent.metrics()
+               if (n == "coroot_agent_lost_events_total" and lb.get("what") == "l7_events")
+               or n in ("coroot_agent_l7_unattributed_total", "coroot_agent_l7_deferred_dropped_total"))
+
+
 @pytest.fixture
 def nginx(cgroups: TestCgroups) -> Iterator[tuple[Nginx, str]]:
     cid = cgroups.create("nginx")
@@ -80,6 +88,7 @@ def test_nginx_requests_by_status_on_both_sides_and_one_span_each(
     if tls:  # the OpenSSL uprobes are attached (kprobe-type programs), which --disable-l7-tracing must not do
         assert 2 in {p.get("prog_type") for p in bpf_programs(agent.proc.pid).values()}  # type: ignore[union-attr]
         assert agent.value("coroot_agent_tls_libraries") >= 1
+    drops_before = span_drops(agent)
     cid = cgroups.create("http-client")
     port = server.tls_port if tls else server.port
     args = ["http", "127.0.0.1", str(port), *(["--ca", server.ca] if tls else []),
@@ -102,8 +111,12 @@ def test_nginx_requests_by_status_on_both_sides_and_one_span_each(
 
     got = spans(agent, cid, 150)
     client.finish()
-    assert len(got) == 150, {n: v for n, lb, v in agent.metrics() if n.startswith("coroot_agent_l7")
-                             or n.startswith("coroot_agent_lost") or n.startswith("coroot_agent_store")}
+    # Every request a span, unless the agent dropped its event and counted the drop (a full
+    # buffer on a loaded machine): a span missing without a counted drop fails.
+    dropped = span_drops(agent) - drops_before
+    assert len(got) == 150 or 150 - len(got) <= dropped, "\n".join(
+        [f"{len(got)} spans, {dropped:.0f} drops counted"] + [f"{n} {lb} {v}" for n, lb, v in agent.metrics() if n.startswith(
+            ("coroot_agent_l7", "coroot_agent_lost", "coroot_agent_store", "coroot_agent_tls"))])
     scheme = "https" if tls else "http"
     urls: dict[tuple[str, str], int] = {}
     for s in got:
@@ -116,8 +129,12 @@ def test_nginx_requests_by_status_on_both_sides_and_one_span_each(
         key = (attrs["http.url"], attrs["http.status_code"])
         urls[key] = urls.get(key, 0) + 1
         assert s["StatusCode"] == ("STATUS_CODE_UNSET" if attrs["http.status_code"] == "200" else "STATUS_CODE_ERROR")
-    assert urls == {(f"{scheme}://{dest}/ok?token=*", "200"): 100, (f"{scheme}://{dest}/missing", "404"): 30,
-                    (f"{scheme}://{dest}/fail", "500"): 20}
+    sent = {(f"{scheme}://{dest}/ok?token=*", "200"): 100, (f"{scheme}://{dest}/missing", "404"): 30,
+            (f"{scheme}://{dest}/fail", "500"): 20}
+    if len(got) == 150:
+        assert urls == sent
+    else:  # the counted drops above: what is there is what was sent
+        assert set(urls) <= set(sent) and all(urls[k] <= sent[k] for k in urls), urls
     # The secrets the client sent reach no column of any stored span (the store itself is asked).
     for secret in ("s3cret", BEARER, "Bearer"):
         found = rows(agent, "SELECT count() AS n FROM otel_traces WHERE position(concat(toString(SpanAttributes), "
