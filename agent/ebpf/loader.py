@@ -149,20 +149,21 @@ class Loaded:
 
     def attach_uprobe(self, path: str, symbol: str, fn_name: str, *, ret: bool = False,
                       addr: int | None = None, pid: int = -1) -> None:
-        attach = self.bpf.attach_uretprobe if ret else self.bpf.attach_uprobe
         shown = symbol if addr is None else f"{symbol}@{addr:#x}"
         with self._attach_lock:
             if self._detach_begun:  # begin_detach has taken its list: this one would stay
                 raise ProgramsClosing(f"{fn_name} on {path}:{shown}: the programs are being detached")
             # `symbol` only names a probe put at `addr` (a versioned symbol's, or a stripped Go
             # binary's function or RET address)
-            where: dict[str, Any] = {"addr": addr} if addr is not None else {"sym": symbol}
-            if pid != -1:
-                where["pid"] = pid
             try:
-                attach(name=path, fn_name=fn_name, **where)
+                _attach_uprobe(self.bpf, path, None if addr is not None else symbol, addr, fn_name, ret, pid)
             except Exception as e:  # noqa: BLE001 - BCC raises bare Exception for every failure
-                raise AttachError(f"{'uretprobe' if ret else 'uprobe'} {fn_name} on {path}:{shown}: {e}") from e
+                hint = ""
+                if "Invalid argument" in str(e) or "Failed to attach" in str(e):
+                    hint = (" (if the kernel log says 'ref_ctr_offset mismatch', another tracer holds a"
+                            " uprobe at this place of this file with a USDT reference counter; it must"
+                            " detach first)")
+                raise AttachError(f"{'uretprobe' if ret else 'uprobe'} {fn_name} on {path}:{shown}: {e}{hint}") from e
 
     def detach_uprobe(self, path: str, symbol: str, *, ret: bool = False, addr: int | None = None,
                       pid: int = -1) -> None:
@@ -279,6 +280,39 @@ class Loaded:
             self.bpf.cleanup()
         except Exception:  # noqa: BLE001 - best effort at shutdown
             log.exception("detaching probes")
+
+
+@functools.cache
+def _bpf_attach_uprobe() -> Callable[..., int]:
+    """libbcc's bpf_attach_uprobe with its real prototype: seven arguments, the last the USDT
+    reference counter's offset in the file (0: none). BCC's Python binding (0.26, Debian 12)
+    declares and passes only six, so the kernel reads whatever the stack holds as that offset:
+    it then increments and decrements a 16-bit "semaphore" at that offset of the file in every
+    process that maps it (memory that is not one), refuses any other uprobe at the same place
+    with a different offset ("ref_ctr_offset mismatch"), and when the decrement fails leaks the
+    uprobe until reboot. Called through this prototype, the offset is 0."""
+    from bcc.libbcc import lib
+
+    proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
+                             ctypes.c_ulonglong, ctypes.c_int, ctypes.c_uint32)
+    return proto(("bpf_attach_uprobe", lib))
+
+
+def _attach_uprobe(bpf: Any, path: str, symbol: str | None, addr: int | None, fn_name: str, ret: bool,
+                   pid: int) -> None:
+    """BCC's attach_uprobe/attach_uretprobe, with a reference counter offset of 0 (see
+    _bpf_attach_uprobe). The probe is recorded in BCC's table under BCC's event name, so BCC's
+    detach_uprobe_event and cleanup undo it as they undo their own."""
+    from bcc import BPF
+
+    bpath, baddr = BPF._check_path_symbol(path.encode(), (symbol or "").encode(), addr, pid)
+    bpf._check_probe_quota(1)
+    fn = bpf.load_func(fn_name.encode(), BPF.KPROBE)
+    ev_name = bpf._get_uprobe_evname(b"r" if ret else b"p", bpath, baddr, pid)
+    fd = _bpf_attach_uprobe()(fn.fd, 1 if ret else 0, ev_name, bpath, baddr, pid, 0)
+    if fd < 0:
+        raise Exception(f"Failed to attach BPF to {'uretprobe' if ret else 'uprobe'}")  # noqa: TRY002 - as BCC's
+    bpf._add_uprobe_fd(ev_name, fd)
 
 
 def _run_all(jobs: list[Callable[[], None]]) -> None:

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -27,6 +30,33 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def _root() -> None:
     if os.geteuid() != 0:
         pytest.fail("system tests need root, the real kernel and BPF: run `make test` as root")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_libssl() -> Iterator[None]:
+    """Every process the tests start (agents, `check`, servers, clients) loads a private copy of
+    the system's libssl (LD_LIBRARY_PATH), a file of its own: the agents under test put their
+    OpenSSL uprobes on it, not on the host's libssl, where they would fire in every process of
+    the host, and where another tracer's uprobes (one made with a USDT reference counter, which
+    the kernel can leak until reboot) would make ours fail. The tests that copy libssl
+    themselves copy the system's file, not this one."""
+    found = subprocess.run(["sh", "-c", "ldconfig -p | awk '/libssl.so.3 .*x86-64/{print $NF; exit}'"],
+                           capture_output=True, text=True).stdout.strip()
+    if not found:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="ca-libssl-") as d:
+        os.chmod(d, 0o755)  # the tests' unprivileged processes load it too
+        shutil.copy(found, os.path.join(d, "libssl.so.3"))
+        before = os.environ.get("LD_LIBRARY_PATH")
+        os.environ["LD_LIBRARY_PATH"] = d + (f":{before}" if before else "")
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop("LD_LIBRARY_PATH", None)
+            else:
+                os.environ["LD_LIBRARY_PATH"] = before
 
 
 @pytest.fixture(scope="module")

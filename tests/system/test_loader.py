@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +42,48 @@ def test_process_events_arrive_through_either_buffer(ringbuf: bool) -> None:
         assert loaded.lost() == {"proc_events": 0}
     finally:
         loaded.close()
+
+
+def test_uprobes_carry_no_usdt_reference_counter(tmp_path: Path) -> None:
+    """BCC 0.26's Python binding calls bpf_attach_uprobe with six of its seven arguments, so the
+    uprobe's USDT reference-counter offset is whatever the stack holds (seen: 6): the kernel then
+    writes a counter into that offset of every process mapping the file, refuses any other
+    tracer's uprobe at the same place ("ref_ctr_offset mismatch", EINVAL) and, when it cannot
+    decrement the counter, leaks the uprobe until reboot. The loader attaches with offset 0:
+    after it, a plain uprobe (no counter) at the very same place of the same file is enabled."""
+    assert tracefs.ensure_mounted().ok
+    libc = next(p for p in ("/usr/lib/x86_64-linux-gnu/libc.so.6", "/lib/x86_64-linux-gnu/libc.so.6")
+                if os.path.exists(p))
+    lib = tmp_path / "libc.so.6"
+    shutil.copy(libc, lib)  # a file (inode) of its own: no other tracer has uprobes on it
+    loaded = loader.load(["python"], {}, headers.resolve())
+    events_dir = tracefs.tracefs_events_dir()
+    assert events_dir is not None
+    events = Path(events_dir).parent
+    name = f"ca_refctr_{os.getpid()}"
+    defined = False
+    try:
+        loaded.attach_uprobe(str(lib), "pthread_cond_timedwait", "python_cond_wait_enter")
+        ours = list(loaded.bpf.uprobe_fds)
+        assert len(ours) == 1, ours
+        offset = int(ours[0].rsplit(b"_0x", 1)[1], 16)  # BCC's event name ends with the file offset
+        _append(events / "uprobe_events", f"p:uprobes/{name} {lib}:{offset:#x}\n")
+        defined = True
+        enable = events / "events" / "uprobes" / name / "enable"
+        enable.write_text("1\n")  # EINVAL here: our uprobe carries a reference counter
+        assert enable.read_text().strip() == "1"
+        enable.write_text("0\n")
+    finally:
+        if defined:
+            _append(events / "uprobe_events", f"-:uprobes/{name}\n")
+        loaded.close()
+    assert f"{lib}:" not in (events / "uprobe_events").read_text()
+
+
+def _append(path: Path, line: str) -> None:
+    """Write to a tracefs control file (Python's append mode seeks, which tracefs refuses)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)

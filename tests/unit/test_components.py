@@ -491,8 +491,10 @@ class FakeBcc:
         self.cleaned = True
 
 
-def test_probes_detach_side_by_side_and_nothing_attaches_after() -> None:
+def test_probes_detach_side_by_side_and_nothing_attaches_after(monkeypatch: pytest.MonkeyPatch) -> None:
     bcc = FakeBcc(tracepoints=32, uprobes=8, wait=0.1)
+    monkeypatch.setattr(loader, "_attach_uprobe",  # the real one resolves the symbol in the file
+                        lambda bpf, path, symbol, addr, fn, ret, pid: bpf.attach_uprobe(path, symbol, fn))
     loaded = loader.Loaded(bpf=bcc, families=("proc",), ringbuf=True, compile_seconds=1.0)
     loaded.attach_uprobe("/lib/libssl.so", "SSL_read", "ssl_read_enter")
     t0 = time.monotonic()
