@@ -80,8 +80,9 @@ BPF_TABLE("lru_hash", struct ssl_key, u32, ssl_fds, 16384);     /* SSL object ->
 #endif
 BPF_HASH(l7_http, struct l7_http_key, struct l7_hist, CA_L7_MAX_HTTP_STATS);
 
-/* A process's latest accepted connection, until it forks: a pre-forking server (Postgres's
- * postmaster) accepts, forks, and the child serves the socket under its own tgid. */
+/* A process's latest accepted connection, until it closes it: a forking server (Postgres's
+ * postmaster) accepts, forks, closes its copy, and the child serves the socket under its own
+ * tgid. Every child forked in between gets the connection. */
 BPF_TABLE("lru_hash", u32, struct conn, last_accept, 4096);
 #define L7_WAKE_EVERY 64
 BPF_PERCPU_ARRAY(l7_wake, u64, 1); /* events since the last wake-up, per CPU */
@@ -527,6 +528,9 @@ static __always_inline void l7_on_io(void *ctx, struct conn_key *ckey, struct co
 static __always_inline void l7_forget(struct conn_key *ckey, struct conn *c) {
     struct l7_key key = {.tgid = ckey->tgid, .fd = ckey->fd, .conn_start = c->start_ns};
     l7_pending.delete(&key);
+    struct conn *a = last_accept.lookup(&ckey->tgid);
+    if (a && a->sk == ckey->fd && a->start_ns == c->start_ns)
+        last_accept.delete(&ckey->tgid); /* the accepting process closed it: its later forks do not serve it */
 }
 
 static __always_inline void l7_on_accept(struct conn_key *key, struct conn *c) {
@@ -543,7 +547,9 @@ static __always_inline void l7_on_fork(u32 child) {
     struct conn_key key = {.tgid = child, .fd = (u32)a->sk};
     struct conn c = {.start_ns = a->start_ns, .flags = CONN_INBOUND};
     conns.update(&key, &c);
-    last_accept.delete(&parent);
+    /* Kept until the parent closes the socket (l7_forget), not dropped at this fork: Postgres's
+     * postmaster forks other children (an autovacuum worker, from a signal handler) between an
+     * accept and the backend's fork, and the backend must still get the connection. */
 }
 
 /* connect() on any socket to port 53: a DNS client (UDP; a TCP connect replaces the entry

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -141,11 +142,14 @@ def test_nginx_requests_by_status_on_both_sides_and_one_span_each(
                             f"toString(ResourceAttributes), SpanName, StatusMessage), '{secret}') > 0")
         assert found == [{"n": 0}], secret
     # The kernel measures from the request's write to the response's read; the client adds its
-    # own work around both, so its figure is larger, by well under a millisecond per request.
+    # own work around both, so each of its figures is larger: the k-th shortest span is no longer
+    # than the client's k-th shortest request (by how much depends on the machine's load).
     kernel = sum(int(s["Duration"]) for s in got) / 1e9
     measured = sum(client.result["durations"])
     assert 0 < kernel <= measured
-    assert (measured - kernel) / 150 < 0.001, (kernel, measured)
+    if len(got) == 150:
+        pairs = zip(sorted(int(s["Duration"]) / 1e9 for s in got), sorted(client.result["durations"]), strict=True)
+        assert all(0 < k <= m for k, m in pairs), (kernel, measured)
     # Inbound HTTP is counted in the kernel per process: the counts outlive nginx's workers.
     server.stop()
     wait_for(lambda: not any(p["comm"] == "nginx" for p in agent.processes()
@@ -353,3 +357,31 @@ def test_disabled_l7_tracing_attaches_nothing_and_no_spans_keeps_metrics(cgroups
                 shutil.rmtree(quiet.storage, ignore_errors=True)
     finally:
         n.stop()
+
+
+def test_a_forking_server_serves_its_connections_from_the_child_that_reads_them(
+        agent: AgentProcess, cgroups: TestCgroups) -> None:
+    """Postgres's postmaster accepts, may fork another child (an autovacuum worker) before the
+    backend, then forks the backend and closes its copy: each accepted connection is the
+    server-side connection of every child forked until the accepting process closes it, so the
+    one that reads the requests is counted (the first child alone got it before, and under load
+    a whole Postgres connection's server side went uncounted)."""
+    server_cid = cgroups.create("forking-server")
+    srv = cgroups.spawn(server_cid, [sys.executable, "-m", "tests.system.workloads.forking_server"],
+                        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert srv.stdout is not None
+        ready = srv.stdout.readline().split()
+        assert ready[:1] == ["ready"], ready
+        cid = cgroups.create("forking-client")
+        clients = [run_client(cgroups, cid, "http", "127.0.0.1", ready[1], "/a:4") for _ in range(3)]
+        for c in clients:
+            assert c.result["statuses"] == {"200": 4}
+        want = {"2xx": 12}
+        assert wait_counts(agent, "container_http_inbound_requests_total", want, container_id=server_cid) == want
+        assert wait_counts(agent, "container_http_requests_total", want, container_id=cid) == want
+        for c in clients:
+            c.finish()
+    finally:
+        srv.kill()
+        srv.wait()
