@@ -22,6 +22,10 @@ from agent.l7 import tls as tls_mod
 WORKLOADS = Path(__file__).parent.parent / "system" / "workloads" / "gotls"
 HELLO = 'package main\n\nimport "fmt"\n\nfunc main() { fmt.Println("hello") }\n'
 
+# Go's own build cache (content-addressed: a hit is the same build), shared by the test runs on
+# this machine so that the standard library is compiled once, not for every build directory.
+GOCACHE = "/var/cache/coroot-agent-tests/go-build"
+
 
 @dataclass
 class Builds:
@@ -38,7 +42,7 @@ def go(tmp_path_factory: pytest.TempPathFactory) -> Builds:
     if shutil.which("go") is None:
         pytest.fail("these tests need Debian's golang-go (scripts/setup.sh installs it with the test packages)")
     work = tmp_path_factory.mktemp("gobuild")
-    env = {**os.environ, "GOCACHE": str(work / "cache"), "GOPATH": str(work / "gopath"), "GOFLAGS": "",
+    env = {**os.environ, "GOCACHE": GOCACHE, "GOPATH": str(work / "gopath"), "GOFLAGS": "",
            "CGO_ENABLED": "0", "HOME": str(work)}
     (work / "hello.go").write_text(HELLO)
 
