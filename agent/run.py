@@ -28,6 +28,7 @@ from agent.containers.disk import DiskCollector
 from agent.containers.registry import Registry
 from agent.containers.restarts import RestartCounter
 from agent.containers.runtimes.resolver import runtime_resolver
+from agent.containers.taskstats import DelayCollector
 from agent.ebpf import headers as headers_mod
 from agent.ebpf import loader, tracefs
 from agent.l7.tls import TlsAttacher
@@ -230,7 +231,7 @@ class Agent:
         out += [NodeCollector(cfg.procfs_root), CgroupCollector(self.registry),
                 AppTypeCollector(self.registry, procfs=cfg.procfs_root, runtimes=cfg.l7_tracing),
                 RestartCounter(self.registry), DiskCollector(self.registry, procfs=cfg.procfs_root),
-                RegistryMetrics(self.registry)]
+                RegistryMetrics(self.registry), DelayCollector(self.registry, interval=cfg.scrape_interval)]
         if cfg.pinger_enabled:
             out.append(Pinger(self.registry, self.tcp, interval=cfg.scrape_interval, procfs=cfg.procfs_root))
         if cfg.jvm_enabled:
