@@ -62,6 +62,15 @@ REQUIRED: tuple[Need, ...] = (
          "BPF maps larger than the memlock limit", after_start=False, before_kernel=(5, 11)),
 )
 REQUIRED_NAMES: tuple[str, ...] = tuple(n.cap for n in REQUIRED)
+# Kept when granted, never asked for: the kernel answers every taskstats request
+# (TASKSTATS_CMD_GET, per process as well as the registration for exits) only to a sender
+# holding CAP_NET_ADMIN (GENL_ADMIN_PERM, checked for the socket's opener and for the sender),
+# and that capability also lets a process reconfigure the host's network. The least-privilege
+# DaemonSet leaves it out; granting it adds the delay metrics.
+OPTIONAL: tuple[Need, ...] = (
+    Need("CAP_NET_ADMIN", "read per-process CPU and block I/O delays over taskstats netlink",
+         "container_resources_cpu_delay_seconds_total and container_resources_disk_delay_seconds_total"),
+)
 # On kernels before 5.8 this one capability covers CAP_BPF and CAP_PERFMON.
 LEGACY_BPF = "CAP_SYS_ADMIN"
 
@@ -134,8 +143,9 @@ def _libc() -> ctypes.CDLL:
 
 
 def keep_after_start(kernel: tuple[int, int] | None = None) -> set[str]:
-    """What the agent keeps once attached. Before 5.8 reading the maps needs CAP_SYS_ADMIN."""
-    keep = {n.cap for n in REQUIRED if n.after_start}
+    """What the agent keeps once attached (OPTIONAL ones only if held: `drop_to` never adds).
+    Before 5.8 reading the maps needs CAP_SYS_ADMIN."""
+    keep = {n.cap for n in REQUIRED if n.after_start} | {n.cap for n in OPTIONAL if n.after_start}
     if kernel is None:
         from agent.ebpf.loader import kernel_version
 

@@ -28,6 +28,8 @@ from agent.containers.disk import DiskCollector
 from agent.containers.registry import Registry
 from agent.containers.restarts import RestartCounter
 from agent.containers.runtimes.resolver import runtime_resolver
+from agent.containers.systemd import SystemdUnits
+from agent.containers.taskstats import DelayCollector
 from agent.ebpf import headers as headers_mod
 from agent.ebpf import loader, tracefs
 from agent.l7.tls import TlsAttacher
@@ -227,10 +229,11 @@ class Agent:
                                 masks=Masks(url_query=cfg.mask_url_query, sql_literals=cfg.mask_sql_literals,
                                             redis_values=cfg.mask_redis_values, url_path=cfg.mask_url_path)))
             out.append(TlsAttacher(procfs=cfg.procfs_root, pids=self.registry.pids))
-        out += [NodeCollector(cfg.procfs_root), CgroupCollector(self.registry),
+        systemd = SystemdUnits(self.registry, procfs=cfg.procfs_root)
+        out += [systemd, NodeCollector(cfg.procfs_root), CgroupCollector(self.registry, systemd=systemd),
                 AppTypeCollector(self.registry, procfs=cfg.procfs_root, runtimes=cfg.l7_tracing),
                 RestartCounter(self.registry), DiskCollector(self.registry, procfs=cfg.procfs_root),
-                RegistryMetrics(self.registry)]
+                RegistryMetrics(self.registry), DelayCollector(self.registry, interval=cfg.scrape_interval)]
         if cfg.pinger_enabled:
             out.append(Pinger(self.registry, self.tcp, interval=cfg.scrape_interval, procfs=cfg.procfs_root))
         if cfg.jvm_enabled:

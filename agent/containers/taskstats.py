@@ -217,9 +217,12 @@ class DelayCollector(Component):
         """Open the netlink socket (no BPF programs are used)."""
         try:
             self._client.open()
+            self._client.tgid(os.getpid())  # the kernel checks CAP_NET_ADMIN per request
             self._open = True
         except OSError as e:
-            log.warning("taskstats unavailable (%s): no container CPU and disk delay metrics", e)
+            self._client.close()
+            why = " (the agent needs CAP_NET_ADMIN)" if e.errno in (errno.EPERM, errno.EACCES) else ""
+            log.warning("taskstats unavailable (%s)%s: no container CPU and disk delay metrics", e, why)
 
     def tick(self, now: float, gone: list[str]) -> None:
         with self._lock:

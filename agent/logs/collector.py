@@ -452,7 +452,7 @@ class LogCollector(Component):
             ps = self._patterns.get(cid)
             if ps is None:
                 ps = self._patterns[cid] = PatternSet(cap=self.cap)
-            pattern = ps.match(body)
+            pattern = ps.match(body, level)
         if self.metrics and pattern is not None:
             key = (cid, source, level, pattern.hash)
             entry = self._counts.get(key)

@@ -3,19 +3,19 @@
 Level: from a JSON `level`-like field, a journald PRIORITY, or an explicit level word near the
 start of the line; Coroot's lower-case values (critical, error, warning, info, debug, unknown).
 
-Pattern: the message with its variable tokens masked (quoted strings, UUIDs, IPs, hex, numbers),
-grouped with near-identical token sequences (same length, at least 70% equal tokens). Each
-container keeps at most `cap` patterns; later ones fall into one "unclassified" pattern, named as
-the node agent names it (coroot/logparser: hash of 32 zeros, a fixed sample). The hash is FNV-1a
-64 of the first masked form, hex: stable for the life of the pattern. Pure.
+Pattern: the message's words as the node agent's log parser takes them (coroot/logparser
+pattern.go, read at v1.2.2; the node agent pins v1.3.2), grouped with weakly equal word lists
+(same length, at most one word different) of the same level. Each container keeps at most `cap`
+patterns per level; later ones fall into that level's "unclassified" pattern, named as the node
+agent names it (hash of 32 zeros, a fixed sample). The hash is md5 of the first message's words
+joined by spaces, as the node agent's `pattern_hash`. Pure.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
-
-from agent.hashing import fnv1a64
 
 UNCLASSIFIED_HASH = "0" * 32
 UNCLASSIFIED_SAMPLE = "unclassified pattern (pattern limit reached)"
@@ -62,18 +62,75 @@ def detect_level(message: str) -> str:
     return best
 
 
-# One pass: quoted strings, UUIDs, IPs, hex, numbers (alternatives tried in that order).
-_MASK = re.compile(
-    r"\"[^\"]*\"|'[^']*'"
-    r"|\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b"
-    r"|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b"
-    r"|\b0x[0-9a-fA-F]+\b|\b[0-9a-fA-F]*\d[0-9a-fA-F]*[a-fA-F][0-9a-fA-F]*\b"
-    r"|[-+]?\b\d[\d.,:]*\b")
-MAX_TOKENS = 64
+# Pattern words as the node agent's log parser (coroot/logparser, pattern.go) takes them: quoted
+# text and bracketed groups dropped, the rest split on white space, each field stripped of
+# trailing "=:],;", fields shorter than two bytes and hex numbers (0x..., 4+ hex digits) and
+# UUIDs dropped, digits removed, and only words of letters with inner ".", "_" or "-" kept (the
+# first 100). The hash is md5 of the words joined by one space, in lower-case hex: the same
+# words give the node agent's `pattern_hash`.
+_GO_SPACE = re.compile("[\t\n\v\f\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
+_HEX_PREFIXED = re.compile(r"0x[a-fA-F0-9]+")
+_HEX = re.compile(r"[a-fA-F0-9]{4,}")
+_UUID = re.compile(r"[a-fA-F0-9]{8}-[a-fA-F0-9]{4}-[a-fA-F0-9]{4}-[a-fA-F0-9]{4}-[a-fA-F0-9]{12}")
+_DIGITS = re.compile(r"[0-9]+")
+_WORD = re.compile(r"[A-Za-z][A-Za-z._-]*[A-Za-z]")
+_OPEN = {"]": "[", ")": "(", "}": "{"}
+MAX_WORDS = 100
+MAX_DIFF = 1
 
 
-def mask(message: str) -> list[str]:
-    return _MASK.sub("<*>", message.split("\n", 1)[0][:1024]).split()[:MAX_TOKENS]
+def _outside_quotes_and_brackets(s: str) -> str:
+    """`s` without quoted strings and (nested) bracketed groups; a backslash escapes a quote."""
+    out: list[str] = []
+    quote = ""
+    brackets: list[str] = []
+    prev = ""
+    for ch in s:
+        before, prev = prev, ch
+        if ch in "[({":
+            if not quote:
+                brackets.append(ch)
+        elif ch in _OPEN:
+            if brackets and brackets[-1] == _OPEN[ch]:
+                brackets.pop()
+                continue
+        elif ch in "\"'":
+            if before != "\\" and not brackets:
+                if not quote:
+                    quote = ch
+                elif quote == ch:
+                    quote = ""
+                    continue
+        if quote or brackets:
+            continue
+        out.append(ch)
+    return "".join(out)
+
+
+def pattern_words(message: str) -> list[str]:
+    words: list[str] = []
+    for field_ in _GO_SPACE.split(_outside_quotes_and_brackets(message)):
+        w = field_.rstrip("=:],;")
+        if len(w.encode()) < 2:
+            continue
+        if _HEX_PREFIXED.fullmatch(w) or _HEX.fullmatch(w) or _UUID.fullmatch(w):
+            continue
+        w = _DIGITS.sub("", w)
+        if not _WORD.fullmatch(w):
+            continue
+        words.append(w)
+        if len(words) >= MAX_WORDS:
+            break
+    return words
+
+
+def pattern_hash(words: list[str]) -> str:
+    return hashlib.md5(" ".join(words).encode(), usedforsecurity=False).hexdigest()
+
+
+def weak_equal(a: list[str], b: list[str]) -> bool:
+    """Same number of words, at most one of them different (logparser's grouping)."""
+    return len(a) == len(b) and sum(1 for x, y in zip(a, b, strict=True) if x != y) <= MAX_DIFF
 
 
 @dataclass
@@ -85,23 +142,31 @@ class Pattern:
 
 @dataclass
 class PatternSet:
-    """One container's patterns."""
+    """One container's patterns, per level: a message joins the pattern of its level with its
+    words' hash, else one whose words are weakly equal, else a new one while the level has fewer
+    than `cap`, else the level's "unclassified" pattern."""
 
     cap: int = 256
-    by_len: dict[int, list[Pattern]] = field(default_factory=dict)
+    by_level: dict[str, dict[str, Pattern]] = field(default_factory=dict)
     count: int = 0
-    unclassified: Pattern = field(default_factory=lambda: Pattern([], UNCLASSIFIED_HASH, UNCLASSIFIED_SAMPLE))
 
-    def match(self, message: str) -> Pattern:
-        tokens = mask(message)
-        for p in self.by_len.get(len(tokens), ()):
-            same = sum(1 for a, b in zip(p.tokens, tokens, strict=True) if a == b)
-            if not tokens or same / len(tokens) >= 0.7:
+    def match(self, message: str, level: str = "unknown") -> Pattern:
+        words = pattern_words(message)
+        h = pattern_hash(words)
+        patterns = self.by_level.setdefault(level, {})
+        p = patterns.get(h)
+        if p is not None:
+            return p
+        for p in patterns.values():
+            if p.hash != UNCLASSIFIED_HASH and weak_equal(p.tokens, words):
                 return p
-        if self.count >= self.cap:
-            return self.unclassified
-        h = format(fnv1a64([" ".join(tokens).encode()]), "016x")
-        p = Pattern(tokens, h, message.split("\n", 1)[0][:256])
-        self.by_len.setdefault(len(tokens), []).append(p)
+        known = len(patterns) - (UNCLASSIFIED_HASH in patterns)
+        if known >= self.cap:
+            p = patterns.get(UNCLASSIFIED_HASH)
+            if p is None:
+                p = patterns[UNCLASSIFIED_HASH] = Pattern([], UNCLASSIFIED_HASH, UNCLASSIFIED_SAMPLE)
+            return p
+        p = Pattern(words, h, message.split("\n", 1)[0][:256])
+        patterns[h] = p
         self.count += 1
         return p

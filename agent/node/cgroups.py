@@ -13,6 +13,7 @@ import os
 from agent.component import Component
 from agent.containers import cgroup as cg
 from agent.containers.registry import Container, Registry
+from agent.containers.systemd import SystemdUnits
 from agent.metrics import Families
 
 _NO_LIMIT = 1 << 60
@@ -21,8 +22,9 @@ _NO_LIMIT = 1 << 60
 class CgroupCollector(Component):
     name = "cgroups"
 
-    def __init__(self, registry: Registry, sysfs: str = "/sys") -> None:
+    def __init__(self, registry: Registry, sysfs: str = "/sys", systemd: SystemdUnits | None = None) -> None:
         self.registry = registry
+        self.systemd = systemd  # systemd_triggered_by and systemd_type of systemd services
         self.layout = registry.layout
         self.sysfs = sysfs
         self._devnames: dict[str, str] = {}
@@ -40,8 +42,9 @@ class CgroupCollector(Component):
     def collect(self, f: Families) -> None:
         for c in self.registry.containers():
             lbl = {"container_id": c.id, "app_id": c.app_id}
+            unit = self.systemd.get(c.id) if self.systemd is not None else None
             f.gauge("container_info", "container metadata", 1, **lbl, image=c.image,
-                    systemd_triggered_by="", systemd_type="")
+                    systemd_triggered_by=unit.triggered_by if unit else "", systemd_type=unit.type if unit else "")
             f.counter("container_oom_kills_total", "processes killed by the OOM killer", c.oom_kills, **lbl)
             self._cpu(f, c, lbl)
             self._memory(f, c, lbl)

@@ -48,6 +48,7 @@ PRODUCED = (
     "container_net_tcp_successful_connects_total", "container_net_tcp_failed_connects_total",
     "container_net_tcp_active_connections", "container_net_tcp_listen_info", "container_net_tcp_bytes_sent_total",
     "container_net_latency_seconds", "container_log_messages_total",
+    "container_resources_cpu_delay_seconds_total", "container_resources_disk_delay_seconds_total",
 )
 
 

@@ -39,3 +39,10 @@ def test_held_reads_a_status_file(tmp_path: Path) -> None:
     assert caps.held("CapEff", str(status)) == {"CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE"}
     assert caps.held("CapBnd", str(status)) >= set(caps.REQUIRED_NAMES)
     assert caps.no_new_privs(str(status))
+
+
+def test_net_admin_is_optional_kept_when_held_and_never_reported_lost() -> None:
+    assert "CAP_NET_ADMIN" not in caps.REQUIRED_NAMES
+    assert [n.cap for n in caps.OPTIONAL] == ["CAP_NET_ADMIN"]
+    assert "CAP_NET_ADMIN" in caps.keep_after_start((6, 1))
+    assert caps.lost_features(set(caps.REQUIRED_NAMES), (6, 1)) == []

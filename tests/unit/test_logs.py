@@ -10,7 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.logs.formats import Line, MultilineJoiner, PartialJoiner, parse_time_ns
-from agent.logs.patterns import PatternSet, detect_level, level_of_priority, level_of_word
+from agent.logs.patterns import (
+    PatternSet,
+    detect_level,
+    level_of_priority,
+    level_of_word,
+    pattern_hash,
+    pattern_words,
+)
 from agent.logs.pii import Scrubber, luhn_ok
 from agent.logs.tailer import Tailer
 
@@ -49,13 +56,40 @@ def test_levels() -> None:
 
 def test_patterns_group_variants_and_cap_overflows_to_unclassified() -> None:
     ps = PatternSet(cap=2)
-    p1 = ps.match("ERROR order 1234 failed: timeout after 30s")
-    assert ps.match("ERROR order 99 failed: timeout after 5s") is p1
-    p2 = ps.match("ERROR payment \"abc\" declined by 3f2a9c1e-0b7d-4c2e-9f1a-2b3c4d5e6f70")
-    assert p2 is not p1 and ps.match("ERROR payment \"x\" declined by 00000000-0b7d-4c2e-9f1a-2b3c4d5e6f70") is p2
-    p3 = ps.match("something entirely different happened here")
+    p1 = ps.match("ERROR order 1234 failed: timeout after 30s", "error")
+    assert ps.match("ERROR order 99 failed: timeout after 5s", "error") is p1
+    assert ps.match("ERROR order 99 aborted: timeout after 5s", "error") is p1  # one word differs
+    p2 = ps.match("ERROR payment \"abc\" declined by 3f2a9c1e-0b7d-4c2e-9f1a-2b3c4d5e6f70", "error")
+    assert p2 is not p1 and ps.match("ERROR payment \"x\" declined by 00000000-0b7d-4c2e-9f1a-2b3c4d5e6f70",
+                                     "error") is p2
+    p3 = ps.match("something entirely different happened here", "error")
     assert (p3.hash, p3.sample) == ("0" * 32, "unclassified pattern (pattern limit reached)")  # logparser's
-    assert len(p1.hash) == 16
+    assert ps.match("something entirely different happened here", "warning").hash != "0" * 32  # per level
+    assert len(p1.hash) == 32
+
+
+def test_pattern_hash_is_the_node_agents() -> None:
+    """The node agent's pattern_hash is md5 of its log parser's pattern words joined by spaces
+    (coroot/logparser pattern.go, v1.2.2). The expected values were computed by running that
+    package's NewPattern(...).Hash() on the same inputs; the first is one of its own test cases."""
+    cases = {
+        "2019-07-24 12:06:21,688 package.name [DEBUG] got 10 things in 3.1s":
+            ("package.name got things in", "f2ce8c24b54dec46d2d3612dc1cbb83d"),
+        "WARN client 192.168.1.8:57600 closed connection after 1.000s":
+            ("WARN client closed connection after", "3801a538de2dab408427e6f721ddf870"),
+        "ERROR order 17 failed: timeout after 17s":
+            ("ERROR order failed timeout after", "cf6e949ab39bbad1efe39c91107085ad"),
+        'ERROR payment "abc" declined by 3f2a9c1e-0b7d-4c2e-9f1a-2b3c4d5e6f70 (card 0xdeadbeef)':
+            ("ERROR payment declined by", "11e9337c8b30c1c85097215f646220ff"),
+        "": ("", "d41d8cd98f00b204e9800998ecf8427e"),
+    }
+    for message, (words, digest) in cases.items():
+        assert " ".join(pattern_words(message)) == words
+        assert pattern_hash(pattern_words(message)) == digest
+        assert PatternSet().match(message, "error").hash == digest
+    # Quotes inside brackets, escaped quotes, hex-looking words (4+ hex letters are dropped).
+    assert pattern_words("GET [a 'b] c' \\'x' added face decade abc=: k8s_pod x") == \
+        ["GET", "abc", "ks_pod"]  # the reference gives "GET abc ks_pod"
 
 
 def test_cri_partial_lines_are_joined() -> None:
@@ -216,7 +250,7 @@ def test_records_keep_the_pattern_hash_when_log_metrics_are_off() -> None:
     c._process("/system.slice/a.service", "journald", "ERROR disk 1 full", 1, None)  # type: ignore[attr-defined]
     c._process("/system.slice/a.service", "journald", "ERROR disk 2 full", 2, None)  # type: ignore[attr-defined]
     hashes = {r["LogAttributes"]["pattern.hash"] for r in sink.rows}  # type: ignore[index]
-    assert len(hashes) == 1 and len(next(iter(hashes))) == 16 and _counts(c) == {}
+    assert len(hashes) == 1 and len(next(iter(hashes))) == 32 and _counts(c) == {}
 
 
 def test_trace_context_fields_are_read_by_the_node_agents_names() -> None:
