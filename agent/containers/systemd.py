@@ -377,6 +377,9 @@ def systemd_properties(client: DbusClient, unit: str) -> SystemdProperties:
     return SystemdProperties(unit, triggered_by, str(kind or ""))
 
 
+RETRY_MIN, RETRY_MAX = 5.0, 300.0  # seconds between tries while systemd is unreachable
+
+
 class SystemdUnits(Component):
     """Looks up the systemd properties of systemd containers, a few per tick, once each."""
 
@@ -393,6 +396,8 @@ class SystemdUnits(Component):
         self.lookups = 0
         self.errors = 0
         self._warned = False
+        self._retry_at = 0.0  # systemd unreachable: not asked again before this (monotonic)
+        self._backoff = RETRY_MIN
 
     def get(self, container_id: str) -> SystemdProperties | None:
         return self.props.get(container_id)
@@ -401,6 +406,8 @@ class SystemdUnits(Component):
         for cid in gone:
             self.props.pop(cid, None)
             self.failed.discard(cid)
+        if now < self._retry_at:
+            return
         budget = self.per_tick
         for c in self.registry.containers():
             if budget <= 0:
@@ -418,10 +425,15 @@ class SystemdUnits(Component):
                     self.failed.add(c.id)  # systemd answered: it has no such unit
                     continue
                 if not self._warned:
-                    log.info("systemd not reachable at %s (%s): systemd_triggered_by stays empty",
-                             self.client.path, e)
+                    log.info("systemd not reachable at %s (%s): systemd_triggered_by stays empty; "
+                             "retried with backoff", self.client.path, e)
                     self._warned = True
+                # A systemd that does not answer costs the poll thread up to the client's
+                # timeout: at most once per backoff period, which doubles up to RETRY_MAX.
+                self._retry_at = now + self._backoff
+                self._backoff = min(self._backoff * 2, RETRY_MAX)
                 return
+            self._backoff = RETRY_MIN
 
     def self_metrics(self, f: Families) -> None:
         f.counter("coroot_agent_systemd_lookups_total", "systemd unit property lookups", self.lookups)

@@ -232,3 +232,16 @@ def test_no_systemd_socket_leaves_the_labels_empty_and_is_not_retried_within_a_t
     units = SystemdUnits(reg, procfs="/nonexistent")  # type: ignore[arg-type]
     units.tick(0.0, [])
     assert units.errors == 1 and units.props == {}
+
+
+def test_an_unreachable_systemd_is_retried_with_backoff_not_every_tick() -> None:
+    reg = _Registry([_Container("/system.slice/s.service", "systemd")])
+    units = SystemdUnits(reg, procfs="/nonexistent")  # type: ignore[arg-type]
+    tries = []
+    for t in range(0, 40):  # a tick a second for 40 s: tries at 0, 5, 15 (+5, +10, then +20: 35)
+        before = units.errors
+        units.tick(float(t), [])
+        if units.errors > before:
+            tries.append(t)
+    assert tries == [0, 5, 15, 35]
+    assert units.props == {}
