@@ -22,7 +22,7 @@ check: setup
 test: setup-test
 	$(VENV)/bin/ruff check agent tests bench scripts deploy
 	$(VENV)/bin/mypy
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest --durations=30 $(PYTEST_ARGS)
 
 unit: setup-test
 	$(VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)

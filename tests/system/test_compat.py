@@ -5,10 +5,8 @@ the server's parameter binding, and must return exactly what the workload did, g
 server groups it.
 
 The SQL below is the text of the server's queries (coroot/coroot at 370a33f, the files named at
-each one); `bind` does what the server's driver (clickhouse-go v2, client-side `@name` binding)
-does to its parameters: strings quoted, arrays `[...]`, clickhouse.GroupSet `(...)`, a
-DateNamed time with nanoseconds `toDateTime64('<unix ns>', 9)`, floats `cast(x, 'Float64')`.
-`@@table_x@@` is the server's placeholder for table x (x_distributed on a cluster).
+each one); `bind` (tests/system/serverquery.py) does what the server's driver (clickhouse-go v2,
+client-side `@name` binding) does to its parameters.
 
 Traffic is made once for the module (servers started once); each test reads one signal."""
 
@@ -37,6 +35,7 @@ from tests.system.helpers import (
     run_client,
     wait_for,
 )
+from tests.system.serverquery import Q_PROFILE, DateNamed, GroupSet, bind
 from tests.system.servers import Dnsmasq, Nginx, Postgres, Redis
 
 pytestmark = pytest.mark.agent_args("--profiling-interval", "3s", "--scrape-interval", "2s")
@@ -57,46 +56,10 @@ SEVERITY = {"error": 5, "warning": 4, "info": 3}
 # ------------------------------------------------------------- the server's parameter binding --
 
 
-@dataclass(frozen=True)
-class DateNamed:
-    """clickhouse.DateNamed(name, t, clickhouse.NanoSeconds) of a time in the Local zone."""
-
-    ns: int
-
-
-class GroupSet(tuple):  # type: ignore[type-arg]
-    """clickhouse.GroupSet{Value: [...]}: a tuple literal."""
-
-
-def _literal(v: Any) -> str:
-    if isinstance(v, DateNamed):
-        return f"toDateTime64('{v.ns}', 9)"
-    if isinstance(v, GroupSet):
-        return "(" + ", ".join(_literal(x) for x in v) + ")"
-    if isinstance(v, str):
-        return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
-    if isinstance(v, bool):
-        return "1" if v else "0"
-    if isinstance(v, float):
-        return f"cast({v:g}, 'Float64')"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, list):
-        if v and all(isinstance(x, GroupSet) for x in v):  # []GroupSet: joined, no brackets
-            return ", ".join(_literal(x) for x in v)
-        return "[" + ", ".join(_literal(x) for x in v) + "]"
-    raise TypeError(type(v))
-
-
-def bind(sql: str, params: dict[str, Any]) -> str:
-    sql = re.sub(r"@@table_(\w+)@@", r"\1", sql)  # one node: the table itself
-    return re.sub(r"@[a-zA-Z0-9_]+", lambda m: _literal(params[m.group(0)[1:]]), sql)
-
-
 def query(agent: AgentProcess, sql: str, **params: Any) -> list[dict[str, Any]]:
     """A server query through the agent's /api/query (the read-only path `coroot-agent query` uses)."""
-    status, body = agent.api("/api/query?format=json", bind(sql, params).encode())
-    assert status == 200, (body[:600], bind(sql, params)[:600])
+    status, body = agent.api("/api/query?format=json", bind(sql, **params).encode())
+    assert status == 200, (body[:600], bind(sql, **params)[:600])
     return [json.loads(line) for line in body.decode().splitlines()]
 
 
@@ -370,37 +333,8 @@ def test_logs_of_a_pattern_are_found_by_the_pattern_hash_of_the_log_metric(world
 
 # -------------------------------------------------------------------------------- profiles --
 
-# clickhouse/queries.go: qSamples, qStacks, qProfile (getProfile in clickhouse/profiles.go) and
-# qProfileTypes; the per-instance flame graph passes the container ids in @containers.
-Q_SAMPLES = """
-SELECT
-    StackHash AS hash,
-    sum(Value) AS value
-FROM @@table_profiling_samples@@
-WHERE
-    ServiceName IN (@services) AND
-    Type = @type AND
-    Start < @to AND End > @from AND
-    (empty(@containers) OR has(@containers, Labels['container.id'])) AND
-    (@namespace = '' OR @namespace = Labels['namespace']) AND
-    (@pod = '' OR @pod = Labels['pod'])
-GROUP BY StackHash
-HAVING value > 0
-ORDER BY value DESC
-LIMIT 5000
-"""
-Q_STACKS = """
-SELECT
-    Hash AS hash,
-    any(Stack) AS stack
-FROM @@table_profiling_stacks@@
-WHERE
-    ServiceName IN (@services) AND
-    LastSeen > @from AND
-    Hash GLOBAL IN (SELECT hash FROM samples)
-GROUP BY Hash
-"""
-Q_PROFILE = f"WITH samples AS ({Q_SAMPLES}), stacks AS ({Q_STACKS}) SELECT value, stack FROM stacks JOIN samples USING(hash)"
+# clickhouse/queries.go: qProfileTypes, and qProfile (qSamples and qStacks joined: Q_PROFILE in
+# tests/system/serverquery.py); the per-instance flame graph passes the container ids in @containers.
 Q_PROFILE_TYPES = "SELECT DISTINCT ServiceName, Type FROM @@table_profiling_profiles@@ WHERE LastSeen >= @from"
 
 

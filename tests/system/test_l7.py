@@ -23,44 +23,11 @@ from tests.system.helpers import (
     run_client,
     wait_for,
 )
+from tests.system.l7helpers import by_status, nginx_in, spans, wait_counts
 from tests.system.servers import Dnsmasq, Nginx, Postgres, Redis
 
 pytestmark = pytest.mark.agent_args("--max-fqdns-per-container", "2", "--exclude-http-requests-by-path", "/excluded")
 BEARER = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXRva2Vu"
-
-
-def by_status(agent: AgentProcess, name: str, **labels: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for n, lb, v in agent.metrics():
-        if n == name and labels.items() <= lb.items():
-            out[lb["status"]] = out.get(lb["status"], 0) + v
-    return out
-
-
-def wait_counts(agent: AgentProcess, name: str, want: dict[str, float], **labels: str) -> dict[str, float]:
-    got: dict[str, float] = {}
-
-    def done() -> bool:
-        nonlocal got
-        got = by_status(agent, name, **labels)
-        return sum(got.values()) >= sum(want.values())
-
-    wait_for(done, 20)
-    return got
-
-
-def spans(agent: AgentProcess, service: str, want: int) -> list[dict]:
-    sql = ("SELECT SpanName, SpanKind, SpanAttributes, Duration, StatusCode, StatusMessage, ResourceAttributes "
-           f"FROM otel_traces WHERE ServiceName = '{service}'")
-    got: list[dict] = []
-
-    def enough() -> bool:
-        nonlocal got
-        got = rows(agent, sql)
-        return len(got) >= want
-
-    wait_for(enough, 30, interval=0.5)
-    return got
 
 
 def span_drops(agent: AgentProcess) -> float:
@@ -73,13 +40,8 @@ def span_drops(agent: AgentProcess) -> float:
 
 @pytest.fixture
 def nginx(cgroups: TestCgroups) -> Iterator[tuple[Nginx, str]]:
-    cid = cgroups.create("nginx")
-    n = Nginx()
-    try:
-        n.start(cgroups, cid)
-        yield n, cid
-    finally:
-        n.stop()
+    with nginx_in(cgroups, "nginx") as server:
+        yield server
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])

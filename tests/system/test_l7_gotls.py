@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from agent.l7 import gotls
+from tests.gobuild import go_build
 from tests.system.helpers import (
     AgentProcess,
     TestCgroups,
@@ -27,15 +28,11 @@ from tests.system.helpers import (
     wait_for,
     wait_port,
 )
+from tests.system.l7helpers import by_status, nginx_in, spans, wait_counts
 from tests.system.servers import Nginx
-from tests.system.test_l7 import by_status, spans, wait_counts
 
 WORKLOADS = Path(__file__).parent / "workloads" / "gotls"
 OK, MISSING = 60, 25
-
-# Go's own build cache (content-addressed: a hit is the same build), shared by the test runs on
-# this machine so that the standard library is compiled once, not for every build directory.
-GOCACHE = "/var/cache/coroot-agent-tests/go-build"
 
 
 @dataclass
@@ -44,14 +41,6 @@ class GoBuilds:
     stripped: str
     pie: str  # position-independent and stripped: the function table in .data.rel.ro.gopclntab
     server: str
-
-
-def go_build(source: Path, out: Path, work: Path, *flags: str) -> str:
-    env = {**os.environ, "GOCACHE": GOCACHE, "GOPATH": str(work / "gopath"), "GOFLAGS": "",
-           "CGO_ENABLED": "0", "HOME": str(work)}
-    subprocess.run(["go", "build", *flags, "-o", str(out), str(source)], cwd=work, env=env, check=True,
-                   capture_output=True, timeout=300)
-    return str(out)
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +56,8 @@ def go(tmp_path_factory: pytest.TempPathFactory) -> GoBuilds:
 
 @pytest.fixture
 def nginx(cgroups: TestCgroups) -> Iterator[tuple[Nginx, str]]:
-    cid = cgroups.create("gotls-nginx")
-    n = Nginx()
-    try:
-        n.start(cgroups, cid)
-        yield n, cid
-    finally:
-        n.stop()
+    with nginx_in(cgroups, "gotls-nginx") as server:
+        yield server
 
 
 def attached(agent: AgentProcess, binary: str) -> None:

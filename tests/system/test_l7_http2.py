@@ -12,38 +12,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.system.helpers import (
-    REPO,
-    AgentProcess,
-    TestCgroups,
-    free_port,
-    rows,
-    wait_for,
-    wait_port,
-)
+from tests.system.helpers import REPO, AgentProcess, TestCgroups, free_port, wait_port
+from tests.system.l7helpers import spans, wait_counts
 from tests.system.servers import Nginx
 
 PEER = [sys.executable, "-m", "tests.system.workloads.grpc_peer"]
-
-
-def counts(agent: AgentProcess, name: str, **labels: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for n, lb, v in agent.metrics():
-        if n == name and labels.items() <= lb.items():
-            out[lb["status"]] = out.get(lb["status"], 0) + v
-    return out
-
-
-def wait_counts(agent: AgentProcess, name: str, total: int, **labels: str) -> dict[str, float]:
-    got: dict[str, float] = {}
-
-    def done() -> bool:
-        nonlocal got
-        got = counts(agent, name, **labels)
-        return sum(got.values()) >= total
-
-    wait_for(done, 30, interval=0.2)
-    return got
 
 
 @pytest.fixture(scope="module")
@@ -78,16 +51,7 @@ def test_grpc_calls_by_status_on_both_sides_and_spans(agent: AgentProcess, cgrou
     p.wait(10)
     assert out == want
     assert inbound == want
-    sql = ("SELECT SpanName, SpanAttributes, StatusCode FROM otel_traces "
-           f"WHERE ResourceAttributes['container.id'] = '{cid}'")
-    got: list[dict] = []
-
-    def all_spans() -> bool:
-        nonlocal got
-        got = rows(agent, sql)
-        return len(got) >= ok + fail + 1
-
-    wait_for(all_spans, 30, interval=0.5)
+    got = spans(agent, cid, ok + fail + 1, where=f"ResourceAttributes['container.id'] = '{cid}'")
     assert len(got) == ok + fail + 1
     by = {}
     for s in got:

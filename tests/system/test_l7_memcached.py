@@ -7,26 +7,23 @@ its keys; the values stored never reach the store."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 
 import pytest
 
-from tests.system.helpers import (
-    REPO,
-    AgentProcess,
-    TestCgroups,
-    free_port,
-    rows,
-    wait_for,
-    wait_port,
+from tests.system.helpers import AgentProcess, TestCgroups, rows
+from tests.system.l7helpers import (
+    CgroupServer,
+    by_status,
+    cgroup_server,
+    finish,
+    spans,
+    start_client,
+    wait_counts,
 )
 
 CLIENT = [sys.executable, "-m", "tests.system.workloads.memcached_client"]
@@ -34,73 +31,16 @@ OUT, IN = "container_memcached_queries_total", "container_memcached_inbound_quer
 
 
 @pytest.fixture(scope="module")
-def memcached(agent: AgentProcess) -> Iterator[tuple[int, str]]:
-    """memcached on loopback in its own cgroup: (port, container id)."""
-    cg = TestCgroups()
-    cid = cg.create("memcached")
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="ca-memcached-")
-    log = open(os.path.join(workdir, "server.log"), "wb")  # noqa: SIM115 - the child owns it
-    p = cg.spawn(cid, ["memcached", "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-t", "2", "-m", "64",
-                       "-u", "nobody", "-P", os.path.join(workdir, "pid")], stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    try:
-        wait_port("127.0.0.1", port, proc=p)
-        yield port, cid
-    finally:
-        cg.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def by_status(agent: AgentProcess, name: str, **labels: str) -> Counter[str]:
-    out: Counter[str] = Counter()
-    for n, lb, v in agent.metrics():
-        if n == name and labels.items() <= lb.items():
-            out[lb["status"]] += int(v)
-    return out
-
-
-def wait_counts(agent: AgentProcess, name: str, total: int, before: Counter[str] | None = None,
-                **labels: str) -> Counter[str]:
-    """The counts by status once they reach `total` (less what `before` held)."""
-    got: Counter[str] = Counter()
-
-    def done() -> bool:
-        nonlocal got
-        got = by_status(agent, name, **labels)
-        got.subtract(before or Counter())
-        return got.total() >= total
-
-    wait_for(done, 30, interval=0.2)
-    return +got
+def memcached(agent: AgentProcess) -> Iterator[CgroupServer]:
+    """memcached on loopback in its own cgroup."""
+    with cgroup_server("memcached", lambda port, workdir: [
+            "memcached", "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-t", "2", "-m", "64", "-u", "nobody",
+            "-P", f"{workdir}/pid"]) as server:
+        yield server
 
 
 def run(cgroups: TestCgroups, cid: str, *args: str) -> tuple[subprocess.Popen[str], dict[str, int]]:
-    p = cgroups.spawn(cid, [*CLIENT, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
-    assert p.stdout is not None
-    line = p.stdout.readline()
-    assert line, f"the memcached client failed (exit {p.wait(10)})"
-    return p, json.loads(line)  # type: ignore[return-value]
-
-
-def finish(p: subprocess.Popen[str]) -> None:
-    assert p.stdin is not None
-    p.stdin.close()
-    p.wait(10)
-
-
-def spans(agent: AgentProcess, cid: str, want: int) -> list[dict]:
-    sql = ("SELECT SpanName, SpanAttributes, Duration, StatusCode, StatusMessage FROM otel_traces "
-           f"WHERE ServiceName = '{cid}'")
-    got: list[dict] = []
-
-    def enough() -> bool:
-        nonlocal got
-        got = rows(agent, sql)
-        return len(got) >= want
-
-    wait_for(enough, 30, interval=0.5)
-    return got
+    return start_client(cgroups, cid, [*CLIENT, *args], "memcached")
 
 
 def stored(agent: AgentProcess, text: str) -> int:
@@ -114,8 +54,8 @@ def stored(agent: AgentProcess, text: str) -> int:
 
 
 def test_text_sets_and_gets_by_status_on_both_sides(agent: AgentProcess, cgroups: TestCgroups,
-                                                    memcached: tuple[int, str]) -> None:
-    port, server_cid = memcached
+                                                    memcached: CgroupServer) -> None:
+    port, server_cid = memcached.port, memcached.cid
     cid = cgroups.create("mc-text")
     value = f"mcv{uuid.uuid4().hex[:12]}"
     inbound_before = by_status(agent, IN, container_id=server_cid)
@@ -134,7 +74,7 @@ def test_text_sets_and_gets_by_status_on_both_sides(agent: AgentProcess, cgroups
     assert hist == [60]
     # The server writes the pipeline's replies with one sendmsg, an iovec each (a hit's VALUE
     # line, data and END too): the kernel gathers them, so its side counts the same.
-    assert wait_counts(agent, IN, 60, inbound_before, container_id=server_cid) == want_out
+    assert wait_counts(agent, IN, 60, before=inbound_before, container_id=server_cid) == want_out
 
     got = spans(agent, cid, 60)
     finish(client)
@@ -160,8 +100,8 @@ def test_text_sets_and_gets_by_status_on_both_sides(agent: AgentProcess, cgroups
 
 
 def test_binary_sets_and_gets_by_status_on_both_sides(agent: AgentProcess, cgroups: TestCgroups,
-                                                      memcached: tuple[int, str]) -> None:
-    port, server_cid = memcached
+                                                      memcached: CgroupServer) -> None:
+    port, server_cid = memcached.port, memcached.cid
     cid = cgroups.create("mc-binary")
     value = f"mcv{uuid.uuid4().hex[:12]}"
     inbound_before = by_status(agent, IN, container_id=server_cid)
@@ -174,7 +114,7 @@ def test_binary_sets_and_gets_by_status_on_both_sides(agent: AgentProcess, cgrou
     dest = f"127.0.0.1:{port}"
     assert wait_counts(agent, OUT, 37, container_id=cid) == want
     assert by_status(agent, OUT, container_id=cid, destination=dest, actual_destination=dest) == want
-    assert wait_counts(agent, IN, 37, inbound_before, container_id=server_cid) == want
+    assert wait_counts(agent, IN, 37, before=inbound_before, container_id=server_cid) == want
 
     got = spans(agent, cid, 37)
     finish(client)

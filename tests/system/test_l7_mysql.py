@@ -14,31 +14,31 @@ statement was prepared with) and the error code as the message of a failed one; 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 import pytest
 
-from tests.system.helpers import (
-    REPO,
-    AgentFactory,
-    AgentProcess,
-    TestCgroups,
-    free_port,
-    rows,
-    wait_for,
-    wait_port,
+from tests.system.helpers import AgentFactory, AgentProcess, TestCgroups, rows
+from tests.system.l7helpers import (
+    CgroupServer,
+    by_status,
+    cgroup_server,
+    delta,
+    diagnosis,
+    finish,
+    histogram_count,
+    start_client,
 )
+from tests.system.l7helpers import spans as stored_spans
+from tests.system.l7helpers import wait_counts as wait_all
 
 CLIENT = [sys.executable, "-m", "tests.system.workloads.mysql_client"]
 OUT, IN = "container_mysql_queries_total", "container_mysql_inbound_queries_total"
@@ -51,61 +51,24 @@ CREATE TABLE {DB}.ca_kv (k INT, v VARCHAR(20));
 CREATE TABLE {DB}.ca_dup (id INT PRIMARY KEY, v VARCHAR(10));
 """
 OK, ERROR = "STATUS_CODE_UNSET", "STATUS_CODE_ERROR"
+MariaDB = CgroupServer
+# counts and spans read again a second later: what came, and nothing more
+wait_counts = partial(wait_all, settle=1)
+spans = partial(stored_spans, settle=1.5)  # the store is written every second
 
 
-@dataclass
-class MariaDB:
-    port: int
-    cid: str  # the server's container
-    dir: str
-
-    @property
-    def dest(self) -> str:
-        return f"127.0.0.1:{self.port}"
+def _common(workdir: str) -> list[str]:
+    return ["--no-defaults", f"--datadir={workdir}/data", "--user=root", "--skip-log-bin",
+            "--innodb-buffer-pool-size=16M"]
 
 
-def by_status(agent: AgentProcess, name: str, **labels: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for n, lb, v in agent.metrics():
-        if n == name and labels.items() <= lb.items():
-            out[lb["status"]] = out.get(lb["status"], 0) + v
-    return out
-
-
-def wait_counts(agent: AgentProcess, name: str, total: float, **labels: str) -> dict[str, float]:
-    got: dict[str, float] = {}
-
-    def done() -> bool:
-        nonlocal got
-        got = by_status(agent, name, **labels)
-        return sum(got.values()) >= total
-
-    wait_for(done, 30, interval=0.2)
-    time.sleep(1)  # and nothing more comes
-    return by_status(agent, name, **labels)
-
-
-def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
-    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
-
-
-def histogram_count(agent: AgentProcess, name: str, **labels: str) -> float:
-    return sum(v for n, lb, v in agent.metrics() if n == name + "_count" and labels.items() <= lb.items())
-
-
-def spans(agent: AgentProcess, cid: str, n: int) -> list[dict[str, Any]]:
-    sql = ("SELECT SpanName, SpanKind, SpanAttributes, StatusCode, StatusMessage, Duration FROM otel_traces "
-           f"WHERE ServiceName = '{cid}'")
-    got: list[dict[str, Any]] = []
-
-    def enough() -> bool:
-        nonlocal got
-        got = rows(agent, sql)
-        return len(got) >= n
-
-    wait_for(enough, 30, interval=0.5)
-    time.sleep(1.5)  # and nothing more comes (the store is written every second)
-    return rows(agent, sql)
+def _bootstrap(port: int, workdir: str) -> None:
+    """The datadir made by mariadb-install-db, the users and tables in bootstrap mode."""
+    subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={workdir}/data", "--user=root",
+                    "--auth-root-authentication-method=normal", "--skip-test-db"],
+                   check=True, capture_output=True, timeout=180)
+    subprocess.run(["mariadbd", *_common(workdir), "--bootstrap"], input=SETUP.encode(), check=True,
+                   capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -113,46 +76,17 @@ def mariadb(agent: AgentProcess) -> Iterator[MariaDB]:
     """mariadbd on loopback in its own cgroup, its datadir made by mariadb-install-db."""
     for tool in ("mariadbd", "mariadb-install-db", "mariadb"):
         assert shutil.which(tool), f"{tool} is missing: apt-get install mariadb-server mariadb-client"
-    cg = TestCgroups()
-    cid = cg.create("mariadb")
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="ca-mysql-")
-    data = os.path.join(workdir, "data")
-    common = ["--no-defaults", f"--datadir={data}", "--user=root", "--skip-log-bin", "--innodb-buffer-pool-size=16M"]
-    try:
-        subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={data}", "--user=root",
-                        "--auth-root-authentication-method=normal", "--skip-test-db"],
-                       check=True, capture_output=True, timeout=180)
-        subprocess.run(["mariadbd", *common, "--bootstrap"], input=SETUP.encode(), check=True,
-                       capture_output=True, timeout=120)
-        log = open(os.path.join(workdir, "server.log"), "wb")  # noqa: SIM115 - the child owns it
-        p = cg.spawn(cid, ["mariadbd", *common, f"--socket={workdir}/mysqld.sock", f"--port={port}",
-                           "--bind-address=127.0.0.1", "--skip-name-resolve", f"--pid-file={workdir}/mysqld.pid"],
-                     stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        wait_port("127.0.0.1", port, timeout=60, proc=p)
-        yield MariaDB(port, cid, workdir)
-        p.terminate()  # a clean shutdown; the cgroup's cleanup kills what is left
-        p.wait(30)
-    finally:
-        cg.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with cgroup_server("mariadb", lambda port, workdir: [
+            "mariadbd", *_common(workdir), f"--socket={workdir}/mysqld.sock", f"--port={port}",
+            "--bind-address=127.0.0.1", "--skip-name-resolve", f"--pid-file={workdir}/mysqld.pid"],
+            timeout=60, prepare=_bootstrap) as server:
+        yield server
+        server.proc.terminate()  # a clean shutdown; the cgroup's cleanup kills what is left
+        server.proc.wait(30)
 
 
 def run(cgroups: TestCgroups, cid: str, port: int, *specs: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
-    p = cast("subprocess.Popen[str]", cgroups.spawn(
-        cid, [*CLIENT, "run", str(port), USER, PASSWORD, DB, *specs], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        text=True, cwd=REPO))
-    assert p.stdout is not None
-    line = p.stdout.readline()
-    assert line, f"the MySQL client failed (exit {p.wait(10)})"
-    return p, json.loads(line)
-
-
-def finish(p: subprocess.Popen[str]) -> None:
-    assert p.stdin is not None
-    p.stdin.close()
-    p.wait(10)
+    return start_client(cgroups, cid, [*CLIENT, "run", str(port), USER, PASSWORD, DB, *specs], "MySQL")
 
 
 def wire_spans(got: list[dict[str, Any]], port: int) -> Counter[tuple[str, str, str, str]]:
@@ -180,8 +114,7 @@ def test_queries_and_prepared_statements_by_status_on_both_sides_and_a_masked_sp
     want = {"ok": 26, "failed": 10}
     got_out = wait_counts(agent, OUT, 36, container_id=cid, destination=mariadb.dest,
                           actual_destination=mariadb.dest)
-    assert got_out == want, ([(lb, v) for n, lb, v in agent.metrics() if n == OUT],
-                             {n: v for n, _, v in agent.metrics() if n.startswith(("coroot_agent_l7", "coroot_agent_lost"))})
+    assert got_out == want, ([(lb, v) for n, lb, v in agent.metrics() if n == OUT], diagnosis(agent))
     after = wait_counts(agent, IN, sum(before.values()) + 36, container_id=mariadb.cid)
     assert delta(after, before) == want
     assert histogram_count(agent, "container_mysql_queries_duration_seconds_total", container_id=cid) == 36

@@ -9,7 +9,6 @@ nothing for the broker (the node agent has no inbound RabbitMQ family), no spans
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -21,41 +20,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.system.helpers import (
-    REPO,
-    AgentProcess,
-    TestCgroups,
-    free_port,
-    rows,
-    wait_for,
-    wait_port,
-)
+from tests.system.helpers import AgentProcess, TestCgroups, free_port, wait_port
+from tests.system.l7helpers import assert_messages_only, finish, start_client, wait_methods
 
 CLIENT = [sys.executable, "-m", "tests.system.workloads.rabbitmq_client"]
 FAMILY = "container_rabbitmq_messages_total"
-L7_FAMILY = re.compile(r"container_\w+_(requests|queries|messages)_")
-
-
-def by_method(agent: AgentProcess, **labels: str) -> dict[tuple[str, str], float]:
-    """container_rabbitmq_messages_total of the series with `labels`: (method, status) -> count."""
-    out: dict[tuple[str, str], float] = {}
-    for n, lb, v in agent.metrics():
-        if n == FAMILY and labels.items() <= lb.items():
-            key = (lb.get("method", ""), lb["status"])
-            out[key] = out.get(key, 0) + v
-    return out
-
-
-def wait_total(agent: AgentProcess, total: int, **labels: str) -> dict[tuple[str, str], float]:
-    got: dict[tuple[str, str], float] = {}
-
-    def done() -> bool:
-        nonlocal got
-        got = by_method(agent, **labels)
-        return sum(got.values()) >= total
-
-    wait_for(done, 30, interval=0.2)
-    return got
 
 
 @pytest.fixture(scope="module")
@@ -128,10 +97,9 @@ def test_published_and_consumed_messages_by_method(agent: AgentProcess, cgroups:
     queue = "orders"
     lib_cid, wire_cid, sub_cid = cgroups.create("amqp-publish"), cgroups.create("amqp-wire"), cgroups.create("amqp-sub")
     # the wire client declares the queue, then writes 5 single messages, 4 at once and 3 at once
-    wire = cgroups.spawn(wire_cid, [*CLIENT, "publish", str(port), queue, "1", "1", "1", "1", "1", "4", "3"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
-    assert wire.stdout is not None and wire.stdin is not None
-    assert json.loads(wire.stdout.readline()) == {"published": 12}
+    wire, published = start_client(cgroups, wire_cid, [*CLIENT, "publish", str(port), queue, "1", "1", "1", "1", "1",
+                                                        "4", "3"], "RabbitMQ")
+    assert published == {"published": 12}
     # librabbitmq: 9 messages, one per line, on one connection; it exits when done
     lib = cgroups.spawn(lib_cid, ["amqp-publish", "--url", url, "-r", queue, "-l"], stdin=subprocess.PIPE)
     assert lib.stdin is not None
@@ -144,18 +112,12 @@ def test_published_and_consumed_messages_by_method(agent: AgentProcess, cgroups:
     out, _ = sub.communicate(timeout=60)
     assert sub.returncode == 0 and out.count(b"hello") == 12 and len(re.findall(rb"m\d", out)) == 9
     dest = f"127.0.0.1:{port}"
-    wire_got = wait_total(agent, 12, container_id=wire_cid, destination=dest)
-    lib_got = wait_total(agent, 9, container_id=lib_cid, destination=dest)
-    sub_got = wait_total(agent, 21, container_id=sub_cid, destination=dest)
-    wire.stdin.close()
-    wire.wait(10)
+    wire_got = wait_methods(agent, FAMILY, 12, container_id=wire_cid, destination=dest)
+    lib_got = wait_methods(agent, FAMILY, 9, container_id=lib_cid, destination=dest)
+    sub_got = wait_methods(agent, FAMILY, 21, container_id=sub_cid, destination=dest)
+    finish(wire)
     assert wire_got == {("produce", "ok"): 12}
     assert lib_got == {("produce", "ok"): 9}
     assert sub_got == {("consume", "ok"): 21}
-    clients = (lib_cid, wire_cid, sub_cid)
-    names = {n for n, lb, _ in agent.metrics() if lb.get("container_id") in (*clients, broker_cid)}
-    assert {n for n in names if L7_FAMILY.match(n)} <= {FAMILY}, names  # no histogram, no other protocol
-    assert by_method(agent, container_id=broker_cid) == {}  # the broker's side is not counted
-    ids = ", ".join(f"'{c}'" for c in clients)
-    spans = rows(agent, f"SELECT count() AS n FROM otel_traces WHERE ResourceAttributes['container.id'] IN ({ids})")
-    assert spans == [{"n": 0}]
+    # no histogram, no other protocol, nothing for the broker's side, no spans
+    assert_messages_only(agent, FAMILY, (lib_cid, wire_cid, sub_cid), broker_cid)

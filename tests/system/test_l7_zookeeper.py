@@ -10,63 +10,39 @@ request. One span per client request, named after the op, with its path and err.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-import time
 import uuid
 from collections.abc import Iterator
+from functools import partial
 
 import pytest
 
-from tests.system.helpers import (
-    REPO,
-    AgentProcess,
-    TestCgroups,
-    free_port,
-    rows,
-    wait_for,
-    wait_port,
+from tests.system.helpers import AgentProcess, TestCgroups, rows, wait_for
+from tests.system.l7helpers import (
+    by_status,
+    cgroup_server,
+    diagnosis,
+    finish,
+    histogram_count,
+    spans,
+    start_client,
 )
+from tests.system.l7helpers import wait_counts as wait_all
 from tests.system.workloads.zookeeper_client import Session
 
 CLIENT = [sys.executable, "-m", "tests.system.workloads.zookeeper_client"]
 JAR = "/usr/share/java/zookeeper.jar"  # Debian's zookeeper package (zookeeperd depends on it)
 OUT, IN = "container_zookeeper_requests_total", "container_zookeeper_inbound_requests_total"
+wait_counts = partial(wait_all, settle=1)  # and read again a second later: nothing more comes
 
 
-def by_status(agent: AgentProcess, name: str, **labels: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for n, lb, v in agent.metrics():
-        if n == name and labels.items() <= lb.items():
-            out[lb["status"]] = out.get(lb["status"], 0) + v
-    return out
-
-
-def wait_counts(agent: AgentProcess, name: str, total: int, **labels: str) -> dict[str, float]:
-    got: dict[str, float] = {}
-
-    def done() -> bool:
-        nonlocal got
-        got = by_status(agent, name, **labels)
-        return sum(got.values()) >= total
-
-    wait_for(done, 30, interval=0.2)
-    time.sleep(1)  # and nothing more comes
-    return by_status(agent, name, **labels)
-
-
-def diagnosis(agent: AgentProcess) -> dict[str, float]:
-    """The agent's own L7 counters (kernel pairs, replaced requests, lost events), for a failure's message."""
-    return {f"{n}{{{lb.get('what', '')}}}": v for n, lb, v in agent.metrics()
-            if n.startswith("coroot_agent_l7_") or n == "coroot_agent_lost_events_total"}
-
-
-def histogram_count(agent: AgentProcess, name: str, **labels: str) -> float:
-    return sum(v for n, lb, v in agent.metrics() if n == name + "_count" and labels.items() <= lb.items())
+def _config(port: int, workdir: str) -> None:
+    os.mkdir(os.path.join(workdir, "data"))
+    with open(os.path.join(workdir, "zoo.cfg"), "w") as f:
+        f.write(f"tickTime=2000\ndataDir={workdir}/data\nclientPort={port}\nclientPortAddress=127.0.0.1\n"
+                "admin.enableServer=false\n4lw.commands.whitelist=\n")
 
 
 @pytest.fixture(scope="module")
@@ -74,27 +50,13 @@ def zookeeper(agent: AgentProcess) -> Iterator[tuple[int, str]]:
     """ZooKeeper standalone on loopback in its own cgroup, as Debian's init script runs it
     (QuorumPeerMain): (port, container id)."""
     assert os.path.exists(JAR), f"{JAR} is missing: apt-get install zookeeperd"
-    cg = TestCgroups()
-    cid = cg.create("zookeeper")
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="ca-zk-")
-    os.mkdir(os.path.join(workdir, "data"))
-    cfg = os.path.join(workdir, "zoo.cfg")
-    with open(cfg, "w") as f:
-        f.write(f"tickTime=2000\ndataDir={workdir}/data\nclientPort={port}\nclientPortAddress=127.0.0.1\n"
-                "admin.enableServer=false\n4lw.commands.whitelist=\n")
-    log = open(os.path.join(workdir, "server.log"), "wb")  # noqa: SIM115 - the child owns it
-    p = cg.spawn(cid, ["java", "-Xmx128m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Dzookeeper.log.dir=" + workdir, "-cp", JAR,
-                       "org.apache.zookeeper.server.quorum.QuorumPeerMain", cfg], stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    try:
-        wait_port("127.0.0.1", port, timeout=60, proc=p)
-        wait_for(lambda: _session(port), 60, interval=0.2)  # serving sessions, not only listening
-        assert _session(port), "ZooKeeper listens but opens no session"
-        yield port, cid
-    finally:
-        cg.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with cgroup_server("zookeeper", lambda port, workdir: [
+            "java", "-Xmx128m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Dzookeeper.log.dir=" + workdir,
+            "-cp", JAR, "org.apache.zookeeper.server.quorum.QuorumPeerMain", f"{workdir}/zoo.cfg"],
+            timeout=60, prepare=_config) as server:
+        wait_for(lambda: _session(server.port), 60, interval=0.2)  # serving sessions, not only listening
+        assert _session(server.port), "ZooKeeper listens but opens no session"
+        yield server.port, server.cid
 
 
 def _session(port: int) -> bool:
@@ -108,18 +70,7 @@ def _session(port: int) -> bool:
 
 def run(cgroups: TestCgroups, cid: str, port: int, prefix: str, *specs: str,
         mode: str = "run") -> tuple[subprocess.Popen[str], dict]:
-    p = cgroups.spawn(cid, [*CLIENT, mode, str(port), prefix, *specs], stdin=subprocess.PIPE,
-                      stdout=subprocess.PIPE, text=True, cwd=REPO)
-    assert p.stdout is not None
-    line = p.stdout.readline()
-    assert line, f"the ZooKeeper client failed (exit {p.wait(10)})"
-    return p, json.loads(line)
-
-
-def finish(p: subprocess.Popen[str]) -> None:
-    assert p.stdin is not None
-    p.stdin.close()
-    p.wait(10)
+    return start_client(cgroups, cid, [*CLIENT, mode, str(port), prefix, *specs], "ZooKeeper")
 
 
 def test_requests_by_status_on_both_sides_and_a_span_each(agent: AgentProcess, cgroups: TestCgroups,
@@ -138,16 +89,7 @@ def test_requests_by_status_on_both_sides_and_a_span_each(agent: AgentProcess, c
     assert histogram_count(agent, "container_zookeeper_requests_duration_seconds_total", container_id=cid) == 40
     assert histogram_count(agent, "container_zookeeper_inbound_requests_duration_seconds_total",
                            container_id=server_cid) == 40
-    sql = ("SELECT SpanName, SpanKind, SpanAttributes, StatusCode, StatusMessage, Duration FROM otel_traces "
-           f"WHERE ServiceName = '{cid}'")
-    got: list[dict] = []
-
-    def enough() -> bool:
-        nonlocal got
-        got = rows(agent, sql)
-        return len(got) >= 40
-
-    wait_for(enough, 30, interval=0.5)
+    got = spans(agent, cid, 40)
     finish(p)
     assert len(got) == 40, diagnosis(agent)
     seen: dict[tuple[str, str, str, str, str], int] = {}
@@ -209,14 +151,7 @@ def test_lengths_written_and_read_on_their_own_count_the_same(agent: AgentProces
     assert wait_counts(agent, OUT, 20, container_id=cid, destination=dest) == want, diagnosis(agent)
     after = wait_counts(agent, IN, sum(before.values()) + 20, container_id=server_cid)
     assert {k: after.get(k, 0) - before.get(k, 0) for k in ("ok", "failed")} == want, diagnosis(agent)
-    got: list[dict] = []
-
-    def enough() -> bool:
-        nonlocal got
-        got = rows(agent, f"SELECT SpanName, SpanAttributes, StatusCode FROM otel_traces WHERE ServiceName = '{cid}'")
-        return len(got) >= 20
-
-    wait_for(enough, 30, interval=0.5)
+    got = spans(agent, cid, 20)
     finish(p)
     seen: dict[tuple[str, str, str], int] = {}
     for s in got:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import calendar
 import os
-import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from agent import config
 from agent.sinks import schema
 from agent.sinks.store import Store, StoreError
 from tests.system.helpers import ClickHouseFront
+from tests.system.serverquery import Q_PROFILE, DateNamed, bind
 from tests.unit.test_server_ddl import create_server_schema, describe
 
 # The previous version's DDL for one node, frozen: the statements that `migration("coroot", ttls)`
@@ -213,40 +212,6 @@ def previous_statements() -> list[str]:
 # ------------------------------------------------------------------ the server's query shapes
 
 
-@dataclass(frozen=True)
-class At:
-    """A time parameter as the server binds it (clickhouse.DateNamed, NanoSeconds): unix ns."""
-
-    ns: int
-
-
-def literal(v: Any) -> str:
-    """A value as clickhouse-go's bind.go writes it into the query text."""
-    if isinstance(v, At):
-        return f"toDateTime64('{v.ns}', 9)"  # a time.Time in the local zone
-    if isinstance(v, str):
-        return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
-    if isinstance(v, tuple):  # clickhouse.GroupSet
-        return "(" + ", ".join(literal(x) for x in v) + ")"
-    if isinstance(v, list):
-        if v and all(isinstance(x, tuple) for x in v):  # []GroupSet: no brackets
-            return ", ".join(literal(x) for x in v)
-        return "[" + ", ".join(literal(x) for x in v) + "]"
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))  # Go prints float64 5 as 5
-    return str(v)
-
-
-def bind(query: str, **params: Any) -> str:
-    """@@table_x@@ as on one node, then @name -> its literal (a missing one is an error)."""
-    query = re.sub(r"@@table_(\w+)@@", r"\1", query)
-
-    def one(m: re.Match[str]) -> str:
-        return literal(params[m.group(0)[1:]])
-
-    return re.sub(r"@[a-zA-Z0-9_]+", one, query)
-
-
 BUCKETS = [0.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0]
 
 
@@ -292,7 +257,7 @@ class Server:
                         step: int = 60) -> list[tuple[Any, ...]]:
         """getSpansHistogram: (interval start, bucket, total, failed) rows."""
         filters = [*filters, "Timestamp BETWEEN @from AND @to"]
-        args = args | {"step": step, "from": At(from_s * S), "to": At((to_s + step) * S)}
+        args = args | {"step": step, "from": DateNamed(from_s * S), "to": DateNamed((to_s + step) * S)}
         if from_mv:
             q = "SELECT toStartOfInterval(Timestamp, INTERVAL @step second), Bucket, sum(Total), sum(Failed)"
             q += " FROM @@table_otel_traces_histogram@@"
@@ -308,7 +273,7 @@ class Server:
         """getTraceSpanStats over root spans: (service, span, bucket, total, failed)."""
         filters = ["Root = 1" if from_mv else "ParentSpanId = ''", "NOT startsWith(ServiceName, '/')"]
         filters.append("Timestamp >= @tsFrom AND Timestamp < @tsTo" if from_mv else "Timestamp BETWEEN @tsFrom AND @tsTo")
-        args: dict[str, Any] = {"tsFrom": At(from_s * S), "tsTo": At(to_s * S)}
+        args: dict[str, Any] = {"tsFrom": DateNamed(from_s * S), "tsTo": DateNamed(to_s * S)}
         if from_mv:
             q = "SELECT ServiceName, SpanName, Bucket, sum(Total), sum(Failed) FROM @@table_otel_traces_histogram@@"
         else:
@@ -330,7 +295,7 @@ class Server:
         lo, hi = self.trace_range("TraceId = @traceId", traceId=trace_id)
         q = (self.SPAN_COLUMNS + " FROM @@table_otel_traces@@ WHERE TraceId = @traceId AND "
              "Timestamp >= @tsFrom AND Timestamp < @tsTo ORDER BY Timestamp")
-        return [(r[2], r[3], r[5]) for r in self.rows(q, traceId=trace_id, tsFrom=At(lo * S), tsTo=At(hi * S))]
+        return [(r[2], r[3], r[5]) for r in self.rows(q, traceId=trace_id, tsFrom=DateNamed(lo * S), tsTo=DateNamed(hi * S))]
 
     def parent_spans(self, spans: list[tuple[str, str]]) -> list[str]:
         """GetParentSpans: the spans named by the (TraceId, ParentSpanId) of their children."""
@@ -338,7 +303,7 @@ class Server:
         lo, hi = self.trace_range("TraceId IN (@traceIds)", traceIds=trace_ids)
         q = (self.SPAN_COLUMNS + " FROM @@table_otel_traces@@ WHERE TraceId IN (@traceIds) AND (TraceId, SpanId) IN (@ids) "
              "AND Timestamp >= @tsFrom AND Timestamp < @tsTo")
-        return sorted(r[2] for r in self.rows(q, traceIds=trace_ids, ids=spans, tsFrom=At(lo * S), tsTo=At(hi * S)))
+        return sorted(r[2] for r in self.rows(q, traceIds=trace_ids, ids=spans, tsFrom=DateNamed(lo * S), tsTo=DateNamed(hi * S)))
 
 
 # ------------------------------------------------------------------ the workload
@@ -578,8 +543,8 @@ def test_a_previous_version_store_is_migrated_with_every_row_readable_by_the_ser
             ("front", "GET /api", 10.0, N_BEFORE + N_AFTER, 5)]
 
         services = "SELECT DISTINCT ServiceName FROM @@table_otel_traces_service_name@@ WHERE LastSeen >= @from"
-        assert sorted(server.rows(services, **{"from": At((before_s - 60) * S)})) == [("db",), ("front",)]
-        assert sorted(server.rows(services, **{"from": At((after_s - 60) * S)})) == [("db",), ("front",)]
+        assert sorted(server.rows(services, **{"from": DateNamed((before_s - 60) * S)})) == [("db",), ("front",)]
+        assert sorted(server.rows(services, **{"from": DateNamed((after_s - 60) * S)})) == [("db",), ("front",)]
         assert server.rows("SELECT count() FROM @@table_otel_traces_trace_id_ts@@") == [(N_BEFORE + N_AFTER,)]
         for era, i in (("b0", 5), ("a0", 3)):
             p = f"{era}{i:012x}"
@@ -592,19 +557,19 @@ def test_a_previous_version_store_is_migrated_with_every_row_readable_by_the_ser
         # logs (clickhouse/logs.go): services, and the severity histogram of one service
         assert sorted(server.rows(
             "SELECT DISTINCT ServiceName FROM @@table_otel_logs_service_name_severity_text@@ WHERE LastSeen >= @from",
-            **{"from": At((before_s - 60) * S)})) == [("db",), ("front",)]
+            **{"from": DateNamed((before_s - 60) * S)})) == [("db",), ("front",)]
         log_histogram = ("SELECT multiIf(SeverityNumber=0, 0, intDiv(SeverityNumber, 4)+1), "
                          "toStartOfInterval(Timestamp, INTERVAL 60 second), count(1) FROM @@table_otel_logs@@ "
                          "WHERE ServiceName = @serviceName AND Timestamp BETWEEN @from AND @to GROUP BY 1, 2")
-        assert sorted(server.rows(log_histogram, serviceName="front", **{"from": At((before_s - 60) * S)},
-                                  to=At((after_s + 120) * S))) == [
+        assert sorted(server.rows(log_histogram, serviceName="front", **{"from": DateNamed((before_s - 60) * S)},
+                                  to=DateNamed((after_s + 120) * S))) == [
             (5, minute(server.c, before_ns), 5), (5, minute(server.c, after_ns), 3)]
 
         # profiles (clickhouse/queries.go): the types, and the flame graph's stacks over both profiles
         assert server.rows("SELECT DISTINCT ServiceName, Type FROM @@table_profiling_profiles@@ WHERE LastSeen >= @from",
-                           **{"from": At((before_s - 60) * S)}) == [("front", PROFILE)]
+                           **{"from": DateNamed((before_s - 60) * S)}) == [("front", PROFILE)]
         assert sorted(server.rows(Q_PROFILE, services=["front"], type=PROFILE, containers=[CONTAINER], namespace="",
-                                  pod="", **{"from": At((before_s - 60) * S)}, to=At((after_s + 120) * S))) == [
+                                  pod="", **{"from": DateNamed((before_s - 60) * S)}, to=DateNamed((after_s + 120) * S))) == [
             (20, ["main.f3", "main.main"]), (50, ["main.f2", "main.main"]), (130, ["main.f1", "main.main"])]
 
         # metrics and their metadata (prom/clickhouse.go)
@@ -621,38 +586,6 @@ def test_a_previous_version_store_is_migrated_with_every_row_readable_by_the_ser
     again.open()
     assert again.migrate() == [] and again.schema_changes == []
     again.close()
-
-
-# The flame graph of one service (qSamples and qStacks joined, clickhouse/queries.go).
-Q_SAMPLES = """
-SELECT
-    StackHash AS hash,
-    sum(Value) AS value
-FROM @@table_profiling_samples@@
-WHERE
-    ServiceName IN (@services) AND
-    Type = @type AND
-    Start < @to AND End > @from AND
-    (empty(@containers) OR has(@containers, Labels['container.id'])) AND
-    (@namespace = '' OR @namespace = Labels['namespace']) AND
-    (@pod = '' OR @pod = Labels['pod'])
-GROUP BY StackHash
-HAVING value > 0
-ORDER BY value DESC
-LIMIT 5000
-"""
-Q_STACKS = """
-SELECT
-    Hash AS hash,
-    any(Stack) AS stack
-FROM @@table_profiling_stacks@@
-WHERE
-    ServiceName IN (@services) AND
-    LastSeen > @from AND
-    Hash GLOBAL IN (SELECT hash FROM samples)
-GROUP BY Hash
-"""
-Q_PROFILE = f"WITH samples AS ({Q_SAMPLES}), stacks AS ({Q_STACKS}) SELECT value, stack FROM stacks JOIN samples USING(hash)"
 
 
 def test_a_schema_the_server_created_is_accepted_as_it_is(path: str) -> None:

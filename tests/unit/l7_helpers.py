@@ -4,9 +4,14 @@ of the series a tracer exports. The real neighbours are exercised by tests/syste
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
 from typing import Any
 
 from agent.containers.registry import Container, Process
+from agent.ebpf.loader import BPF_DIR
+from agent.l7 import contract
+from agent.l7.contract import Event, pack
 from agent.l7.tracer import L7Tracer
 from agent.metrics import Families
 from agent.net.tcp import Conn
@@ -78,3 +83,40 @@ def value(t: L7Tracer, name: str, **labels: str) -> float:
         if n == name and all(d.get(k) == want for k, want in labels.items()):
             total += v
     return total
+
+
+def tracer() -> tuple[L7Tracer, Connections, Rows]:
+    """A tracer over the stand-ins: (tracer, its connections, its span rows)."""
+    conns, rows = Connections(), Rows()
+    return L7Tracer(Containers(), conns, rows, hostname="h", host_id="m"), conns, rows
+
+
+def paired(proto: int, flags: int, req: bytes, resp: bytes, *, pid: int = 100, fd: int = 7, start: int = 55,
+           ms: int = 2) -> bytes:
+    """A request and its response as the kernel sends them, `ms` apart."""
+    return pack(Event(1_000, ms * 1_000_000, start, pid, fd, proto, flags, req, resp))
+
+
+def one_way_event(proto: int, data: bytes, flags: int, fd: int, pid: int = 100, start: int = 55) -> bytes:
+    """A one-way message as the kernel sends it (contract.h): the call's first CA_L7_PAYLOAD
+    bytes fill resp[] first, then req[]."""
+    kept, r = data[:contract.PAYLOAD_DEFAULT], contract.RESP_MAX
+    return pack(Event(1_000, 0, start, pid, fd, proto, flags, kept[r:], kept[:r], len(data)))
+
+
+# ------------------------------------------------------------ the kernel's detectors, natively --
+
+def build_detector(directory: Path) -> Path:
+    """tests/unit/native/l7_detect.c built against bpf/include: the kernel's detectors as a program."""
+    exe = directory / "l7_detect"
+    src = Path(__file__).parent / "native" / "l7_detect.c"
+    subprocess.run(["gcc", "-O1", "-Wall", "-Werror", "-I", str(BPF_DIR / "include"), "-o", str(exe), str(src)],
+                   check=True, capture_output=True, text=True)
+    return exe
+
+
+def detector_lines(exe: Path, payloads: list[bytes]) -> list[list[int]]:
+    """The detector's numbers for each payload (a line each: l7_detect first)."""
+    out = subprocess.run([str(exe)], input="".join(p.hex() + "\n" for p in payloads),
+                         check=True, capture_output=True, text=True).stdout
+    return [[int(x) for x in line.split()] for line in out.splitlines()]

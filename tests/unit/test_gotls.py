@@ -18,13 +18,10 @@ from elftools.elf.elffile import ELFFile
 from agent.ebpf.maps import AttachError, BpfMap, ProgramsClosing
 from agent.l7 import gotls
 from agent.l7 import tls as tls_mod
+from tests.gobuild import go_build, go_env
 
 WORKLOADS = Path(__file__).parent.parent / "system" / "workloads" / "gotls"
 HELLO = 'package main\n\nimport "fmt"\n\nfunc main() { fmt.Println("hello") }\n'
-
-# Go's own build cache (content-addressed: a hit is the same build), shared by the test runs on
-# this machine so that the standard library is compiled once, not for every build directory.
-GOCACHE = "/var/cache/coroot-agent-tests/go-build"
 
 
 @dataclass
@@ -42,19 +39,16 @@ def go(tmp_path_factory: pytest.TempPathFactory) -> Builds:
     if shutil.which("go") is None:
         pytest.fail("these tests need Debian's golang-go (scripts/setup.sh installs it with the test packages)")
     work = tmp_path_factory.mktemp("gobuild")
-    env = {**os.environ, "GOCACHE": GOCACHE, "GOPATH": str(work / "gopath"), "GOFLAGS": "",
-           "CGO_ENABLED": "0", "HOME": str(work)}
     (work / "hello.go").write_text(HELLO)
 
     def build(src: Path, out: str, *flags: str, cgo: bool = False) -> Path:
-        subprocess.run(["go", "build", *flags, "-o", str(work / out), str(src)], cwd=work, check=True,
-                       env={**env, "CGO_ENABLED": "1" if cgo else "0"}, capture_output=True, timeout=300)
-        return work / out
+        return Path(go_build(src, work / out, work, *flags, cgo=cgo))
 
     client = WORKLOADS / "client.go"
     return Builds(build(client, "client"), build(client, "client-stripped", "-ldflags=-s -w"),
                   build(work / "hello.go", "hello"), build(client, "client-pie", "-buildmode=pie"),
-                  build(client, "client-ext", "-buildmode=pie", "-ldflags=-linkmode=external", cgo=True), env)
+                  build(client, "client-ext", "-buildmode=pie", "-ldflags=-linkmode=external", cgo=True),
+                  go_env(work))
 
 
 def objdump_returns(b: Builds, binary: Path, func: str) -> list[int]:

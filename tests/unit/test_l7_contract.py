@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import re
 import struct
-import subprocess
 from pathlib import Path
-
-import pytest
 
 from agent.ebpf.loader import BPF_DIR
 from agent.l7 import contract, dns, http
 from agent.l7.protocol import Settings
 from agent.l7.protocols import PLUGINS
+from tests.unit.l7_helpers import detector_lines
 
 INCLUDE = BPF_DIR / "include"
 CONTRACT_H = (INCLUDE / "l7" / "contract.h").read_text()
@@ -104,19 +102,8 @@ def test_pack_and_unpack_are_inverse() -> None:
 
 # ------------------------------------------------------------ the detectors, run natively --
 
-@pytest.fixture(scope="module")
-def detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    exe = tmp_path_factory.mktemp("l7") / "l7_detect"
-    src = Path(__file__).parent / "native" / "l7_detect.c"
-    subprocess.run(["gcc", "-O1", "-Wall", "-Werror", "-I", str(INCLUDE), "-o", str(exe), str(src)],
-                   check=True, capture_output=True, text=True)
-    return exe
-
-
 def run(exe: Path, payloads: list[bytes]) -> list[tuple[int, int, int, int, int]]:
-    out = subprocess.run([str(exe)], input="".join(p.hex() + "\n" for p in payloads),
-                         check=True, capture_output=True, text=True).stdout
-    return [tuple(int(x) for x in line.split()) for line in out.splitlines()]  # type: ignore[misc]
+    return [tuple(line) for line in detector_lines(exe, payloads)]  # type: ignore[misc]
 
 
 def test_one_way_message_detectors_recognise_their_plugins_samples(detector: Path) -> None:

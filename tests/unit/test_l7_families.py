@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from agent.l7 import contract
 from agent.l7.contract import F_INBOUND, F_OUTBOUND, F_WRITE, Event, pack
-from agent.l7.tracer import L7Tracer
 from agent.l7.zookeeper import GET_DATA, GET_DATA_REPLY
 from agent.metrics import Families
-from tests.unit.l7_helpers import Connections, Containers, Rows
+from tests.unit.l7_helpers import paired, tracer
 from tests.unit.nodeagent_families import CONST_LABELS, FAMILIES, L7_STATUS
 
 PUBLISH = bytes.fromhex("0100010000000b003c002800000002747100ce0200010000000f003c00000000000000000002100001ce"
@@ -18,7 +17,7 @@ PUBLISH = bytes.fromhex("0100010000000b003c002800000002747100ce0200010000000f003
 
 
 def pair(proto: int, flags: int, request: bytes, response: bytes, fd: int, pid: int) -> bytes:
-    return pack(Event(1_000, 2_000_000, 55, pid, fd, proto, flags, request, response))
+    return paired(proto, flags, request, response, fd=fd, pid=pid)
 
 
 def message(proto: int, flags: int, data: bytes, fd: int, pid: int) -> bytes:
@@ -27,8 +26,7 @@ def message(proto: int, flags: int, data: bytes, fd: int, pid: int) -> bytes:
 
 def families() -> dict[str, tuple[str, set[frozenset[str]], set[str]]]:
     """name -> (type, label sets of its samples, status values) of what the tracer exports."""
-    conns = Connections()
-    t = L7Tracer(Containers(), conns, Rows(), hostname="h", host_id="m")
+    t, conns, _ = tracer()
     for fd, port in ((7, 11211), (8, 2181), (9, 4222), (10, 5672)):
         conns.add(100, fd, 55, "10.0.0.9", port, actual=f"10.0.0.9:{port}")
     for flags, pid, fds in ((F_OUTBOUND, 100, (7, 8, 9, 10)), (F_INBOUND, 200, (3, 4, 5, 6))):

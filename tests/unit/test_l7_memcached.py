@@ -8,21 +8,23 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
 from pathlib import Path
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.ebpf.loader import BPF_DIR
 from agent.l7 import contract
 from agent.l7.contract import F_INBOUND, F_OUTBOUND, F_WRITE, Event, pack
 from agent.l7.memcached import Memcached, Request, pair, parse_commands
 from agent.l7.protocol import Peer, Settings
 from agent.l7.protocols import PLUGINS
-from agent.l7.tracer import L7Tracer
-from tests.unit.l7_helpers import CID, Connections, Containers, Rows, value
+from tests.unit.l7_helpers import (
+    CID,
+    detector_lines,
+    paired,
+    tracer,
+    value,
+)
 
 K = (1, 5, 9)
 H = struct.Struct("!BBHBBHIIQ")
@@ -261,7 +263,7 @@ def test_truncated_and_damaged_real_frames_never_raise(pair_: tuple[bytes, bytes
 # ------------------------------------------------------------------- through the tracer --
 
 def ev(req: bytes, resp: bytes, flags: int, fd: int = 7, pid: int = 100, ms: int = 2) -> bytes:
-    return pack(Event(1_000, ms * 1_000_000, 55, pid, fd, contract.MEMCACHED, flags, req, resp))
+    return paired(contract.MEMCACHED, flags, req, resp, fd=fd, pid=pid, ms=ms)
 
 
 def message(data: bytes, flags: int, fd: int = 7, pid: int = 100) -> bytes:
@@ -271,8 +273,7 @@ def message(data: bytes, flags: int, fd: int = 7, pid: int = 100) -> bytes:
 
 
 def test_the_tracer_counts_sets_and_gets_by_status_both_ways_and_spans_show_no_value() -> None:
-    conns, rows = Connections(), Rows()
-    t = L7Tracer(Containers(), conns, rows, hostname="h", host_id="m")
+    t, conns, rows = tracer()
     conns.add(100, 7, 55, "10.0.0.9", 11211, actual="10.0.0.10:11211")
     out = F_OUTBOUND
     for _ in range(3):
@@ -304,20 +305,9 @@ def test_the_tracer_counts_sets_and_gets_by_status_both_ways_and_spans_show_no_v
 
 # -------------------------------------------------------------- the kernel's detectors --
 
-@pytest.fixture(scope="module")
-def detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    exe = tmp_path_factory.mktemp("l7mc") / "l7_detect"
-    src = Path(__file__).parent / "native" / "l7_detect.c"
-    subprocess.run(["gcc", "-O1", "-Wall", "-Werror", "-I", str(BPF_DIR / "include"), "-o", str(exe), str(src)],
-                   check=True, capture_output=True, text=True)
-    return exe
-
-
 def detect(exe: Path, payloads: list[bytes]) -> list[tuple[int, int]]:
     """(l7_detect, l7_message) of each payload."""
-    out = subprocess.run([str(exe)], input="".join(p.hex() + "\n" for p in payloads), check=True,
-                         capture_output=True, text=True).stdout
-    return [(int(line.split()[0]), int(line.split()[4])) for line in out.splitlines()]
+    return [(line[0], line[4]) for line in detector_lines(exe, payloads)]
 
 
 MC = contract.MEMCACHED

@@ -9,20 +9,24 @@ bpf/include/l7/) against the parser; and through the tracer."""
 from __future__ import annotations
 
 import random
-import subprocess
+from functools import partial
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.ebpf.loader import BPF_DIR
 from agent.l7 import contract, mysql
-from agent.l7.contract import F_INBOUND, F_OUTBOUND, Event, pack
+from agent.l7.contract import F_INBOUND, F_OUTBOUND
 from agent.l7.mysql import Mysql, parse_answer, parse_command
 from agent.l7.protocol import Masks, Peer, Settings
-from agent.l7.tracer import L7Tracer
-from tests.unit.l7_helpers import CID, Connections, Containers, Rows, value
+from tests.unit.l7_helpers import (
+    CID,
+    detector_lines,
+    paired,
+    tracer,
+    value,
+)
 
 K = (1, 5, 9)
 H = bytes.fromhex
@@ -205,19 +209,8 @@ def test_truncated_real_frames_never_raise(req: bytes, rep: bytes, cut: int, cut
 
 # ---------------------------------------------------------- the kernel's detector, natively --
 
-@pytest.fixture(scope="module")
-def detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    exe = tmp_path_factory.mktemp("mysql") / "l7_detect"
-    src = Path(__file__).parent / "native" / "l7_detect.c"
-    subprocess.run(["gcc", "-O1", "-Wall", "-Werror", "-I", str(BPF_DIR / "include"), "-o", str(exe), str(src)],
-                   check=True, capture_output=True, text=True)
-    return exe
-
-
 def detected(exe: Path, payloads: list[bytes]) -> list[int]:
-    out = subprocess.run([str(exe)], input="".join(p.hex() + "\n" for p in payloads),
-                         check=True, capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines()]
+    return [line[0] for line in detector_lines(exe, payloads)]
 
 
 def test_the_kernel_claims_queries_prepares_and_executes_only(detector: Path) -> None:
@@ -273,13 +266,11 @@ def test_no_other_protocols_request_is_claimed(detector: Path) -> None:
 
 # ------------------------------------------------------------------- through the tracer --
 
-def ev(flags: int, req: bytes, rep: bytes, fd: int = 7, pid: int = 100, ms: int = 2) -> bytes:
-    return pack(Event(1_000, ms * 1_000_000, 55, pid, fd, contract.MYSQL, flags, req, rep))
+ev = partial(paired, contract.MYSQL)
 
 
 def test_the_tracer_counts_clients_and_servers_by_status_with_spans_for_clients() -> None:
-    conns, rows = Connections(), Rows()
-    t = L7Tracer(Containers(), conns, rows, hostname="h", host_id="m")
+    t, conns, rows = tracer()
     conns.add(100, 7, 55, "10.0.0.9", 3306, actual="10.0.0.10:3306")
     for req, rep, _ in PAIRS:
         t.handle_event(ev(F_OUTBOUND, req, rep))

@@ -5,15 +5,22 @@ calls cut short by the capture limit, garbage; and through the tracer from packe
 
 from __future__ import annotations
 
+from functools import partial
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.l7 import contract
-from agent.l7.contract import F_INBOUND, F_OUTBOUND, F_WRITE, Event, pack
+from agent.l7.contract import F_INBOUND, F_OUTBOUND, F_WRITE
 from agent.l7.nats import Nats, messages
 from agent.l7.protocol import Settings
-from agent.l7.tracer import L7Tracer
-from tests.unit.l7_helpers import CID, Connections, Containers, Rows, samples, value
+from tests.unit.l7_helpers import (
+    CID,
+    one_way_event,
+    samples,
+    tracer,
+    value,
+)
 
 K = (1, 5, 9)
 # a client's writes
@@ -102,16 +109,11 @@ def test_truncated_real_calls_never_raise_and_never_count_more(cut: int, cut2: i
 
 # ------------------------------------------------------------------- through the tracer --
 
-def message_event(data: bytes, flags: int, fd: int, pid: int = 100, start: int = 55) -> bytes:
-    """A one-way message as the kernel sends it (contract.h): the call's first CA_L7_PAYLOAD
-    bytes fill resp[] first, then req[]."""
-    kept, r = data[:contract.PAYLOAD_DEFAULT], contract.RESP_MAX
-    return pack(Event(1_000, 0, start, pid, fd, contract.NATS, flags, kept[r:], kept[:r], len(data)))
+message_event = partial(one_way_event, contract.NATS)
 
 
 def test_the_tracer_counts_a_clients_messages_by_destination() -> None:
-    conns, rows = Connections(), Rows()
-    t = L7Tracer(Containers(), conns, rows, hostname="h", host_id="m")
+    t, conns, rows = tracer()
     conns.add(100, 7, 55, "10.0.0.9", 4222, actual="10.0.0.10:4222")  # the publisher's connection
     conns.add(100, 8, 55, "10.0.0.11", 4222, actual="10.0.0.11:4222")  # the subscriber's
     for _ in range(3):
@@ -128,8 +130,7 @@ def test_the_tracer_counts_a_clients_messages_by_destination() -> None:
 
 
 def test_the_tracer_labels_each_message_with_its_method_and_drops_the_servers_side() -> None:
-    conns = Connections()
-    t = L7Tracer(Containers(), conns, Rows(), hostname="h", host_id="m")
+    t, conns, _ = tracer()
     conns.add(100, 7, 55, "10.0.0.9", 4222, actual="10.0.0.9:4222")  # publishes and subscribes
     t.handle_event(message_event(PUB + HPUB, F_OUTBOUND | F_WRITE, fd=7))
     t.handle_event(message_event(DELIVERED, F_OUTBOUND, fd=7))

@@ -6,15 +6,22 @@ the capture limit, garbage; and through the tracer from packed events."""
 
 from __future__ import annotations
 
+from functools import partial
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.l7 import contract
-from agent.l7.contract import F_INBOUND, F_OUTBOUND, F_WRITE, Event, pack
+from agent.l7.contract import F_INBOUND, F_OUTBOUND, F_WRITE
 from agent.l7.protocol import Settings
 from agent.l7.rabbitmq import Rabbitmq, frames
-from agent.l7.tracer import L7Tracer
-from tests.unit.l7_helpers import CID, Connections, Containers, Rows, samples, value
+from tests.unit.l7_helpers import (
+    CID,
+    one_way_event,
+    samples,
+    tracer,
+    value,
+)
 
 K = (1, 5, 9)
 TAG = bytes.fromhex("1f616d712e637461672d6975567a4e2d4b776a484667385a7330445a666c7651")  # the consumer tag
@@ -99,16 +106,11 @@ def test_truncated_real_calls_never_raise_and_never_count_more(cut: int, cut2: i
 
 # ------------------------------------------------------------------- through the tracer --
 
-def message_event(data: bytes, flags: int, fd: int, pid: int = 100, start: int = 55) -> bytes:
-    """A one-way message as the kernel sends it (contract.h): the call's first CA_L7_PAYLOAD
-    bytes fill resp[] first, then req[]."""
-    kept, r = data[:contract.PAYLOAD_DEFAULT], contract.RESP_MAX
-    return pack(Event(1_000, 0, start, pid, fd, contract.RABBITMQ, flags, kept[r:], kept[:r], len(data)))
+message_event = partial(one_way_event, contract.RABBITMQ)
 
 
 def test_the_tracer_counts_a_clients_messages_by_destination() -> None:
-    conns, rows = Connections(), Rows()
-    t = L7Tracer(Containers(), conns, rows, hostname="h", host_id="m")
+    t, conns, rows = tracer()
     conns.add(100, 7, 55, "10.0.0.9", 5672, actual="10.0.0.10:5672")  # the publisher's connection
     conns.add(100, 8, 55, "10.0.0.11", 5672, actual="10.0.0.11:5672")  # the consumer's
     for _ in range(4):
@@ -124,8 +126,7 @@ def test_the_tracer_counts_a_clients_messages_by_destination() -> None:
 
 
 def test_the_tracer_labels_each_message_with_its_method_and_drops_the_servers_side() -> None:
-    conns = Connections()
-    t = L7Tracer(Containers(), conns, Rows(), hostname="h", host_id="m")
+    t, conns, _ = tracer()
     conns.add(100, 7, 55, "10.0.0.9", 5672, actual="10.0.0.9:5672")  # publishes and consumes
     t.handle_event(message_event(MESSAGE * 3, F_OUTBOUND | F_WRITE, fd=7))
     t.handle_event(message_event(CONSUME_OK + deliver(1) + deliver(2), F_OUTBOUND, fd=7))

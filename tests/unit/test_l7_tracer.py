@@ -6,21 +6,15 @@ tests/system/test_l7.py."""
 from __future__ import annotations
 
 import time
+from functools import partial
 
 from agent.l7 import contract
-from agent.l7.contract import F_COUNTED, F_INBOUND, F_OUTBOUND, F_TLS, Event, pack
+from agent.l7.contract import F_COUNTED, F_INBOUND, F_OUTBOUND, F_TLS
 from agent.l7.tracer import L7Tracer
-from tests.unit.l7_helpers import CID, Connections, Containers, Rows, samples, value
+from tests.unit.l7_helpers import CID, Connections, Containers, Rows, paired, samples, tracer, value
 
-
-def setup() -> tuple[L7Tracer, Connections, Rows]:
-    conns, rows = Connections(), Rows()
-    return L7Tracer(Containers(), conns, rows, hostname="h", host_id="m"), conns, rows
-
-
-def ev(proto: int, flags: int, req: bytes, resp: bytes, pid: int = 100, fd: int = 7, start: int = 55,
-       ms: int = 3) -> bytes:
-    return pack(Event(1_000, ms * 1_000_000, start, pid, fd, proto, flags, req, resp))
+setup = tracer
+ev = partial(paired, ms=3)
 
 
 SET = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nhello\r\n"

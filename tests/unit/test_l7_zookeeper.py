@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import random
 import struct
-import subprocess
+from functools import partial
 from pathlib import Path
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.ebpf.loader import BPF_DIR
 from agent.l7 import contract
-from agent.l7.contract import F_INBOUND, F_OUTBOUND, Event, pack
+from agent.l7.contract import F_INBOUND, F_OUTBOUND
 from agent.l7.protocol import Peer, Settings
-from agent.l7.tracer import L7Tracer
 from agent.l7.zookeeper import (
     CONNECT,
     MULTI,
@@ -30,7 +27,13 @@ from agent.l7.zookeeper import (
     parse_request,
     status_of,
 )
-from tests.unit.l7_helpers import CID, Connections, Containers, Rows, value
+from tests.unit.l7_helpers import (
+    CID,
+    detector_lines,
+    paired,
+    tracer,
+    value,
+)
 from tests.unit.nodeagent_families import L7_STATUS
 
 K = (1, 5, 9)
@@ -172,19 +175,8 @@ def test_truncated_real_frames_never_raise(req: bytes, rep: bytes, cut: int, cut
 
 # ---------------------------------------------------------- the kernel's detector, natively --
 
-@pytest.fixture(scope="module")
-def detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    exe = tmp_path_factory.mktemp("zk") / "l7_detect"
-    src = Path(__file__).parent / "native" / "l7_detect.c"
-    subprocess.run(["gcc", "-O1", "-Wall", "-Werror", "-I", str(BPF_DIR / "include"), "-o", str(exe), str(src)],
-                   check=True, capture_output=True, text=True)
-    return exe
-
-
 def detected(exe: Path, payloads: list[bytes]) -> list[bool]:
-    out = subprocess.run([str(exe)], input="".join(p.hex() + "\n" for p in payloads),
-                         check=True, capture_output=True, text=True).stdout
-    return [int(line.split()[0]) == contract.ZOOKEEPER for line in out.splitlines()]
+    return [line[0] == contract.ZOOKEEPER for line in detector_lines(exe, payloads)]
 
 
 def test_the_kernel_and_the_parser_agree_on_which_ops_carry_a_path(detector: Path) -> None:
@@ -228,13 +220,11 @@ def test_a_body_whose_xid_reads_as_its_length(detector: Path) -> None:
 
 # ------------------------------------------------------------------- through the tracer --
 
-def ev(flags: int, req: bytes, rep: bytes, fd: int = 7, pid: int = 100, ms: int = 2) -> bytes:
-    return pack(Event(1_000, ms * 1_000_000, 55, pid, fd, contract.ZOOKEEPER, flags, req, rep))
+ev = partial(paired, contract.ZOOKEEPER)
 
 
 def test_the_tracer_counts_clients_and_servers_by_status_with_spans_for_clients() -> None:
-    conns, rows = Connections(), Rows()
-    t = L7Tracer(Containers(), conns, rows, hostname="h", host_id="m")
+    t, conns, rows = tracer()
     conns.add(100, 7, 55, "10.0.0.9", 2181, actual="10.0.0.10:2181")
     for name in ("create", "getData", "getData-missing", "exists-missing", "create-bad", "ping"):
         t.handle_event(ev(F_OUTBOUND, *pair(name)))

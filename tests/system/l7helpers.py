@@ -1,0 +1,218 @@
+"""Shared by the L7 system tests (tests/system/test_l7*.py): the agent's L7 series read by
+status or method, waits for exact counts, the spans the store holds for a container, the
+agent's own L7 counters for a failure's message, a test server in its own cgroup and a wire
+client's start and finish."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, cast
+
+from tests.system.helpers import (
+    REPO,
+    AgentProcess,
+    TestCgroups,
+    free_port,
+    rows,
+    wait_for,
+    wait_port,
+)
+from tests.system.servers import Nginx
+
+# the L7 families a container's traffic can make (requests, queries, messages; any protocol)
+L7_FAMILY = re.compile(r"container_\w+_(requests|queries|messages)_")
+
+
+def by_status(agent: AgentProcess, name: str, **labels: str) -> dict[str, float]:
+    """Series `name` with `labels` (a subset of theirs), summed by status."""
+    out: dict[str, float] = {}
+    for n, lb, v in agent.metrics():
+        if n == name and labels.items() <= lb.items():
+            out[lb["status"]] = out.get(lb["status"], 0) + v
+    return out
+
+
+def by_method(agent: AgentProcess, name: str, **labels: str) -> dict[tuple[str, str], float]:
+    """Series `name` with `labels`, summed by (method, status) (NATS and RabbitMQ)."""
+    out: dict[tuple[str, str], float] = {}
+    for n, lb, v in agent.metrics():
+        if n == name and labels.items() <= lb.items():
+            key = (lb.get("method", ""), lb["status"])
+            out[key] = out.get(key, 0) + v
+    return out
+
+
+def delta(after: Mapping[str, float], before: Mapping[str, float]) -> dict[str, float]:
+    """What `after` counts beyond `before`, its zero entries left out."""
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+
+
+def wait_counts(agent: AgentProcess, name: str, total: float | Mapping[str, float], *,
+                before: Mapping[str, float] | None = None, settle: float = 0.0, timeout: float = 30,
+                **labels: str) -> dict[str, float]:
+    """by_status() once its counts add up to `total` (or to the sum of a wanted dict), less
+    what `before` held (then only the statuses that changed). With `settle`, read again that
+    many seconds later: the counts are then what came, and nothing more."""
+    want = sum(total.values()) if isinstance(total, Mapping) else total
+    base = before or {}
+
+    def read() -> dict[str, float]:
+        return delta(by_status(agent, name, **labels), base) if before is not None else by_status(agent, name, **labels)
+
+    got: dict[str, float] = {}
+
+    def done() -> bool:
+        nonlocal got
+        got = read()
+        return sum(got.values()) >= want
+
+    wait_for(done, timeout, interval=0.2)
+    if settle:
+        time.sleep(settle)
+        got = read()
+    return got
+
+
+def wait_methods(agent: AgentProcess, name: str, total: int, **labels: str) -> dict[tuple[str, str], float]:
+    """by_method() once its counts add up to `total`."""
+    got: dict[tuple[str, str], float] = {}
+
+    def done() -> bool:
+        nonlocal got
+        got = by_method(agent, name, **labels)
+        return sum(got.values()) >= total
+
+    wait_for(done, 30, interval=0.2)
+    return got
+
+
+def histogram_count(agent: AgentProcess, name: str, **labels: str) -> float:
+    """The observations of histogram `name` in the series with `labels`."""
+    return sum(v for n, lb, v in agent.metrics() if n == name + "_count" and labels.items() <= lb.items())
+
+
+SPAN_COLUMNS = "SpanName, SpanKind, SpanAttributes, Duration, StatusCode, StatusMessage, ResourceAttributes"
+
+
+def spans(agent: AgentProcess, service: str, want: int, *, settle: float = 0.0,
+          where: str | None = None) -> list[dict[str, Any]]:
+    """The stored spans of ServiceName `service` (or of the `where` condition) once there are
+    `want` of them (or 30 s passed). With `settle`, read again that many seconds later (the
+    store is written every second): what came, and nothing more."""
+    sql = f"SELECT {SPAN_COLUMNS} FROM otel_traces WHERE " + (where or f"ServiceName = '{service}'")
+    got: list[dict[str, Any]] = []
+
+    def enough() -> bool:
+        nonlocal got
+        got = rows(agent, sql)
+        return len(got) >= want
+
+    wait_for(enough, 30, interval=0.5)
+    if settle:
+        time.sleep(settle)
+        got = rows(agent, sql)
+    return got
+
+
+def span_count(agent: AgentProcess, *services: str) -> int:
+    """Stored spans of these containers (by container id)."""
+    ids = ", ".join(f"'{c}'" for c in services)
+    return int(rows(agent, f"SELECT count() AS n FROM otel_traces WHERE ResourceAttributes['container.id'] IN ({ids})")
+               [0]["n"])
+
+
+def diagnosis(agent: AgentProcess) -> dict[str, float]:
+    """The agent's own L7 counters (kernel pairs, replaced requests, lost events), for a failure's message."""
+    return {f"{n}{{{lb.get('what', '')}}}": v for n, lb, v in agent.metrics()
+            if n.startswith("coroot_agent_l7_") or n == "coroot_agent_lost_events_total"}
+
+
+def assert_messages_only(agent: AgentProcess, family: str, clients: Sequence[str], server_cid: str) -> None:
+    """NATS and RabbitMQ as the node agent has them: the clients' containers and the server's
+    have no L7 family but `family` (no histogram, no other protocol), the server's side is not
+    counted (no inbound family) and no spans are made."""
+    names = {n for n, lb, _ in agent.metrics() if lb.get("container_id") in (*clients, server_cid)}
+    assert {n for n in names if L7_FAMILY.match(n)} <= {family}, names
+    assert by_method(agent, family, container_id=server_cid) == {}
+    assert span_count(agent, *clients) == 0
+
+
+# ------------------------------------------------------------------ servers and clients --
+
+@dataclass
+class CgroupServer:
+    """A test server on loopback in its own cgroup."""
+
+    port: int
+    cid: str  # the server's container
+    dir: str  # its working directory (server.log)
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def dest(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@contextmanager
+def cgroup_server(name: str, argv: Callable[[int, str], Sequence[str]], *, timeout: float = 30,
+                  prepare: Callable[[int, str], None] | None = None) -> Iterator[CgroupServer]:
+    """Start `argv(port, workdir)` in a new cgroup on a free port with a temporary working
+    directory (`prepare(port, workdir)` first), its output in workdir/server.log, until it
+    accepts on the port; everything in the cgroup is killed and the directory removed after."""
+    cg = TestCgroups()
+    cid = cg.create(name)
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix=f"ca-{name}-")
+    try:
+        if prepare is not None:
+            prepare(port, workdir)
+        with open(os.path.join(workdir, "server.log"), "wb") as log:  # the child has its own copy
+            p = cg.spawn(cid, argv(port, workdir), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_port("127.0.0.1", port, timeout=timeout, proc=p)
+        except RuntimeError:
+            with open(os.path.join(workdir, "server.log"), errors="replace") as f:
+                raise RuntimeError(f"{name} did not start:\n{f.read()[-4000:]}") from None
+        yield CgroupServer(port, cid, workdir, p)
+    finally:
+        cg.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def start_client(cgroups: TestCgroups, cid: str, argv: Sequence[str], what: str) -> tuple[subprocess.Popen[str], Any]:
+    """Run a wire client in a test cgroup (stdin and stdout piped, from the repository) and
+    read the JSON line it prints first; it then waits for finish()."""
+    p = cast("subprocess.Popen[str]", cgroups.spawn(cid, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                     text=True, cwd=REPO))
+    assert p.stdout is not None
+    line = p.stdout.readline()
+    assert line, f"the {what} client failed (exit {p.wait(10)})"
+    return p, json.loads(line)
+
+
+def finish(p: subprocess.Popen[str], timeout: float = 10) -> None:
+    """Close a client's stdin (it exits) and wait for it."""
+    assert p.stdin is not None
+    p.stdin.close()
+    p.wait(timeout)
+
+
+@contextmanager
+def nginx_in(cgroups: TestCgroups, name: str) -> Iterator[tuple[Nginx, str]]:
+    """nginx (plain and TLS ports) in a new test cgroup: (server, container id); stopped after."""
+    cid = cgroups.create(name)
+    n = Nginx()
+    try:
+        n.start(cgroups, cid)
+        yield n, cid
+    finally:
+        n.stop()
