@@ -105,7 +105,7 @@ def run_once(args: argparse.Namespace, cg: TestCgroups, cid: str, url: str, pace
              connections: int) -> dict[str, float]:
     base_rps, base_p99, _ = bench_l7.wrk(cg, cid, url, args.seconds, connections, paced)
     subprocess.run(["sysctl", "-qw", "kernel.bpf_stats_enabled=1"], check=True)
-    agent = AgentProcess(["--min-container-age", "0s", "--traces-sampling", "1.0"])
+    agent = AgentProcess(["--min-container-age", "0s", "--traces-sampling", "1.0", *args.agent_args.split()])
     raw = tempfile.mktemp(suffix=".txt", prefix="l7-stages-")
     try:
         agent.start()
@@ -178,6 +178,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--hz", type=int, default=250, help="py-spy samples per second")
     ap.add_argument("--keep", help="keep py-spy's raw stacks in this file")
+    ap.add_argument("--agent-args", default="", help="more agent flags, e.g. --disable-profiling (the host-wide "
+                                                     "CPU profiler symbolizes other users' new binaries too)")
     args = ap.parse_args()
     cg = TestCgroups()
     server = Nginx()
