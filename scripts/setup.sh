@@ -83,7 +83,7 @@ if ! "$VENV/bin/python" -c "import bcc" >/dev/null 2>&1; then
 fi
 
 extras=""
-[ "$WANT_TEST" = 1 ] && extras="[test]"
+[ "$WANT_TEST" = 1 ] && extras="[test,bench]"  # bench: py-spy for bench/l7_stages.py
 stamp="$VENV/.coroot-agent-installed"
 want="$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1) $REPO $extras"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then

@@ -26,6 +26,8 @@ from typing import Any
 from agent.component import Component
 from agent.ebpf.headers import HeadersSource
 from agent.ebpf.maps import AttachError, BpfMap, ProgramsClosing
+from agent.ebpf.ringbuf import Ring, RingSet
+from agent.ebpf.ringbuf import supported as bulk_rings_supported
 from agent.metrics import Families
 
 log = logging.getLogger(__name__)
@@ -138,6 +140,7 @@ class Loaded:
     _detach_begun: bool = False
     _attach_lock: threading.Lock = field(default_factory=threading.Lock)
     _closed: bool = False
+    _rings: RingSet = field(default_factory=RingSet)  # ring buffers read in bulk (agent/ebpf/ringbuf.py)
 
     # ------------------------------------------------------------ Programs --
 
@@ -210,6 +213,8 @@ class Loaded:
         failed-connect events it caused, which travel in another buffer)."""
         if self._closed:
             time.sleep(timeout_ms / 1000)
+        elif self._rings.rings:
+            self._rings.poll(timeout_ms)
         elif self.ringbuf:
             if self.bpf._ringbuf_manager:
                 self.bpf.ring_buffer_poll(timeout_ms)
@@ -276,6 +281,7 @@ class Loaded:
         for t in self._detaching:
             t.join(max(0.0, deadline - time.monotonic()))
         self._closed = True
+        self._rings.close()
         try:
             self.bpf.cleanup()
         except Exception:  # noqa: BLE001 - best effort at shutdown
@@ -439,7 +445,9 @@ def _malloc_trim() -> None:
 
 def _open(loaded: Loaded, buf: str, handler: Handler, pages: int) -> None:
     table = loaded.bpf[buf]
-    if loaded.ringbuf:
+    if loaded.ringbuf and bulk_rings_supported():  # read from its mapping, many records a call
+        loaded._rings.add(table.map_fd, Ring.open(table.map_fd, table.max_entries, handler))
+    elif loaded.ringbuf:
         def on_ring(_ctx: object, data: int, size: int) -> int:
             handler(ctypes.string_at(data, size))
             return 0

@@ -313,17 +313,22 @@ class RowBuilder:
         types = _column_types(t)
         self._index = {name: i for i, name in enumerate(self.columns)}
         self._defaults = tuple(_default(types[name]) for name in self.columns)
+        # positions whose default is a list or dict: each row gets its own (measured: checking
+        # every column's default per row was most of a span row's cost)
+        self._mutable = tuple((i, type(d)) for i, d in enumerate(self._defaults) if isinstance(d, (list, dict)))
 
     def __call__(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
         row = list(self._defaults)
-        for name, v in values.items():
-            try:
-                row[self._index[name]] = v
-            except KeyError:
-                raise KeyError(f"{self.table} has no column {name!r}") from None
-        for i, d in enumerate(self._defaults):  # mutable defaults are not shared between rows
-            if row[i] is d and isinstance(d, (list, dict)):
-                row[i] = type(d)()
+        index = self._index
+        try:
+            for name, v in values.items():
+                row[index[name]] = v
+        except KeyError as e:
+            raise KeyError(f"{self.table} has no column {e.args[0]!r}") from None
+        defaults = self._defaults
+        for i, make in self._mutable:  # mutable defaults are not shared between rows
+            if row[i] is defaults[i]:
+                row[i] = make()
         return tuple(row)
 
 

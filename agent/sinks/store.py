@@ -388,8 +388,9 @@ class Store:
         with self._lock:
             client = self._need()
             try:
-                # column-oriented: measured ~15% faster than row-oriented for span batches
-                data = [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in columns]
+                # column-oriented: measured ~15% faster than row-oriented for span batches; the
+                # columns are zip's tuples, not copied again into lists
+                data: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [[] for _ in columns]
                 client.insert(f"{self.database}.{table}", data, column_names=list(columns),
                               column_oriented=True, settings={"insert_deduplication_token": token,
                                         "deduplicate_blocks_in_dependent_materialized_views": 1})
