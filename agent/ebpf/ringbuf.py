@@ -19,6 +19,7 @@ store after the data); other architectures keep BCC's consumer (`supported()`).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import platform
@@ -53,6 +54,12 @@ class Ring:
     handler: Handler
     data_offset: int = mmap.PAGESIZE
     maps: list[mmap.mmap] = field(default_factory=list)
+    # The consumer position as one aligned 64-bit word: a single store publishes it (the kernel
+    # reads it concurrently to know the free space; a byte-wise copy could be read torn).
+    _position: ctypes.c_uint64 | None = None
+
+    def __post_init__(self) -> None:
+        self._position = ctypes.c_uint64.from_buffer(self.consumer)
 
     @classmethod
     def open(cls, fd: int, size: int, handler: Handler) -> Ring:
@@ -90,9 +97,10 @@ class Ring:
                 cons += (size + HEADER + 7) & ~7
             if cons == start:
                 return handed
-            _U64.pack_into(consumer, 0, cons)  # the kernel may reuse the space from here on
+            self._position.value = cons  # type: ignore[union-attr]  # the kernel may reuse the space from here on
 
     def close(self) -> None:
+        self._position = None  # the mapping cannot close while a ctypes view exports it
         for m in self.maps:
             m.close()
         self.maps.clear()
