@@ -33,6 +33,7 @@ if [ "$WANT_TEST" = 1 ]; then
         pkgs+=(containerd docker.io podman)
         pkgs+=(default-jdk-headless)  # the JVM tests compile and run Java programs
         pkgs+=(golang-go)  # the Go TLS tests build their client and server with Debian's Go
+        pkgs+=(nodejs)  # the Node.js event-loop test runs a script under Debian's node
     fi
 fi
 missing=()
