@@ -44,10 +44,10 @@ class Need:
 
 REQUIRED: tuple[Need, ...] = (
     Need("CAP_BPF", "load BPF programs, create maps, and read them (bpf())",
-         "every probe family: the agent cannot run", ("proc", "tcp", "l7", "logs", "profiler", "python")),
+         "every probe family: the agent cannot run", ("proc", "tcp", "l7", "logs", "profiler", "python", "nodejs")),
     Need("CAP_PERFMON", "attach tracepoints, uprobes and the CPU sampling perf event (perf_event_open), and "
          "read user memory from BPF programs", "every probe family: the agent cannot run",
-         ("proc", "tcp", "l7", "logs", "profiler", "python")),
+         ("proc", "tcp", "l7", "logs", "profiler", "python", "nodejs")),
     Need("CAP_SYS_PTRACE", "reach /proc/PID/{root,exe,ns,fd} of processes with more privileges than the agent: "
          "the libssl files inside their filesystems to put uprobes on, their binaries to symbolize, their "
          "network namespace, their open sockets and log files",

@@ -167,6 +167,7 @@ class Config:
     max_label_length: int = _opt(4096, "int", "longer label values are truncated", flag="--max-label-length", yaml="max_label_length", check=_positive)
     jvm_enabled: bool = _opt(True, "bool", "read JVM performance counters (hsperfdata) for container_jvm_* metrics", flag="--disable-jvm-monitoring", yaml="runtime_metrics.jvm", invert=True)
     python_gil_enabled: bool = _opt(False, "bool", "uprobes on the C library's pthread_cond_timedwait of each Python process for container_python_thread_lock_wait_time_seconds (off by default: two uprobes per Python process, each adding ~40-80 ms to the agent's stop while the kernel detaches it)", flag="--enable-python-gil-monitoring", yaml="runtime_metrics.python")
+    nodejs_enabled: bool = _opt(False, "bool", "uprobes on libuv's uv__io_poll and I/O callbacks in each Node.js binary (or libuv) for container_nodejs_event_loop_blocked_time_seconds_total (off by default, as the Python GIL probes: 12 uprobes per file, detached at the agent's stop)", flag="--enable-nodejs-monitoring", yaml="runtime_metrics.nodejs")
     # --- containers ---
     container_allowlist: tuple[str, ...] = _opt((), "regexes", "only containers whose id matches one of these regexes (repeatable)", flag="--container-allowlist", yaml="container_allowlist")
     container_denylist: tuple[str, ...] = _opt((), "regexes", "containers whose id matches one of these regexes are ignored (repeatable)", flag="--container-denylist", yaml="container_denylist")
@@ -224,6 +225,8 @@ class Config:
             fams.append("profiler")
         if self.python_gil_enabled:
             fams.append("python")
+        if self.nodejs_enabled:
+            fams.append("nodejs")
         return fams
 
     @property

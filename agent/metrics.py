@@ -11,9 +11,10 @@ import contextlib
 import logging
 import os
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Protocol, TypeVar
 
+from prometheus_client import exposition
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -23,7 +24,76 @@ from prometheus_client.core import (
 
 log = logging.getLogger(__name__)
 
-_Family = TypeVar("_Family", CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily)
+
+class ExactCounterMetricFamily(Metric):
+    """A counter exposed under exactly the name it is given, no `_total` appended.
+
+    prometheus_client names every counter's series NAME_total (OpenMetrics' rule); the Coroot
+    node agent (Go client, Prometheus text format) has counters without it, e.g.
+    container_jvm_gc_time_seconds, and the Coroot server queries those names. Such a family is
+    typed counter in the text exposition (`generate_latest` here) and in metric metadata
+    (`exposed_family`), with samples named NAME.
+    """
+
+    def __init__(self, name: str, documentation: str, labels: Iterable[str]) -> None:
+        super().__init__(name, documentation, "counter")
+        self._labelnames = tuple(labels)
+
+    def add_metric(self, labels: Iterable[str], value: float) -> None:
+        self.add_sample(self.name, dict(zip(self._labelnames, labels, strict=True)), value)
+
+
+def exposed_family(fam: Metric) -> tuple[str, str]:
+    """(the family name a Prometheus scrape of the text exposition sees, the remote_write
+    metadata type: prompb.MetricMetadata.MetricType) of a collected family."""
+    if isinstance(fam, ExactCounterMetricFamily):
+        return fam.name, "COUNTER"
+    suffix, type_ = _META_TYPES.get(fam.type, ("", "UNKNOWN"))
+    return fam.name + suffix, type_
+
+
+# prometheus_client family type -> (suffix of the family name in the text exposition, metadata type)
+_META_TYPES = {
+    "counter": ("_total", "COUNTER"), "gauge": ("", "GAUGE"), "histogram": ("", "HISTOGRAM"),
+    "gaugehistogram": ("", "GAUGEHISTOGRAM"), "summary": ("", "SUMMARY"), "info": ("_info", "GAUGE"),
+    "stateset": ("", "GAUGE"), "unknown": ("", "UNKNOWN"),
+}
+
+
+class _One:
+    """One family as a collector, for prometheus_client's exposition."""
+
+    def __init__(self, fam: Metric) -> None:
+        self.fam = fam
+
+    def collect(self) -> list[Metric]:
+        return [self.fam]
+
+
+class _Collectable(Protocol):
+    def collect(self) -> Iterable[Metric]: ...
+
+
+def generate_latest(registry: _Collectable) -> bytes:
+    """The Prometheus text exposition of `registry`, as prometheus_client writes it, except that
+    an ExactCounterMetricFamily keeps its name: `# TYPE NAME counter` and NAME samples."""
+    out: list[bytes] = []
+    for fam in registry.collect():
+        if not isinstance(fam, ExactCounterMetricFamily):
+            out.append(exposition.generate_latest(_One(fam)))
+            continue
+        # The same lines prometheus_client writes for a gauge (escaping, value and timestamp
+        # formats), the TYPE line saying counter.
+        as_gauge = Metric(fam.name, fam.documentation, "gauge")
+        as_gauge.samples = fam.samples
+        text = exposition.generate_latest(_One(as_gauge))
+        type_line = b"# TYPE " + fam.name.encode() + b" gauge\n"
+        out.append(text.replace(type_line, b"# TYPE " + fam.name.encode() + b" counter\n", 1))
+    return b"".join(out)
+
+
+_Family = TypeVar("_Family", CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                  ExactCounterMetricFamily)
 
 
 class Histogram(Protocol):
@@ -58,6 +128,10 @@ class Families:
 
     def counter(self, name: str, help_: str, value: float, **labels: str) -> None:
         self._family(CounterMetricFamily, name, help_, labels).add_metric(self._values(labels), value)
+
+    def exact_counter(self, name: str, help_: str, value: float, **labels: str) -> None:
+        """A counter the node agent names without `_total`: exposed as `name` exactly."""
+        self._family(ExactCounterMetricFamily, name, help_, labels).add_metric(self._values(labels), value)
 
     def histogram(self, name: str, help_: str, hist: Histogram, **labels: str) -> None:
         """`hist.cumulative()`: (upper bound, cumulative count) pairs ending with +Inf."""

@@ -45,6 +45,7 @@ from agent.node.node import NodeCollector
 from agent.profiling.profiler import Profiler
 from agent.query import StoreLock, api_handler, socket_path
 from agent.runtime.jvm import JvmMetrics
+from agent.runtime.nodejs import NodejsMetrics
 from agent.runtime.python import PythonGilMetrics
 from agent.sinks.batcher import Sink
 from agent.sinks.history import MetricHistory
@@ -241,6 +242,8 @@ class Agent:
             out.append(self.jvm)
         if "python" in self.families():
             out.append(PythonGilMetrics(self.registry, procfs=cfg.procfs_root))
+        if "nodejs" in self.families():
+            out.append(NodejsMetrics(self.registry, procfs=cfg.procfs_root))
         shipper = self._metrics_shipper()
         if shipper is not None:
             out.append(shipper)

@@ -13,7 +13,14 @@ probes fire, the kernel side leaves after one lookup) and from a Python process 
 (the wait is timed and added): nanoseconds each call costs more, and the BPF programs' own run
 time per call (kernel.bpf_stats_enabled).
 
-Run as root: `python bench/runtime.py [--jvms 4] [--rounds 200] [--calls 200000] [--only jvm|python]`.
+Node.js: the agent's uprobes sit on libuv's uv__io_poll (entry and return) and its I/O callbacks
+in the node binary, which only Node.js runs. A chain of setImmediate callbacks (one event-loop
+iteration, one uv__io_poll call each) in a test cgroup, timed without the agent and with it
+following the process: nanoseconds each iteration costs more, and the BPF programs' own run
+time per call.
+
+Run as root: `python bench/runtime.py [--jvms 4] [--rounds 200] [--calls 200000] [--iterations 200000]
+[--only jvm|python|nodejs]`.
 """
 
 from __future__ import annotations
@@ -54,6 +61,26 @@ def loop(n, call):
 n = int(sys.argv[1])
 sys.stdin.readline()
 print((min(loop(n, True) for _ in range(3)) - min(loop(n, False) for _ in range(3))) * 1e9, flush=True)
+"""
+
+# Runs `n` event-loop iterations (a setImmediate chain) three times once told to; prints the
+# best ns per iteration.
+LOOP_JS = """
+const n = Number(process.argv[1]);
+function once() {
+  return new Promise((done) => {
+    let i = 0;
+    const t = process.hrtime.bigint();
+    const step = () => { if (++i === n) done(Number(process.hrtime.bigint() - t) / n); else setImmediate(step); };
+    setImmediate(step);
+  });
+}
+process.stdin.once('data', async () => {
+  let best = Infinity;
+  for (let k = 0; k < 3; k++) best = Math.min(best, await once());
+  console.log(best);
+  process.exit(0);
+});
 """
 
 
@@ -157,17 +184,56 @@ def bench_python(calls: int) -> None:
         a.cleanup()
 
 
+def event_loop(iterations: int, cg: TestCgroups, followed_by: AgentProcess | None = None) -> float:
+    """ns per event-loop iteration of a Node.js process in a test cgroup."""
+    node = shutil.which("node") or shutil.which("nodejs") or "node"
+    p = cg.spawn(cg.create("bench-nodejs"), [node, "-e", LOOP_JS, str(iterations)], stdin=subprocess.PIPE,
+                 stdout=subprocess.PIPE, text=True)
+    if followed_by is not None:
+        assert wait_for(lambda: [1 for n, _, v in followed_by.metrics()
+                                 if n == "coroot_agent_nodejs_processes" and v >= 1], 30), "not followed"
+    out, _ = p.communicate("go\n", timeout=300)
+    return float(out)
+
+
+def bench_nodejs(iterations: int) -> None:
+    subprocess.run(["sysctl", "-qw", "kernel.bpf_stats_enabled=1"], check=True)
+    cg = TestCgroups()
+    a = AgentProcess([*AGENT_DEFAULTS, "--enable-nodejs-monitoring", "--disable-l7-tracing", "--disable-profiling",
+                      "--disable-log-parsing", "--disable-log-entries"])
+    try:
+        without = event_loop(iterations, cg)
+        a.start()
+        followed = event_loop(iterations, cg, followed_by=a)
+        samples = [(n, lb.get("program", ""), v) for n, lb, v in a.metrics()]
+        runs = {p: v for n, p, v in samples if n == "coroot_agent_bpf_program_runs_total" and p.startswith("nodejs_")}
+        secs = {p: v for n, p, v in samples if n == "coroot_agent_bpf_program_run_seconds_total"
+                and p.startswith("nodejs_")}
+        print(f"Node.js event loop, {iterations} setImmediate iterations (ns an iteration, best of 3):")
+        print(f"  without the agent:                  {without:8.0f} ns")
+        print(f"  with it, following the process:     {followed:8.0f} ns (+{followed - without:.0f})")
+        for prog in sorted(runs):
+            if runs[prog]:
+                print(f"  {prog}: {secs.get(prog, 0) / runs[prog] * 1e9:.0f} ns in the kernel a run ({runs[prog]:.0f} runs)")
+    finally:
+        cg.cleanup()
+        a.cleanup()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--jvms", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--calls", type=int, default=200_000)
-    ap.add_argument("--only", choices=("jvm", "python"))
+    ap.add_argument("--iterations", type=int, default=200_000)
+    ap.add_argument("--only", choices=("jvm", "python", "nodejs"))
     args = ap.parse_args()
-    if args.only != "python":
+    if args.only in (None, "jvm"):
         bench_jvm(args.jvms, args.rounds)
-    if args.only != "jvm":
+    if args.only in (None, "python"):
         bench_python(args.calls)
+    if args.only in (None, "nodejs"):
+        bench_nodejs(args.iterations)
 
 
 if __name__ == "__main__":

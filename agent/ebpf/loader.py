@@ -66,6 +66,9 @@ FAMILIES: dict[str, Family] = {
                        perf_functions=("on_cpu_sample",)),
     "python": Family("python", "python.c", (), "CPython GIL waits: pthread_cond_timedwait in the C library (uprobes)",
                      uprobe_functions=("python_cond_wait_enter", "python_cond_wait_exit")),
+    "nodejs": Family("nodejs", "nodejs.c", (), "Node.js event-loop blocked time: libuv's uv__io_poll and I/O callbacks "
+                     "(uprobes)", uprobe_functions=("nodejs_poll_enter", "nodejs_poll_exit", "nodejs_io_cb_enter",
+                                                    "nodejs_io_cb_exit")),
 }
 
 Handler = Callable[[bytes], None]

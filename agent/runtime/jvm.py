@@ -18,10 +18,8 @@ GC time is each of sun.gc.collector.{0,1,2}.time by its name; safepoint and sync
 sun.rt.safepointTime and sun.rt.safepointSyncTime. Times are ticks over sun.os.hrt.frequency.
 Two processes of one container with the same `jvm` report once, the lower pid's.
 
-The three times are counters in the node agent, exposed there under these very names. The
-Prometheus client here names a counter's series NAME_total, and the Coroot server queries NAME:
-so they are exposed as gauges of the exact name (only the TYPE line differs; remote_write
-carries no type, and rate() reads them the same).
+The three times are counters in the node agent, exposed there under these very names (no
+`_total`), which the Coroot server queries: here they are agent.metrics exact counters.
 
 A JVM run with -XX:-UsePerfData keeps no counters, and one with -XX:+PerfDisableSharedMem keeps
 them in memory only: nothing to read, nothing exported; the options are read from the command
@@ -445,13 +443,13 @@ class JvmMetrics(Component):
                 f.gauge("container_jvm_heap_max_size_bytes", "Maximum heap size in bytes (-Xmx)", s.heap_max,
                         **ct, jvm=s.jvm)
             for gc, secs in s.gc_time:
-                f.gauge("container_jvm_gc_time_seconds", "Time spent in the given JVM garbage collector in seconds",
-                          secs, **ct, jvm=s.jvm, gc=gc)
-            f.gauge("container_jvm_safepoint_time_seconds",
-                      "Time the application has been stopped for safepoint operations in seconds",
-                      s.safepoint_time, **ct, jvm=s.jvm)
-            f.gauge("container_jvm_safepoint_sync_time_seconds", "Time spent getting to safepoints in seconds",
-                      s.safepoint_sync_time, **ct, jvm=s.jvm)
+                f.exact_counter("container_jvm_gc_time_seconds", "Time spent in the given JVM garbage collector in seconds",
+                                secs, **ct, jvm=s.jvm, gc=gc)
+            f.exact_counter("container_jvm_safepoint_time_seconds",
+                            "Time the application has been stopped for safepoint operations in seconds",
+                            s.safepoint_time, **ct, jvm=s.jvm)
+            f.exact_counter("container_jvm_safepoint_sync_time_seconds", "Time spent getting to safepoints in seconds",
+                            s.safepoint_sync_time, **ct, jvm=s.jvm)
 
     def self_metrics(self, f: Families) -> None:
         with self._lock:

@@ -21,8 +21,8 @@ waits for the kernel, ~0.1 s).
 A process's total lives in the kernel map until it exits; then it is added to its container's
 retired total and its entries are deleted. The metric of a container is the retired total plus
 its live processes' totals; it is there (0 when nothing waited) for every container with a
-Python process probed. Like the node agent's, it is a counter; like container_jvm_*'s times it
-is exposed as a gauge of the exact name (the Prometheus client would name a counter NAME_total).
+Python process probed. Like the node agent's, it is a counter named without `_total` (an
+agent.metrics exact counter).
 
 Work is done on ticks (the poll thread): reading /proc/PID/cmdline and maps of new processes,
 once per new C library file its ELF symbols, and two uprobes per Python process (the TLS
@@ -417,8 +417,8 @@ class PythonGilMetrics(Component):
             c = self.registry.container(cid)
             if c is None:
                 continue
-            f.gauge("container_python_thread_lock_wait_time_seconds", "Time spent waiting acquiring GIL in seconds",
-                    secs, container_id=cid, app_id=c.app_id)
+            f.exact_counter("container_python_thread_lock_wait_time_seconds", "Time spent waiting acquiring GIL in seconds",
+                            secs, container_id=cid, app_id=c.app_id)
 
     def self_metrics(self, f: Families) -> None:
         with self._lock:

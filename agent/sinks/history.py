@@ -18,19 +18,13 @@ from prometheus_client import CollectorRegistry
 
 from agent.component import Component
 from agent.hashing import fnv1a64
+from agent.metrics import exposed_family
 from agent.sinks import schema
 from agent.sinks.batcher import Sink
 
 log = logging.getLogger(__name__)
 
 _SEP = b"\xff"
-# prometheus_client family type -> (suffix of the family name in the text exposition, the type
-# remote_write metadata names: prompb.MetricMetadata.MetricType)
-_META_TYPES = {
-    "counter": ("_total", "COUNTER"), "gauge": ("", "GAUGE"), "histogram": ("", "HISTOGRAM"),
-    "gaugehistogram": ("", "GAUGEHISTOGRAM"), "summary": ("", "SUMMARY"), "info": ("_info", "GAUGE"),
-    "stateset": ("", "GAUGE"), "unknown": ("", "UNKNOWN"),
-}
 
 
 def series_hash(labels: list[tuple[str, str]]) -> int:
@@ -58,8 +52,7 @@ class MetricHistory(Component):
         ts_ms = ts_ms if ts_ms is not None else int(time.time() * 1000)
         n = 0
         for fam in self.registry.collect():
-            suffix, type_ = _META_TYPES.get(fam.type, ("", "UNKNOWN"))
-            family = fam.name + suffix
+            family, type_ = exposed_family(fam)
             if family not in self._described:
                 self._described.add(family)
                 self.sink.add("metrics_metadata", schema.row("metrics_metadata", {

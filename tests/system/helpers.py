@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.containers.cgroup import detect_layout
@@ -36,6 +37,22 @@ LOG_WRITER = (sys.executable, "-m", "tests.system.workloads.log_writer")
 # What every agent of the tests runs with unless a test says otherwise: containers reported at
 # once, and the store written every second (tests read it back).
 AGENT_DEFAULTS = ("--min-container-age", "0s", "--store-batch-age", "1s")
+
+
+def metric_families(text: str) -> list[Metric]:
+    """The families of a text exposition with their samples named as it names them: the Python
+    client's parser renames the samples of a counter declared without `_total` (`# TYPE X
+    counter`, as the node agent's container_jvm_gc_time_seconds) to X_total; Prometheus does not."""
+    exact = set()
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[:2] == ["#", "TYPE"] and parts[3] == "counter" and not parts[2].endswith("_total"):
+            exact.add(parts[2])
+    fams = list(text_string_to_metric_families(text))
+    for fam in fams:
+        if fam.type == "counter" and fam.name in exact:
+            fam.samples = [s._replace(name=fam.name) if s.name == fam.name + "_total" else s for s in fam.samples]
+    return fams
 
 
 def free_port() -> int:
@@ -109,7 +126,7 @@ class AgentProcess:
 
     def metrics(self) -> list[tuple[str, dict[str, str], float]]:
         out = []
-        for fam in text_string_to_metric_families(self.get("/metrics")):
+        for fam in metric_families(self.get("/metrics")):
             for s in fam.samples:
                 out.append((s.name, dict(s.labels), s.value))
         return out

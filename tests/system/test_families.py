@@ -16,7 +16,6 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.system.helpers import (
     AgentProcess,
@@ -24,6 +23,7 @@ from tests.system.helpers import (
     RemoteHost,
     TestCgroups,
     TwoHosts,
+    metric_families,
     run_client,
     wait_for,
 )
@@ -56,7 +56,7 @@ def exported(agent: AgentProcess) -> dict[str, tuple[str, frozenset[str]]]:
     """name -> (type, label names) of one scrape; a name as its samples carry it (counters with
     _total, histograms without _bucket/_sum/_count), label names over all its series."""
     out: dict[str, tuple[str, set[str]]] = {}
-    for fam in text_string_to_metric_families(agent.get("/metrics")):
+    for fam in metric_families(agent.get("/metrics")):
         for s in fam.samples:
             if fam.type == "histogram":
                 name, labels = fam.name, set(s.labels) - {"le"}

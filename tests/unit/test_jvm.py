@@ -23,6 +23,7 @@ from agent.containers.registry import Registry
 from agent.metrics import Families
 from agent.runtime import hsperfdata, jvm
 from agent.runtime.hsperfdata import Invalid, NotReady
+from tests.unit.test_families import CONST, exported, mismatches
 
 ROOT = Path(__file__).resolve().parents[2]
 GC_LOOP = ROOT / "tests" / "system" / "workloads" / "GcLoop.java"
@@ -325,6 +326,10 @@ def test_the_component_reads_a_real_jvm_through_its_proc_root_as_the_node_agent_
                  "container_jvm_safepoint_time_seconds", "container_jvm_safepoint_sync_time_seconds"):
         [(labels, value)] = got[name]
         assert labels == {**ct, "jvm": "GcLoop 1.0"} and value > 0, name
+    # Each family has the node agent's name, type (the times: counters without _total) and labels.
+    f = Families(CONST)
+    m.collect(f)
+    assert mismatches(exported(list(f))) == {}
     # Nothing due yet: the next round reads nothing; a removed process is forgotten.
     m.round()
     assert m.reads == {"ok": 1}
