@@ -54,6 +54,24 @@ static __always_inline u32 l7_detect(u8 *b, u32 n, u64 size, u64 ptr) {
     return 0;
 }
 
+/* Protocols paired in user space by their own ids (contract.h's stream protocols): the first
+ * request l7_detect recognises makes its connection a stream connection. HTTP/2 multiplexes
+ * streams; Kafka pipelines requests answered by correlation id; CQL multiplexes stream ids. */
+static __always_inline int l7_streamed(u32 proto) {
+    return proto == L7_HTTP2 || proto == L7_KAFKA;
+}
+
+/* A read on a client's connection (or a server's, for its request) that is only the header of
+ * the reply to a waiting `proto` request (b: its first n bytes, size: the read's): the request
+ * keeps waiting, and the read of the body that follows answers it with what says its status. */
+static __always_inline int l7_response_partial(u32 proto, u8 *b, u32 n, u64 size) {
+    if (proto == L7_ZOOKEEPER)
+        return size == 4; /* ZooKeeper's clients read a reply's length on its own */
+    if (proto == L7_MONGO)
+        return l7_mongo_response_header(b, n, size); /* pymongo reads the 16-byte header first */
+    return 0;
+}
+
 /* One-way messages (a publish, a delivery: nothing answers them): the protocol of a message
  * whose first n bytes are in b, read or written, or 0. Each is an event at once, as a stream
  * protocol's calls are (contract.h); tried before l7_detect on every call. */
