@@ -16,7 +16,15 @@
  * A request recognised while an earlier one on the connection is unanswered replaces it (its
  * response was not seen, or it is pipelined): a lost response never blocks the connection.
  * A body or a continuation is not recognised as a request, and user space counts every
- * request of a pipeline written at once from that write's payload.
+ * request of a pipeline written at once from that write's payload. A read of a reply's header
+ * alone (l7_response_partial in protocols.h: Mongo's 16 bytes, ZooKeeper's length) leaves the
+ * request waiting: the body read next answers it.
+ *
+ * Protocols whose requests are in flight together on one connection and answered out of
+ * order, or each by a response that names it (HTTP/2 streams, Kafka correlation ids, CQL stream
+ * ids: l7_streamed in protocols.h), are not paired here: their first recognised request makes
+ * the connection a stream connection, and from then on every read and write on it is an event
+ * (contract.h) that user space pairs by the protocol's own ids.
  *
  * TLS: uprobes on OpenSSL's SSL_write/SSL_read(_ex) see the plaintext; the socket fd is learnt
  * from the syscall the library makes inside the call (or remembered per SSL object), and that
@@ -298,11 +306,18 @@ static __always_inline void l7_stream(void *ctx, struct conn_key *ckey, struct c
     l7_submit(ctx, e, qn ? sizeof(*e) - CA_L7_PAYLOAD + qn : sizeof(*e) - CA_L7_PAYLOAD - CA_L7_RESP + rn);
 }
 
+/* A stream connection's protocol: kept in the connection's http_flags once it is one (no HTTP/1
+ * request waits on a stream connection); HTTP/2 for one marked before that. */
+static __always_inline u32 l7_stream_protocol(struct conn *c) {
+    u32 proto = c->http_flags;
+    return l7_streamed(proto) ? proto : L7_HTTP2;
+}
+
 /* A plain write on a stream connection, at its exit (bpf/tcp.c): `size` is what was written. */
 static __always_inline void l7_on_sent(void *ctx, struct conn_key *ckey, struct conn *c, u64 buf, u32 kind,
                                        u64 size) {
     if (ckey->tgid != CA_SELF_TGID && !(c->flags & CONN_GO_TLS)) /* Go TLS: ciphertext (gotls.h) */
-        l7_stream(ctx, ckey, c, buf, kind, size, 1, 0, L7_HTTP2);
+        l7_stream(ctx, ckey, c, buf, kind, size, 1, 0, l7_stream_protocol(c));
 }
 
 /* A request waits in l7_pending for its response, with its first bytes. */
@@ -352,7 +367,7 @@ static __always_inline u32 l7_io(void *ctx, struct conn_key *ckey, struct conn *
     int at_exit = !sent || tls;
     if (flags & CONN_L7_STREAM) {
         *ssize = size;
-        return at_exit ? L7_HTTP2 : 0;
+        return at_exit ? l7_stream_protocol(c) : 0;
     }
     u64 total = size;
     int client = flags & (CONN_OUTBOUND | CONN_DNS);
@@ -408,10 +423,12 @@ static __always_inline u32 l7_io(void *ctx, struct conn_key *ckey, struct conn *
             proto = l7_detect(head, hn, size, ptr);
             if (!proto)
                 return 0;
-            if (proto == L7_HTTP2) { /* a stream connection from now on, this call included */
+            if (l7_streamed(proto)) { /* a stream connection from now on, this call included */
                 c->flags |= CONN_L7_STREAM;
+                c->http_flags = proto; /* its protocol, where an HTTP/1 request's flags wait otherwise */
+                c->http_start_ns = 0;
                 *ssize = total;
-                return at_exit ? L7_HTTP2 : 0;
+                return at_exit ? proto : 0;
             }
         }
         u32 rflags = (client ? L7_OUTBOUND : L7_INBOUND) | tls;
@@ -455,8 +472,8 @@ static __always_inline u32 l7_io(void *ctx, struct conn_key *ckey, struct conn *
         proto = r->protocol;
         rn = r->len;
         rsize = r->size;
-        if (proto == L7_ZOOKEEPER && total == 4)
-            return 0; /* ZooKeeper's clients read a reply's length on its own: its body answers */
+        if (l7_response_partial(proto, head, hn, total))
+            return 0; /* a reply's header read on its own (protocols.h): its body answers */
     }
     u64 duration = now - start;
     u32 counted = 0;

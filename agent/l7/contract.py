@@ -17,6 +17,7 @@ MYSQL = 5
 MEMCACHED = 6
 MONGO = 11
 KAFKA = 12
+CASSANDRA = 13
 
 # Event flags (event.flags)
 F_OUTBOUND, F_INBOUND, F_TLS, F_COUNTED = 1, 2, 4, 8

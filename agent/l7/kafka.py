@@ -4,19 +4,24 @@ client id (nullable string), and in the flexible versions of an API (KIP-482) ta
 response's header: the correlation id, and tagged fields when the request's version is flexible
 (ApiVersions' response header never has them).
 
-Every request is counted once: a client's write may hold several pipelined requests, and each
-is paired with its response by correlation id among the response bytes the kernel paired with
-the write. Status, as the node agent's values: "failed" when the response carries an error code
+Kafka is a stream protocol (contract.h): a client pipelines requests on one connection and the
+broker answers each by its correlation id, so the kernel makes every read and write of a Kafka
+connection an event and `feed` pairs them here: the client's bytes and the broker's are framed
+by their size prefix (agent/l7/framing.py), each request waits under its correlation id (at
+most MAX_PENDING per connection) until the response naming it, and is counted once, with the
+time from the call that carried it to the call that carried the response's first bytes. Status, as the node agent's values: "failed" when the response carries an error code
 (a top-level one, or a partition's of Produce, Fetch and Metadata), "ok" when the codes it
 carries are 0, "unknown" when no response with its correlation id was seen or the API's
 response is not read here. Kafka requests make no spans (the node agent makes none)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 from agent.l7 import contract
 from agent.l7 import protocol as p
+from agent.l7.framing import Framer
 
 PRODUCE, FETCH, METADATA, API_VERSIONS = 0, 1, 3, 18
 
@@ -46,6 +51,8 @@ TOP_ERROR: dict[int, int | None] = {
 }
 
 MAX_REQUESTS = 64  # pipelined requests read from one write
+MAX_PENDING = 256  # requests of one connection waiting for their responses (the oldest go first)
+MAX_CONNECTIONS = 4096  # connections followed (the least recently used go first)
 MAX_API_KEY, MAX_API_VERSION = 92, 20  # L7_KAFKA_MAX_API_KEY, L7_KAFKA_MAX_API_VERSION
 
 
@@ -278,10 +285,27 @@ def request(key: int, version: int, corr: int, body: bytes = b"", client: str | 
     return len(msg).to_bytes(4, "big") + msg
 
 
+def _size(head: bytes) -> int | None:
+    """A message's size with its size prefix, from its first 4 bytes."""
+    n = int.from_bytes(head[:4], "big", signed=True)
+    return n + 4 if 0 <= n <= MAX_MESSAGE else None
+
+
+MAX_MESSAGE = 100 * 1024 * 1024  # L7_KAFKA_MAX_REQUEST: the broker's socket.request.max.bytes
+
+
+@dataclass
+class Connection:
+    requests: Framer = field(default_factory=lambda: Framer(4, _size))
+    responses: Framer = field(default_factory=lambda: Framer(4, _size))
+    pending: OrderedDict[int, tuple[Header, int]] = field(default_factory=OrderedDict)  # id -> (header, ts)
+
+
 class Kafka(p.Protocol):
     id = contract.KAFKA
     name = "kafka"
     stem = p.Stem("kafka", "requests")
+    streaming = True
     kernel_requests = (
         request(API_VERSIONS, 3, 1, b"\x0dkafka-python\x061.0.0\0"),
         request(METADATA, 8, 2, b"\0\0\0\x01\0\x05topic\x01\0\0"),
@@ -306,4 +330,39 @@ class Kafka(p.Protocol):
             r = resps.get(h.correlation_id)
             status = r.status if r is not None else "unknown"
             out.append(p.Request(self.id, status, seconds, h.name, error=str(r.error) if r and r.error else ""))
+        return out
+
+    def __init__(self, settings: p.Settings) -> None:
+        super().__init__(settings)
+        self._conns: OrderedDict[p.ConnKey, Connection] = OrderedDict()
+
+    def feed(self, conn: p.ConnKey, client: bool, ts_ns: int, data: bytes, size: int) -> list[p.Request]:
+        c = self._conns.get(conn)
+        if c is None:
+            c = self._conns[conn] = Connection()
+            if len(self._conns) > MAX_CONNECTIONS:
+                self._conns.popitem(last=False)
+        else:
+            self._conns.move_to_end(conn)
+        out: list[p.Request] = []
+        if client:
+            for f in c.requests.feed(data, size, ts_ns):
+                for h in parse_requests(f.data)[:1]:
+                    c.pending[h.correlation_id] = (h, f.ts_ns)
+                    c.pending.move_to_end(h.correlation_id)
+                    if len(c.pending) > MAX_PENDING:
+                        c.pending.popitem(last=False)
+            return out
+        for f in c.responses.feed(data, size, ts_ns):
+            if len(f.data) < 8:
+                continue
+            corr = int.from_bytes(f.data[4:8], "big", signed=True)
+            waiting = c.pending.pop(corr, None)
+            if waiting is None:
+                continue
+            h, start = waiting
+            r = parse_responses(f.data, {corr: h}).get(corr)
+            status = r.status if r is not None else "unknown"
+            out.append(p.Request(self.id, status, max(f.ts_ns - start, 0) / 1e9, h.name,
+                                 error=str(r.error) if r and r.error else "", start_ns=start))
         return out

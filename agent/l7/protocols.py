@@ -5,6 +5,7 @@ protocols.h's l7_detect, and its id in both contract files."""
 from __future__ import annotations
 
 from agent.l7 import (
+    cassandra,
     dns,
     http,
     http2,
@@ -22,4 +23,5 @@ from agent.l7.protocol import Protocol
 
 PLUGINS: tuple[type[Protocol], ...] = (http.Http, postgres.Postgres, redis.Redis, dns.Dns, http2.Http2,
                                       nats.Nats, rabbitmq.Rabbitmq, zookeeper.Zookeeper, mysql.Mysql,
-                                      memcached.Memcached, mongo.Mongo, kafka.Kafka)
+                                      memcached.Memcached, mongo.Mongo, kafka.Kafka,
+                                      cassandra.Cassandra)

@@ -12,7 +12,8 @@ error code is "failed", one without "ok". The broker's log of what it answered i
 count (the client's own set-up requests, ApiVersions and Metadata, included). Kafka requests
 make no spans (the node agent makes none). Pipelined requests (several Produce requests in
 flight on one connection, each written on its own) are each counted once with their response's
-status — this needs the kernel to pair by correlation id (see the test's mark)."""
+status: the kernel makes every call on a Kafka connection an event and the agent pairs them by
+correlation id."""
 
 from __future__ import annotations
 
@@ -147,10 +148,6 @@ def test_requests_one_at_a_time_by_status_on_both_sides(agent: AgentProcess, cgr
     assert produce == {"ok": 7, "failed": 3}
 
 
-@pytest.mark.xfail(strict=True, reason="bpf/l7.c keeps one unanswered request per connection: a pipelined "
-                   "request replaces the one before it; pairing by correlation id needs l7.c to keep Kafka's "
-                   "requests under it (l7_kafka_request_stream/l7_kafka_response_stream in kafka.h; a change "
-                   "outside this plug-in)")
 def test_pipelined_requests_each_counted_once(agent: AgentProcess, cgroups: TestCgroups, server: Server) -> None:
     seen = len(server.answers())
     check(agent, cgroups, server, "kafka-pipeline", "pipeline:8", want={"ok": 8})

@@ -8,10 +8,9 @@ The agent counts what the driver sent and the server answered, on both sides, as
 names it: container_mongo_queries_total{status} for the client's container and its destination,
 container_mongo_inbound_queries_total{status} for the server's; the driver's handshakes and its
 monitor's `hello`s are not queries. A reply with ok 0 or a writeError is "failed", ok 1 "ok".
-The driver reads a reply's 16-byte header alone before its body, and the kernel pairs a request
-with the first read of its reply: the client's side sees no reply document, so its status is
-"unknown" until the kernel lets such a read leave the request waiting (see the last test's
-mark); the server's side writes the whole reply at once and is exact. One span per client
+The driver reads a reply's 16-byte header alone before its body: the kernel leaves the request
+waiting through that read and pairs it with the body's, so the client's side has the reply
+document and its status too; the server's side writes the whole reply at once. One span per client
 query, named "query", with db.system "mongodb" and the command as its statement with the filter
 values masked."""
 
@@ -139,10 +138,10 @@ def test_queries_by_status_on_both_sides_handshakes_left_out_and_a_masked_span_e
         want_in = {"ok": 11, "failed": 5}
         got_in = wait_counts(agent, IN, sum(before.values()) + 16, container_id=server.cid)
         assert delta(got_in, before) == want_in, [(lb, v) for n, lb, v in agent.metrics() if n == IN]
-        # every query once on the client's side too (its status: the next test)
+        # every query once on the client's side too, with the status of the reply's body
         got_out = wait_counts(agent, OUT, 16, container_id=cid, destination=server.dest,
                               actual_destination=server.dest)
-        assert sum(got_out.values()) == 16, [(lb, v) for n, lb, v in agent.metrics() if n == OUT]
+        assert got_out == want_in, [(lb, v) for n, lb, v in agent.metrics() if n == OUT]
         assert histogram_count(agent, "container_mongo_queries_duration_seconds_total", container_id=cid) == 16
         assert histogram_count(agent, "container_mongo_inbound_queries_duration_seconds_total",
                                container_id=server.cid) - before_hist == 16
@@ -164,9 +163,6 @@ def test_queries_by_status_on_both_sides_handshakes_left_out_and_a_masked_span_e
     assert rows(agent, f"SELECT count() AS n FROM otel_traces WHERE ServiceName = '{server.cid}'") == [{"n": 0}]
 
 
-@pytest.mark.xfail(strict=True, reason="pymongo reads a reply's 16-byte header alone, and bpf/l7.c pairs the "
-                   "request with that read: the client's side sees no reply document (status unknown) until l7.c "
-                   "lets a header-only read leave the request waiting for the body (a change outside this plug-in)")
 def test_the_client_side_status_comes_from_the_reply_body(agent: AgentProcess, cgroups: TestCgroups,
                                                            server: Server) -> None:
     cid = cgroups.create("mongo-status")

@@ -2,20 +2,18 @@
 the test's stand-in broker (tests/system/workloads/kafka_responder.py) answered, captured through
 a proxy (ApiVersions v4, Metadata v9, Produce v9: flexible versions); older, non-flexible
 versions and Fetch built from the specification; random and truncated frames under hypothesis;
-and the plug-in through the tracer with packed kernel events."""
+and the plug-in through the tracer with packed stream events (requests in flight together,
+answered out of order, split and joined across calls)."""
 
 from __future__ import annotations
 
 import struct
-import subprocess
-from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.ebpf.loader import BPF_DIR
 from agent.l7 import contract, kafka
-from agent.l7.contract import F_INBOUND, F_OUTBOUND, Event, pack
+from agent.l7.contract import F_INBOUND, F_OUTBOUND, F_WRITE, Event, pack
 from agent.l7.protocol import Settings
 from agent.l7.tracer import L7Tracer
 from tests.unit.l7_helpers import CID, Connections, Containers, Rows, value
@@ -169,60 +167,74 @@ def test_truncated_and_corrupted_frames_never_raise(pair: tuple[bytes, bytes], c
         K.parse(C, req, resp[:at] + bytes([byte]) + resp[at + 1:], 0.001)
 
 
-def ev(flags: int, req: bytes, resp: bytes, pid: int = 100) -> bytes:
-    return pack(Event(1_000, 2_000_000, 55, pid, 7, contract.KAFKA, flags, req, resp))
+def ev(written: bool, data: bytes, ts: int, *, inbound: bool = False, size: int = -1) -> bytes:
+    """A stream event (contract.h): one call's first bytes, resp[] first."""
+    flags = (F_INBOUND if inbound else F_OUTBOUND) | (F_WRITE if written else 0)
+    return pack(Event(ts, 0, 55, 200 if inbound else 100, 7, contract.KAFKA, flags, data[512:], data[:512], size))
 
 
-def test_through_the_tracer_counts_both_sides_and_makes_no_spans() -> None:
+def test_through_the_tracer_pipelined_requests_pair_by_correlation_id_on_both_sides() -> None:
     conns, rows = Connections(), Rows()
     t = L7Tracer(Containers(), conns, rows, hostname="h", host_id="m")
     conns.add(100, 7, 55, "10.0.0.9", 9092, actual="10.0.0.9:9092")
-    for req, resp in PAIRS:
-        t.handle_event(ev(F_OUTBOUND, req, resp))
-    t.handle_event(ev(F_OUTBOUND, PIPE1 + PIPE2 + PIPE3, PIPE1_RESP + PIPE2_RESP))
-    t.handle_event(ev(F_INBOUND, PIPE1 + PIPE2, PIPE1_RESP, pid=200))
+    ms = 1_000_000
+    # the client: set-up requests one at a time, then three Produce requests in flight together,
+    # answered in another order, two responses in one read and one split across two reads
+    calls = [(True, API_VERSIONS, 1), (False, API_VERSIONS_RESP, 2), (True, METADATA_TOPIC, 3),
+             (False, METADATA_TOPIC_RESP, 4), (True, PRODUCE_BAD, 5), (False, PRODUCE_BAD_RESP, 7),
+             (True, PIPE1, 10), (True, PIPE2, 11), (True, PIPE3, 12), (False, PIPE2_RESP + PIPE1_RESP, 20),
+             (False, PIPE3_RESP[:6], 30), (False, PIPE3_RESP[6:], 31)]
+    for written, data, at in calls:
+        t.handle_event(ev(written, data, at * ms))
     lbl = {"container_id": CID, "destination": "10.0.0.9:9092"}
-    assert value(t, "container_kafka_requests_total", status="ok", **lbl) == 7
+    assert value(t, "container_kafka_requests_total", status="ok", **lbl) == 5
     assert value(t, "container_kafka_requests_total", status="failed", **lbl) == 1
-    assert value(t, "container_kafka_requests_total", status="unknown", **lbl) == 1
-    assert value(t, "container_kafka_requests_duration_seconds_total_count", **lbl) == 9
-    assert value(t, "container_kafka_inbound_requests_total", status="ok") == 1
-    assert value(t, "container_kafka_inbound_requests_total", status="unknown") == 1
+    assert value(t, "container_kafka_requests_duration_seconds_total_count", **lbl) == 6
+    # 1 + 1 + 2 ms, then 10, 9 and 18 ms: each request timed to its own response
+    assert abs(value(t, "container_kafka_requests_duration_seconds_total_sum", **lbl) - 0.041) < 1e-9
+    # the broker: two requests in one read, their responses written one by one
+    for written, data, at in [(False, PIPE1 + PIPE2, 10), (True, PIPE1_RESP, 12), (True, PIPE2_RESP, 15)]:
+        t.handle_event(ev(written, data, at * ms, inbound=True))
+    assert value(t, "container_kafka_inbound_requests_total", status="ok") == 2
     assert rows.rows == []
 
 
-NATIVE = r"""
-#include <stdint.h>
-#include <stdio.h>
-typedef uint8_t u8; typedef uint16_t u16; typedef uint32_t u32; typedef uint64_t u64;
-#ifndef __always_inline
-#define __always_inline inline __attribute__((always_inline))
-#endif
-#include "l7/kafka.h"
-static int unhex(int c) { return c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10; }
-int main(void) {
-    static char line[4096];
-    while (fgets(line, sizeof(line), stdin)) {
-        u8 b[16] = {0}; u32 n = 0;
-        for (char *p = line; p[0] && p[0] != '\n' && p[1] && n < 16; p += 2)
-            b[n++] = (u8)(unhex(p[0]) << 4 | unhex(p[1]));
-        printf("%u %u\n", n >= 12 ? l7_kafka_request_stream(b, n) : 0, l7_kafka_response_stream(b, n));
-    }
-    return 0;
-}
-"""
+def test_a_request_without_a_response_waits_and_responses_without_a_request_count_nothing() -> None:
+    k = kafka.Kafka(Settings())
+    assert k.feed(C, False, 1, PIPE1_RESP, len(PIPE1_RESP)) == []  # nothing asked it
+    assert k.feed(C, True, 2, PIPE1, len(PIPE1)) == []
+    assert k.feed(C, False, 3, PIPE2_RESP, len(PIPE2_RESP)) == []  # answers another
+    got = k.feed(C, False, 4, PIPE1_RESP, len(PIPE1_RESP))
+    assert [(r.method, r.status, r.start_ns) for r in got] == [("Produce", "ok", 2)]
+    assert k.feed(C, False, 5, PIPE1_RESP, len(PIPE1_RESP)) == []  # counted once
 
 
-def test_the_kernel_reads_the_correlation_ids_the_parser_pairs_by(tmp_path: Path) -> None:
-    """kafka.h's stream helpers (for pairing pipelined requests in the kernel), run natively."""
-    src, exe = tmp_path / "k.c", tmp_path / "k"
-    src.write_text(NATIVE)
-    subprocess.run(["gcc", "-O1", "-Wall", "-Werror", "-I", str(BPF_DIR / "include"), "-o", str(exe), str(src)],
-                   check=True)
-    frames = [PIPE1, PIPE2, PRODUCE_BAD, PIPE1_RESP, PIPE3_RESP, API_VERSIONS_RESP, b"\x01" + PIPE1_RESP[1:], b"\0\0"]
-    out = subprocess.run([str(exe)], input="".join(f[:16].hex() + "\n" for f in frames), check=True,
-                         capture_output=True, text=True).stdout.split("\n")
-    got = [tuple(int(x) for x in line.split()) for line in out if line]
-    corr = [kafka.parse_requests(f)[0].correlation_id for f in (PIPE1, PIPE2, PRODUCE_BAD)]
-    assert [g[0] for g in got[:3]] == corr == [6, 7, 5]
-    assert [g[1] for g in got[3:]] == [6, 8, 1, 0, 0]  # a size of 16 MB or more, or 2 bytes: no response
+def test_a_large_response_past_the_captured_bytes_keeps_the_frames_after_it() -> None:
+    k = kafka.Kafka(Settings())
+    fetch = kafka.request(kafka.FETCH, 11, 5, b"\0" * 20)
+    resp = fetch_response(11, 0, 0)
+    big = (len(resp) - 4 + 5000).to_bytes(4, "big") + resp[4:] + b"\0" * 5000  # records 5000 bytes longer
+    k.feed(C, True, 1, fetch + PIPE1, len(fetch) + len(PIPE1))
+    # the kernel captured 1024 bytes of a 4096-byte read, then of the read of the rest
+    got = k.feed(C, False, 2, big[:1024], 4096)
+    got += k.feed(C, False, 3, big[4096:4096 + 1024], len(big) - 4096)
+    got += k.feed(C, False, 4, PIPE1_RESP, len(PIPE1_RESP))
+    assert [(r.method, r.status) for r in got] == [("Fetch", "ok"), ("Produce", "ok")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.binary(max_size=200), st.integers(0, 3000)), max_size=10))
+def test_any_calls_in_any_order_never_raise(calls: list[tuple[bool, bytes, int]]) -> None:
+    k = kafka.Kafka(Settings())
+    for client, data, size in calls:
+        for r in k.feed(C, client, 1, data, size):
+            assert r.status in ("ok", "failed", "unknown")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 150), st.integers(0, 5))
+def test_real_calls_cut_anywhere_never_raise(cut: int, which: int) -> None:
+    k = kafka.Kafka(Settings())
+    stream = [API_VERSIONS, API_VERSIONS_RESP, PIPE1 + PIPE2, PIPE2_RESP, PIPE1_RESP, PRODUCE_BAD]
+    for i, data in enumerate(stream):
+        k.feed(C, i % 2 == 0 or i == 5, i, data[:cut] if i == which else data, len(data))

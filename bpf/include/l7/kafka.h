@@ -4,7 +4,8 @@
  * or several pipelined ones (a server may read them at once): the first request fits in the
  * call. The client id, when there is one, begins with a printable byte (ZooKeeper's framed
  * requests, which look alike, have a path length's zero bytes there). The first 16 bytes say
- * it all: no read beyond them. */
+ * it all: no read beyond them. Requests in flight together are answered by correlation id: a
+ * Kafka connection is a stream connection (l7_streamed in protocols.h), paired in user space. */
 #ifndef COROOT_AGENT_L7_KAFKA_H
 #define COROOT_AGENT_L7_KAFKA_H
 
@@ -25,19 +26,6 @@ static __always_inline int l7_kafka_request(u8 *b, u32 n, u64 size, u64 ptr) {
         return 0;
     u32 client = ((u32)b[12] << 8) | b[13];
     return client == 0xffff || (client != 0 && client + 10 <= len && b[14] >= 0x20 && b[14] <= 0x7e);
-}
-
-/* The correlation id a request waits under (b: its first bytes, a request's by
- * l7_kafka_request), and the one a response names: its second int32, after the size; 0 when
- * the bytes cannot be a response (a size of 16 MB or more, a negative id). */
-static __always_inline u32 l7_kafka_request_stream(u8 *b, u32 n) {
-    return ((u32)b[8] << 24) | ((u32)b[9] << 16) | ((u32)b[10] << 8) | b[11];
-}
-
-static __always_inline u32 l7_kafka_response_stream(u8 *b, u32 n) {
-    if (n < 8 || b[0] != 0 || (b[4] & 0x80))
-        return 0;
-    return ((u32)b[4] << 24) | ((u32)b[5] << 16) | ((u32)b[6] << 8) | b[7];
 }
 
 #endif

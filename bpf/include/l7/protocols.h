@@ -28,6 +28,7 @@ static __always_inline u64 l7_unlinked(u64 v) {
 #include "l7/rabbitmq.h"
 #include "l7/redis.h"
 #include "l7/zookeeper.h"
+#include "l7/cassandra.h"
 
 /* The protocol of a request whose first n bytes (n <= 16) are in b, or 0. */
 static __always_inline u32 l7_detect(u8 *b, u32 n, u64 size, u64 ptr) {
@@ -51,6 +52,26 @@ static __always_inline u32 l7_detect(u8 *b, u32 n, u64 size, u64 ptr) {
         return L7_MONGO;
     if (l7_kafka_request(b, n, size, ptr))
         return L7_KAFKA;
+    if (l7_cassandra_request(b, n, size, ptr))
+        return L7_CASSANDRA;
+    return 0;
+}
+
+/* Protocols paired in user space by their own ids (contract.h's stream protocols): the first
+ * request l7_detect recognises makes its connection a stream connection. HTTP/2 multiplexes
+ * streams; Kafka pipelines requests answered by correlation id; CQL multiplexes stream ids. */
+static __always_inline int l7_streamed(u32 proto) {
+    return proto == L7_HTTP2 || proto == L7_KAFKA || proto == L7_CASSANDRA;
+}
+
+/* A read on a client's connection (or a server's, for its request) that is only the header of
+ * the reply to a waiting `proto` request (b: its first n bytes, size: the read's): the request
+ * keeps waiting, and the read of the body that follows answers it with what says its status. */
+static __always_inline int l7_response_partial(u32 proto, u8 *b, u32 n, u64 size) {
+    if (proto == L7_ZOOKEEPER)
+        return size == 4; /* ZooKeeper's clients read a reply's length on its own */
+    if (proto == L7_MONGO)
+        return l7_mongo_response_header(b, n, size); /* pymongo reads the 16-byte header first */
     return 0;
 }
 

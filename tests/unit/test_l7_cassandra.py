@@ -1,0 +1,182 @@
+"""The Cassandra plug-in (agent/l7/cassandra.py) on wire bytes cassandra-driver 3.30.1 wrote and
+the test's stand-in node (tests/system/workloads/cassandra_responder.py) answered, captured
+through a proxy, one line per recv() with its direction (tests/unit/data/cassandra_v4.jsonl and
+_v5.jsonl: the driver's control connection and its session's connection; QUERY, PREPARE,
+EXECUTE, BATCH, errors, four requests multiplexed and answered out of order; v5 after its
+handshake in segments); built messages for what the driver did not send; random and truncated
+calls under hypothesis; the plug-in through the tracer with packed stream events."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.l7 import cassandra as cql
+from agent.l7 import contract
+from agent.l7.contract import F_INBOUND, F_OUTBOUND, F_WRITE, Event, pack
+from agent.l7.protocol import Masks, Settings
+from agent.l7.tracer import L7Tracer
+from agent.metrics import Families
+from tests.unit.l7_helpers import CID, Connections, Containers, Rows, value
+from tests.unit.nodeagent_families import CONST_LABELS, FAMILIES, L7_STATUS
+
+DATA = Path(__file__).parent / "data"
+C = (1, 2, 3)
+
+
+def capture(version: int) -> list[tuple[int, bool, bytes]]:
+    lines = (DATA / f"cassandra_v{version}.jsonl").read_text().splitlines()
+    return [(d["conn"], d["client"], bytes.fromhex(d["hex"])) for d in map(json.loads, lines)]
+
+
+def replay(calls: list[tuple[int, bool, bytes]], plugin: cql.Cassandra | None = None,
+           keep: int = 1024) -> list[tuple[int, str, str, str, str]]:
+    k = plugin or cql.Cassandra(Settings())
+    out = []
+    for ts, (conn, client, data) in enumerate(calls):
+        for r in k.feed((1, conn, 0), client, ts, data[:keep], len(data)):
+            out.append((conn, r.method, r.status, r.error, r.statement))
+    return out
+
+
+EXPECTED = [
+    (1, "QUERY", "ok", "", "SELECT host_id, peer, peer_port, data_center, rack, native_address, native_port, "
+     "release_version, schema_version FROM system.peers_v2"),
+    (1, "QUERY", "ok", "", "SELECT host_id, cluster_name, data_center, rack, partitioner, release_version, "
+     "schema_version FROM system.local WHERE key=?"),
+    (2, "QUERY", "ok", "", "SELECT name FROM ca.people WHERE id = ? AND age > ?"),
+    (2, "QUERY", "failed", "2200", "SELECT name FROM ca.missing WHERE id = ?"),
+    (2, "EXECUTE", "ok", "", "INSERT INTO ca.people (id, name) VALUES (?, ?)"),
+    (2, "EXECUTE", "failed", "2200", "INSERT INTO ca.missing_people (id, name) VALUES (?, ?)"),
+    (2, "BATCH", "ok", "", "INSERT INTO ca.people (id, name) VALUES (?, ?); INSERT INTO ca.people (id, age) "
+     "VALUES (?, ?)"),
+    (2, "BATCH", "failed", "2200", "INSERT INTO ca.people (id, name) VALUES (?, ?); INSERT INTO ca.missing (id, age) "
+     "VALUES (?, ?)"),
+]
+# the four multiplexed SELECTs, as the node answered them (ids 3, 0, 2, 1)
+MULTIPLEXED = [(2, "QUERY", "failed", "2200", "SELECT name FROM ca.missing_slow WHERE id = ?"),
+               (2, "QUERY", "ok", "", "SELECT name FROM ca.slow WHERE id = ?"),
+               (2, "QUERY", "ok", "", "SELECT name FROM ca.slow WHERE id = ?"),
+               (2, "QUERY", "failed", "2200", "SELECT name FROM ca.missing_slow WHERE id = ?")]
+
+
+def test_the_driver_s_v4_and_v5_sessions_each_request_once_with_its_status_and_masked_statement() -> None:
+    for version in (4, 5):
+        got = replay(capture(version))
+        assert got == EXPECTED + MULTIPLEXED, version
+        assert not any("secret" in r[4] for r in got)
+
+
+def test_v5_after_the_handshake_is_in_segments_and_v4_is_not() -> None:
+    v5 = [data for conn, client, data in capture(5) if conn == 2]
+    assert cql.envelope_size(v5[0][:9]) == len(v5[0])  # OPTIONS, in the legacy framing
+    assert cql.segment_payload(v5[-1][:6]) is not None  # a response after READY
+    assert all(cql.segment_payload(data[:6]) is None for _, _, data in capture(4))
+
+
+def test_masking_off_keeps_literals_and_prepared_statements_name_executes() -> None:
+    k = cql.Cassandra(Settings(masks=Masks(sql_literals=False)))
+    got = replay(capture(4), k)
+    assert got[2][4] == "SELECT name FROM ca.people WHERE id = 'secret-0' AND age > 40"
+    assert cql.mask("SELECT * FROM t WHERE u = 123e4567-e89b-12d3-a456-426614174000 AND b = 0xcafe "
+                    "AND s = 'it''s' AND f = -1.5e3") == "SELECT * FROM t WHERE u = ? AND b = ? AND s = ? AND f = ?"
+
+
+def test_prepare_is_not_counted_and_an_execute_of_an_unseen_prepare_has_no_statement() -> None:
+    calls = [(c, cl, d) for c, cl, d in capture(4) if c == 2]
+    k = cql.Cassandra(Settings())
+    ids = [r.method for ts, (c, cl, d) in enumerate(calls) for r in k.feed((1, c, 0), cl, ts, d, len(d))]
+    assert "PREPARE" not in ids and ids.count("EXECUTE") == 2
+    execute = cql.message(cql.EXECUTE, 40, b"\0\x04abcd\0\x01\0")
+    result = cql.message(cql.RESULT, 40, b"\0\0\0\x01", version=0x84)
+    k.feed(C, True, 1, execute, len(execute))
+    [r] = k.feed(C, False, 2, result, len(result))
+    assert (r.method, r.status, r.statement) == ("EXECUTE", "ok", "")
+    assert k.span(r, None, False) is None  # type: ignore[arg-type]
+
+
+def test_responses_split_joined_and_past_the_captured_bytes() -> None:
+    k = cql.Cassandra(Settings())
+    q1, q2, q3 = (cql.query(s, f"SELECT {s} FROM t") for s in (1, 2, 3))
+    big = cql.message(cql.RESULT, 1, b"\0\0\0\x02" + b"\0" * 4900, version=0x84)
+    err = cql.message(cql.ERROR, 2, b"\0\0\x10\0\0\x02to", version=0x84)
+    ok = cql.message(cql.RESULT, 3, b"\0\0\0\x01", version=0x84)
+    k.feed(C, True, 1, q1 + q2 + q3, len(q1 + q2 + q3))
+    both = big + err
+    got = k.feed(C, False, 5, both[:1024], 4000)  # 1024 of a 4000-byte read captured
+    got += k.feed(C, False, 6, both[4000:5024], len(both) - 4000)
+    got += k.feed(C, False, 7, ok[:4], 4)
+    got += k.feed(C, False, 9, ok[4:], len(ok) - 4)
+    assert [(r.statement, r.status, r.error, r.duration) for r in got] == [
+        ("SELECT ? FROM t", "ok", "", 4e-9), ("SELECT ? FROM t", "failed", "1000", 5e-9),
+        ("SELECT ? FROM t", "ok", "", 6e-9)]
+
+
+def test_the_crc24_is_the_driver_s() -> None:
+    from cassandra.segment import compute_crc24
+
+    for v in (0, 1, 9, 0x1FFFF, 0x20000 | 77, 0x3FFFF):
+        assert cql.crc24(v) == compute_crc24(v, 3)
+
+
+def ev(written: bool, data: bytes, ts: int, *, inbound: bool = False) -> bytes:
+    flags = (F_INBOUND if inbound else F_OUTBOUND) | (F_WRITE if written else 0)
+    return pack(Event(ts, 0, 55, 200 if inbound else 100, 7, contract.CASSANDRA, flags, data[512:1024], data[:512],
+                      len(data)))
+
+
+def test_through_the_tracer_counts_both_sides_and_spans_the_client_s() -> None:
+    conns, rows = Connections(), Rows()
+    t = L7Tracer(Containers(), conns, rows, hostname="h", host_id="m")
+    conns.add(100, 7, 55, "10.0.0.9", 9042, actual="10.0.0.9:9042")
+    session = [(cl, d) for c, cl, d in capture(5) if c == 2]
+    for i, (client, data) in enumerate(session):
+        t.handle_event(ev(client, data, (i + 1) * 1_000_000))  # the client writes what the client sends
+        t.handle_event(ev(not client, data, (i + 1) * 1_000_000, inbound=True))  # the node reads it
+    lbl = {"container_id": CID, "destination": "10.0.0.9:9042"}
+    assert value(t, "container_cassandra_queries_total", status="ok", **lbl) == 5
+    assert value(t, "container_cassandra_queries_total", status="failed", **lbl) == 5
+    assert value(t, "container_cassandra_queries_duration_seconds_total_count", **lbl) == 10
+    assert value(t, "container_cassandra_inbound_queries_total", status="ok") == 5
+    assert value(t, "container_cassandra_inbound_queries_total", status="failed") == 5
+    spans = [r for r in rows.rows if r["ResourceAttributes"]["container.id"] == CID]
+    assert len(spans) == 10
+    assert {(s["SpanName"], s["SpanAttributes"]["db.system"]) for s in spans} == {("query", "cassandra")}
+    assert sorted(s["StatusMessage"] for s in spans if s["StatusCode"] == "STATUS_CODE_ERROR") == ["2200"] * 5
+    assert not any("secret" in s["SpanAttributes"]["db.statement"] for s in spans)
+    # the families are the node agent's: names, types, labels, status values
+    f = Families({"machine_id": "m", "system_uuid": "u"})
+    t.collect(f)
+    got = {fam.name + ("_total" if fam.type == "counter" else ""): fam for fam in f
+           if fam.name.startswith("container_cassandra")}
+    assert set(got) == {"container_cassandra_queries_total", "container_cassandra_queries_duration_seconds_total",
+                        "container_cassandra_inbound_queries_total",
+                        "container_cassandra_inbound_queries_duration_seconds_total"}
+    for name, fam in got.items():
+        kind, labels = FAMILIES[name]
+        assert fam.type == kind, name
+        assert {frozenset(s.labels) - {"le"} for s in fam.samples} == {labels | CONST_LABELS}, name
+        assert {s.labels["status"] for s in fam.samples if "status" in s.labels} <= set(L7_STATUS["cassandra"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.binary(max_size=200), st.integers(0, 3000)), max_size=10))
+def test_any_calls_in_any_order_never_raise(calls: list[tuple[bool, bytes, int]]) -> None:
+    k = cql.Cassandra(Settings())
+    for client, data, size in calls:
+        for r in k.feed(C, client, 1, data, size):
+            assert r.status in ("ok", "failed")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([4, 5]), st.integers(0, 35), st.integers(0, 300), st.integers(0, 300), st.integers(0, 255))
+def test_real_calls_cut_or_corrupted_anywhere_never_raise(version: int, which: int, cut: int, at: int,
+                                                          byte: int) -> None:
+    calls = capture(version)
+    conn, client, data = calls[which]
+    bad = data[:at] + bytes([byte]) + data[at + 1:] if at < len(data) else data
+    replay(calls[:which] + [(conn, client, data[:cut])] + calls[which + 1:])
+    replay(calls[:which] + [(conn, client, bad)] + calls[which + 1:])
