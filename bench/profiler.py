@@ -1,7 +1,8 @@
 """Profiler overhead at 99 Hz: agent CPU as % of one core with and without the profiler, on an
 idle machine and with both cores busy in test cgroups (target < 1% of one core for the
 profiler; measured in steady state, after the workers' symbol tables were loaded once), and
-in-kernel ns per sample from kernel.bpf_stats_enabled. Prints; asserts nothing.
+in-kernel ns per sample from kernel.bpf_stats_enabled. The busy workers are python3
+processes, so the in-kernel cost includes their Python frame walk. Prints; asserts nothing.
 
 Run as root: `python bench/profiler.py [--seconds 20]`.
 """

@@ -7,6 +7,9 @@ node agent: profiling/profiling.go): Labels `container.id`, `host.name`, `host.i
 `"<function> <file>:<line>"`, which for the node agent's eBPF frames (a name only) is
 `"<function> :0"`; the process's command name is the outermost frame.
 
+CPython processes (agent/profiling/python.py) also get their Python frames walked in the kernel:
+those frames ("<qualname> <file>:<first line>") stand in place of the interpreter's eval loop.
+
 Keeps the kernel's `profile_pids` map equal to the processes that may be sampled: in a
 reported container, not opted out with COROOT_EBPF_PROFILING=disabled.
 
@@ -30,6 +33,7 @@ from agent.containers.registry import Process, Registry
 from agent.ebpf.maps import BpfMap, Programs
 from agent.hashing import fnv1a64
 from agent.metrics import Families
+from agent.profiling.python import PythonFinder, decode_str, interleave, python_frame
 from agent.profiling.symbols import Symbolizer
 from agent.sinks import schema
 from agent.sinks.batcher import Sink
@@ -67,12 +71,15 @@ class Maps:
     counts: tuple[BpfMap, BpfMap]
     stacks: BpfMap
     dropped: BpfMap  # per-CPU: samples the count map had no room for
+    py_procs: BpfMap  # pid -> the interpreter's _PyRuntime address and offsets
+    py_stacks: BpfMap  # hash -> a Python stack's code objects (leaf first)
+    py_symbols: BpfMap  # (pid, code object) -> name, file, first line
 
     @classmethod
     def of(cls, programs: Programs) -> Maps:
         m = programs.map
         return cls(m("profile_pids"), m("profile_active"), (m("profile_counts0"), m("profile_counts1")),
-                   m("profile_stacks"), m("profile_dropped"))
+                   m("profile_stacks"), m("profile_dropped"), m("py_procs"), m("py_stacks"), m("py_symbols"))
 
 
 class Profiler(Component):
@@ -103,6 +110,12 @@ class Profiler(Component):
         self._thread: threading.Thread | None = None
         self.samples_written = 0
         self.drops = 0
+        self.python = PythonFinder(registry.procfs)
+        # allowed pids looked at for an interpreter -> their command name then (an exec the
+        # registry reports late still changes it: looked at again)
+        self._py_checked: dict[int, str] = {}
+        self._py_pids: set[int] = set()  # ... and found to be one: in py_procs
+        self._py_names: dict[tuple[int, int], str] = {}  # (pid, code object) -> frame
 
     def attach(self, programs: Programs | None) -> None:
         self._maps = Maps.of(programs) if programs is not None else None
@@ -116,6 +129,7 @@ class Profiler(Component):
         with self._lock:
             if what == "removed":
                 cid = self._allowed.pop(proc.pid, None)
+                self._forget_python(proc.pid)
                 if cid is not None:
                     self._set_pid(proc.pid, False)
                     self._exited[proc.pid] = cid
@@ -125,6 +139,7 @@ class Profiler(Component):
                     self._comm.pop(proc.pid, None)
             else:
                 self.symbols.forget(proc.pid)
+                self._forget_python(proc.pid)
                 self._comm[proc.pid] = proc.comm
                 self._sync_one(proc.pid)
 
@@ -149,6 +164,25 @@ class Profiler(Component):
         elif not ok and pid in self._allowed:
             del self._allowed[pid]
             self._set_pid(pid, False)
+            self._forget_python(pid)
+        p = self.registry.process(pid) if pid in self._allowed else None
+        if p is not None and self._py_checked.get(pid) != p.comm and self._maps is not None:
+            self._forget_python(pid)
+            self._py_checked[pid] = p.comm
+            found = self.python.find(pid)
+            if found is not None:
+                t = self._maps.py_procs
+                t.set(t.key(pid), t.leaf(*found.fields()))
+                self._py_pids.add(pid)
+                log.debug("pid %d: CPython %d.%d, Python frames on", pid, *found.version)
+
+    def _forget_python(self, pid: int) -> None:
+        """An exec or exit: look again after an exec; the kernel stops walking it meanwhile."""
+        self._py_checked.pop(pid, None)
+        if pid in self._py_pids:
+            self._py_pids.discard(pid)
+            if self._maps is not None:
+                self._maps.py_procs.delete(self._maps.py_procs.key(pid))
 
     def sync(self) -> None:
         """Bring profile_pids in line with the registry (containers become reportable with age)."""
@@ -158,6 +192,7 @@ class Profiler(Component):
                 if pid not in live:
                     del self._allowed[pid]
                     self._set_pid(pid, False)
+                    self._forget_python(pid)
             for pid in [p for p in self._comm if p not in live and p not in self._exited]:
                 del self._comm[pid]
             for pid in live:
@@ -183,14 +218,16 @@ class Profiler(Component):
         m.active.array_set(0, 1 - cur)
         time.sleep(0.005)  # let programs that read the old index finish
         counts_t = m.counts[cur]
-        items = [(int(k.pid), int(k.user_stack), int(k.kernel_stack), int(v.value)) for k, v in counts_t.items()]
+        items = [(int(k.pid), int(k.user_stack), int(k.kernel_stack), int(k.py_stack), int(v.value))
+                 for k, v in counts_t.items()]
         counts_t.clear()
         stacks_t = m.stacks
         out: dict[str, Counter[Stack]] = defaultdict(Counter)
         used: set[int] = set()
         with self._lock:
             exited, self._exited = self._exited, {}
-        for pid, ustack, kstack, n in items:
+        py_used: set[int] = set()
+        for pid, ustack, kstack, pystack, n in items:
             cid = self._allowed.get(pid) or exited.get(pid)
             if cid is None:
                 c = self.registry.container_of(pid)
@@ -201,9 +238,14 @@ class Profiler(Component):
             if kstack >= 0:
                 frames += [frame(self.symbols.kernel(a)) for a in stacks_t.walk_stack(kstack)]
                 used.add(kstack)
+            native: list[str] = []
             if ustack >= 0:
-                frames += [frame(self.symbols.user(pid, a)) for a in stacks_t.walk_stack(ustack)]
+                native = [frame(self.symbols.user(pid, a)) for a in stacks_t.walk_stack(ustack)]
                 used.add(ustack)
+            if pystack:
+                native = interleave(native, self._python_frames(pid, pystack))
+                py_used.add(pystack)
+            frames += native
             if not frames:
                 frames = [frame("[unknown]")]
             comm = self._comm.get(pid)
@@ -218,12 +260,46 @@ class Profiler(Component):
         keep = {int(k.user_stack) for k in other} | {int(k.kernel_stack) for k in other}
         for sid in used - keep:
             stacks_t.delete_stack(sid)
+        py_keep = {int(k.py_stack) for k in other}
+        for h in py_used - py_keep:
+            m.py_stacks.delete(m.py_stacks.key(h))
         for pid in exited:
             self.symbols.forget(pid)
+            for k in [k for k in self._py_names if k[0] == pid]:
+                del self._py_names[k]
             with self._lock:
                 if pid not in self._allowed:
                     self._comm.pop(pid, None)
         self.drops = m.dropped.percpu_sum(0)
+        return out
+
+    def _python_frames(self, pid: int, stack_hash_: int) -> list[str]:
+        """A Python stack's frames, leaf first; a code object the kernel could not name (its
+        symbol evicted, a str it cannot read) is "[unknown python]"."""
+        assert self._maps is not None
+        st = self._maps.py_stacks.get(self._maps.py_stacks.key(stack_hash_))
+        if st is None:
+            return []
+        out = []
+        for i in range(min(int(st.depth), len(st.code))):
+            code = int(st.code[i])
+            if not code:
+                continue
+            name = self._py_names.get((pid, code))
+            if name is None:
+                sym = self._maps.py_symbols.get(self._maps.py_symbols.key(pid, 0, code))
+                if sym is None:
+                    out.append(frame("[unknown python]"))
+                    continue
+                fn = decode_str(bytes(sym.name), int(sym.name_state))
+                file = decode_str(bytes(sym.file), int(sym.file_state)) or ""
+                name = python_frame(fn or "[unknown python]", file, int(sym.line))
+                if len(self._py_names) >= 100_000:
+                    self._py_names.clear()
+                self._py_names[(pid, code)] = name
+            out.append(name)
+        if st.truncated:
+            out.append(frame("[truncated python stack]"))
         return out
 
     # -------------------------------------------------------------- write ---

@@ -4,6 +4,7 @@ cgroups; profiles read back from the store."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 import xml.etree.ElementTree as ET
@@ -31,7 +32,8 @@ def burn(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def frames_by_service(storage: str) -> dict[str, list[tuple[list[str], int]]]:
     """Stacks by service, frames as function names: each stored frame must be in the server's
-    form ("<function> <file>:<line>", ":0" for the node agent's name-only frames)."""
+    form ("<function> <file>:<line>": ":0" for the node agent's name-only native frames, a
+    file and line for Python frames of Python processes in other test cgroups)."""
     found = rows(storage, (
         "SELECT p.ServiceName AS service, s.Stack AS stack, sum(p.Value) AS value FROM profiling_samples p "
         "JOIN (SELECT ServiceName, Hash, any(Stack) AS Stack FROM profiling_stacks GROUP BY ServiceName, Hash) s "
@@ -39,7 +41,7 @@ def frames_by_service(storage: str) -> dict[str, list[tuple[list[str], int]]]:
         "WHERE p.Type = 'ebpf:cpu:nanoseconds' GROUP BY service, stack"))
     out: dict[str, list[tuple[list[str], int]]] = {}
     for r in found:
-        assert all(f.endswith(" :0") for f in r["stack"]), r["stack"]
+        assert all(re.fullmatch(r".+ \S*:\d+", f) for f in r["stack"]), r["stack"]
         out.setdefault(r["service"], []).append(([frame_name(f) for f in r["stack"]], int(r["value"])))
     return out
 
