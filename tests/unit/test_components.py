@@ -499,13 +499,13 @@ def test_probes_detach_side_by_side_and_nothing_attaches_after(monkeypatch: pyte
     loaded.attach_uprobe("/lib/libssl.so", "SSL_read", "ssl_read_enter")
     t0 = time.monotonic()
     loaded.begin_detach()
-    assert time.monotonic() - t0 < 0.1  # returns at once
+    assert time.monotonic() - t0 < 0.5  # returns at once (before the first 0.1 s detach ends, bar a loaded machine)
     with pytest.raises(ProgramsClosing):
         loaded.attach_uprobe("/lib/libssl.so", "SSL_write", "ssl_write_enter")
     loaded.close()
     took = time.monotonic() - t0
     assert bcc.cleaned and bcc.attached == ["SSL_read"]
-    assert took < 1.0, f"40 detaches of 0.1 s took {took:.2f} s: not side by side"  # one by one: 4 s
+    assert took < 2.0, f"40 detaches of 0.1 s took {took:.2f} s: not side by side"  # one by one: 4 s
     loaded.close()  # twice: nothing more
     with pytest.raises(KeyError):
         loaded.map("conns")
