@@ -23,6 +23,7 @@ if [ "$WANT_TEST" = 1 ]; then
     pkgs+=(gcc libc6-dev iproute2 procps curl openssl prometheus nftables ethtool
            nginx-light postgresql redis-server dnsmasq-base wrk python3-psycopg python3-redis
            debootstrap mariadb-server)
+    pkgs+=(libssl-dev)  # libssl.a: the static OpenSSL TLS test links its client against it
     # The heavier servers, runtimes and toolchains of single test modules (~1 GB installed).
     # COROOT_AGENT_SETUP_SERVERS=0 leaves them out (the bare-Debian bootstrap test does, to
     # stay within its time; those modules then fail, naming the package to install).
@@ -33,6 +34,7 @@ if [ "$WANT_TEST" = 1 ]; then
         pkgs+=(containerd docker.io podman)
         pkgs+=(default-jdk-headless)  # the JVM tests compile and run Java programs
         pkgs+=(golang-go)  # the Go TLS tests build their client and server with Debian's Go
+        pkgs+=(rustc)  # the rustls finder's unit test compiles a stand-in crate
     fi
 fi
 missing=()
