@@ -336,6 +336,14 @@ class TlsAttacher(Component):
             log.debug("TLS: no link in %s (%s): attaching by the full path", self.link_dir, e)
             return host_path
 
+    def _uprobe(self, target: str, sym: str, fn: str, ret: bool, addr: int | None) -> None:
+        """Attach by symbol name (a libssl), or at `addr` (an executable's own OpenSSL)."""
+        assert self.programs is not None
+        if addr is None:
+            self.programs.attach_uprobe(target, sym, fn, ret=ret)
+        else:
+            self.programs.attach_uprobe(target, sym, fn, ret=ret, addr=addr)
+
     def _attach(self, key: tuple[int, int], host_path: str, path: str, addrs: dict[str, int] | None = None,
                 static: bool = False) -> Library | None:
         """The OpenSSL uprobes on a libssl (by symbol name) or on an executable with OpenSSL
@@ -346,12 +354,12 @@ class TlsAttacher(Component):
         target = self._short_path(key, host_path)
         refused = ""
         for sym, prefix in SYMBOLS:
-            addr = addrs.get(sym) if addrs is not None else None
+            addr = addrs.get(sym) if addrs is not None else None  # by name in a libssl
             if addrs is not None and addr is None:
                 lib.missing.append(sym)
                 continue
             try:
-                programs.attach_uprobe(target, sym, f"{prefix}_enter", addr=addr)
+                self._uprobe(target, sym, f"{prefix}_enter", False, addr)
             except ProgramsClosing:
                 return None  # the agent stops: the library is neither attached nor failed
             except AttachError as e:  # OpenSSL 1.0 has no SSL_*_ex; a stripped copy has none
@@ -360,7 +368,7 @@ class TlsAttacher(Component):
                 continue
             lib.probes += 1
             try:
-                programs.attach_uprobe(target, sym, f"{prefix}_exit", ret=True, addr=addr)
+                self._uprobe(target, sym, f"{prefix}_exit", True, addr)
             except ProgramsClosing:
                 return None
             except AttachError as e:
@@ -368,7 +376,10 @@ class TlsAttacher(Component):
                 log.warning("TLS: %s; %s is not traced in %s", e, sym, path)
                 refused = refused or str(e)
                 try:
-                    programs.detach_uprobe(target, sym, addr=addr)
+                    if addr is None:
+                        programs.detach_uprobe(target, sym)
+                    else:
+                        programs.detach_uprobe(target, sym, addr=addr)
                     lib.probes -= 1
                 except AttachError:
                     pass
