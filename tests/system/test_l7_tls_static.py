@@ -53,8 +53,9 @@ def diagnostics(agent: AgentProcess, cid: str) -> str:
 
 
 def tls_of(agent: AgentProcess, pid: int) -> list[dict] | None:
-    [p] = agent.processes(pid)
-    return p.get("tls")  # type: ignore[no-any-return]
+    """/api/processes' `tls` of a process: None until the registry has it and it was looked at."""
+    found = agent.processes(pid)
+    return found[0].get("tls") if found else None  # type: ignore[no-any-return]
 
 
 def test_static_openssl_client_counted_exactly_with_tls_spans_and_described(
@@ -70,6 +71,7 @@ def test_static_openssl_client_counted_exactly_with_tls_spans_and_described(
             assert "libssl" not in f.read()  # OpenSSL is in the executable itself
         logged = f"TLS: 8 uprobes on {client_binary} (OpenSSL linked into the executable)"
         assert wait_for(lambda: logged in agent.log(), 20), diagnostics(agent, cid)
+        assert wait_for(lambda: tls_of(agent, proc.pid) is not None, 20)
         assert tls_of(agent, proc.pid) == [{"library": "openssl-static", "path": client_binary, "attached": True,
                                             "detail": "8 uprobes"}]
         proc.stdin.write("go\n")
@@ -155,6 +157,7 @@ def test_node_with_bundled_openssl_is_found_attached_and_counted(
             assert "libssl" not in f.read()
         assert wait_for(lambda: f"uprobes on {copy} (OpenSSL linked into the executable)" in agent.log(), 30), \
             diagnostics(agent, cid)
+        assert wait_for(lambda: tls_of(agent, proc.pid) is not None, 20)
         assert tls_of(agent, proc.pid) == [{"library": "openssl-static", "path": str(copy), "attached": True,
                                             "detail": "8 uprobes"}]
         proc.stdin.write("go\n")
