@@ -638,7 +638,9 @@ static __always_inline int ssl_exit(struct pt_regs *ctx, int ex, int sent) {
         struct ssl_key gk = {.ssl = cc.ssl, .tgid = id >> 32};
         ssl_guess_fd(id, &gk);
     }
-    long ret = PT_REGS_RC(ctx);
+    /* SSL_read/SSL_write(_ex) return an int: -1 (a memory BIO's WANT_READ, Node's every
+     * SSL_read after the last record) is 0xffffffff in the 64-bit register, not negative */
+    int ret = (int)PT_REGS_RC(ctx);
     u64 n = 0;
     if (ex) {
         if (ret != 1 || bpf_probe_read_user(&n, sizeof(n), (void *)cc.out_len) < 0)

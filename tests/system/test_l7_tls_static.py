@@ -163,17 +163,23 @@ def test_node_with_bundled_openssl_is_found_attached_and_counted(
         proc.stdin.write("go\n")
         proc.stdin.flush()
         assert json.loads(proc.stdout.readline()) == {"200": OK, "404": MISSING}
-        # Every request is counted. KNOWN DEFECT, not yet exact by status: the first request is
-        # closed ~15 µs after it is written with no status, and every later one gets the status
-        # of the response before it (seen with /a:3 /missing:2 /b:2 in timestamp order: unknown,
-        # 200, 200, 200, 404, 404, 200; here 40 2xx, 14 4xx, 1 unknown). The C client over a
-        # socket BIO (above) is exact; what closes Node's first request is not found yet.
-        def counted() -> float:
-            return sum(by_status(agent, "container_http_requests_total", container_id=cid).values())
-        wait_for(lambda: counted() >= OK + MISSING, 30)
-        got = by_status(agent, "container_http_requests_total", container_id=cid)
-        assert sum(got.values()) == OK + MISSING, diagnostics(agent, cid)
-        assert got.get("2xx", 0) >= OK - 1 and got.get("4xx", 0) >= MISSING - 1, got
+        # Node reads until SSL_read fails with WANT_READ (-1, an int in a 64-bit register): such a
+        # read pairs nothing, so each response gets its own request's status
+        want = {"2xx": OK, "4xx": MISSING}
+        dest = f"127.0.0.1:{server.tls_port}"
+        assert wait_counts(agent, "container_http_requests_total", want, container_id=cid) == want, \
+            diagnostics(agent, cid)
+        assert by_status(agent, "container_http_requests_total", container_id=cid, destination=dest,
+                         actual_destination=dest) == want
+        got = spans(agent, cid, OK + MISSING)
+        assert len(got) == OK + MISSING, diagnostics(agent, cid)
+        urls: dict[tuple[str, str], int] = {}
+        for s in got:
+            attrs = s["SpanAttributes"]
+            assert s["SpanName"] == "GET" and s["SpanKind"] == "SPAN_KIND_CLIENT" and attrs["tls"] == "true"
+            key = (attrs["http.url"], attrs["http.status_code"])
+            urls[key] = urls.get(key, 0) + 1
+        assert urls == {(f"https://{dest}/ok", "200"): OK, (f"https://{dest}/missing", "404"): MISSING}
     finally:
         proc.stdin.close()
         proc.wait(10)
