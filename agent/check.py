@@ -111,14 +111,17 @@ def run_checks(cfg: Config, probe: bool = True) -> list[Row]:
             if fam.requires:
                 detail += f" (with {', '.join(fam.requires)})"
             status, fix = OK, ""
+            tls: list[Row] = []
             if name == "l7":
                 uprobes, ok = _uprobe_check(loaded)
                 detail += f"; {uprobes}"
                 if not ok:
                     status, fix = WARN, ("TLS needs uprobes: CAP_SYS_ADMIN, or a writable /sys/kernel/debug/tracing "
                                          "(BCC defines them in uprobe_events then)")
+                tls = tls_rows(loaded, cfg.procfs_root)
             loaded.close()
             rows.append(Row(f"probes: {name}", status, detail, fix))
+            rows += tls
         except loader.LoadError as e:
             rows.append(Row(f"probes: {name}", FAIL, str(e).splitlines()[0][:300],
                             "see the BCC error above; `coroot-agent run --log-level debug` shows all of it"))
@@ -147,6 +150,44 @@ def _uprobe_check(loaded: loader.Loaded) -> tuple[str, bool]:
     if probes:
         return f"{probes} OpenSSL uprobes attach to {lib}", True
     return f"OpenSSL uprobes do not attach to {lib}", False
+
+
+TLS_ROWS = 40  # processes listed one by one; the rest are counted
+
+
+def tls_rows(loaded: loader.Loaded, procfs: str = "/proc") -> list[Row]:
+    """Per process, the TLS libraries the agent finds in it and whether their probes attach (or
+    why not): every process is looked at as the agent would, and the probes go with `loaded`."""
+    import tempfile
+
+    from agent.l7.tls import TlsAttacher
+
+    pids = sorted(int(d) for d in os.listdir(procfs) if d.isdigit())
+    rows: list[Row] = []
+    users = traced = 0
+    with tempfile.TemporaryDirectory() as links:
+        tls = TlsAttacher(loaded, procfs=procfs, link_dir=links)
+        for pid in pids:
+            tls.scan_pid(pid)
+            found = tls.describe(pid)
+            if not found:
+                continue
+            users += 1
+            ok = all(f["attached"] for f in found)
+            traced += ok
+            if len(rows) < TLS_ROWS:
+                try:
+                    with open(f"{procfs}/{pid}/comm") as f:
+                        comm = f.read().strip()
+                except OSError:
+                    comm = "?"
+                detail = "; ".join(f"{f['library']} {f['path']}: {f['detail']}" for f in found)
+                rows.append(Row(f"  tls: {pid} {comm}", OK if ok else WARN, detail,
+                                "" if ok else "see the reason; `coroot-agent run` logs it too"))
+    more = users - len(rows)
+    summary = Row("  tls: processes", OK, f"{len(pids)} looked at, {users} use TLS libraries the agent knows, "
+                  f"{traced} of them fully traced" + (f" ({more} not listed)" if more else ""))
+    return [summary, *rows]
 
 
 def _listen_row(cfg: Config) -> Row:

@@ -129,6 +129,7 @@ class Agent:
         self._poller: threading.Thread | None = None
         self.started_at = 0.0
         self.jvm: JvmMetrics | None = None
+        self.tls: TlsAttacher | None = None
 
     def families(self) -> list[str]:
         return self.cfg.probe_families
@@ -229,7 +230,8 @@ class Agent:
                                 max_fqdns=cfg.max_fqdns_per_container, host_id=const["machine_id"],
                                 masks=Masks(url_query=cfg.mask_url_query, sql_literals=cfg.mask_sql_literals,
                                             redis_values=cfg.mask_redis_values, url_path=cfg.mask_url_path)))
-            out.append(TlsAttacher(procfs=cfg.procfs_root, pids=self.registry.pids))
+            self.tls = TlsAttacher(procfs=cfg.procfs_root, pids=self.registry.pids)
+            out.append(self.tls)
         systemd = SystemdUnits(self.registry, procfs=cfg.procfs_root)
         out += [systemd, NodeCollector(cfg.procfs_root), CgroupCollector(self.registry, systemd=systemd),
                 AppTypeCollector(self.registry, procfs=cfg.procfs_root, runtimes=cfg.l7_tracing),
@@ -343,7 +345,8 @@ class Agent:
 
     def _api_processes(self, query: str, _body: bytes) -> Response:
         """Every process the registry knows: pid, comm, container and opt-outs (?pid=N for one);
-        for a JVM, `jvm`: where its counters are read from, or why there are none."""
+        for a JVM, `jvm`: where its counters are read from, or why there are none; `tls`: the TLS
+        libraries found in it and whether they are traced, or why not (once it was looked at)."""
         want = parse_qs(query).get("pid")
         pids = [int(p) for p in want if p.isdigit()] if want else sorted(self.registry.pids())
         out = []
@@ -357,6 +360,9 @@ class Agent:
             jvm = self.jvm.describe(pid) if self.jvm is not None else None
             if jvm is not None:
                 out[-1]["jvm"] = jvm
+            tls = self.tls.describe(pid) if self.tls is not None else None
+            if tls is not None:
+                out[-1]["tls"] = tls
         return Response(200, json.dumps(out).encode() + b"\n")
 
     def _health(self) -> tuple[bool, str]:

@@ -75,6 +75,11 @@ struct ssl_key {
 BPF_F_TABLE("lru_hash", struct l7_key, struct l7_request, l7_pending, CA_L7_MAX_PENDING, BPF_F_NO_COMMON_LRU);
 BPF_TABLE("lru_hash", u64, struct ssl_call, ssl_calls, 16384); /* pid_tgid inside SSL_read/write */
 BPF_TABLE("lru_hash", struct ssl_key, u32, ssl_fds, 16384);     /* SSL object -> its socket fd */
+/* Memory BIOs (Node.js: the SSL object never touches the socket, libuv does): processes with
+ * an SSL object whose fd no call revealed, and for their threads the fd of their last socket
+ * I/O outside an SSL call (see ssl_guess_fd). */
+BPF_TABLE("lru_hash", u32, u8, ssl_membio_tgids, 1024);
+BPF_TABLE("lru_hash", u64, u32, ssl_last_fd, 16384);
 /* HTTP is counted here, by status class with a duration histogram: inbound per process,
  * outbound per connection (user space labels it with the connection's destination). So HTTP
  * metrics stay exact when the event buffer overflows, and an HTTP event goes to user space
@@ -601,8 +606,12 @@ TRACEPOINT_PROBE(syscalls, sys_enter_sendmmsg) {
 
 static __always_inline int l7_in_ssl_call(u64 id, u32 fd) {
     struct ssl_call *call = ssl_calls.lookup(&id);
-    if (!call)
+    if (!call) {
+        u32 tgid = id >> 32;
+        if (ssl_membio_tgids.lookup(&tgid)) /* a memory-BIO process: remember the thread's socket */
+            ssl_last_fd.update(&id, &fd);
         return 0;
+    }
     call->fd = fd;
     call->has_fd = 1;
     return 1;
@@ -619,6 +628,28 @@ static __always_inline int ssl_enter(struct pt_regs *ctx, int ex) {
     return 0;
 }
 
+/* SSL_read of an SSL object whose fd no call of it revealed (a memory BIO: Node.js reads the
+ * ciphertext itself, then hands it to SSL_read on the same thread): its fd is taken to be the
+ * socket the thread used last outside an SSL call, consumed, and kept as a guess (SSL_FD_GUESS)
+ * that the next guess may correct (every SSL_read after a socket read refreshes it) but that
+ * never replaces an fd a call revealed. A process gets this only after one of its SSL objects
+ * went unplaced (ssl_membio_tgids): its first requests' handshake makes the guesses. */
+#define SSL_FD_GUESS 0x80000000u
+static __always_inline void ssl_guess_fd(u64 id, struct ssl_key *sk) {
+    u32 *known = ssl_fds.lookup(sk);
+    if (known && !(*known & SSL_FD_GUESS))
+        return;
+    u32 *last = ssl_last_fd.lookup(&id);
+    if (last) {
+        u32 fd = *last | SSL_FD_GUESS;
+        ssl_last_fd.delete(&id);
+        ssl_fds.update(sk, &fd);
+    } else if (!known) {
+        u8 one = 1;
+        ssl_membio_tgids.update(&sk->tgid, &one);
+    }
+}
+
 static __always_inline int ssl_exit(struct pt_regs *ctx, int ex, int sent) {
     u64 id = bpf_get_current_pid_tgid();
     struct ssl_call *call = ssl_calls.lookup(&id);
@@ -626,7 +657,13 @@ static __always_inline int ssl_exit(struct pt_regs *ctx, int ex, int sent) {
         return 0;
     struct ssl_call cc = *call;
     ssl_calls.delete(&id);
-    long ret = PT_REGS_RC(ctx);
+    if (!cc.has_fd && !sent) {
+        struct ssl_key gk = {.ssl = cc.ssl, .tgid = id >> 32};
+        ssl_guess_fd(id, &gk);
+    }
+    /* SSL_read/SSL_write(_ex) return an int: -1 (a memory BIO's WANT_READ, Node's every
+     * SSL_read after the last record) is 0xffffffff in the 64-bit register, not negative */
+    int ret = (int)PT_REGS_RC(ctx);
     u64 n = 0;
     if (ex) {
         if (ret != 1 || bpf_probe_read_user(&n, sizeof(n), (void *)cc.out_len) < 0)
@@ -645,7 +682,13 @@ static __always_inline int ssl_exit(struct pt_regs *ctx, int ex, int sent) {
         u32 *known = ssl_fds.lookup(&sk);
         if (!known)
             return 0;
-        fd = *known;
+        fd = *known & ~SSL_FD_GUESS;
+        if (*known & SSL_FD_GUESS) {
+            struct conn_key gkey = {.tgid = id >> 32, .fd = fd};
+            struct conn *gc = conns.lookup(&gkey);
+            if (gc && !(gc->flags & CONN_GO_TLS)) /* its syscalls carry ciphertext (as Go's do) */
+                gc->flags |= CONN_GO_TLS;
+        }
     }
     struct conn_key key = {.tgid = id >> 32, .fd = fd};
     struct conn *c = conns.lookup(&key);

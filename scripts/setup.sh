@@ -23,6 +23,7 @@ if [ "$WANT_TEST" = 1 ]; then
     pkgs+=(gcc libc6-dev iproute2 procps curl openssl prometheus nftables ethtool
            nginx-light postgresql redis-server dnsmasq-base wrk python3-psycopg python3-redis
            debootstrap mariadb-server)
+    pkgs+=(libssl-dev)  # libssl.a: the static OpenSSL TLS test links its client against it
     # The heavier servers, runtimes and toolchains of single test modules (~1 GB installed).
     # COROOT_AGENT_SETUP_SERVERS=0 leaves them out (the bare-Debian bootstrap test does, to
     # stay within its time; those modules then fail, naming the package to install).
@@ -35,6 +36,7 @@ if [ "$WANT_TEST" = 1 ]; then
         pkgs+=(golang-go)  # the Go TLS tests build their client and server with Debian's Go
         pkgs+=(dbus-daemon)  # a real D-Bus peer for the systemd client's wire format (test_systemd_dbus.py)
         pkgs+=(nodejs)  # the Node.js event-loop test runs a script under Debian's node
+        pkgs+=(rustc)  # the rustls finder's unit test compiles a stand-in crate
     fi
 fi
 missing=()

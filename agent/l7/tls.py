@@ -18,6 +18,14 @@ instructions (bpf/include/gotls.h), at the addresses agent/l7/gotls.py reads fro
 once per file (device, inode), at most MAX_GO_BINARIES files. Every executable is looked at once:
 what it is (Go or not, and why not traced) is remembered per file, at most MAX_SEEN of them.
 
+An executable that defines SSL_write and SSL_read itself (OpenSSL or BoringSSL linked
+statically: Node.js builds that bundle OpenSSL, Envoy) gets the libssl uprobes at those symbols'
+addresses (agent/l7/tlsbin.py finds them), once per file, at most MAX_STATIC_SSL files. rustls
+is found the same way but not traced yet (tlsbin.py says why).
+
+What was found and attached for each process, or why not, is kept per file and per process
+(`describe`: /api/processes and `coroot-agent check` show it).
+
 A component (agent/component.py): attaches at start for the processes the registry knows, then
 on its ticks for the new ones. Its probes are detached with all the others when the programs
 are freed (agent/ebpf/loader.py, side by side: one by one they would take ~130 ms each).
@@ -36,7 +44,7 @@ from dataclasses import dataclass, field
 from agent.component import Component
 from agent.containers.registry import Process
 from agent.ebpf.maps import AttachError, Programs, ProgramsClosing
-from agent.l7 import gotls
+from agent.l7 import gotls, tlsbin
 from agent.metrics import Families
 
 log = logging.getLogger(__name__)
@@ -49,6 +57,11 @@ LINK_DIR = "/run/coroot-agent/tls"
 MAX_QUEUED = 4096
 MAX_GO_BINARIES = 64  # Go executables with uprobes (each: Write, Read and Read's RETs, ~9 probes)
 MAX_SEEN = 8192  # executables remembered as not traced (not Go, no crypto/tls, ...), oldest forgotten first
+MAX_STATIC_SSL = 64  # executables with OpenSSL linked in that get uprobes (each: up to 8 probes)
+MAX_PROCESSES = 16384  # processes whose TLS libraries are remembered for describe()
+
+# Found.library values
+OPENSSL, OPENSSL_STATIC, GO, RUSTLS = "openssl", "openssl-static", "go", "rustls"
 
 
 @dataclass
@@ -56,6 +69,19 @@ class Library:
     path: str
     probes: int
     missing: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Found:
+    """One TLS library a process uses, as /api/processes and `check` show it."""
+
+    library: str  # OPENSSL (a shared libssl), OPENSSL_STATIC, GO (crypto/tls) or RUSTLS
+    path: str  # the file, as the first process seen using it sees it
+    attached: bool
+    detail: str  # what is probed (and how it was found), or why nothing is
+
+    def as_dict(self) -> dict[str, object]:
+        return {"library": self.library, "path": self.path, "attached": self.attached, "detail": self.detail}
 
 
 @dataclass
@@ -98,6 +124,9 @@ class TlsAttacher(Component):
         self.failed: set[tuple[int, int]] = set()
         self.go_binaries: dict[tuple[int, int], GoBinary] = {}
         self.go_skipped: dict[tuple[int, int], str] = {}  # executables not traced, and why
+        self.static_ssl: dict[tuple[int, int], Library] = {}  # executables with OpenSSL linked in, attached
+        self.files: dict[tuple[int, int], list[Found]] = {}  # per file: what was found (MAX_SEEN, oldest out)
+        self.processes: dict[int, list[tuple[int, int]]] = {}  # pid -> its libssl files and executable
         self._queue: list[tuple[float, int]] = []
         self._queue_lock = threading.Lock()  # listeners run on the poll thread and the logs thread
 
@@ -112,6 +141,9 @@ class TlsAttacher(Component):
 
     def on_process(self, what: str, proc: Process) -> None:
         """Registry listener: look at a new process's libraries a little later."""
+        if what == "removed":
+            self.processes.pop(proc.pid, None)
+            return
         if what != "added":
             return
         now = time.monotonic()
@@ -134,6 +166,25 @@ class TlsAttacher(Component):
         f.gauge("coroot_agent_tls_libraries", "OpenSSL libraries with uprobes attached", len(self.libraries))
         f.gauge("coroot_agent_tls_go_binaries", "Go executables with crypto/tls uprobes attached",
                 len(self.go_binaries))
+        f.gauge("coroot_agent_tls_static_executables", "Executables with OpenSSL linked in with uprobes attached",
+                len(self.static_ssl))
+
+    def describe(self, pid: int) -> list[dict[str, object]] | None:
+        """The TLS libraries found in a process and whether they are traced, or why not (one
+        dict per library, [] when it uses none the agent knows); None when the process has not
+        been looked at (yet)."""
+        keys = self.processes.get(pid)
+        if keys is None:
+            return None
+        return [found.as_dict() for key in keys for found in self.files.get(key, [])]
+
+    def _found(self, key: tuple[int, int], found: Found) -> None:
+        entries = self.files.get(key)
+        if entries is None:
+            while len(self.files) >= MAX_SEEN:
+                del self.files[next(iter(self.files))]
+            entries = self.files[key] = []
+        entries[:] = [e for e in entries if e.library != found.library] + [found]
 
     def close(self) -> None:
         """The probes stay until the programs are freed (all probes are detached together)."""
@@ -148,6 +199,7 @@ class TlsAttacher(Component):
     def scan_pid(self, pid: int) -> None:
         if self.programs is None:
             return
+        keys: list[tuple[int, int]] = []
         for path in ssl_libraries(self.procfs, pid):
             host_path = f"{self.procfs}/{pid}/root{path}"
             try:
@@ -155,26 +207,71 @@ class TlsAttacher(Component):
             except OSError:
                 continue
             key = (st.st_dev, st.st_ino)
+            keys.append(key)
             if key in self.libraries or key in self.failed:
                 continue
             self._attach(key, host_path, path)
-        self.scan_go(pid)
-
-    def scan_go(self, pid: int) -> None:
-        """Attach the Go crypto/tls probes to the process's executable if it needs them."""
+        exe = self.scan_exe(pid)
+        if exe is not None:
+            keys.append(exe)
         if self.programs is None:
-            return
+            return  # the agent stops
+        if pid not in self.processes:
+            while len(self.processes) >= MAX_PROCESSES:
+                del self.processes[next(iter(self.processes))]
+        self.processes[pid] = keys
+
+    def scan_exe(self, pid: int) -> tuple[int, int] | None:
+        """Look at the process's executable: OpenSSL linked in, rustls, Go crypto/tls. Its
+        (device, inode), None when it cannot be read."""
         exe = f"{self.procfs}/{pid}/exe"
         try:
             st = os.stat(exe)
-        except OSError:  # gone already, or a kernel thread
-            return
-        key = (st.st_dev, st.st_ino)
-        if key in self.go_binaries or key in self.go_skipped:
-            return
-        try:
             path = os.readlink(exe)
-        except OSError:
+        except OSError:  # gone already, or a kernel thread
+            return None
+        key = (st.st_dev, st.st_ino)
+        if key not in self.files and key not in self.static_ssl:
+            try:
+                linked = tlsbin.inspect_path(exe)
+            except OSError:  # the process is gone: the file may be looked at with the next one
+                return None
+            except tlsbin.NotElf:
+                linked = tlsbin.Linked()
+            self._found_nothing(key)
+            if linked.static_openssl:
+                self._attach_static(key, exe, path, linked)
+            if linked.rustls:
+                self._found(key, Found(RUSTLS, path, False, (
+                    f"rustls Writer::write and Reader::read found ({', '.join(sorted(linked.rustls))}) in "
+                    f"{'/'.join(linked.tables)}; not traced: the agent has no rustls probes yet")))
+        self.scan_go(pid, key, exe, path)
+        return key
+
+    def _found_nothing(self, key: tuple[int, int]) -> None:
+        """Remember that the file was looked at (nothing found so far)."""
+        if key not in self.files:
+            while len(self.files) >= MAX_SEEN:
+                del self.files[next(iter(self.files))]
+            self.files[key] = []
+
+    def _attach_static(self, key: tuple[int, int], exe: str, path: str, linked: tlsbin.Linked) -> None:
+        if len(self.static_ssl) >= MAX_STATIC_SSL:
+            why = f"not traced: already {MAX_STATIC_SSL} executables with OpenSSL linked in traced"
+            log.info("TLS: OpenSSL linked into %s is %s", path, why)
+            self._found(key, Found(OPENSSL_STATIC, path, False, why))
+            return
+        lib = self._attach(key, exe, path, linked.openssl, static=True)
+        if lib is not None:
+            self.static_ssl[key] = lib
+        elif not os.path.exists(exe):  # the process is gone: another may run the file
+            self.files.pop(key, None)
+
+    def scan_go(self, pid: int, key: tuple[int, int], exe: str, path: str) -> None:
+        """Attach the Go crypto/tls probes to the process's executable if it needs them."""
+        if self.programs is None:
+            return
+        if key in self.go_binaries or key in self.go_skipped:
             return
         if len(self.go_binaries) >= MAX_GO_BINARIES:
             self._skip_go(key, f"already {MAX_GO_BINARIES} Go executables traced", path)
@@ -194,6 +291,7 @@ class TlsAttacher(Component):
         self.go_skipped[key] = why
         if not why.startswith("not a") and "does not use crypto/tls" not in why:
             log.info("TLS: Go crypto/tls in %s is not traced: %s", path, why)
+            self._found(key, Found(GO, path, False, f"not traced: {why}"))
 
     def _attach_go(self, key: tuple[int, int], exe: str, path: str, found: gotls.GoTls) -> None:
         programs = self.programs
@@ -221,6 +319,8 @@ class TlsAttacher(Component):
                 return
             done.append((name, addr))
         self.go_binaries[key] = GoBinary(path, found.version, len(done), found.source)
+        self._found(key, Found(GO, path, True, f"{found.version}: {len(done)} uprobes, functions from "
+                               f"{found.source}, offsets from {found.offsets_from}"))
         log.info("TLS: %d Go crypto/tls uprobes on %s (%s, functions from %s, offsets from %s)",
                  len(done), path, found.version, found.source, found.offsets_from)
 
@@ -236,39 +336,68 @@ class TlsAttacher(Component):
             log.debug("TLS: no link in %s (%s): attaching by the full path", self.link_dir, e)
             return host_path
 
-    def _attach(self, key: tuple[int, int], host_path: str, path: str) -> None:
+    def _uprobe(self, target: str, sym: str, fn: str, ret: bool, addr: int | None) -> None:
+        """Attach by symbol name (a libssl), or at `addr` (an executable's own OpenSSL)."""
+        assert self.programs is not None
+        if addr is None:
+            self.programs.attach_uprobe(target, sym, fn, ret=ret)
+        else:
+            self.programs.attach_uprobe(target, sym, fn, ret=ret, addr=addr)
+
+    def _attach(self, key: tuple[int, int], host_path: str, path: str, addrs: dict[str, int] | None = None,
+                static: bool = False) -> Library | None:
+        """The OpenSSL uprobes on a libssl (by symbol name) or on an executable with OpenSSL
+        linked in (`static`: at the addresses `addrs` its symbol tables give)."""
         programs = self.programs
         assert programs is not None
         lib = Library(path, 0)
         target = self._short_path(key, host_path)
+        refused = ""
         for sym, prefix in SYMBOLS:
-            try:
-                programs.attach_uprobe(target, sym, f"{prefix}_enter")
-            except ProgramsClosing:
-                return  # the agent stops: the library is neither attached nor failed
-            except AttachError:  # OpenSSL 1.0 has no SSL_*_ex; a stripped copy has none
+            addr = addrs.get(sym) if addrs is not None else None  # by name in a libssl
+            if addrs is not None and addr is None:
                 lib.missing.append(sym)
+                continue
+            try:
+                self._uprobe(target, sym, f"{prefix}_enter", False, addr)
+            except ProgramsClosing:
+                return None  # the agent stops: the library is neither attached nor failed
+            except AttachError as e:  # OpenSSL 1.0 has no SSL_*_ex; a stripped copy has none
+                lib.missing.append(sym)
+                refused = refused or str(e)
                 continue
             lib.probes += 1
             try:
-                programs.attach_uprobe(target, sym, f"{prefix}_exit", ret=True)
+                self._uprobe(target, sym, f"{prefix}_exit", True, addr)
             except ProgramsClosing:
-                return
+                return None
             except AttachError as e:
                 # An entry without its exit would leave calls open in the kernel's map: undo it.
                 log.warning("TLS: %s; %s is not traced in %s", e, sym, path)
+                refused = refused or str(e)
                 try:
-                    programs.detach_uprobe(target, sym)
+                    if addr is None:
+                        programs.detach_uprobe(target, sym)
+                    else:
+                        programs.detach_uprobe(target, sym, addr=addr)
                     lib.probes -= 1
                 except AttachError:
                     pass
                 lib.missing.append(sym)
                 continue
             lib.probes += 1
+        kind = OPENSSL_STATIC if static else OPENSSL
+        where = " (OpenSSL linked into the executable)" if static else ""
+        no = f" (no {', '.join(lib.missing)})" if lib.missing else ""
         if lib.probes:
-            self.libraries[key] = lib
-            log.info("TLS: %d uprobes on %s%s", lib.probes, path,
-                     f" (no {', '.join(lib.missing)})" if lib.missing else "")
-        else:
+            if not static:
+                self.libraries[key] = lib
+            log.info("TLS: %d uprobes on %s%s%s", lib.probes, path, where, no)
+            self._found(key, Found(kind, path, True, f"{lib.probes} uprobes{no}"))
+            return lib
+        if not static:
             self.failed.add(key)
-            log.warning("TLS: no OpenSSL symbols found in %s: its plaintext is not traced", path)
+        why = f"attach refused: {refused}" if refused else "no OpenSSL symbols"
+        log.warning("TLS: %s in %s: its plaintext is not traced", why, path)
+        self._found(key, Found(kind, path, False, f"not traced: {why}"))
+        return None
