@@ -24,19 +24,17 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
-from agent.component import Component
-from agent.containers.registry import Process, Registry
+from agent.containers.registry import Registry
 from agent.ebpf.maps import AttachError, BpfMap, Programs, ProgramsClosing
 from agent.logs import safeopen
 from agent.metrics import Families
+from agent.runtime.follow import ProcessFollower
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +43,7 @@ IO_CALLBACKS = ("uv__stream_io", "uv__async_io", "uv__poll_io", "uv__server_io",
 POLL_ENTER, POLL_EXIT = "nodejs_poll_enter", "nodejs_poll_exit"
 CB_ENTER, CB_EXIT = "nodejs_io_cb_enter", "nodejs_io_cb_exit"
 MAX_PROCESSES = 4096  # CA_NODEJS_PROCESSES in bpf/nodejs.c
-MAX_QUEUED = 8192
 MAX_FILES = 64  # files with libuv remembered (a descriptor each for those probed)
-MAX_CLASSIFY_PER_TICK = 512
 MAPS_MAX = 4 << 20
 
 _NODE = re.compile(r"node(js)?\d*\.?\d*\Z")
@@ -107,25 +103,18 @@ class _Tracked:
     container_id: str
 
 
-class NodejsMetrics(Component):
+class NodejsMetrics(ProcessFollower):
     """container_nodejs_event_loop_blocked_time_seconds_total for containers running Node.js."""
 
     name = "nodejs"
 
     def __init__(self, registry: Registry, procfs: str = "/proc") -> None:
-        self.registry = registry
-        self.procfs = procfs
-        self.programs: Programs | None = None
+        super().__init__(registry, procfs)  # self._retired: container -> ns blocked in its exited processes
         self._pids: BpfMap | None = None
         self._blocked: BpfMap | None = None
         self._other_maps: list[BpfMap] = []
-        self._lock = threading.Lock()
-        self._queue: OrderedDict[int, str] = OrderedDict()  # pid -> "added" | "removed"
         self._tracked: dict[int, _Tracked] = {}
-        self._retired: dict[str, int] = {}  # container -> ns blocked in its exited processes
         self.files: dict[tuple[int, int], _File] = {}
-        self._synced = False
-        self.dropped = 0
 
     # ------------------------------------------------------------ component --
 
@@ -136,38 +125,6 @@ class NodejsMetrics(Component):
         self._pids = programs.map("nodejs_pids")
         self._blocked = programs.map("nodejs_blocked_ns")
         self._other_maps = [programs.map("nodejs_poll_end"), programs.map("nodejs_cb_start")]
-
-    def on_process(self, what: str, proc: Process) -> None:
-        with self._lock:
-            if what == "added" and proc.container_id is None:
-                return
-            if len(self._queue) >= MAX_QUEUED and proc.pid not in self._queue:
-                self.dropped += 1
-                return
-            self._queue[proc.pid] = what
-            self._queue.move_to_end(proc.pid)
-
-    def tick(self, now: float, gone: list[str]) -> None:
-        if self.programs is None:
-            return
-        if not self._synced:
-            self._synced = True
-            with self._lock:
-                for pid in self.registry.pids():
-                    self._queue.setdefault(pid, "added")
-        with self._lock:
-            batch: list[tuple[int, str]] = []
-            while self._queue and len(batch) < MAX_CLASSIFY_PER_TICK:
-                batch.append(self._queue.popitem(last=False))
-        for pid, what in batch:
-            if what == "removed":
-                self._untrack(pid)
-            else:
-                self._look_at(pid)
-        if gone:
-            with self._lock:
-                for cid in gone:
-                    self._retired.pop(cid, None)
 
     def close(self) -> None:
         """The probes stay until the programs are freed (the loader detaches them all); the

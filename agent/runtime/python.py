@@ -36,7 +36,6 @@ import os
 import queue
 import re
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from elftools.common.exceptions import ELFError
@@ -44,22 +43,20 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.gnuversions import GNUVerSymSection
 from elftools.elf.sections import SymbolTableSection
 
-from agent.component import Component
-from agent.containers.registry import Process, Registry
+from agent.containers.registry import Registry
 from agent.ebpf import tracefs
 from agent.ebpf.maps import AttachError, BpfMap, Programs, ProgramsClosing
 from agent.logs import safeopen
 from agent.metrics import Families
+from agent.runtime.follow import ProcessFollower
 
 log = logging.getLogger(__name__)
 
 SYMBOL = "pthread_cond_timedwait"
 ENTER, EXIT = "python_cond_wait_enter", "python_cond_wait_exit"
 MAX_PROCESSES = 4096  # CA_PYTHON_PROCESSES in bpf/python.c
-MAX_QUEUED = 8192
 STALE_TRIES = 30  # seconds a left-behind probe definition is tried again
 MAX_LIBRARIES = 256  # C library files remembered (a descriptor each for those probed)
-MAX_CLASSIFY_PER_TICK = 512
 CMDLINE_MAX = 4096  # the first word is all that is needed
 MAPS_MAX = 4 << 20
 VERSYM_HIDDEN = 0x8000
@@ -162,24 +159,17 @@ class _Library:
     error: str = ""
 
 
-class PythonGilMetrics(Component):
+class PythonGilMetrics(ProcessFollower):
     """container_python_thread_lock_wait_time_seconds for containers running CPython."""
 
     name = "python"
 
     def __init__(self, registry: Registry, procfs: str = "/proc") -> None:
-        self.registry = registry
-        self.procfs = procfs
-        self.programs: Programs | None = None
+        super().__init__(registry, procfs)  # self._retired: container -> ns waited by its exited processes
         self._pids: BpfMap | None = None
         self._waits: BpfMap | None = None
-        self._lock = threading.Lock()
-        self._queue: OrderedDict[int, str] = OrderedDict()  # pid -> "added" | "removed"
         self._tracked: dict[int, _Tracked] = {}
-        self._retired: dict[str, int] = {}  # container -> ns waited by its exited processes
         self.libraries: dict[tuple[int, int], _Library] = {}
-        self._synced = False
-        self.dropped = 0
         self._detach: queue.SimpleQueue[tuple[str, int, int] | None] = queue.SimpleQueue()
         self._detacher: threading.Thread | None = None
         self.detached = 0
@@ -196,38 +186,6 @@ class PythonGilMetrics(Component):
     def start(self) -> None:
         self._detacher = threading.Thread(target=self._detach_loop, name="python-detach", daemon=True)
         self._detacher.start()
-
-    def on_process(self, what: str, proc: Process) -> None:
-        with self._lock:
-            if what == "added" and proc.container_id is None:
-                return
-            if len(self._queue) >= MAX_QUEUED and proc.pid not in self._queue:
-                self.dropped += 1
-                return
-            self._queue[proc.pid] = what
-            self._queue.move_to_end(proc.pid)
-
-    def tick(self, now: float, gone: list[str]) -> None:
-        if self.programs is None:
-            return
-        if not self._synced:
-            self._synced = True
-            with self._lock:
-                for pid in self.registry.pids():
-                    self._queue.setdefault(pid, "added")
-        with self._lock:
-            batch: list[tuple[int, str]] = []
-            while self._queue and len(batch) < MAX_CLASSIFY_PER_TICK:
-                batch.append(self._queue.popitem(last=False))
-        for pid, what in batch:
-            if what == "removed":
-                self._untrack(pid)
-            else:
-                self._look_at(pid)
-        if gone:
-            with self._lock:
-                for cid in gone:
-                    self._retired.pop(cid, None)
 
     def close(self) -> None:
         """The probes left stay until the programs are freed (all probes are detached together)."""
