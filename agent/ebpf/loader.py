@@ -320,6 +320,11 @@ def _attach_uprobe(bpf: Any, path: str, symbol: str | None, addr: int | None, fn
     ev_name = bpf._get_uprobe_evname(b"r" if ret else b"p", bpath, baddr, pid)
     fd = _bpf_attach_uprobe()(fn.fd, 1 if ret else 0, ev_name, bpath, baddr, pid, 0)
     if fd < 0:
+        # Without CAP_SYS_ADMIN libbcc defines the probe in tracing/uprobe_events first, and a
+        # failed attach leaves that definition behind (one per failure, for good): remove it.
+        from bcc.libbcc import lib
+
+        lib.bpf_detach_uprobe(ev_name)
         raise Exception(f"Failed to attach BPF to {'uretprobe' if ret else 'uprobe'}")  # noqa: TRY002 - as BCC's
     bpf._add_uprobe_fd(ev_name, fd)
 

@@ -75,6 +75,13 @@ def test_every_probe_family_loads_and_works_with_exactly_the_required_set(
         wait_for(lambda: agent.value("container_http_requests_total", container_id=cid, status="2xx") == 3, 20)
         wait_for(lambda: agent.value("container_net_tcp_successful_connects_total", container_id=cid) == 1, 20)
         c.finish()
+        # Stopped, it leaves no uprobe definition behind in tracing/uprobe_events (without
+        # CAP_SYS_ADMIN BCC defines every uprobe there), not even for an attach that failed.
+        pid = agent.proc.pid
+        agent.stop()
+        left = [line for line in Path("/sys/kernel/tracing/uprobe_events").read_text().splitlines()
+                if line.split()[0].endswith(f"_bcc_{pid}")]
+        assert left == [], left
     finally:
         nginx.stop()
 
