@@ -38,6 +38,7 @@ from tests.system.helpers import (
     wait_for,
     wait_port,
 )
+from tests.system.l7helpers import by_status, delta, wait_counts
 
 OUT, IN = "container_cassandra_queries_total", "container_cassandra_inbound_queries_total"
 RESPONDER = [sys.executable, "-m", "tests.system.workloads.cassandra_responder"]
@@ -76,24 +77,6 @@ def server(agent: AgentProcess, tmp_path_factory: pytest.TempPathFactory) -> Ite
     finally:
         cg.cleanup()
         out.close()
-
-
-def by_status(agent: AgentProcess, name: str, **labels: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for n, lb, v in agent.metrics():
-        if n == name and labels.items() <= lb.items():
-            out[lb["status"]] = out.get(lb["status"], 0) + v
-    return out
-
-
-def wait_counts(agent: AgentProcess, name: str, total: float, **labels: str) -> dict[str, float]:
-    wait_for(lambda: sum(by_status(agent, name, **labels).values()) >= total, 30, interval=0.2)
-    time.sleep(1)  # and nothing more comes
-    return by_status(agent, name, **labels)
-
-
-def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
-    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
 
 
 def diagnosis(agent: AgentProcess, name: str) -> list[tuple[str, dict[str, str], float]]:
@@ -148,9 +131,9 @@ def check(agent: AgentProcess, cgroups: TestCgroups, server: Server, name: str, 
         assert {a["version"] for a in answers} == {version}
         expected = dict(Counter(a["status"] for a in answers))
         total = len(answers)
-        got_in = wait_counts(agent, IN, sum(before.values()) + total, container_id=server.cid)
+        got_in = wait_counts(agent, IN, settle=1, total=sum(before.values()) + total, container_id=server.cid)
         assert delta(got_in, before) == expected, (answers, diagnosis(agent, IN))
-        got_out = wait_counts(agent, OUT, total, container_id=cid, destination=server.dest,
+        got_out = wait_counts(agent, OUT, settle=1, total=total, container_id=cid, destination=server.dest,
                               actual_destination=server.dest)
         assert got_out == expected, (answers, diagnosis(agent, OUT))
         assert histogram_count(agent, "container_cassandra_queries_duration_seconds_total", container_id=cid) == total

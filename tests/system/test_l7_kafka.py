@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,9 +33,9 @@ from tests.system.helpers import (
     TestCgroups,
     free_port,
     rows,
-    wait_for,
     wait_port,
 )
+from tests.system.l7helpers import by_status, delta, wait_counts
 
 OUT, IN = "container_kafka_requests_total", "container_kafka_inbound_requests_total"
 RESPONDER = [sys.executable, "-m", "tests.system.workloads.kafka_responder"]
@@ -76,24 +75,6 @@ def server(agent: AgentProcess, tmp_path_factory: pytest.TempPathFactory) -> Ite
         out.close()
 
 
-def by_status(agent: AgentProcess, name: str, **labels: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for n, lb, v in agent.metrics():
-        if n == name and labels.items() <= lb.items():
-            out[lb["status"]] = out.get(lb["status"], 0) + v
-    return out
-
-
-def wait_counts(agent: AgentProcess, name: str, total: float, **labels: str) -> dict[str, float]:
-    wait_for(lambda: sum(by_status(agent, name, **labels).values()) >= total, 30, interval=0.2)
-    time.sleep(1)  # and nothing more comes
-    return by_status(agent, name, **labels)
-
-
-def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
-    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
-
-
 def histogram_count(agent: AgentProcess, name: str, **labels: str) -> float:
     return sum(v for n, lb, v in agent.metrics() if n == name + "_count" and labels.items() <= lb.items())
 
@@ -127,9 +108,9 @@ def check(agent: AgentProcess, cgroups: TestCgroups, server: Server, name: str, 
         answers = server.answers()[seen:]
         expected = dict(Counter(a["status"] for a in answers))
         total = len(answers)
-        got_in = wait_counts(agent, IN, sum(before.values()) + total, container_id=server.cid)
+        got_in = wait_counts(agent, IN, settle=1, total=sum(before.values()) + total, container_id=server.cid)
         assert delta(got_in, before) == expected, [(lb, v) for n, lb, v in agent.metrics() if n == IN]
-        got_out = wait_counts(agent, OUT, total, container_id=cid, destination=server.dest,
+        got_out = wait_counts(agent, OUT, settle=1, total=total, container_id=cid, destination=server.dest,
                               actual_destination=server.dest)
         assert got_out == expected, [(lb, v) for n, lb, v in agent.metrics() if n == OUT]
         assert histogram_count(agent, "container_kafka_requests_duration_seconds_total", container_id=cid) == total

@@ -37,6 +37,7 @@ from tests.system.helpers import (
     wait_for,
     wait_port,
 )
+from tests.system.l7helpers import by_status, delta, wait_counts
 
 OUT, IN = "container_mongo_queries_total", "container_mongo_inbound_queries_total"
 RESPONDER = [sys.executable, "-m", "tests.system.workloads.mongo_responder"]
@@ -73,24 +74,6 @@ def server(agent: AgentProcess, tmp_path_factory: pytest.TempPathFactory) -> Ite
     finally:
         cg.cleanup()
         out.close()
-
-
-def by_status(agent: AgentProcess, name: str, **labels: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for n, lb, v in agent.metrics():
-        if n == name and labels.items() <= lb.items():
-            out[lb["status"]] = out.get(lb["status"], 0) + v
-    return out
-
-
-def wait_counts(agent: AgentProcess, name: str, total: float, **labels: str) -> dict[str, float]:
-    wait_for(lambda: sum(by_status(agent, name, **labels).values()) >= total, 30, interval=0.2)
-    time.sleep(1)  # and nothing more comes
-    return by_status(agent, name, **labels)
-
-
-def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
-    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
 
 
 def histogram_count(agent: AgentProcess, name: str, **labels: str) -> float:
@@ -136,10 +119,10 @@ def test_queries_by_status_on_both_sides_handshakes_left_out_and_a_masked_span_e
             ("find", "ok"): 7, ("find", "failed"): 3, ("insert", "ok"): 4, ("insert", "failed"): 2}
         assert any(a["command"] == "handshake" for a in answers)  # the driver's, not counted below
         want_in = {"ok": 11, "failed": 5}
-        got_in = wait_counts(agent, IN, sum(before.values()) + 16, container_id=server.cid)
+        got_in = wait_counts(agent, IN, settle=1, total=sum(before.values()) + 16, container_id=server.cid)
         assert delta(got_in, before) == want_in, [(lb, v) for n, lb, v in agent.metrics() if n == IN]
         # every query once on the client's side too, with the status of the reply's body
-        got_out = wait_counts(agent, OUT, 16, container_id=cid, destination=server.dest,
+        got_out = wait_counts(agent, OUT, settle=1, total=16, container_id=cid, destination=server.dest,
                               actual_destination=server.dest)
         assert got_out == want_in, [(lb, v) for n, lb, v in agent.metrics() if n == OUT]
         assert histogram_count(agent, "container_mongo_queries_duration_seconds_total", container_id=cid) == 16
@@ -169,7 +152,7 @@ def test_the_client_side_status_comes_from_the_reply_body(agent: AgentProcess, c
     p, result = run_client(cgroups, cid, server.port, "find:4", "find-fail:2", "insert-dup:1")
     try:
         assert result["counts"] == {"ok": 4, "failed": 3}
-        got_out = wait_counts(agent, OUT, 7, container_id=cid, destination=server.dest)
+        got_out = wait_counts(agent, OUT, settle=1, total=7, container_id=cid, destination=server.dest)
         got = spans(agent, cid, 7)
     finally:
         finish(p)
