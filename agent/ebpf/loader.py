@@ -50,6 +50,9 @@ class Family:
     defines: tuple[str, ...] = ()  # set when the family is compiled in (other files test them)
     requires: tuple[str, ...] = ()  # families compiled in with it (their maps and hooks are used)
     pages: int = 0  # perf buffer pages per CPU when more than the default (ring size is in the C file)
+    # (prog array, function, "tracepoint" | "kprobe"): programs entered only by tail calls, put
+    # in slot 0 of their array right after the compile
+    tail_calls: tuple[tuple[str, str, str], ...] = ()
 
 
 FAMILIES: dict[str, Family] = {
@@ -60,7 +63,9 @@ FAMILIES: dict[str, Family] = {
                  uprobe_functions=tuple(f"ssl_{op}{ex}_{end}" for op in ("write", "read") for ex in ("", "_ex")
                                         for end in ("enter", "exit"))
                  + ("go_tls_write_enter", "go_tls_read_enter", "go_tls_read_return"),  # Go crypto/tls
-                 defines=("CA_L7",), requires=("tcp",), pages=256),
+                 defines=("CA_L7",), requires=("tcp",), pages=256,
+                 tail_calls=(("l7_run_tp", "l7_run_tracepoint", "tracepoint"),
+                             ("l7_run_uprobe", "l7_run_kprobe", "kprobe"))),
     "logs": Family("logs", "logs.c", ("log_events",), "log files opened for writing under /var/log (tracepoint)"),
     "profiler": Family("profiler", "profiler.c", (), "CPU stacks sampled by a cpu-clock perf event",
                        perf_functions=("on_cpu_sample",)),
@@ -410,6 +415,13 @@ def load(
         raise LoadError(f"probe families {', '.join(families)}: {e}") from e
     took = time.monotonic() - t0
     loaded = Loaded(bpf=bpf, families=families, ringbuf=ringbuf, compile_seconds=took)
+    for name in families:
+        for array, fn, kind in FAMILIES[name].tail_calls:
+            try:
+                prog = bpf.load_func(fn, BPF.TRACEPOINT if kind == "tracepoint" else BPF.KPROBE)
+                bpf[array][ctypes.c_int(0)] = ctypes.c_int(prog.fd)
+            except Exception as e:  # noqa: BLE001
+                raise LoadError(f"probe family {name}: cannot load {fn} into {array}: {e}") from e
     for name in families:
         for fn in FAMILIES[name].perf_functions:
             from bcc import PerfSWConfig, PerfType

@@ -38,7 +38,7 @@ HTTP_STATUS = ("unknown", "1xx", "2xx", "3xx", "4xx", "5xx")  # by the key's sta
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds; Coroot's L7 buckets
 
 # map l7_stats, by index (L7_STAT_*)
-KERNEL_STATS = ("requests", "replaced_unanswered", "paired", "http_counted_in_user_space")
+KERNEL_STATS = ("requests", "replaced_unanswered", "paired", "http_counted_in_user_space", "handoff_lost")
 
 
 @dataclass(frozen=True)

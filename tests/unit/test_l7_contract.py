@@ -78,7 +78,8 @@ def test_http_map_layout_status_classes_and_kernel_counters() -> None:
     stats = sorted((v, k) for k, v in D.items() if k.startswith("L7_STAT_"))
     assert [v for v, _ in stats] == list(range(D["L7_STATS"])) and D["L7_STATS"] == len(contract.KERNEL_STATS)
     names = {"L7_STAT_REQUESTS": "requests", "L7_STAT_REPLACED": "replaced_unanswered",
-             "L7_STAT_PAIRED": "paired", "L7_STAT_HTTP_FULL": "http_counted_in_user_space"}
+             "L7_STAT_PAIRED": "paired", "L7_STAT_HTTP_FULL": "http_counted_in_user_space",
+             "L7_STAT_HANDOFF_LOST": "handoff_lost"}
     assert [names[k] for _, k in stats] == list(contract.KERNEL_STATS)
 
 

@@ -81,6 +81,7 @@ struct l7_hist {
 #define L7_STAT_REPLACED 1    /* a request replaced its connection's unanswered one */
 #define L7_STAT_PAIRED 2      /* pairs made */
 #define L7_STAT_HTTP_FULL 3   /* HTTP requests sent to user space to count (l7_http full) */
-#define L7_STATS 4
+#define L7_STAT_HANDOFF_LOST 4 /* reads/writes whose hand-off to the L7 program failed (l7_run) */
+#define L7_STATS 5
 
 #endif
