@@ -425,7 +425,8 @@ class L7Tracer(Component):
         f.counter("coroot_agent_l7_requests_total", "L7 requests decoded from the kernel's pairs", self.requests)
         for what, n in self.kernel_stats().items():
             f.counter("coroot_agent_l7_kernel_total", "the kernel side's request accounting: requests recognised, "
-                      "requests that replaced an unanswered one, pairs made, HTTP requests its map had no room for",
+                      "requests that replaced an unanswered one, pairs made, HTTP requests its map had no room for, "
+                      "reads/writes whose tail call into the L7 program failed",
                       n, what=what)
         f.counter("coroot_agent_l7_spans_total", "spans handed to the store", self.spans_written)
         f.counter("coroot_agent_l7_unattributed_total",
