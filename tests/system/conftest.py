@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.system.helpers import AGENT_DEFAULTS, AgentFactory, AgentProcess, TestCgroups
+from tests.system.helpers import AGENT_DEFAULTS, AGENT_LOGS, AgentFactory, AgentProcess, TestCgroups
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -30,6 +30,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def _root() -> None:
     if os.geteuid() != 0:
         pytest.fail("system tests need root, the real kernel and BPF: run `make test` as root")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _agent_logs() -> None:
+    """Agent logs of earlier test runs that are over go (a run still going, e.g. another
+    engineer's, keeps its own); this run's stay after it, for reading."""
+    for run in os.listdir(AGENT_LOGS) if os.path.isdir(AGENT_LOGS) else ():
+        if not (run.isdigit() and os.path.exists(f"/proc/{run}")):
+            shutil.rmtree(os.path.join(AGENT_LOGS, run), ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
