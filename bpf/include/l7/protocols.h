@@ -29,6 +29,7 @@ static __always_inline u64 l7_unlinked(u64 v) {
 #include "l7/redis.h"
 #include "l7/zookeeper.h"
 #include "l7/cassandra.h"
+#include "l7/clickhouse.h"
 
 /* The protocol of a request whose first n bytes (n <= 16) are in b, or 0. */
 static __always_inline u32 l7_detect(u8 *b, u32 n, u64 size, u64 ptr) {
@@ -54,6 +55,8 @@ static __always_inline u32 l7_detect(u8 *b, u32 n, u64 size, u64 ptr) {
         return L7_KAFKA;
     if (l7_cassandra_request(b, n, size, ptr))
         return L7_CASSANDRA;
+    if (l7_clickhouse_request(b, n, size, ptr))
+        return L7_CLICKHOUSE;
     return 0;
 }
 
