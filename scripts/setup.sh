@@ -29,7 +29,7 @@ if [ "$WANT_TEST" = 1 ]; then
     # stay within its time; those modules then fail, naming the package to install).
     if [ "${COROOT_AGENT_SETUP_SERVERS:-1}" != 0 ]; then
         # the L7 protocol tests' servers and clients (tests/system/test_l7_*.py)
-        pkgs+=(memcached nats-server rabbitmq-server amqp-tools zookeeperd)
+        pkgs+=(memcached nats-server rabbitmq-server amqp-tools zookeeperd clickhouse-server)
         # container runtimes the runtime tests start themselves, each with its own root and socket
         pkgs+=(containerd docker.io podman)
         pkgs+=(default-jdk-headless)  # the JVM tests compile and run Java programs
