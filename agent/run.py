@@ -95,6 +95,8 @@ class RegistryMetrics(Component):
         f.gauge("coroot_agent_tracked_processes", "processes the registry knows", len(r.pids()))
         f.gauge("coroot_agent_tracked_containers", "containers reported", len(r.containers()))
         f.counter("coroot_agent_process_events_total", "process events received from the kernel", r.events_seen)
+        f.counter("coroot_agent_processes_placed_from_events_total", "processes gone before /proc could be read, "
+                  "placed in a container by their fork/exec event's cgroup", r.from_event)
 
 
 def _overrides(c: Component, method: str) -> bool:

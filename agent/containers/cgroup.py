@@ -1,13 +1,15 @@
 """cgroups: which hierarchy layout the host has (v1, v2, hybrid), which cgroup a process is in,
 what container that cgroup is (Coroot's rules), and reading a cgroup's resource files.
 
-Reads files only; keeps no state.
+Reads files only; keeps no state but CgroupIds' map of cgroup ids to paths.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 V1 = "v1"
@@ -58,6 +60,50 @@ def detect_layout(root: str = "/sys/fs/cgroup") -> Layout:
     if os.path.exists(os.path.join(root, "unified", "cgroup.controllers")):
         return Layout(root, HYBRID)
     return Layout(root, V1)
+
+
+class CgroupIds:
+    """cgroup v2 ids -> cgroup paths ("/system.slice/x.service"). A v2 cgroup's id, what
+    bpf_get_current_cgroup_id() returns, is its directory's inode number: found by walking the
+    unified hierarchy, again on a miss but at most every `rescan` seconds, at most `limit`
+    directories (a node's cgroups number in the thousands)."""
+
+    def __init__(self, root: str | None, rescan: float = 1.0, limit: int = 65536,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.root, self.rescan, self.limit, self._clock = root, rescan, limit, clock
+        self._paths: dict[int, str] = {}
+        self._walked = -rescan
+        self.walks = 0
+
+    def path(self, cgid: int) -> str | None:
+        if not self.root or cgid == 0:
+            return None
+        p = self._paths.get(cgid)
+        if p is None and self._clock() - self._walked >= self.rescan:
+            self._walk()
+            p = self._paths.get(cgid)
+        return p
+
+    def _walk(self) -> None:
+        assert self.root
+        self._walked = self._clock()
+        self.walks += 1
+        paths: dict[int, str] = {}
+        todo = [(self.root, "")]
+        while todo and len(paths) < self.limit:
+            d, rel = todo.pop()
+            try:
+                with os.scandir(d) as it:
+                    for e in it:
+                        if len(paths) >= self.limit:
+                            break
+                        if e.is_dir(follow_symlinks=False):
+                            sub = f"{rel}/{e.name}"
+                            paths[e.inode()] = sub
+                            todo.append((e.path, sub))
+            except OSError:
+                continue  # removed while walking
+        self._paths = paths
 
 
 def parse_proc_cgroup(text: str) -> dict[str, str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -42,6 +43,27 @@ def span_drops(agent: AgentProcess) -> float:
 def nginx(cgroups: TestCgroups) -> Iterator[tuple[Nginx, str]]:
     with nginx_in(cgroups, "nginx") as server:
         yield server
+
+
+def test_a_client_gone_before_the_agent_read_it_is_counted_in_its_container(
+        agent: AgentProcess, cgroups: TestCgroups, nginx: tuple[Nginx, str]) -> None:
+    """A short-lived client (a curl in a script) that has exited when a busy agent reads its
+    events, so /proc no longer has it: its exec event's cgroup places it. The agent is stopped
+    (SIGSTOP) while the client runs, so all its events wait in the buffers until it is gone."""
+    server, _ = nginx
+    cid = cgroups.create("gone-client")
+    base = f"http://127.0.0.1:{server.port}"
+    placed = agent.value("coroot_agent_processes_placed_from_events_total") or 0
+    os.kill(agent.pid, signal.SIGSTOP)
+    try:
+        p = cgroups.spawn(cid, ["curl", "-s", "-o", "/dev/null", "-o", "/dev/null", "-o", "/dev/null",
+                                f"{base}/ok", f"{base}/ok", f"{base}/missing"])
+        assert p.wait(30) == 0
+    finally:
+        os.kill(agent.pid, signal.SIGCONT)
+    want = {"2xx": 2, "4xx": 1}
+    assert wait_counts(agent, "container_http_requests_total", want, container_id=cid) == want
+    assert (agent.value("coroot_agent_processes_placed_from_events_total") or 0) > placed
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])

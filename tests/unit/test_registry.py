@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from agent.containers.cgroup import CgroupIds
 from agent.containers.registry import (
     EVENT_EXEC,
     EVENT_EXIT,
@@ -49,8 +50,8 @@ def registry(root: Path, **kw: object) -> tuple[Registry, Clock, Clock]:
     return r, mono, wall
 
 
-def event(kind: int, pid: int) -> bytes:
-    return PROC_EVENT.pack(kind, pid, 1, 0)
+def event(kind: int, pid: int, cgroup: int = 0, comm: bytes = b"") -> bytes:
+    return PROC_EVENT.pack(kind, pid, 1, 0, cgroup, comm)
 
 
 def test_min_container_age_hides_young_containers(tmp_path: Path) -> None:
@@ -375,3 +376,38 @@ def test_logs_follow_a_renamed_container_without_a_second_tailer_or_a_lost_count
     logs.flush()
     assert [(k[0], v[0][0]) for k, v in logs._counts.items()] == [("/docker/shop-api", 2)]
     logs.close()
+
+
+def test_a_process_gone_before_it_was_read_gets_its_container_from_its_event(tmp_path: Path) -> None:
+    make_proc(tmp_path, 10, "web.service")  # makes the cgroup directory
+    r, _, wall = registry(tmp_path)
+    wall.t += 60
+    cg = tmp_path / "cgroup" / "unified" / "system.slice" / "web.service"
+    # pid 77 forked and exec'd curl in web.service and exited before the events were read
+    r.handle_event(event(EVENT_FORK, 77, cg.stat().st_ino, b"sh"))
+    r.handle_event(event(EVENT_EXEC, 77, cg.stat().st_ino, b"curl\0\0\0"))
+    p = r.process(77)
+    assert p is not None and (p.comm, p.container_id, p.opt_out) == ("curl", "/system.slice/web.service", frozenset())
+    r.handle_event(event(EVENT_EXIT, 77))
+    c = r.container_of_recent(77)
+    assert c is not None and c.id == "/system.slice/web.service" and r.from_event == 2
+    # an id no cgroup directory has (or 0, a kernel without cgroup v2): nothing is made up
+    r.handle_event(event(EVENT_EXEC, 78, 999_999_999, b"x"))
+    r.handle_event(event(EVENT_EXEC, 79, 0, b"x"))
+    assert r.process(78) is None and r.process(79) is None and r.from_event == 2
+
+
+def test_cgroup_ids_walk_the_hierarchy_again_on_a_miss_at_most_every_rescan(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    clock = Clock(0.0)
+    ids = CgroupIds(str(tmp_path), rescan=1.0, clock=clock)
+    assert ids.path((tmp_path / "a" / "b").stat().st_ino) == "/a/b" and ids.walks == 1
+    assert ids.path((tmp_path / "a").stat().st_ino) == "/a" and ids.walks == 1  # a hit: no walk
+    (tmp_path / "c").mkdir()
+    c = (tmp_path / "c").stat().st_ino
+    assert ids.path(c) is None and ids.walks == 1  # a miss within the second: no walk
+    clock.t = 1.0
+    assert ids.path(c) == "/c" and ids.walks == 2
+    assert CgroupIds(None).path(c) is None and ids.path(0) is None
+    small = CgroupIds(str(tmp_path), limit=1, clock=clock)
+    assert small.path((tmp_path / "c").stat().st_ino) in ("/c", None) and len(small._paths) == 1
