@@ -18,6 +18,7 @@ MEMCACHED = 6
 MONGO = 11
 KAFKA = 12
 CASSANDRA = 13
+DUBBO2 = 15
 
 # Event flags (event.flags)
 F_OUTBOUND, F_INBOUND, F_TLS, F_COUNTED = 1, 2, 4, 8

@@ -7,6 +7,7 @@ from __future__ import annotations
 from agent.l7 import (
     cassandra,
     dns,
+    dubbo2,
     http,
     http2,
     kafka,
@@ -24,4 +25,4 @@ from agent.l7.protocol import Protocol
 PLUGINS: tuple[type[Protocol], ...] = (http.Http, postgres.Postgres, redis.Redis, dns.Dns, http2.Http2,
                                       nats.Nats, rabbitmq.Rabbitmq, zookeeper.Zookeeper, mysql.Mysql,
                                       memcached.Memcached, mongo.Mongo, kafka.Kafka,
-                                      cassandra.Cassandra)
+                                      cassandra.Cassandra, dubbo2.Dubbo2)
