@@ -19,6 +19,7 @@ MONGO = 11
 KAFKA = 12
 CASSANDRA = 13
 DUBBO2 = 15
+FOUNDATIONDB = 16
 
 # Event flags (event.flags)
 F_OUTBOUND, F_INBOUND, F_TLS, F_COUNTED = 1, 2, 4, 8

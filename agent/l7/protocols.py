@@ -8,6 +8,7 @@ from agent.l7 import (
     cassandra,
     dns,
     dubbo2,
+    foundationdb,
     http,
     http2,
     kafka,
@@ -25,4 +26,4 @@ from agent.l7.protocol import Protocol
 PLUGINS: tuple[type[Protocol], ...] = (http.Http, postgres.Postgres, redis.Redis, dns.Dns, http2.Http2,
                                       nats.Nats, rabbitmq.Rabbitmq, zookeeper.Zookeeper, mysql.Mysql,
                                       memcached.Memcached, mongo.Mongo, kafka.Kafka,
-                                      cassandra.Cassandra, dubbo2.Dubbo2)
+                                      cassandra.Cassandra, dubbo2.Dubbo2, foundationdb.FoundationDB)
