@@ -8,7 +8,8 @@
  *
  * Recognised here, as the node agent recognises it: a packet whose file identifier is one of the
  * request (or interface) types below, at the start of the call, with or without a checksum, or
- * right after the ConnectPacket the same call begins with. Two bounded reads of 36 bytes at most.
+ * right after the ConnectPacket the same call begins with. One bounded read of 36 bytes, and only
+ * for a call whose first bytes could begin a packet or a ConnectPacket.
  * Requests are in flight together on one connection and answered in any order, each reply sent to
  * the token of its request's reply promise: a FoundationDB connection is a stream connection
  * (l7_streamed in protocols.h), its calls paired in user space (agent/l7/foundationdb.py). */
@@ -69,6 +70,9 @@ static __always_inline int l7_foundationdb_request(u8 *b, u32 n, u64 size, u64 p
             return 0;
         return l7_fdb_packet(ptr, (u64)clen + 4, size);
     }
+    u32 len = l7_fdb_u32(b); /* known without a read: most calls of other protocols stop here */
+    if (len < 24 || len > L7_FDB_PACKET_LIMIT)
+        return 0;
     return l7_fdb_packet(ptr, 0, size);
 }
 
