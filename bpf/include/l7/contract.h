@@ -21,6 +21,8 @@
 #define L7_KAFKA 12
 #define L7_CASSANDRA 13
 #define L7_CLICKHOUSE 14
+#define L7_DUBBO2 15
+#define L7_FOUNDATIONDB 16
 
 /* Event flags (event.flags). */
 #define L7_OUTBOUND 1 /* the process made the connection: it is the client */
