@@ -46,7 +46,7 @@ _spec.loader.exec_module(bench_l7)
 
 STAGES = ("wake-up and ring read", "decode", "attribution and counting", "parse", "span row",
           "batching and insert", "CPU profiler (not per request)", "other Python")
-PLUGIN_FILES = re.compile(r"agent/l7/(?!tracer|contract|hist)\w+\.py")
+PLUGIN_FILES = re.compile(r"agent/l7/(?!tracer|contract|hist|tls|gotls|tlsbin)\w+\.py")  # TLS: uprobe attaching
 PLUGIN_CLASSES = {"Http", "Http2", "Redis", "Postgres", "Mysql", "Dns", "Kafka", "Mongo", "Memcached", "Nats",
                   "Rabbitmq", "Zookeeper", "HttpParser"}
 
@@ -54,18 +54,20 @@ PLUGIN_CLASSES = {"Http", "Http2", "Redis", "Postgres", "Mysql", "Dns", "Kafka",
 def frame_stage(frame: str) -> str | None:
     """The stage a py-spy frame ("Qualified.function (file:line)") belongs to, or None."""
     fn, _, where = frame.partition(" (")
-    if fn.startswith(("Sink.", "Store.", "Client.", "Batch")) or "clickhouse" in where or "chdb" in where:
+    if fn.startswith(("Sink.", "Store.", "Client.", "Batch.")) or "clickhouse" in where or "chdb" in where:
         return "batching and insert"
-    if fn == "L7Tracer._span":
+    if fn in ("L7Tracer._span", "L7Tracer._peer", "L7Tracer._flush_spans") or fn.startswith("SpanColumns."):
         return "span row"
     if "contract.py" in where:
         return "decode"
     if PLUGIN_FILES.search(where) or fn.split(".")[0] in PLUGIN_CLASSES:
         return "parse"
-    if fn in ("L7Tracer._handle", "L7Tracer.handle_event") or fn.startswith(("TcpTracker.", "Registry.", "Hist.")) \
+    if fn in ("L7Tracer._handle", "L7Tracer.handle_event", "L7Tracer.handle_events", "L7Tracer._event") \
+            or fn.startswith(("TcpTracker.", "Registry.", "Hist.")) \
             or "service_name" in fn:
         return "attribution and counting"
-    if fn.startswith(("Loaded.poll", "_open.", "BPF.", "RingBuf.", "string_at")) or "/bcc/" in where:
+    if fn.startswith(("Loaded.poll", "_open.", "BPF.", "RingBuf.", "Ring.", "Batched.", "string_at")) \
+            or "/bcc/" in where:
         return "wake-up and ring read"
     if fn.startswith(("Profiler.", "Symbolizer.")):
         return "CPU profiler (not per request)"
