@@ -206,6 +206,15 @@ class Http(p.Protocol):
 
     def parse(self, conn: p.ConnKey, request: bytes, response: bytes, seconds: float) -> list[p.Request]:
         m = self.settings.masks
+        q, r = _REQUEST.match(request), _RESPONSE.match(response)
+        if q is not None and r is not None:  # the usual pair, when nothing after either reads like a next message
+            q_end, r_end = request.find(b"\r\n\r\n", q.end() - 2), response.find(b"\r\n\r\n", r.end() - 2)
+            if ((q_end < 0 or request.find(b" HTTP/1.", q_end + 4) < 0)
+                    and (r_end < 0 or response.find(b"HTTP/1.", r_end + 4) < 0)):
+                method, raw, _minor = q.group(1, 2, 3)
+                code = int(r.group(1))
+                return [p.Request(self.id, _STATUS_CLASS.get(code, "unknown"), seconds, _METHOD[method],
+                                  _path(raw, m.url_query, m.url_path), code)]
         reqs = request_lines(request, m.url_query, m.url_path)
         codes = status_codes(response)
         n = len(codes)
@@ -217,7 +226,7 @@ class Http(p.Protocol):
                 for i, (method, path, _v) in enumerate(reqs)]
 
     def span(self, r: p.Request, peer: p.Peer, tls: bool) -> p.Span | None:
-        if r.path.partition("?")[0] in self.settings.exclude_paths:
+        if self.settings.exclude_paths and r.path.partition("?")[0] in self.settings.exclude_paths:
             return None
         attrs = {"http.url": f"{'https' if tls else 'http'}://{peer.destination}{r.path}",
                  "http.method": r.method}

@@ -17,6 +17,7 @@ import pytest
 from agent.ebpf.ringbuf import Batched, Ring
 from agent.l7 import contract, http
 from agent.l7.contract import F_COUNTED, F_INBOUND, F_OUTBOUND, F_TLS
+from agent.l7.protocol import Settings
 from agent.l7.tracer import L7Tracer
 from agent.sinks import schema
 from agent.sinks.batcher import Sink
@@ -257,3 +258,30 @@ def test_plain_paths_are_remembered_and_masked_ones_never() -> None:
     for i in range(http.PLAIN_PATHS_MAX + 1):
         http.request_lines(b"GET /p%d HTTP/1.1\r\n\r\n" % i)
     assert len(http._PLAIN_PATHS) <= http.PLAIN_PATHS_MAX
+
+
+def reference(req: bytes, resp: bytes) -> list[tuple[str, str, str, int]]:
+    """What the HTTP plug-in made of a pair before its one-request shortcut: every request,
+    paired in order with the responses (parse_requests and parse_responses)."""
+    reqs, resps = http.parse_requests(req), http.parse_responses(resp)
+    return [(resps[i].status_class if i < len(resps) else "unknown", q.method if q else "", q.path if q else "",
+             resps[i].status if i < len(resps) else 0) for i, q in enumerate(reqs or [None])]
+
+
+@pytest.mark.parametrize(("req", "resp"), [
+    (HTTP_REQ, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+    (b"POST /a HTTP/1.1\r\nContent-Length: 29\r\n\r\nGET /not-a-request HTTP/1.1\r\n", b"HTTP/1.1 201 Created\r\n\r\n"),
+    (b"GET /a HTTP/1.1\r\n\r\nGET /b?x=1 HTTP/1.0\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\nHTTP/1.1 503 No\r\n\r\n"),
+    (b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n", b"HTTP/1.1 404 No\r\n\r\n"),
+    (b"GET /a HTTP/1.1\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\nHTTP/1.1 500 X\r\n\r\n"),
+    (b"GET /trunc HTTP/1.1\r\nHost: a", b"HTTP/1.1 204 No Content\r\nDa"),
+    (b"GET /x HTTP/1.1\r\n\r\n", b"HTTP/1.1 999 Odd\r\n\r\n"),
+    (b"GET /x HTTP/1.1\r\n\r\n", b"garbage"),
+    (b"garbage", b"HTTP/1.1 200 OK\r\n\r\n"),
+    (b"GET /Xk9fQ2aZ7bLm3nP0qR8sT1uV HTTP/1.1\r\n\r\n", b"HTTP/1.0 302 Found\r\n\r\n"),
+])
+def test_the_one_request_shortcut_makes_what_the_full_parse_makes(req: bytes, resp: bytes) -> None:
+    plugin = http.Http(Settings())
+    got = [(r.status, r.method, r.path, r.code) for r in plugin.parse((1, 2, 3), req, resp, 0.5)]
+    assert got == reference(req, resp)
+    assert all(r.duration == 0.5 and r.protocol == contract.HTTP for r in plugin.parse((1, 2, 3), req, resp, 0.5))
