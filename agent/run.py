@@ -179,7 +179,7 @@ class Agent:
             if isinstance(c, LogCollector):
                 handlers["log_events"] = c.handle_event
             elif isinstance(c, L7Tracer):
-                handlers["l7_events"] = c.handle_event
+                handlers["l7_events"] = loader.Batched(c.handle_events)  # many records a call
                 cfg = self.cfg
                 defines = {"CA_SELF_TGID": os.getpid(), "CA_L7_PAYLOAD": cfg.l7_payload_size,
                            "CA_L7_SAMPLE": L7Tracer.kernel_sampling(cfg.tracer_enabled, cfg.traces_sampling)}

@@ -26,6 +26,7 @@ from typing import Any
 from agent.component import Component
 from agent.ebpf.headers import HeadersSource
 from agent.ebpf.maps import AttachError, BpfMap, ProgramsClosing
+from agent.ebpf.ringbuf import Batched as Batched
 from agent.ebpf.ringbuf import Ring, RingSet
 from agent.ebpf.ringbuf import supported as bulk_rings_supported
 from agent.metrics import Families

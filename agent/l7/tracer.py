@@ -34,7 +34,7 @@ from agent.containers.cgroup import service_name
 from agent.containers.registry import Container, Process, rekey
 from agent.ebpf.maps import BpfMap, Programs
 from agent.l7 import contract
-from agent.l7.contract import HTTP, HTTP_STATUS, KERNEL_STATS
+from agent.l7.contract import F_COUNTED, F_OUTBOUND, F_TLS, HTTP, HTTP_STATUS, KERNEL_STATS
 from agent.l7.dns import Dns
 from agent.l7.hist import Hist
 from agent.l7.protocol import Masks, Peer, Request, Settings, Stem
@@ -46,9 +46,10 @@ from agent.sinks import schema
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Hist", "L7Tracer", "Masks"]
+__all__ = ["Hist", "L7Tracer", "Masks", "SpanColumns"]
 
 MAX_DEFERRED = 10_000
+MAX_CACHED = 10_000  # span peers and resources kept for the next spans (cleared when full)
 UNKNOWN_GRACE = 10.0  # seconds an l7_http connection may wait for its connect event
 RESOLVE_EVERY = 0.05  # seconds: at most this often a request resolves its connection's NAT at once
 
@@ -78,11 +79,64 @@ class Containers(Protocol):
 
 
 class Sink(Protocol):
+    """The storage sink (agent/sinks/batcher.py Sink). One that also has `add_columns(table,
+    columns)` takes each batch of spans as columns in one call; else a row at a time."""
+
     def add(self, table: str, row: tuple[Any, ...]) -> None: ...
 
 
 OutKey = tuple[str, int, str, str, str, str]  # container, protocol, destination, actual, status, method
 InKey = tuple[str, int, str]  # container, protocol, status
+
+
+class SpanColumns:
+    """otel_traces rows being made, a list per column: one append per value, no row object.
+    Trace and span ids are drawn for all of them at once when the columns are taken."""
+
+    __slots__ = ("timestamps", "names", "services", "resources", "attributes", "durations", "statuses",
+                 "messages")
+
+    def __init__(self) -> None:
+        self.timestamps: list[int] = []
+        self.names: list[str] = []
+        self.services: list[str] = []
+        self.resources: list[dict[str, str]] = []
+        self.attributes: list[dict[str, str]] = []
+        self.durations: list[int] = []
+        self.statuses: list[str] = []
+        self.messages: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.timestamps)
+
+    def add(self, ts: int, name: str, service: str, resource: dict[str, str], attributes: dict[str, str],
+            duration: int, status: str, message: str) -> None:
+        self.timestamps.append(ts)
+        self.names.append(name)
+        self.services.append(service)
+        self.resources.append(resource)
+        self.attributes.append(attributes)
+        self.durations.append(duration)
+        self.statuses.append(status)
+        self.messages.append(message)
+
+    def columns(self) -> list[list[Any]]:
+        """Every insert column of otel_traces (agent/sinks/schema.py), in its order."""
+        n = len(self.timestamps)
+        ids = random.randbytes(24 * n).hex()  # 32 hex digits of trace id, then 16 of span id, per span
+        return schema.columns("otel_traces", {
+            "Timestamp": self.timestamps,
+            "TraceId": [ids[i:i + 32] for i in range(0, 48 * n, 48)],
+            "SpanId": [ids[i:i + 16] for i in range(32, 48 * n, 48)],
+            "SpanName": self.names,
+            "SpanKind": ["SPAN_KIND_CLIENT"] * n,
+            "ServiceName": self.services,
+            "ResourceAttributes": self.resources,
+            "SpanAttributes": self.attributes,
+            "Duration": self.durations,
+            "StatusCode": self.statuses,
+            "StatusMessage": self.messages,
+        }, n)
 
 
 class L7Tracer(Component):
@@ -113,6 +167,9 @@ class L7Tracer(Component):
         self._unknown: dict[tuple[int, int, int], float] = {}  # l7_http connections not seen yet
         self._last_resolve = 0.0
         self._clock_offset = time.time_ns() - time.monotonic_ns()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
+        self._spans = SpanColumns()  # spans made since the last hand-over to the sink
+        self._peers: dict[tuple[str, str, int, str | None], tuple[Peer, dict[str, str]]] = {}
+        self._resources: dict[str, tuple[str, dict[str, str]]] = {}  # container -> service.name, resource
         self.requests = 0
         self.spans_written = 0
         self.unattributed = 0
@@ -151,22 +208,44 @@ class L7Tracer(Component):
     # --------------------------------------------------------------- events --
 
     def handle_event(self, raw: bytes) -> None:
+        """One record of the kernel's buffer (an exception is the caller's)."""
         with self._lock:
-            e = contract.unpack(raw)
-            plugin = self.plugins.get(e.protocol)
-            if plugin is None or (plugin.stem is not None and not plugin.stem.inbound and not e.outbound):
+            try:
+                self._event(contract.unpack(raw))
+            finally:
+                self._flush_spans()
+
+    def handle_events(self, records: list[bytes]) -> None:
+        """The records of one read of the kernel's buffer (agent/ebpf/ringbuf.py Batched), in
+        order: one lock for all of them, and their spans handed to the sink as one batch of
+        columns. A record that fails is logged and the others are handled."""
+        unpack, event = contract.unpack, self._event
+        with self._lock:
+            try:
+                for raw in records:
+                    try:
+                        event(unpack(raw))
+                    except Exception:  # noqa: BLE001 - one bad event must not stop the others
+                        log.exception("handling an L7 event")
+            finally:
+                self._flush_spans()
+
+    def _event(self, e: contract.Event) -> None:
+        plugin = self.plugins.get(e.protocol)
+        if plugin is None or (plugin.stem is not None and not plugin.stem.inbound and not e.flags & F_OUTBOUND):
+            return
+        decoded = None
+        if plugin.streaming:  # its calls are parsed in order now; what they complete waits if need be
+            client = e.written == e.outbound
+            data = e.response + e.request  # a stream event's bytes: resp[] first (contract.h)
+            decoded = plugin.feed((e.pid, e.fd, e.conn_start), client, e.start_ns, data, e.call_size)
+            if not decoded:
                 return
-            decoded = None
-            if plugin.streaming:  # its calls are parsed in order now; what they complete waits if need be
-                client = e.written == e.outbound
-                data = e.response + e.request  # a stream event's bytes: resp[] first (contract.h)
-                decoded = plugin.feed((e.pid, e.fd, e.conn_start), client, e.start_ns, data, e.call_size)
-                if not decoded:
-                    return
-            self._handle(e, plugin, decoded, retry=0)
+        self._handle(e, plugin, decoded, retry=0)
 
     def _handle(self, e: contract.Event, plugin: Plugin, decoded: list[Request] | None, retry: int) -> None:
-        outbound = e.outbound and plugin.stem is not None  # DNS: counted for the client's container
+        flags = e.flags
+        outbound = bool(flags & F_OUTBOUND) and plugin.stem is not None  # DNS: counted for the client's container
         conn: Conn | None = None
         if outbound:  # the container that made the connection, even if the process is gone
             conn = self.tcp.connection(e.pid, e.fd, e.conn_start)
@@ -197,7 +276,8 @@ class L7Tracer(Component):
             self.requests += len(requests)
             plugin.record(c.id, requests)
             return
-        if not e.counted:  # a counted (HTTP) event is here for its span only
+        counted = bool(flags & F_COUNTED)
+        if not counted:  # a counted (HTTP) event is here for its span only
             self.requests += len(requests)
             if not outbound:
                 for r in requests:
@@ -211,9 +291,9 @@ class L7Tracer(Component):
                 self._out[key].observe(r.duration)
         if outbound and self.spans and "traces" not in c.opt_out:
             assert conn is not None
+            tls = bool(flags & F_TLS)
             for r in requests:
-                self._span(plugin, c.id, service_name(c.id), conn, r, r.start_ns or e.start_ns, e.tls,
-                           sampled=e.counted)
+                self._span(plugin, c.id, conn, r, r.start_ns or e.start_ns, tls, sampled=counted)
 
     def _defer(self, e: contract.Event, decoded: list[Request] | None) -> None:
         if len(self._deferred) >= MAX_DEFERRED:
@@ -230,41 +310,67 @@ class L7Tracer(Component):
             if todo:
                 self._last_resolve = time.monotonic()
                 self.tcp.resolve_pending()
-            for e, decoded in todo:
-                self._handle(e, self.plugins[e.protocol], decoded, retry=1)
+            try:
+                for e, decoded in todo:
+                    self._handle(e, self.plugins[e.protocol], decoded, retry=1)
+            finally:
+                self._flush_spans()
 
     # ---------------------------------------------------------------- spans --
 
-    def _span(self, plugin: Plugin, cid: str, app: str, conn: Conn, r: Request, start_mono: int, tls: bool,
+    def _span(self, plugin: Plugin, cid: str, conn: Conn, r: Request, start_mono: int, tls: bool,
               sampled: bool = False) -> None:
         if not sampled and self.sampling < 1.0 and random.random() >= self.sampling:
             return
-        actual = conn.actual or conn.destination
-        peer = Peer(conn.destination, self._dns.fqdn.get(conn.dst, conn.dst), conn.dport,
-                    actual.rpartition(":")[0].strip("[]"))
+        peer, peer_attrs = self._peer(conn)
         span = plugin.span(r, peer, tls)
         if span is None:
             return
-        attrs = {"net.peer.name": peer.name, "net.peer.port": str(peer.port), "net.sock.peer.addr": peer.actual_ip}
+        attrs = peer_attrs.copy()
         if tls:
             attrs["tls"] = "true"
         attrs.update(span.attributes)
-        resource = {"host.name": self.hostname, "host.id": self.host_id, "service.name": app, "container.id": cid}
-        assert self.sink is not None
-        self.sink.add("otel_traces", schema.row("otel_traces", {
-            "Timestamp": start_mono + self._clock_offset,
-            "TraceId": f"{random.getrandbits(128):032x}",
-            "SpanId": f"{random.getrandbits(64):016x}",
-            "SpanName": span.name,
-            "SpanKind": "SPAN_KIND_CLIENT",
-            "ServiceName": app,
-            "ResourceAttributes": resource,
-            "SpanAttributes": attrs,
-            "Duration": int(r.duration * 1e9),
-            "StatusCode": span.status,
-            "StatusMessage": span.message,
-        }))
+        hit = self._resources.get(cid)
+        if hit is None:
+            app = service_name(cid)
+            hit = (app, {"host.name": self.hostname, "host.id": self.host_id, "service.name": app, "container.id": cid})
+            if len(self._resources) >= MAX_CACHED:
+                self._resources.clear()
+            self._resources[cid] = hit
+        self._spans.add(start_mono + self._clock_offset, span.name, hit[0], hit[1], attrs, int(r.duration * 1e9),
+                        span.status, span.message)
         self.spans_written += 1
+
+    def _peer(self, conn: Conn) -> tuple[Peer, dict[str, str]]:
+        """The peer spans on `conn` show, and its span attributes (copied by each span)."""
+        name = self._dns.fqdn.get(conn.dst, conn.dst)
+        key = (conn.destination, name, conn.dport, conn.actual)
+        hit = self._peers.get(key)
+        if hit is None:
+            actual = conn.actual or conn.destination
+            peer = Peer(conn.destination, name, conn.dport, actual.rpartition(":")[0].strip("[]"))
+            hit = (peer, {"net.peer.name": peer.name, "net.peer.port": str(peer.port),
+                          "net.sock.peer.addr": peer.actual_ip})
+            if len(self._peers) >= MAX_CACHED:
+                self._peers.clear()
+            self._peers[key] = hit
+        return hit
+
+    def _flush_spans(self) -> None:
+        """The spans made so far go to the sink: as one batch of columns when it takes them."""
+        spans = self._spans
+        if not spans.timestamps:
+            return
+        self._spans = SpanColumns()
+        sink = self.sink
+        assert sink is not None
+        columns = spans.columns()
+        add_columns = getattr(sink, "add_columns", None)
+        if add_columns is not None:
+            add_columns("otel_traces", columns)
+            return
+        for row in zip(*columns, strict=True):
+            sink.add("otel_traces", row)
 
     # ------------------------------------------------ the kernel's HTTP counts --
 
