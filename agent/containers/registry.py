@@ -57,6 +57,9 @@ class Process:
     cgroup_path: str
     container_id: str | None
     opt_out: frozenset[str]
+    # placed by a fork event's cgroup, the process already gone: its parent's, which a child
+    # may leave before it execs (`echo $$ > cgroup.procs; exec`); its exec event may place it again
+    provisional: bool = False
 
 
 @dataclass
@@ -235,7 +238,7 @@ class Registry:
         kind, pid, _ppid, _, cgroup, comm = PROC_EVENT.unpack_from(raw)
         self.events_seen += 1
         if kind in (EVENT_FORK, EVENT_EXEC):
-            self.add(pid, cgroup, comm)
+            self.add(pid, cgroup, comm, provisional=kind == EVENT_FORK)
         elif kind == EVENT_EXIT:
             self.remove(pid)
         elif kind == EVENT_OOM_KILL:
@@ -259,13 +262,13 @@ class Registry:
                 self.add(pid)
         return len(self._procs)
 
-    def add(self, pid: int, cgroup: int = 0, comm: bytes = b"") -> Process | None:
+    def add(self, pid: int, cgroup: int = 0, comm: bytes = b"", provisional: bool = False) -> Process | None:
         """(Re)read a process: on fork, exec, or when first seen. `cgroup` and `comm`, from a
         fork or exec event, place a process that is gone before it could be read (its
         connections and requests, in other buffers, are still to be attributed)."""
         read = self._read_process(pid)
         if read is None and cgroup:
-            read = self._from_event(pid, cgroup, comm)
+            read = self._from_event(pid, cgroup, comm, provisional)
         if read is None:
             return None
         proc, subsystems, runtime_id = read
@@ -447,7 +450,8 @@ class Registry:
         return self._identify(pid, start_ticks, comm, cg.parse_proc_cgroup(cgroup_text),
                               read_environ_opt_outs(environ))
 
-    def _from_event(self, pid: int, cgroup: int, comm: bytes) -> tuple[Process, dict[str, str], str | None] | None:
+    def _from_event(self, pid: int, cgroup: int, comm: bytes,
+                    provisional: bool) -> tuple[Process, dict[str, str], str | None] | None:
         """A process already gone, from its event: the v2 cgroup it was in (opt-outs unknown:
         its environment went with it)."""
         path = self._cgroup_ids.path(cgroup)
@@ -455,7 +459,8 @@ class Registry:
             return None
         self.from_event += 1
         name = comm.split(b"\0", 1)[0].decode(errors="replace")
-        return self._identify(pid, 0, name, cg.parse_proc_cgroup(f"0::{path}\n"), frozenset())
+        proc, subsystems, runtime_id = self._identify(pid, 0, name, cg.parse_proc_cgroup(f"0::{path}\n"), frozenset())
+        return replace(proc, provisional=provisional), subsystems, runtime_id
 
     def _identify(self, pid: int, start_ticks: int, comm: str, subsystems: dict[str, str],
                   opt_out: frozenset[str]) -> tuple[Process, dict[str, str], str | None]:

@@ -159,10 +159,15 @@ class TcpTracker(Component):
                 if not tracked:
                     return
                 c = self.registry.container_of_recent(pid)  # it may have exited since
+                known = self.registry.process(pid)
+                # not known yet, or only from its fork (its exec may move it): its exec event is
+                # late or lost; once more after the registry has read it
+                unsure = known is None if c is None else known is not None and known.provisional
+                if unsure and not retry and len(self._retry) < MAX_RETRY:
+                    self._retry.append(raw)
+                    self._unknown_pids.add(pid)
+                    return
                 if c is None:
-                    if not retry and self.registry.process(pid) is None and len(self._retry) < MAX_RETRY:
-                        self._retry.append(raw)  # its exec event is late or lost: once more after
-                        self._unknown_pids.add(pid)  # the registry has read it
                     return
                 if kind == EV_CONNECT_FAILED:  # only when the kernel's map had no room for it
                     self._failed[(c.id, dst_ep)] += 1

@@ -385,9 +385,12 @@ def test_a_process_gone_before_it_was_read_gets_its_container_from_its_event(tmp
     cg = tmp_path / "cgroup" / "unified" / "system.slice" / "web.service"
     # pid 77 forked and exec'd curl in web.service and exited before the events were read
     r.handle_event(event(EVENT_FORK, 77, cg.stat().st_ino, b"sh"))
+    p = r.process(77)
+    assert p is not None and p.provisional  # a fork's cgroup is its parent's: an exec may move it
     r.handle_event(event(EVENT_EXEC, 77, cg.stat().st_ino, b"curl\0\0\0"))
     p = r.process(77)
-    assert p is not None and (p.comm, p.container_id, p.opt_out) == ("curl", "/system.slice/web.service", frozenset())
+    assert p is not None and (p.comm, p.container_id, p.opt_out, p.provisional) == (
+        "curl", "/system.slice/web.service", frozenset(), False)
     r.handle_event(event(EVENT_EXIT, 77))
     c = r.container_of_recent(77)
     assert c is not None and c.id == "/system.slice/web.service" and r.from_event == 2
