@@ -195,7 +195,7 @@ class L7Tracer(Component):
             return
         if plugin.stem is None:
             self.requests += len(requests)
-            plugin.record(c.id, requests)
+            plugin.record(c.id, requests, e.outbound)
             return
         if not e.counted:  # a counted (HTTP) event is here for its span only
             self.requests += len(requests)
