@@ -368,7 +368,8 @@ static __always_inline u32 l7_io(void *ctx, struct conn_key *ckey, struct conn *
         return at_exit ? l7_stream_protocol(c) : 0;
     }
     u64 total = size;
-    int client = flags & (CONN_OUTBOUND | CONN_DNS);
+    /* a DNS server's socket (CONN_DNS | CONN_INBOUND, l7_on_bind) reads queries, writes answers */
+    int client = (flags & CONN_OUTBOUND) || (flags & (CONN_DNS | CONN_INBOUND)) == CONN_DNS;
     int request = client ? sent : !sent;
     u64 ptr = 0, seg = 0;
     if (!l7_segment(buf, kind, size, 0, &ptr, &seg))
@@ -679,6 +680,24 @@ static __always_inline void l7_on_connect(struct conn_key *key, u64 sockaddr) {
         return;
     struct conn c = {.start_ns = bpf_ktime_get_ns(), .flags = CONN_DNS};
     conns.update(key, &c);
+}
+
+/* bind() of any socket to port 53: a DNS server (UDP: every query it reads is answered on the
+ * same fd, paired by the message id like a client's; a TCP listener's entry is never read).
+ * The node agent recognises a server by the bytes of any socket read instead; servers bound
+ * before the agent started are not seen here. */
+TRACEPOINT_PROBE(syscalls, sys_enter_bind) {
+    u16 sa[2] = {}; /* sa_family, port (network order) */
+    if (bpf_probe_read_user(sa, sizeof(sa), (void *)args->umyaddr) < 0)
+        return 0;
+    if ((sa[0] != CA_AF_INET && sa[0] != CA_AF_INET6) || sa[1] != __builtin_bswap16(CA_DNS_PORT))
+        return 0;
+    struct conn_key key = {.tgid = ca_tgid(), .fd = args->fd};
+    if (key.tgid == CA_SELF_TGID)
+        return 0;
+    struct conn c = {.start_ns = bpf_ktime_get_ns(), .flags = CONN_DNS | CONN_INBOUND};
+    conns.update(&key, &c);
+    return 0;
 }
 
 /* glibc's resolver sends the A and AAAA queries of one lookup with one sendmmsg(). */

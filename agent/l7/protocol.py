@@ -119,8 +119,9 @@ class Protocol:
         return b""
 
     # Plug-ins with their own metrics (stem None) --------------------------------------
-    def record(self, container_id: str, requests: list[Request]) -> None:
-        """Count requests of a container (called with the tracer's lock held)."""
+    def record(self, container_id: str, requests: list[Request], outbound: bool = True) -> None:
+        """Count requests of a container, made by it (`outbound`) or served by it (called with
+        the tracer's lock held)."""
 
     def collect(self, f: Families, apps: dict[str, str]) -> None:
         """Series of the plug-in's own metrics for containers in `apps` (id -> app_id)."""

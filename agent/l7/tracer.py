@@ -274,7 +274,7 @@ class L7Tracer(Component):
             return
         if plugin.stem is None:
             self.requests += len(requests)
-            plugin.record(c.id, requests)
+            plugin.record(c.id, requests, e.outbound)
             return
         counted = bool(flags & F_COUNTED)
         if not counted:  # a counted (HTTP) event is here for its span only
