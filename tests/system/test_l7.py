@@ -27,7 +27,7 @@ from tests.system.helpers import (
 from tests.system.l7helpers import by_status, nginx_in, spans, wait_counts
 from tests.system.servers import Dnsmasq, Nginx, Postgres, Redis
 
-pytestmark = pytest.mark.agent_args("--max-fqdns-per-container", "2", "--exclude-http-requests-by-path", "/excluded")
+pytestmark = [pytest.mark.agent_args("--max-fqdns-per-container", "2", "--exclude-http-requests-by-path", "/excluded"), pytest.mark.agent_without("profiling")]
 BEARER = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXRva2Vu"
 
 

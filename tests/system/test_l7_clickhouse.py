@@ -41,6 +41,8 @@ from tests.system.l7helpers import (
     wait_counts,
 )
 
+pytestmark = pytest.mark.agent_without("profiling")  # tests/system/conftest.py: families its tests never read
+
 OUT, IN = "container_clickhouse_queries_total", "container_clickhouse_inbound_queries_total"
 HIST_OUT = "container_clickhouse_queries_duration_seconds_total"
 HIST_IN = "container_clickhouse_inbound_queries_duration_seconds_total"

@@ -38,6 +38,8 @@ from tests.system.l7helpers import (
     wait_counts,
 )
 
+pytestmark = pytest.mark.agent_without("profiling")  # tests/system/conftest.py: families its tests never read
+
 OUT, IN = "container_dubbo_requests_total", "container_dubbo_inbound_requests_total"
 HIST_OUT = "container_dubbo_requests_duration_seconds_total"
 HIST_IN = "container_dubbo_inbound_requests_duration_seconds_total"

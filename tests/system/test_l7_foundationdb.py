@@ -39,6 +39,8 @@ from tests.system.l7helpers import (
     wait_counts,
 )
 
+pytestmark = pytest.mark.agent_without("profiling")  # tests/system/conftest.py: families its tests never read
+
 OUT, IN = "container_foundationdb_requests_total", "container_foundationdb_inbound_requests_total"
 HIST_OUT = "container_foundationdb_requests_duration_seconds_total"
 HIST_IN = "container_foundationdb_inbound_requests_duration_seconds_total"

@@ -29,6 +29,8 @@ from tests.system.l7helpers import (
     wait_counts,
 )
 
+pytestmark = pytest.mark.agent_without("profiling")  # tests/system/conftest.py: families its tests never read
+
 SOURCE = Path(__file__).parent / "workloads" / "grpctls" / "peer.go"
 GOCODE = "/usr/share/gocode"  # golang-google-grpc-dev's sources
 OK = 30

@@ -24,6 +24,8 @@ from tests.system.helpers import (
     wait_for,
 )
 
+pytestmark = pytest.mark.agent_without("profiling", "l7")  # tests/system/conftest.py: families its tests never read
+
 
 @pytest.fixture
 def logfile() -> Iterator[str]:
