@@ -51,6 +51,7 @@ __all__ = ["Hist", "L7Tracer", "Masks", "SpanColumns"]
 MAX_DEFERRED = 10_000
 MAX_CACHED = 10_000  # span peers and resources kept for the next spans (cleared when full)
 UNKNOWN_GRACE = 10.0  # seconds an l7_http connection may wait for its connect event
+DEFER_GRACE = 3.0  # seconds an event may wait for its connection or process (over several ticks)
 RESOLVE_EVERY = 0.05  # seconds: at most this often a request resolves its connection's NAT at once
 
 
@@ -160,8 +161,9 @@ class L7Tracer(Component):
         self._lock = threading.Lock()
         self._out: dict[OutKey, Hist] = defaultdict(Hist)
         self._in: dict[InKey, Hist] = defaultdict(Hist)
-        # events (and what a stream plug-in decoded of them) waiting for their connection or process, once
-        self._deferred: list[tuple[contract.Event, list[Request] | None]] = []
+        # events (and what a stream plug-in decoded of them) waiting for their connection or process,
+        # with when they first waited
+        self._deferred: list[tuple[contract.Event, list[Request] | None, float]] = []
         self._http: BpfMap | None = None  # the kernel's l7_http map
         self._stats: BpfMap | None = None  # the kernel's l7_stats counters
         self._unknown: dict[tuple[int, int, int], float] = {}  # l7_http connections not seen yet
@@ -241,9 +243,14 @@ class L7Tracer(Component):
             decoded = plugin.feed((e.pid, e.fd, e.conn_start), client, e.start_ns, data, e.call_size)
             if not decoded:
                 return
-        self._handle(e, plugin, decoded, retry=0)
+        self._handle(e, plugin, decoded)
 
-    def _handle(self, e: contract.Event, plugin: Plugin, decoded: list[Request] | None, retry: int) -> None:
+    def _handle(self, e: contract.Event, plugin: Plugin, decoded: list[Request] | None,
+                since: float | None = None) -> None:
+        """`since`: when the event was first deferred (None: it is new). An event waits for its
+        connection or process at most DEFER_GRACE seconds, over several ticks: its connect event
+        can be read after it (the two travel in different buffers, and one poll pass reads the
+        TCP buffer before the L7 one), and then after the tick that retries it."""
         flags = e.flags
         outbound = bool(flags & F_OUTBOUND) and plugin.stem is not None  # DNS: counted for the client's container
         conn: Conn | None = None
@@ -255,17 +262,14 @@ class L7Tracer(Component):
                     self._last_resolve = now
                     self.tcp.resolve_pending()
             if conn is None or conn.actual is None:
-                if retry == 0:
-                    self._defer(e, decoded)
-                elif conn is None:
+                if not self._defer(e, decoded, since) and conn is None:
                     self.unattributed += 1
                 return
             c = self.registry.container(conn.container_id)
         else:
             c = self.registry.container_of_recent(e.pid)
-            if c is None and retry == 0 and self.registry.process(e.pid) is None:
-                self._defer(e, decoded)  # the process's exec event may still be in its buffer
-                return
+            if c is None and self.registry.process(e.pid) is None and self._defer(e, decoded, since):
+                return  # the process's exec event may still be in its buffer
         if c is None:
             return
         requests = decoded if decoded is not None else plugin.parse(
@@ -295,24 +299,30 @@ class L7Tracer(Component):
             for r in requests:
                 self._span(plugin, c.id, conn, r, r.start_ns or e.start_ns, tls, sampled=counted)
 
-    def _defer(self, e: contract.Event, decoded: list[Request] | None) -> None:
+    def _defer(self, e: contract.Event, decoded: list[Request] | None, since: float | None) -> bool:
+        """Keep the event for the next ticks; False when it has waited DEFER_GRACE already."""
+        now = time.monotonic()
+        if since is not None and now - since >= DEFER_GRACE:
+            return False
         if len(self._deferred) >= MAX_DEFERRED:
             self._deferred.pop(0)
             self.deferred_dropped += 1
-        self._deferred.append((e, decoded))
+        self._deferred.append((e, decoded, now if since is None else since))
+        return True
 
     def retry_deferred(self) -> None:
-        """Events that waited for their connection or process: handled now, or dropped. The
-        connections they wait for are resolved first: one that came after the last resolution
-        would otherwise still have no actual destination, and its requests would be lost."""
+        """Events that waited for their connection or process: handled now, kept for the next
+        tick (up to DEFER_GRACE seconds after they came), or dropped. The connections they wait
+        for are resolved first: one that came after the last resolution would otherwise still
+        have no actual destination, and its requests would be lost."""
         with self._lock:
             todo, self._deferred = self._deferred, []
             if todo:
                 self._last_resolve = time.monotonic()
                 self.tcp.resolve_pending()
             try:
-                for e, decoded in todo:
-                    self._handle(e, self.plugins[e.protocol], decoded, retry=1)
+                for e, decoded, since in todo:
+                    self._handle(e, self.plugins[e.protocol], decoded, since)
             finally:
                 self._flush_spans()
 
