@@ -35,7 +35,6 @@ from agent.containers.registry import Container, Process, rekey
 from agent.ebpf.maps import BpfMap, Programs
 from agent.l7 import contract
 from agent.l7.contract import F_COUNTED, F_OUTBOUND, F_TLS, HTTP, HTTP_STATUS, KERNEL_STATS
-from agent.l7.dns import Dns
 from agent.l7.hist import Hist
 from agent.l7.protocol import Masks, Peer, Request, Settings, Stem
 from agent.l7.protocol import Protocol as Plugin
@@ -154,9 +153,6 @@ class L7Tracer(Component):
         self.host_id = host_id
         settings = Settings(masks=masks or Masks(), exclude_paths=frozenset(exclude_paths), max_fqdns=max_fqdns)
         self.plugins: dict[int, Plugin] = {cls.id: cls(settings) for cls in PLUGINS}
-        dns = self.plugins[contract.DNS]
-        assert isinstance(dns, Dns)
-        self._dns = dns  # names span peers from its answers
         self._lock = threading.Lock()
         self._out: dict[OutKey, Hist] = defaultdict(Hist)
         self._in: dict[InKey, Hist] = defaultdict(Hist)
@@ -343,7 +339,10 @@ class L7Tracer(Component):
 
     def _peer(self, conn: Conn) -> tuple[Peer, dict[str, str]]:
         """The peer spans on `conn` show, and its span attributes (copied by each span)."""
-        name = self._dns.fqdn.get(conn.dst, conn.dst)
+        # the address, never a DNS name: the node agent's net.peer.name is an address unless it
+        # folded the destination into its domain (several public addresses, common.NewDestinationKey),
+        # and the server finds a service's client spans by its listen addresses (inboundSpansFilter)
+        name = conn.dst
         key = (conn.destination, name, conn.dport, conn.actual)
         hit = self._peers.get(key)
         if hit is None:
