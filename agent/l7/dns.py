@@ -371,6 +371,13 @@ class Dns(p.Protocol):
             if ip not in self._unshown and label_ok(name):
                 f.gauge("ip_to_fqdn", "an IP address and the name a DNS answer gave it", 1, ip=ip, fqdn=name)
 
+    def gc(self, active: set[str]) -> None:
+        """Forget the addresses no container connected to lately (`active`: the TCP tracker's
+        destination_ips), as the node agent's registry does every gcInterval."""
+        for ip in [ip for ip in self.fqdn if ip not in active]:
+            del self.fqdn[ip]
+            self._unshown.discard(ip)
+
     def rename(self, old: str, new: str) -> None:
         def hist(kept: Hist, moved: Hist) -> Hist:
             kept.merge(moved)

@@ -35,6 +35,7 @@ from agent.containers.registry import Container, Process, rekey
 from agent.ebpf.maps import BpfMap, Programs
 from agent.l7 import contract
 from agent.l7.contract import F_COUNTED, F_OUTBOUND, F_TLS, HTTP, HTTP_STATUS, KERNEL_STATS
+from agent.l7.dns import Dns
 from agent.l7.hist import Hist
 from agent.l7.protocol import Masks, Peer, Request, Settings, Stem
 from agent.l7.protocol import Protocol as Plugin
@@ -50,6 +51,7 @@ __all__ = ["Hist", "L7Tracer", "Masks", "SpanColumns"]
 MAX_DEFERRED = 10_000
 MAX_CACHED = 10_000  # span peers and resources kept for the next spans (cleared when full)
 UNKNOWN_GRACE = 10.0  # seconds an l7_http connection may wait for its connect event
+FQDN_GC_SECONDS = 600.0  # ip_to_fqdn keeps addresses connected to within this (the node agent's gcInterval)
 RESOLVE_EVERY = 0.05  # seconds: at most this often a request resolves its connection's NAT at once
 
 
@@ -61,6 +63,8 @@ class Connections(Protocol):
     def is_open(self, pid: int, fd: int, start_ns: int) -> bool: ...
 
     def resolve_pending(self) -> None: ...
+
+    def destination_ips(self, since: float) -> set[str]: ...
 
 
 class Containers(Protocol):
@@ -153,6 +157,7 @@ class L7Tracer(Component):
         self.host_id = host_id
         settings = Settings(masks=masks or Masks(), exclude_paths=frozenset(exclude_paths), max_fqdns=max_fqdns)
         self.plugins: dict[int, Plugin] = {cls.id: cls(settings) for cls in PLUGINS}
+        self._next_fqdn_gc = 0.0
         self._lock = threading.Lock()
         self._out: dict[OutKey, Hist] = defaultdict(Hist)
         self._in: dict[InKey, Hist] = defaultdict(Hist)
@@ -184,6 +189,14 @@ class L7Tracer(Component):
         self.forget_containers(gone)
         self.retry_deferred()
         self.fold_closed()
+        if now >= self._next_fqdn_gc:
+            if self._next_fqdn_gc:  # the first tick only starts the clock, as the node agent's ticker
+                active = self.tcp.destination_ips(now - FQDN_GC_SECONDS)
+                dns = self.plugins[contract.DNS]
+                if isinstance(dns, Dns):
+                    with self._lock:
+                        dns.gc(active)
+            self._next_fqdn_gc = now + FQDN_GC_SECONDS
 
     def close(self) -> None:
         """Nothing reads the kernel's maps after this (they are freed next)."""

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.l7 import contract, dns
+from agent.l7 import tracer as tracer_mod
 from agent.l7.contract import F_INBOUND, F_OUTBOUND
 from agent.metrics import Families
 from tests.unit.l7_helpers import CID, paired, samples, tracer, value
@@ -363,3 +364,19 @@ def test_truncated_and_mangled_real_answers_never_raise(resp: bytes, cut: int, t
         dns.parse(data)
         asked(t, "svc1.test", 1, data)
     assert all(s in L7_STATUS["dns"] for _, _, s in outbound(t))
+
+
+def test_ip_to_fqdn_forgets_addresses_no_container_connected_to_every_gc_interval() -> None:
+    """containers/registry.go:194-226: every gcInterval (10 minutes, containers/container.go:32)
+    the entries of addresses outside every container's recent connection attempts go."""
+    t, conns, _ = tracer()
+    asked(t, "a.test", 1, response("a.test", 1, answers=(a("10.4.0.1"), a("10.4.0.2"))))
+    asked(t, "b.test", 28, response("b.test", 28, answers=(aaaa(bytes(15) + b"\x02"),)))
+    conns.add(100, 9, 77, "10.4.0.2", 443, actual="10.4.0.2:443")
+    t.tick(1000.0, [])  # the first tick starts the clock
+    assert set(fqdns(t)) == {"10.4.0.1", "10.4.0.2", "::2"}
+    t.tick(1000.0 + tracer_mod.FQDN_GC_SECONDS - 1, [])
+    assert set(fqdns(t)) == {"10.4.0.1", "10.4.0.2", "::2"}
+    t.tick(1000.0 + tracer_mod.FQDN_GC_SECONDS, [])
+    assert fqdns(t) == {"10.4.0.2": "a.test"}
+    assert outbound(t) == {("TypeA", "a.test", "ok"): 1, ("TypeAAAA", "b.test", "ok"): 1}  # counts stay
