@@ -168,7 +168,7 @@ def _body(data: bytes, pos: int, rtype: int, length: int) -> None:
 
 def parse(data: bytes, tcp: bool = False) -> Message | None:
     """The message as the node agent takes it (None: dnsmessage would not unpack it). A message
-    of at least contract.RESP_MAX bytes that runs past them is the kernel's cut, not the
+    of exactly contract.RESP_MAX bytes that runs past them is the kernel's cut, not the
     sender's: its question and the addresses before the cut are taken (complete=False), as the
     node agent, which keeps 1023 bytes of a response, reads the whole of most such answers."""
     try:
@@ -204,7 +204,7 @@ def parse(data: bytes, tcp: bool = False) -> Message | None:
     except _Bad:
         return None
     except _Short:
-        if question is None or len(data) < contract.RESP_MAX:
+        if question is None or len(data) != contract.RESP_MAX:
             return None
         return Message(ident, bool(flags & 0x8000), flags & 0xF, question[0], question[1], tuple(ips), False)
     if question is None:

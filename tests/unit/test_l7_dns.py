@@ -298,6 +298,7 @@ def test_an_answer_cut_at_the_kernels_response_bytes_keeps_its_question_and_lead
     m = dns.parse(full[:contract.RESP_MAX])
     assert m is not None and not m.complete
     assert dns.parse(full[:contract.RESP_MAX - 1]) is None  # shorter than the kernel's cut: the sender's
+    assert dns.parse(full[:contract.RESP_MAX + 1]) is None  # longer: not the kernel's cut either
 
 
 def test_domains_past_the_cap_count_as_tilde_other_and_the_empty_domain_is_never_capped() -> None:
