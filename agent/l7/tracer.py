@@ -52,6 +52,7 @@ MAX_DEFERRED = 10_000
 MAX_CACHED = 10_000  # span peers and resources kept for the next spans (cleared when full)
 UNKNOWN_GRACE = 10.0  # seconds an l7_http connection may wait for its connect event
 DEFER_GRACE = 3.0  # seconds an event may wait for its connection or process (over several ticks)
+FQDN_GC_SECONDS = 600.0  # ip_to_fqdn keeps addresses connected to within this (the node agent's gcInterval)
 RESOLVE_EVERY = 0.05  # seconds: at most this often a request resolves its connection's NAT at once
 
 
@@ -63,6 +64,8 @@ class Connections(Protocol):
     def is_open(self, pid: int, fd: int, start_ns: int) -> bool: ...
 
     def resolve_pending(self) -> None: ...
+
+    def destination_ips(self, since: float) -> set[str]: ...
 
 
 class Containers(Protocol):
@@ -155,9 +158,7 @@ class L7Tracer(Component):
         self.host_id = host_id
         settings = Settings(masks=masks or Masks(), exclude_paths=frozenset(exclude_paths), max_fqdns=max_fqdns)
         self.plugins: dict[int, Plugin] = {cls.id: cls(settings) for cls in PLUGINS}
-        dns = self.plugins[contract.DNS]
-        assert isinstance(dns, Dns)
-        self._dns = dns  # names span peers from its answers
+        self._next_fqdn_gc = 0.0
         self._lock = threading.Lock()
         self._out: dict[OutKey, Hist] = defaultdict(Hist)
         self._in: dict[InKey, Hist] = defaultdict(Hist)
@@ -190,6 +191,14 @@ class L7Tracer(Component):
         self.forget_containers(gone)
         self.retry_deferred()
         self.fold_closed()
+        if now >= self._next_fqdn_gc:
+            if self._next_fqdn_gc:  # the first tick only starts the clock, as the node agent's ticker
+                active = self.tcp.destination_ips(now - FQDN_GC_SECONDS)
+                dns = self.plugins[contract.DNS]
+                if isinstance(dns, Dns):
+                    with self._lock:
+                        dns.gc(active)
+            self._next_fqdn_gc = now + FQDN_GC_SECONDS
 
     def close(self) -> None:
         """Nothing reads the kernel's maps after this (they are freed next)."""
@@ -353,7 +362,10 @@ class L7Tracer(Component):
 
     def _peer(self, conn: Conn) -> tuple[Peer, dict[str, str]]:
         """The peer spans on `conn` show, and its span attributes (copied by each span)."""
-        name = self._dns.fqdn.get(conn.dst, conn.dst)
+        # the address, never a DNS name: the node agent's net.peer.name is an address unless it
+        # folded the destination into its domain (several public addresses, common.NewDestinationKey),
+        # and the server finds a service's client spans by its listen addresses (inboundSpansFilter)
+        name = conn.dst
         key = (conn.destination, name, conn.dport, conn.actual)
         hit = self._peers.get(key)
         if hit is None:

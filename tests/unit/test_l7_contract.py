@@ -158,4 +158,4 @@ def test_dns_queries_and_answers_are_told_apart_as_the_parser_does(detector: Pat
     assert [(r[1], r[2]) for r in got] == [(1, 0), (0, 1), (0, 0)]
     q, a = dns.parse(query), dns.parse(answer)
     assert q is not None and not q.response and a is not None and a.response
-    assert a.answers == (("93.184.216.34", "www.example.com"),)
+    assert (a.name, a.ips) == ("www.example.com", ("93.184.216.34",))

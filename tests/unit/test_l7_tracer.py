@@ -91,7 +91,7 @@ def test_http_counted_in_the_kernel_makes_a_span_but_no_second_count() -> None:
     assert a["http.status_code"] == "503" and rows.rows[0]["StatusCode"] == "STATUS_CODE_ERROR"
 
 
-def test_dns_answers_name_span_peers_and_count_by_domain() -> None:
+def test_dns_answers_count_by_domain_and_span_peers_keep_their_address() -> None:
     t, conns, rows = setup()
     query = bytes.fromhex("12340100000100000000000003777777076578616d706c6503636f6d0000010001")
     answer = bytes.fromhex("12348180000100010000000003777777076578616d706c6503636f6d0000010001"
@@ -102,7 +102,7 @@ def test_dns_answers_name_span_peers_and_count_by_domain() -> None:
     assert value(t, "ip_to_fqdn", ip="93.184.216.34", fqdn="www.example.com") == 1
     conns.add(100, 7, 55, "93.184.216.34", 6379, actual="93.184.216.34:6379")
     t.handle_event(ev(contract.REDIS, F_OUTBOUND, GET, b"$1\r\nv\r\n"))
-    assert rows.rows[0]["SpanAttributes"]["net.peer.name"] == "www.example.com"
+    assert rows.rows[0]["SpanAttributes"]["net.peer.name"] == "93.184.216.34"  # as the node agent's spans
 
 
 def test_garbage_an_unknown_protocol_and_a_forgotten_container_leave_nothing() -> None:

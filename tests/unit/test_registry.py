@@ -297,6 +297,8 @@ def test_rekey_moves_and_merges_entries_of_one_container() -> None:
 def test_components_re_key_what_they_counted_adding_to_the_new_ids_counts(tmp_path: Path) -> None:
     """TCP totals, open connections and L7/DNS counts of the old id move to the new one and add
     up with what the new id had: nothing lost, nothing counted twice."""
+    from agent.l7 import contract
+    from agent.l7.dns import Dns
     from agent.l7.hist import Hist
     from agent.l7.tracer import L7Tracer
     from agent.net.public import PublicFilter
@@ -325,7 +327,8 @@ def test_components_re_key_what_they_counted_adding_to_the_new_ids_counts(tmp_pa
     h2 = Hist()
     h2.observe(0.02)
     l7._in[("/k8s/ns/p/c", 1, "200")] = h2
-    dns = l7._dns
+    dns = l7.plugins[contract.DNS]
+    assert isinstance(dns, Dns)
     dns._counts[("/k8s-cgroup/u/aaaa", "TypeA", "db", "ok")] = 3
     l7.on_rename("/k8s-cgroup/u/aaaa", "/k8s/ns/p/c")
     assert list(l7._in) == [("/k8s/ns/p/c", 1, "200")] and l7._in[("/k8s/ns/p/c", 1, "200")].count == 2
