@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 V1 = "v1"
 V2 = "v2"
 HYBRID = "hybrid"
+MAX_ASKED = 4096  # ids that missed, remembered with when they were first asked for
 
 _DOCKER_ID = re.compile(r"([a-z0-9]{64})")
 _CRIO_ID = re.compile(r"crio-([a-z0-9]{64})")
@@ -65,28 +67,45 @@ def detect_layout(root: str = "/sys/fs/cgroup") -> Layout:
 class CgroupIds:
     """cgroup v2 ids -> cgroup paths ("/system.slice/x.service"). A v2 cgroup's id, what
     bpf_get_current_cgroup_id() returns, is its directory's inode number: found by walking the
-    unified hierarchy, again on a miss but at most every `rescan` seconds, at most `limit`
-    directories (a node's cgroups number in the thousands)."""
+    unified hierarchy, at most `limit` directories (a node's cgroups number in the thousands).
+
+    A miss walks again when no walk has begun since that id was first asked for (its cgroup
+    may be newer than the last walk: a client started in a new container a moment ago), at
+    most `burst` such walks a second; otherwise at most every `rescan` seconds (an id whose
+    cgroup is gone stays unknown without a walk each time)."""
 
     def __init__(self, root: str | None, rescan: float = 1.0, limit: int = 65536,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, burst: int = 10) -> None:
         self.root, self.rescan, self.limit, self._clock = root, rescan, limit, clock
         self._paths: dict[int, str] = {}
         self._walked = -rescan
+        self._asked: OrderedDict[int, float] = OrderedDict()  # ids that missed: when first asked
+        self._recent: deque[float] = deque(maxlen=max(1, burst))  # when the last walks began
         self.walks = 0
 
     def path(self, cgid: int) -> str | None:
         if not self.root or cgid == 0:
             return None
         p = self._paths.get(cgid)
-        if p is None and self._clock() - self._walked >= self.rescan:
+        if p is not None:
+            return p
+        now = self._clock()
+        first = self._asked.setdefault(cgid, now)
+        if len(self._asked) > MAX_ASKED:
+            self._asked.popitem(last=False)
+        fresh = self._walked < first and (
+            len(self._recent) < (self._recent.maxlen or 1) or now - self._recent[0] >= 1.0)
+        if fresh or now - self._walked >= self.rescan:
             self._walk()
             p = self._paths.get(cgid)
+            if p is not None:
+                self._asked.pop(cgid, None)
         return p
 
     def _walk(self) -> None:
         assert self.root
         self._walked = self._clock()
+        self._recent.append(self._walked)
         self.walks += 1
         paths: dict[int, str] = {}
         todo = [(self.root, "")]

@@ -403,17 +403,29 @@ def test_a_process_gone_before_it_was_read_gets_its_container_from_its_event(tmp
     assert r.process(78) is None and r.process(79) is None and r.from_event == 2
 
 
-def test_cgroup_ids_walk_the_hierarchy_again_on_a_miss_at_most_every_rescan(tmp_path: Path) -> None:
+def test_cgroup_ids_walk_again_for_an_id_asked_after_the_last_walk_then_every_rescan(tmp_path: Path) -> None:
     (tmp_path / "a" / "b").mkdir(parents=True)
     clock = Clock(0.0)
-    ids = CgroupIds(str(tmp_path), rescan=1.0, clock=clock)
+    ids = CgroupIds(str(tmp_path), rescan=1.0, clock=clock, burst=3)
     assert ids.path((tmp_path / "a" / "b").stat().st_ino) == "/a/b" and ids.walks == 1
     assert ids.path((tmp_path / "a").stat().st_ino) == "/a" and ids.walks == 1  # a hit: no walk
+    # a cgroup made after the last walk (a new container's client), asked for within the
+    # second: its first ask walks again
     (tmp_path / "c").mkdir()
     c = (tmp_path / "c").stat().st_ino
-    assert ids.path(c) is None and ids.walks == 1  # a miss within the second: no walk
-    clock.t = 1.0
+    clock.t = 0.1
     assert ids.path(c) == "/c" and ids.walks == 2
+    # an id no directory has: one walk for its first ask, none for the next ones until rescan
+    clock.t = 0.2
+    assert ids.path(999_999_999) is None and ids.walks == 3
+    clock.t = 0.3
+    assert ids.path(999_999_999) is None and ids.walks == 3
+    # at most `burst` walks a second: a fourth within it waits for rescan
+    (tmp_path / "d").mkdir()
+    d = (tmp_path / "d").stat().st_ino
+    assert ids.path(d) is None and ids.walks == 3
+    clock.t = 1.2
+    assert ids.path(d) == "/d" and ids.walks == 4
     assert CgroupIds(None).path(c) is None and ids.path(0) is None
     small = CgroupIds(str(tmp_path), limit=1, clock=clock)
     assert small.path((tmp_path / "c").stat().st_ino) in ("/c", None) and len(small._paths) == 1
