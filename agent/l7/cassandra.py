@@ -21,7 +21,6 @@ requests whose statement is known."""
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from agent.l7 import contract
@@ -261,7 +260,7 @@ class Pending:
 class Connection:
     client: Side = field(default_factory=Side)
     server: Side = field(default_factory=Side)
-    pending: OrderedDict[int, Pending] = field(default_factory=OrderedDict)  # by stream id
+    pending: p.Lru[int, Pending] = field(default_factory=lambda: p.Lru(MAX_PENDING))  # by stream id
 
 
 def message(opcode: int, stream: int, body: bytes = b"", version: int = 4, flags: int = 0) -> bytes:
@@ -318,20 +317,14 @@ class Cassandra(p.Protocol):
 
     def __init__(self, settings: p.Settings) -> None:
         super().__init__(settings)
-        self._conns: OrderedDict[p.ConnKey, Connection] = OrderedDict()
-        self._prepared: OrderedDict[tuple[int, bytes], str] = OrderedDict()  # (pid, id) -> statement
+        self._conns: p.Lru[p.ConnKey, Connection] = p.Lru(MAX_CONNECTIONS)
+        self._prepared: p.Lru[tuple[int, bytes], str] = p.Lru(MAX_PREPARED)  # (pid, id) -> statement
 
     def parse(self, conn: p.ConnKey, request: bytes, response: bytes, seconds: float) -> list[p.Request]:
         return []  # a stream protocol: see feed
 
     def feed(self, conn: p.ConnKey, client: bool, ts_ns: int, data: bytes, size: int) -> list[p.Request]:
-        c = self._conns.get(conn)
-        if c is None:
-            c = self._conns[conn] = Connection()
-            if len(self._conns) > MAX_CONNECTIONS:
-                self._conns.popitem(last=False)
-        else:
-            self._conns.move_to_end(conn)
+        c = self._conns.setdefault(conn, Connection)
         out: list[p.Request] = []
         side = c.client if client else c.server
         try:
@@ -350,25 +343,19 @@ class Cassandra(p.Protocol):
         call = parse_request(e)
         if call is None or e.stream < 0:
             return
-        c.pending[e.stream] = Pending(call, ts)
-        c.pending.move_to_end(e.stream)
-        if len(c.pending) > MAX_PENDING:
-            c.pending.popitem(last=False)
+        c.pending.put(e.stream, Pending(call, ts))
 
     def _response(self, pid: int, c: Connection, e: Envelope, ts: int, out: list[p.Request]) -> None:
         reply = parse_response(e)
         if reply is None:
             return
-        waiting = c.pending.pop(e.stream, None)
+        waiting = c.pending.pop(e.stream)
         if waiting is None:
             return
         call = waiting.call
         if call.opcode == PREPARE:
             if reply.prepared_id and call.statement:
-                self._prepared[(pid, reply.prepared_id)] = call.statement
-                self._prepared.move_to_end((pid, reply.prepared_id))
-                if len(self._prepared) > MAX_PREPARED:
-                    self._prepared.popitem(last=False)
+                self._prepared.put((pid, reply.prepared_id), call.statement)
             return
         out.append(p.Request(self.id, reply.status, max(ts - waiting.ts_ns, 0) / 1e9, COUNTED[call.opcode],
                              statement=self._statement(pid, call), error=reply.error, start_ns=waiting.ts_ns))
@@ -376,7 +363,7 @@ class Cassandra(p.Protocol):
     def _statement(self, pid: int, call: Call) -> str:
         def text(item: str | bytes) -> str:
             if isinstance(item, bytes):
-                return self._prepared.get((pid, item), "")
+                return self._prepared.peek((pid, item)) or ""
             return item
 
         if call.opcode == BATCH:
