@@ -8,28 +8,29 @@ calls under hypothesis; the plug-in through the tracer with packed stream events
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.l7 import cassandra as cql
 from agent.l7 import contract
-from agent.l7.contract import F_INBOUND, F_OUTBOUND, F_WRITE, Event, pack
 from agent.l7.protocol import Masks, Settings
-from agent.l7.tracer import L7Tracer
-from agent.metrics import Families
-from tests.unit.l7_helpers import CID, Connections, Containers, Rows, value
-from tests.unit.nodeagent_families import CONST_LABELS, FAMILIES, L7_STATUS
+from tests.unit.l7_helpers import (
+    CID,
+    RANDOM_CALLS,
+    assert_node_agent_families,
+    captured,
+    feed_both_sides,
+    feed_random,
+    spoiled,
+    stream_tracer,
+    value,
+)
 
-DATA = Path(__file__).parent / "data"
 C = (1, 2, 3)
 
 
 def capture(version: int) -> list[tuple[int, bool, bytes]]:
-    lines = (DATA / f"cassandra_v{version}.jsonl").read_text().splitlines()
-    return [(d["conn"], d["client"], bytes.fromhex(d["hex"])) for d in map(json.loads, lines)]
+    return [(d["conn"], d["client"], d["data"]) for d in captured(f"cassandra_v{version}")]
 
 
 def replay(calls: list[tuple[int, bool, bytes]], plugin: cql.Cassandra | None = None,
@@ -122,20 +123,9 @@ def test_the_crc24_is_the_driver_s() -> None:
         assert cql.crc24(v) == compute_crc24(v, 3)
 
 
-def ev(written: bool, data: bytes, ts: int, *, inbound: bool = False) -> bytes:
-    flags = (F_INBOUND if inbound else F_OUTBOUND) | (F_WRITE if written else 0)
-    return pack(Event(ts, 0, 55, 200 if inbound else 100, 7, contract.CASSANDRA, flags, data[512:1024], data[:512],
-                      len(data)))
-
-
 def test_through_the_tracer_counts_both_sides_and_spans_the_client_s() -> None:
-    conns, rows = Connections(), Rows()
-    t = L7Tracer(Containers(), conns, rows, hostname="h", host_id="m")
-    conns.add(100, 7, 55, "10.0.0.9", 9042, actual="10.0.0.9:9042")
-    session = [(cl, d) for c, cl, d in capture(5) if c == 2]
-    for i, (client, data) in enumerate(session):
-        t.handle_event(ev(client, data, (i + 1) * 1_000_000))  # the client writes what the client sends
-        t.handle_event(ev(not client, data, (i + 1) * 1_000_000, inbound=True))  # the node reads it
+    t, rows = stream_tracer("10.0.0.9", 9042)
+    feed_both_sides(t, contract.CASSANDRA, [(cl, d) for c, cl, d in capture(5) if c == 2])
     lbl = {"container_id": CID, "destination": "10.0.0.9:9042"}
     assert value(t, "container_cassandra_queries_total", status="ok", **lbl) == 5
     assert value(t, "container_cassandra_queries_total", status="failed", **lbl) == 5
@@ -147,28 +137,13 @@ def test_through_the_tracer_counts_both_sides_and_spans_the_client_s() -> None:
     assert {(s["SpanName"], s["SpanAttributes"]["db.system"]) for s in spans} == {("query", "cassandra")}
     assert sorted(s["StatusMessage"] for s in spans if s["StatusCode"] == "STATUS_CODE_ERROR") == ["2200"] * 5
     assert not any("secret" in s["SpanAttributes"]["db.statement"] for s in spans)
-    # the families are the node agent's: names, types, labels, status values
-    f = Families({"machine_id": "m", "system_uuid": "u"})
-    t.collect(f)
-    got = {fam.name + ("_total" if fam.type == "counter" else ""): fam for fam in f
-           if fam.name.startswith("container_cassandra")}
-    assert set(got) == {"container_cassandra_queries_total", "container_cassandra_queries_duration_seconds_total",
-                        "container_cassandra_inbound_queries_total",
-                        "container_cassandra_inbound_queries_duration_seconds_total"}
-    for name, fam in got.items():
-        kind, labels = FAMILIES[name]
-        assert fam.type == kind, name
-        assert {frozenset(s.labels) - {"le"} for s in fam.samples} == {labels | CONST_LABELS}, name
-        assert {s.labels["status"] for s in fam.samples if "status" in s.labels} <= set(L7_STATUS["cassandra"])
+    assert_node_agent_families(t, "cassandra", "queries")
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), st.binary(max_size=200), st.integers(0, 3000)), max_size=10))
+@given(RANDOM_CALLS)
 def test_any_calls_in_any_order_never_raise(calls: list[tuple[bool, bytes, int]]) -> None:
-    k = cql.Cassandra(Settings())
-    for client, data, size in calls:
-        for r in k.feed(C, client, 1, data, size):
-            assert r.status in ("ok", "failed")
+    feed_random(cql.Cassandra(Settings()), calls, ("ok", "failed"))
 
 
 @settings(max_examples=200, deadline=None)
@@ -176,7 +151,5 @@ def test_any_calls_in_any_order_never_raise(calls: list[tuple[bool, bytes, int]]
 def test_real_calls_cut_or_corrupted_anywhere_never_raise(version: int, which: int, cut: int, at: int,
                                                           byte: int) -> None:
     calls = capture(version)
-    conn, client, data = calls[which]
-    bad = data[:at] + bytes([byte]) + data[at + 1:] if at < len(data) else data
-    replay(calls[:which] + [(conn, client, data[:cut])] + calls[which + 1:])
-    replay(calls[:which] + [(conn, client, bad)] + calls[which + 1:])
+    for spoilt in spoiled(calls, which, cut, at, byte, lambda c: c[2], lambda c, b: (c[0], c[1], b)):
+        replay(spoilt)
