@@ -7,9 +7,15 @@ connection is a stream connection (contract.h), every read and write comes to `f
 request waits under its stream id until the response with that id. In v5, once the STARTUP
 handshake is done, envelopes travel inside segments: a 3-byte little-endian header (payload
 length, 17 bits, and a self-contained flag) with its CRC24, the payload (whole envelopes, or
-part of one large envelope), and a CRC32. A segment is told from an envelope by its header's
-CRC24; compressed segments (LZ4, when negotiated) and compressed envelopes are not read (their
-requests are not counted; a compressed envelope's status is still its opcode's).
+part of one large envelope), and a CRC32. When the STARTUP asked for LZ4, segments are
+compressed: a 5-byte header (payload length, uncompressed length, 17 bits each, the flag) with
+its CRC24 over those 5 bytes, the payload an LZ4 block (an uncompressed length of 0: stored as
+is), a CRC32. A segment is told from an envelope by its header's CRC24 (either header's). A
+compressed payload is decompressed (cramjam's LZ4 block decoder, never to more than the header's
+uncompressed length, at most 128 KiB) when it was captured whole: one the capture cut (a segment
+larger than what the kernel copies of a call) or that does not decode is not read, nor are v4's
+compressed envelopes (their requests are not counted; a compressed envelope's status is still
+its opcode's).
 
 Counted, as the node agent counts them: QUERY, EXECUTE and BATCH, "ok" for a RESULT, "failed"
 for an ERROR (its code, in the spec's hex, is the span's message). PREPARE is not counted; its
@@ -21,8 +27,9 @@ requests whose statement is known."""
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from dataclasses import dataclass, field
+
+import cramjam
 
 from agent.l7 import contract
 from agent.l7 import protocol as p
@@ -40,6 +47,8 @@ MAX_CONNECTIONS = 4096
 MAX_PREPARED = 10_000  # prepared statements remembered, over all processes
 MAX_BATCH = 64  # statements of a batch shown in its span
 SEGMENT_HEADER, SEGMENT_CRC = 3, 4  # a v5 segment: 3 bytes + CRC24 (3), payload, CRC32 (4)
+COMPRESSED_HEADER = 5  # a compressed v5 segment's header: 5 bytes + CRC24 (3)
+MAX_SEGMENT = 0x1FFFF  # a segment's payload, compressed or not, is at most 128 KiB - 1
 CRC24_INIT, CRC24_POLY = 0x875060, 0x1974F0B
 
 _UUID = re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b")
@@ -68,6 +77,40 @@ def segment_payload(head: bytes) -> tuple[int, bool] | None:
     return value & 0x1FFFF, bool(value >> 17 & 1)
 
 
+@dataclass(frozen=True)
+class SegmentHeader:
+    length: int  # the payload's on the wire
+    uncompressed: int  # its length decompressed; 0: not compressed
+    self_contained: bool
+    size: int  # the header's with its CRC24: 6, or 8 when compressed
+
+
+def segment_header(head: bytes) -> SegmentHeader | None:
+    """An uncompressed or a compressed v5 segment's header, from its first 8 bytes, or None."""
+    seg = segment_payload(head)
+    if seg is not None:
+        return SegmentHeader(seg[0], 0, seg[1], SEGMENT_HEADER + 3)
+    if len(head) < COMPRESSED_HEADER + 3:
+        return None
+    value = int.from_bytes(head[:COMPRESSED_HEADER], "little")
+    if crc24(value, COMPRESSED_HEADER) != int.from_bytes(head[COMPRESSED_HEADER:COMPRESSED_HEADER + 3], "little"):
+        return None
+    return SegmentHeader(value & MAX_SEGMENT, value >> 17 & MAX_SEGMENT, bool(value >> 34 & 1), COMPRESSED_HEADER + 3)
+
+
+def decompress(payload: bytes, uncompressed: int) -> bytes | None:
+    """A compressed segment's payload (an LZ4 block, whole) decompressed to its `uncompressed`
+    length (at most MAX_SEGMENT; the decoder writes no more), or None if it does not decode so."""
+    if not 0 < uncompressed <= MAX_SEGMENT:
+        return None
+    out = bytearray(uncompressed)  # the decoder fails rather than write past it
+    try:
+        n = cramjam.lz4.decompress_block_into(payload, out)
+    except (cramjam.DecompressionError, ValueError, OverflowError):
+        return None
+    return bytes(out) if n == uncompressed else None
+
+
 def envelope_size(head: bytes) -> int | None:
     """An envelope's size with its header, from its first 9 bytes, or None."""
     if len(head) < 9 or not 3 <= head[0] & 0x7F <= 5 or head[1] > 0x1F or head[4] > 0x10:
@@ -77,9 +120,9 @@ def envelope_size(head: bytes) -> int | None:
 
 
 def _frame_size(head: bytes) -> int | None:
-    seg = segment_payload(head)
+    seg = segment_header(head)
     if seg is not None:
-        return 6 + seg[0] + SEGMENT_CRC
+        return seg.size + seg.length + SEGMENT_CRC
     return envelope_size(head)
 
 
@@ -234,11 +277,23 @@ class Side:
     rest: int = 0  # bytes of an envelope split over segments still to come
 
     def messages(self, f: Frame) -> list[Envelope]:
-        seg = segment_payload(f.data)
+        seg = segment_header(f.data)
         if seg is None:
             return envelopes(f.data)
-        length, whole = seg
-        payload = f.data[6:6 + length]
+        payload, length, whole = f.data[seg.size:seg.size + seg.length], seg.length, seg.self_contained
+        if seg.uncompressed:
+            length = seg.uncompressed
+            if not whole and self.rest > 0:  # a later part of a large envelope: nothing to read
+                self.rest = max(self.rest - length, 0)
+                return []
+            if len(payload) < seg.length:  # cut by the capture: an LZ4 block decodes only whole
+                self.rest = 0
+                return []
+            decoded = decompress(payload, seg.uncompressed)
+            if decoded is None:
+                self.rest = 0
+                return []
+            payload = decoded
         if whole:
             self.rest = 0
             return envelopes(payload)
@@ -261,7 +316,7 @@ class Pending:
 class Connection:
     client: Side = field(default_factory=Side)
     server: Side = field(default_factory=Side)
-    pending: OrderedDict[int, Pending] = field(default_factory=OrderedDict)  # by stream id
+    pending: p.Lru[int, Pending] = field(default_factory=lambda: p.Lru(MAX_PENDING))  # by stream id
 
 
 def message(opcode: int, stream: int, body: bytes = b"", version: int = 4, flags: int = 0) -> bytes:
@@ -287,7 +342,17 @@ def segment(payload: bytes, self_contained: bool = True) -> bytes:
     return value.to_bytes(3, "little") + crc24(value).to_bytes(3, "little") + payload + b"\0\0\0\0"
 
 
+def compressed_segment(payload: bytes, self_contained: bool = True) -> bytes:
+    """An LZ4-compressed v5 segment (stored as is when LZ4 does not make it smaller, as the
+    spec says; its CRC32 is not checked here: zeros)."""
+    block = bytes(cramjam.lz4.compress_block(payload, store_size=False))
+    body, n = (block, len(payload)) if len(block) < len(payload) else (payload, 0)
+    value = len(body) | n << 17 | int(self_contained) << 34
+    return value.to_bytes(5, "little") + crc24(value, 5).to_bytes(3, "little") + body + b"\0\0\0\0"
+
+
 _STARTUP = message(STARTUP, 0, b"\0\x01\0\x0bCQL_VERSION\0\x053.0.0", version=5)
+_STARTUP_LZ4 = message(STARTUP, 0, b"\0\x02\0\x0bCQL_VERSION\0\x053.0.0\0\x0bCOMPRESSION\0\x03lz4", version=5)
 
 
 class Cassandra(p.Protocol):
@@ -298,6 +363,7 @@ class Cassandra(p.Protocol):
     kernel_requests = (
         message(OPTIONS, 0),
         _STARTUP,
+        _STARTUP_LZ4,  # asks for LZ4: the segments after its READY are compressed
         query(3, "SELECT name FROM ks.people WHERE id = 'x'"),
         message(PREPARE, 4, long_string("INSERT INTO ks.t (a) VALUES (?)"), version=3),
         message(EXECUTE, 5, b"\0\x10" + bytes(16) + b"\0\x01\0", version=4),
@@ -314,24 +380,19 @@ class Cassandra(p.Protocol):
         message(OPTIONS, 0, b"\0\0"),  # OPTIONS has no body
         message(0x06, 0, b"\0\0"),  # SUPPORTED: a response's opcode
         segment(query(9, "SELECT 1", version=5)),  # v5's framing: after the handshake
+        compressed_segment(query(9, "SELECT name FROM ks.people WHERE id = 'aaaaaaaaaaaa'", version=5)),
     )
 
     def __init__(self, settings: p.Settings) -> None:
         super().__init__(settings)
-        self._conns: OrderedDict[p.ConnKey, Connection] = OrderedDict()
-        self._prepared: OrderedDict[tuple[int, bytes], str] = OrderedDict()  # (pid, id) -> statement
+        self._conns: p.Lru[p.ConnKey, Connection] = p.Lru(MAX_CONNECTIONS)
+        self._prepared: p.Lru[tuple[int, bytes], str] = p.Lru(MAX_PREPARED)  # (pid, id) -> statement
 
     def parse(self, conn: p.ConnKey, request: bytes, response: bytes, seconds: float) -> list[p.Request]:
         return []  # a stream protocol: see feed
 
     def feed(self, conn: p.ConnKey, client: bool, ts_ns: int, data: bytes, size: int) -> list[p.Request]:
-        c = self._conns.get(conn)
-        if c is None:
-            c = self._conns[conn] = Connection()
-            if len(self._conns) > MAX_CONNECTIONS:
-                self._conns.popitem(last=False)
-        else:
-            self._conns.move_to_end(conn)
+        c = self._conns.setdefault(conn, Connection)
         out: list[p.Request] = []
         side = c.client if client else c.server
         try:
@@ -350,25 +411,19 @@ class Cassandra(p.Protocol):
         call = parse_request(e)
         if call is None or e.stream < 0:
             return
-        c.pending[e.stream] = Pending(call, ts)
-        c.pending.move_to_end(e.stream)
-        if len(c.pending) > MAX_PENDING:
-            c.pending.popitem(last=False)
+        c.pending.put(e.stream, Pending(call, ts))
 
     def _response(self, pid: int, c: Connection, e: Envelope, ts: int, out: list[p.Request]) -> None:
         reply = parse_response(e)
         if reply is None:
             return
-        waiting = c.pending.pop(e.stream, None)
+        waiting = c.pending.pop(e.stream)
         if waiting is None:
             return
         call = waiting.call
         if call.opcode == PREPARE:
             if reply.prepared_id and call.statement:
-                self._prepared[(pid, reply.prepared_id)] = call.statement
-                self._prepared.move_to_end((pid, reply.prepared_id))
-                if len(self._prepared) > MAX_PREPARED:
-                    self._prepared.popitem(last=False)
+                self._prepared.put((pid, reply.prepared_id), call.statement)
             return
         out.append(p.Request(self.id, reply.status, max(ts - waiting.ts_ns, 0) / 1e9, COUNTED[call.opcode],
                              statement=self._statement(pid, call), error=reply.error, start_ns=waiting.ts_ns))
@@ -376,7 +431,7 @@ class Cassandra(p.Protocol):
     def _statement(self, pid: int, call: Call) -> str:
         def text(item: str | bytes) -> str:
             if isinstance(item, bytes):
-                return self._prepared.get((pid, item), "")
+                return self._prepared.peek((pid, item)) or ""
             return item
 
         if call.opcode == BATCH:

@@ -25,7 +25,6 @@ requests whose service and method were read."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from agent.l7 import contract
@@ -169,7 +168,7 @@ class Pending:
 class Connection:
     client: Framer = field(default_factory=lambda: Framer(HEADER, _frame_size))
     server: Framer = field(default_factory=lambda: Framer(HEADER, _frame_size))
-    pending: OrderedDict[int, Pending] = field(default_factory=OrderedDict)  # by request id
+    pending: p.Lru[int, Pending] = field(default_factory=lambda: p.Lru(MAX_PENDING))  # by request id
 
 
 def message(flags: int, request_id: int, body: bytes = b"", status: int = 0) -> bytes:
@@ -227,19 +226,13 @@ class Dubbo2(p.Protocol):
 
     def __init__(self, settings: p.Settings) -> None:
         super().__init__(settings)
-        self._conns: OrderedDict[p.ConnKey, Connection] = OrderedDict()
+        self._conns: p.Lru[p.ConnKey, Connection] = p.Lru(MAX_CONNECTIONS)
 
     def parse(self, conn: p.ConnKey, request: bytes, response: bytes, seconds: float) -> list[p.Request]:
         return []  # a stream protocol: see feed
 
     def feed(self, conn: p.ConnKey, client: bool, ts_ns: int, data: bytes, size: int) -> list[p.Request]:
-        c = self._conns.get(conn)
-        if c is None:
-            c = self._conns[conn] = Connection()
-            if len(self._conns) > MAX_CONNECTIONS:
-                self._conns.popitem(last=False)
-        else:
-            self._conns.move_to_end(conn)
+        c = self._conns.setdefault(conn, Connection)
         out: list[p.Request] = []
         try:
             for f in (c.client if client else c.server).feed(data, size, ts_ns):
@@ -247,12 +240,9 @@ class Dubbo2(p.Protocol):
                 if h is None or h.event:
                     continue
                 if client and h.request and h.two_way:
-                    c.pending[h.request_id] = Pending(parse_call(h, f.data[HEADER:]), f.ts_ns)
-                    c.pending.move_to_end(h.request_id)
-                    if len(c.pending) > MAX_PENDING:
-                        c.pending.popitem(last=False)
+                    c.pending.put(h.request_id, Pending(parse_call(h, f.data[HEADER:]), f.ts_ns))
                 elif not client and not h.request:
-                    waiting = c.pending.pop(h.request_id, None)
+                    waiting = c.pending.pop(h.request_id)
                     if waiting is not None:
                         out.append(p.Request(self.id, status_of(h.status), max(f.ts_ns - waiting.ts_ns, 0) / 1e9,
                                              waiting.call.method, path=waiting.call.service,

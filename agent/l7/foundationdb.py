@@ -24,7 +24,6 @@ cannot be read. FoundationDB requests make no spans (the node agent makes none).
 from __future__ import annotations
 
 import struct
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from agent.l7 import contract
@@ -181,7 +180,7 @@ class Pending:
 class Connection:
     client: Side = field(default_factory=Side)
     server: Side = field(default_factory=Side)
-    pending: OrderedDict[int, Pending] = field(default_factory=OrderedDict)  # by arrival
+    pending: p.Lru[int, Pending] = field(default_factory=lambda: p.Lru(MAX_PENDING))  # by arrival
     seq: int = 0
 
 
@@ -291,19 +290,13 @@ class FoundationDB(p.Protocol):
 
     def __init__(self, settings: p.Settings) -> None:
         super().__init__(settings)
-        self._conns: OrderedDict[p.ConnKey, Connection] = OrderedDict()
+        self._conns: p.Lru[p.ConnKey, Connection] = p.Lru(MAX_CONNECTIONS)
 
     def parse(self, conn: p.ConnKey, request: bytes, response: bytes, seconds: float) -> list[p.Request]:
         return []  # a stream protocol: see feed
 
     def feed(self, conn: p.ConnKey, client: bool, ts_ns: int, data: bytes, size: int) -> list[p.Request]:
-        c = self._conns.get(conn)
-        if c is None:
-            c = self._conns[conn] = Connection()
-            if len(self._conns) > MAX_CONNECTIONS:
-                self._conns.popitem(last=False)
-        else:
-            self._conns.move_to_end(conn)
+        c = self._conns.setdefault(conn, Connection)
         out: list[p.Request] = []
         side = c.client if client else c.server
         try:
@@ -314,9 +307,7 @@ class FoundationDB(p.Protocol):
                 if client:
                     if pk.file_id in REQUESTS:
                         c.seq += 1
-                        c.pending[c.seq] = Pending(REQUESTS[pk.file_id], pk.message[:KEEP_REQUEST], f.ts_ns)
-                        if len(c.pending) > MAX_PENDING:
-                            c.pending.popitem(last=False)
+                        c.pending.put(c.seq, Pending(REQUESTS[pk.file_id], pk.message[:KEEP_REQUEST], f.ts_ns))
                 elif pk.file_id >> 24 == ERROR_OR:
                     self._reply(c, pk, f.ts_ns, out)
         except (IndexError, ValueError):  # garbage in: this direction starts over
@@ -329,7 +320,7 @@ class FoundationDB(p.Protocol):
     def _reply(self, c: Connection, pk: Packet, ts: int, out: list[p.Request]) -> None:
         for seq, waiting in c.pending.items():
             if pk.token in waiting.message:
-                del c.pending[seq]
+                c.pending.pop(seq)
                 code = reply_error(pk.message)
                 out.append(p.Request(self.id, "ok" if code is None else "failed", max(ts - waiting.ts_ns, 0) / 1e9,
                                      waiting.name, error="" if code is None else str(code),

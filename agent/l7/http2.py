@@ -15,7 +15,6 @@ are missing, never wrong). Must not raise on any input; everything per connectio
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import hpack
@@ -91,7 +90,7 @@ class Side:
 class Connection:
     client: Side = field(default_factory=Side)
     server: Side = field(default_factory=Side)
-    streams: OrderedDict[int, Stream] = field(default_factory=OrderedDict)
+    streams: p.Lru[int, Stream] = field(default_factory=lambda: p.Lru(MAX_STREAMS))  # by stream id, oldest first
 
 
 # The library Huffman-decodes every literal in pure Python, most of a header block's cost; the
@@ -126,19 +125,13 @@ class Http2(p.Protocol):
 
     def __init__(self, settings: p.Settings) -> None:
         super().__init__(settings)
-        self._conns: OrderedDict[p.ConnKey, Connection] = OrderedDict()
+        self._conns: p.Lru[p.ConnKey, Connection] = p.Lru(MAX_CONNECTIONS)
 
     def parse(self, conn: p.ConnKey, request: bytes, response: bytes, seconds: float) -> list[p.Request]:
         return []  # a stream protocol: see feed
 
     def feed(self, conn: p.ConnKey, client: bool, ts_ns: int, data: bytes, size: int) -> list[p.Request]:
-        c = self._conns.get(conn)
-        if c is None:
-            c = self._conns[conn] = Connection()
-            if len(self._conns) > MAX_CONNECTIONS:
-                self._conns.popitem(last=False)
-        else:
-            self._conns.move_to_end(conn)
+        c = self._conns.setdefault(conn, Connection)
         out: list[p.Request] = []
         try:
             self._frames(c, client, ts_ns, data, max(size, len(data)), out)
@@ -204,7 +197,7 @@ class Http2(p.Protocol):
             if not client and flags & END_STREAM:
                 self._finish(c, sid, ts, out)
         elif kind == RST_STREAM:
-            c.streams.pop(sid, None)  # reset: neither answered nor failed by the server
+            c.streams.pop(sid)  # reset: neither answered nor failed by the server
 
     def _headers(self, c: Connection, side: Side, client: bool, sid: int, flags: int, block: bytes, ts: int,
                  out: list[p.Request]) -> None:
@@ -215,11 +208,10 @@ class Http2(p.Protocol):
             side.decoded.clear()
             return
         if client:
-            s = c.streams.get(sid)
+            s = c.streams.peek(sid)
             if s is None:
-                s = c.streams[sid] = Stream(ts)
-                while len(c.streams) > MAX_STREAMS:
-                    c.streams.popitem(last=False)
+                s = Stream(ts)
+                c.streams.put(sid, s)
             for name, value in headers:
                 if name == b":method" and not s.method:
                     s.method = value.decode("latin-1")[:32]
@@ -228,7 +220,7 @@ class Http2(p.Protocol):
                 elif name == b":scheme" and not s.scheme:
                     s.scheme = value.decode("latin-1")[:16]
             return
-        s = c.streams.get(sid)
+        s = c.streams.peek(sid)
         if s is None:
             return  # its request was not seen
         for name, value in headers:
@@ -240,7 +232,7 @@ class Http2(p.Protocol):
             self._finish(c, sid, ts, out)
 
     def _finish(self, c: Connection, sid: int, ts: int, out: list[p.Request]) -> None:
-        s = c.streams.pop(sid, None)
+        s = c.streams.pop(sid)
         if s is None:
             return
         m = self.settings.masks

@@ -16,7 +16,6 @@ response is not read here. Kafka requests make no spans (the node agent makes no
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from agent.l7 import contract
@@ -298,7 +297,7 @@ MAX_MESSAGE = 100 * 1024 * 1024  # L7_KAFKA_MAX_REQUEST: the broker's socket.req
 class Connection:
     requests: Framer = field(default_factory=lambda: Framer(4, _size))
     responses: Framer = field(default_factory=lambda: Framer(4, _size))
-    pending: OrderedDict[int, tuple[Header, int]] = field(default_factory=OrderedDict)  # id -> (header, ts)
+    pending: p.Lru[int, tuple[Header, int]] = field(default_factory=lambda: p.Lru(MAX_PENDING))  # id -> (header, ts)
 
 
 class Kafka(p.Protocol):
@@ -334,30 +333,21 @@ class Kafka(p.Protocol):
 
     def __init__(self, settings: p.Settings) -> None:
         super().__init__(settings)
-        self._conns: OrderedDict[p.ConnKey, Connection] = OrderedDict()
+        self._conns: p.Lru[p.ConnKey, Connection] = p.Lru(MAX_CONNECTIONS)
 
     def feed(self, conn: p.ConnKey, client: bool, ts_ns: int, data: bytes, size: int) -> list[p.Request]:
-        c = self._conns.get(conn)
-        if c is None:
-            c = self._conns[conn] = Connection()
-            if len(self._conns) > MAX_CONNECTIONS:
-                self._conns.popitem(last=False)
-        else:
-            self._conns.move_to_end(conn)
+        c = self._conns.setdefault(conn, Connection)
         out: list[p.Request] = []
         if client:
             for f in c.requests.feed(data, size, ts_ns):
                 for h in parse_requests(f.data)[:1]:
-                    c.pending[h.correlation_id] = (h, f.ts_ns)
-                    c.pending.move_to_end(h.correlation_id)
-                    if len(c.pending) > MAX_PENDING:
-                        c.pending.popitem(last=False)
+                    c.pending.put(h.correlation_id, (h, f.ts_ns))
             return out
         for f in c.responses.feed(data, size, ts_ns):
             if len(f.data) < 8:
                 continue
             corr = int.from_bytes(f.data[4:8], "big", signed=True)
-            waiting = c.pending.pop(corr, None)
+            waiting = c.pending.pop(corr)
             if waiting is None:
                 continue
             h, start = waiting

@@ -16,7 +16,6 @@ anything else "unknown". Statements are stored with literals masked (mask_sql_li
 from __future__ import annotations
 
 import sys
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from agent.l7 import contract
@@ -158,24 +157,17 @@ class Mysql(p.Protocol):
 
     def __init__(self, settings: p.Settings) -> None:
         super().__init__(settings)
-        self._statements: OrderedDict[tuple[p.ConnKey, int], str] = OrderedDict()
+        self._statements: p.Lru[tuple[p.ConnKey, int], str] = p.Lru(MAX_STATEMENTS)
 
     def _mask(self, sql: str) -> str:
         return mask_literals(sql) if self.settings.masks.sql_literals else sql
 
     def _remember(self, conn: p.ConnKey, statement_id: int, text: str) -> None:
         key = (conn, statement_id)
-        self._statements[key] = sys.intern(text)
-        self._statements.move_to_end(key)
-        if len(self._statements) > MAX_STATEMENTS:
-            self._statements.popitem(last=False)
+        self._statements.put(key, sys.intern(text))
 
     def _prepared(self, conn: p.ConnKey, statement_id: int) -> str | None:
-        key = (conn, statement_id)
-        text = self._statements.get(key)
-        if text is not None:
-            self._statements.move_to_end(key)
-        return text
+        return self._statements.get((conn, statement_id))
 
     def parse(self, conn: p.ConnKey, request: bytes, response: bytes, seconds: float) -> list[p.Request]:
         cmd = parse_command(request)

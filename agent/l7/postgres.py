@@ -5,7 +5,6 @@ connection. Statement text is stored with literals masked; password messages are
 from __future__ import annotations
 
 import struct
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from agent.l7 import contract
@@ -147,16 +146,10 @@ class Postgres(p.Protocol):
 
     def __init__(self, settings: p.Settings) -> None:
         super().__init__(settings)
-        self._conns: OrderedDict[p.ConnKey, Connection] = OrderedDict()
+        self._conns: p.Lru[p.ConnKey, Connection] = p.Lru(MAX_CONNECTIONS)
 
     def parse(self, conn: p.ConnKey, request: bytes, response: bytes, seconds: float) -> list[p.Request]:
-        state = self._conns.get(conn)
-        if state is None:
-            state = self._conns[conn] = Connection()
-            if len(self._conns) > MAX_CONNECTIONS:
-                self._conns.popitem(last=False)
-        else:
-            self._conns.move_to_end(conn)
+        state = self._conns.setdefault(conn, Connection)
         queries = parse_queries(request, state, mask=self.settings.masks.sql_literals)
         if not queries:
             return []  # a Parse that only prepares, a Close, a Sync

@@ -9,8 +9,10 @@ connections, deferral, pairing with the kernel's counts, aggregation and the spa
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Generic, TypeVar
 
 from agent.metrics import Families
 
@@ -79,6 +81,57 @@ class Stem:
 
 
 ConnKey = tuple[int, int, int]  # (pid, fd, connection start): one connection
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Lru(Generic[K, V]):
+    """A map of at most `limit` entries: putting one more drops the least recently put or used.
+    What plug-ins keep per connection (its parser state, by ConnKey), per request in flight or
+    per prepared statement is kept in one, so nothing a peer sends grows without bound."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: OrderedDict[K, V] = OrderedDict()
+
+    def put(self, key: K, value: V) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        if len(self._items) > self.limit:
+            self._items.popitem(last=False)
+
+    def get(self, key: K) -> V | None:
+        """The value under `key` (now the most recently used), or None."""
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def peek(self, key: K) -> V | None:
+        """The value under `key`, its place unchanged, or None."""
+        return self._items.get(key)
+
+    def setdefault(self, key: K, factory: Callable[[], V]) -> V:
+        """The value under `key` (now the most recently used), made by `factory` if there is none."""
+        value = self.get(key)
+        if value is None:
+            value = factory()
+            self.put(key, value)
+        return value
+
+    def pop(self, key: K) -> V | None:
+        return self._items.pop(key, None)
+
+    def items(self) -> Iterator[tuple[K, V]]:
+        """The entries, least recently used first (do not change the map while iterating)."""
+        return iter(self._items.items())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
 
 
 class Protocol:

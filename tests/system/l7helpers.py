@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -216,3 +217,65 @@ def nginx_in(cgroups: TestCgroups, name: str) -> Iterator[tuple[Nginx, str]]:
         yield n, cid
     finally:
         n.stop()
+
+
+def answers(s: CgroupServer) -> list[dict[str, Any]]:
+    """A responder's answers in order: the JSON lines of its server.log (which also holds the
+    interpreter's messages, if any)."""
+    with open(f"{s.dir}/server.log") as f:
+        return [json.loads(line) for line in f.read().splitlines() if line.startswith("{")]
+
+
+@dataclass(frozen=True)
+class RequestFamilies:
+    """A protocol's request families: counters and histograms, outbound and inbound."""
+
+    stem: str  # container_<stem>_requests_total ...
+
+    @property
+    def out(self) -> str:
+        return f"container_{self.stem}_requests_total"
+
+    @property
+    def inbound(self) -> str:
+        return f"container_{self.stem}_inbound_requests_total"
+
+    @property
+    def hist_out(self) -> str:
+        return f"container_{self.stem}_requests_duration_seconds_total"
+
+    @property
+    def hist_in(self) -> str:
+        return f"container_{self.stem}_inbound_requests_duration_seconds_total"
+
+
+@contextmanager
+def answered_client(agent: AgentProcess, cgroups: TestCgroups, server: CgroupServer, families: RequestFamilies,
+                    name: str, argv: Sequence[str], what: str, status: Callable[[dict[str, Any]], str],
+                    want: Mapping[str, int]) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """Run a wire client (`argv`, in a new test cgroup `name`) against a responder that logs each
+    answer (answers()); the client's own counts, the answers by `status(answer)` and the agent's
+    counters and histograms on both sides are all exactly `want`. Yields (the client's container,
+    its answers) while the client is still connected; finishes the client after."""
+    before = by_status(agent, families.inbound, container_id=server.cid)
+    before_hist = histogram_count(agent, families.hist_in, container_id=server.cid)
+    seen = len(answers(server))
+    cid = cgroups.create(name)
+    p, result = start_client(cgroups, cid, argv, what)
+    try:
+        assert result["counts"] == want
+        mine = answers(server)[seen:]
+        expected = dict(Counter(status(a) for a in mine))
+        assert expected == want
+        total = len(mine)
+        got_in = wait_counts(agent, families.inbound, settle=1, total=sum(before.values()) + total,
+                             container_id=server.cid)
+        assert delta(got_in, before) == expected, (mine, diagnosis(agent))
+        got_out = wait_counts(agent, families.out, settle=1, total=total, container_id=cid, destination=server.dest,
+                              actual_destination=server.dest)
+        assert got_out == expected, (mine, diagnosis(agent))
+        assert histogram_count(agent, families.hist_out, container_id=cid, destination=server.dest) == total
+        assert histogram_count(agent, families.hist_in, container_id=server.cid) - before_hist == total
+        yield cid, mine
+    finally:
+        finish(p)

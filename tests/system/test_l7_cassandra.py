@@ -1,7 +1,8 @@
 """Cassandra through the real client library, cassandra-driver's Cluster and Session
 (tests/system/workloads/cassandra_client.py), against a stand-in node
 (tests/system/workloads/cassandra_responder.py) that answers the CQL native protocol by its
-specification, v4 and v5 (v5's segment framing after the handshake): no Debian package ships
+specification, v4 and v5 (v5's segment framing after the handshake, LZ4-compressed segments when
+the driver asks for them): no Debian package ships
 Cassandra and a JVM node cannot be installed here. The node runs once per module in its own test
 cgroup; each client runs in its own.
 
@@ -100,9 +101,9 @@ def spans(agent: AgentProcess, cid: str, n: int) -> list[dict[str, Any]]:
     return rows(agent, sql)
 
 
-def run_client(cgroups: TestCgroups, cid: str, port: int, version: int,
+def run_client(cgroups: TestCgroups, cid: str, port: int, version: str,
                *specs: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
-    p = cast("subprocess.Popen[str]", cgroups.spawn(cid, [*CLIENT, str(port), str(version), *specs],
+    p = cast("subprocess.Popen[str]", cgroups.spawn(cid, [*CLIENT, str(port), version, *specs],
                                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                                      cwd=REPO))
     assert p.stdout is not None
@@ -118,19 +119,20 @@ def finish(p: subprocess.Popen[str]) -> None:
 
 
 def check(agent: AgentProcess, cgroups: TestCgroups, server: Server, name: str, version: int, *specs: str,
-          want: dict[str, int]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Run the client; the counts on both sides are the node's answers by status. Returns the
-    node's counted answers and the client's spans."""
+          want: dict[str, int], lz4: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run the client (at v5 with LZ4 compression if `lz4`); the counts on both sides are the
+    node's answers by status. Returns the node's counted answers and the client's spans."""
     before = by_status(agent, IN, container_id=server.cid)
     before_hist = histogram_count(agent, "container_cassandra_inbound_queries_duration_seconds_total",
                                   container_id=server.cid)
     seen = len(server.answers())
     cid = cgroups.create(name)
-    p, result = run_client(cgroups, cid, server.port, version, *specs)
+    p, result = run_client(cgroups, cid, server.port, f"{version}{'lz4' if lz4 else ''}", *specs)
     try:
         assert result["counts"] == want
         answers = [a for a in server.answers()[seen:] if a["op"] in COUNTED]
         assert {a["version"] for a in answers} == {version}
+        assert {a["lz4"] for a in answers} == {lz4}  # every answer in a compressed segment, or none
         expected = dict(Counter(a["status"] for a in answers))
         total = len(answers)
         got_in = wait_counts(agent, IN, settle=1, total=sum(before.values()) + total, container_id=server.cid)
@@ -153,6 +155,15 @@ def check(agent: AgentProcess, cgroups: TestCgroups, server: Server, name: str, 
     return answers, got
 
 
+UNSET, ERROR = "STATUS_CODE_UNSET", "STATUS_CODE_ERROR"
+
+
+def span_statements(got: list[dict[str, Any]]) -> Counter[tuple[str, str, str]]:
+    """The client's spans on the test's tables: (masked statement, status, message) counted."""
+    return Counter((s["SpanAttributes"]["db.statement"], s["StatusCode"], s["StatusMessage"]) for s in got
+                   if "ca." in s["SpanAttributes"]["db.statement"])
+
+
 def test_v4_queries_prepared_statements_and_batches_by_status_on_both_sides_with_masked_spans(
         agent: AgentProcess, cgroups: TestCgroups, server: Server) -> None:
     answers, got = check(agent, cgroups, server, "cql-v4", 4, "query:5", "query-fail:2", "syntax:1", "prepared:3",
@@ -160,19 +171,17 @@ def test_v4_queries_prepared_statements_and_batches_by_status_on_both_sides_with
     mine = Counter((a["op"], a["status"]) for a in answers if "ca." in a["statement"] or "SELEC " in a["statement"])
     assert mine == {("QUERY", "ok"): 5, ("QUERY", "failed"): 3, ("EXECUTE", "ok"): 3, ("EXECUTE", "failed"): 2,
                     ("BATCH", "ok"): 2, ("BATCH", "failed"): 1}
-    statements = Counter((s["SpanAttributes"]["db.statement"], s["StatusCode"], s["StatusMessage"]) for s in got
-                         if "ca." in s["SpanAttributes"]["db.statement"])
-    unset, error = "STATUS_CODE_UNSET", "STATUS_CODE_ERROR"
+    statements = span_statements(got)
     assert statements == {
-        ("SELECT name FROM ca.people WHERE id = ? AND age > ?", unset, ""): 5,
-        ("SELECT name FROM ca.missing WHERE id = ?", error, "2200"): 2,
-        ("SELEC name FROM ca.people WHERE id = ?", error, "2000"): 1,
-        ("INSERT INTO ca.people (id, name) VALUES (?, ?)", unset, ""): 3,
-        ("INSERT INTO ca.missing_people (id, name) VALUES (?, ?)", error, "2200"): 2,
+        ("SELECT name FROM ca.people WHERE id = ? AND age > ?", UNSET, ""): 5,
+        ("SELECT name FROM ca.missing WHERE id = ?", ERROR, "2200"): 2,
+        ("SELEC name FROM ca.people WHERE id = ?", ERROR, "2000"): 1,
+        ("INSERT INTO ca.people (id, name) VALUES (?, ?)", UNSET, ""): 3,
+        ("INSERT INTO ca.missing_people (id, name) VALUES (?, ?)", ERROR, "2200"): 2,
         ("INSERT INTO ca.people (id, name) VALUES (?, ?); INSERT INTO ca.people (id, age) VALUES (?, ?)",
-         unset, ""): 2,
+         UNSET, ""): 2,
         ("INSERT INTO ca.people (id, name) VALUES (?, ?); INSERT INTO ca.missing (id, age) VALUES (?, ?)",
-         error, "2200"): 1,
+         ERROR, "2200"): 1,
     }
 
 
@@ -187,3 +196,23 @@ def test_v5_multiplexed_requests_answered_out_of_order_each_counted_once_with_it
                    s["SpanAttributes"]["db.statement"]) == {
         ("SELECT name FROM ca.slow WHERE id = ?", "STATUS_CODE_UNSET"): 4,
         ("SELECT name FROM ca.missing_slow WHERE id = ?", "STATUS_CODE_ERROR"): 4}
+
+
+def test_v5_with_lz4_compressed_segments_by_status_on_both_sides_with_masked_spans(
+        agent: AgentProcess, cgroups: TestCgroups, server: Server) -> None:
+    answers, got = check(agent, cgroups, server, "cql-v5-lz4", 5, "query:3", "query-fail:2", "prepared:2",
+                         "prepared-fail:1", "batch:1", "multiplex:4", want={"ok": 8, "failed": 5}, lz4=True)
+    mine = Counter((a["op"], a["status"]) for a in answers if "ca." in a["statement"])
+    assert mine == {("QUERY", "ok"): 5, ("QUERY", "failed"): 4, ("EXECUTE", "ok"): 2, ("EXECUTE", "failed"): 1,
+                    ("BATCH", "ok"): 1}
+    statements = span_statements(got)
+    assert statements == {
+        ("SELECT name FROM ca.people WHERE id = ? AND age > ?", UNSET, ""): 3,
+        ("SELECT name FROM ca.missing WHERE id = ?", ERROR, "2200"): 2,
+        ("INSERT INTO ca.people (id, name) VALUES (?, ?)", UNSET, ""): 2,
+        ("INSERT INTO ca.missing_people (id, name) VALUES (?, ?)", ERROR, "2200"): 1,
+        ("INSERT INTO ca.people (id, name) VALUES (?, ?); INSERT INTO ca.people (id, age) VALUES (?, ?)",
+         UNSET, ""): 1,
+        ("SELECT name FROM ca.slow WHERE id = ?", UNSET, ""): 2,
+        ("SELECT name FROM ca.missing_slow WHERE id = ?", ERROR, "2200"): 2,
+    }

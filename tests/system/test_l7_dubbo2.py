@@ -16,7 +16,6 @@ failure's status name is the error message."""
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -27,22 +26,15 @@ import pytest
 from tests.system.helpers import AgentProcess, TestCgroups
 from tests.system.l7helpers import (
     CgroupServer,
-    by_status,
+    RequestFamilies,
+    answered_client,
     cgroup_server,
-    delta,
-    diagnosis,
-    finish,
-    histogram_count,
     spans,
-    start_client,
-    wait_counts,
 )
 
 pytestmark = pytest.mark.agent_without("profiling")  # tests/system/conftest.py: families its tests never read
 
-OUT, IN = "container_dubbo_requests_total", "container_dubbo_inbound_requests_total"
-HIST_OUT = "container_dubbo_requests_duration_seconds_total"
-HIST_IN = "container_dubbo_inbound_requests_duration_seconds_total"
+FAMILIES = RequestFamilies("dubbo")
 RESPONDER = [sys.executable, "-m", "tests.system.workloads.dubbo2_responder"]
 CLIENT = [sys.executable, "-m", "tests.system.workloads.dubbo2_client"]
 DELAY_MS = 400  # slow(j) is answered (20 - j) * DELAY_MS / 20 ms late: the later calls first
@@ -58,38 +50,14 @@ def provider(agent: AgentProcess) -> Iterator[CgroupServer]:
         yield s
 
 
-def answers(s: CgroupServer) -> list[dict[str, Any]]:
-    """The provider's answers, in order (its log also has the interpreter's messages, if any)."""
-    with open(f"{s.dir}/server.log") as f:
-        return [json.loads(line) for line in f.read().splitlines() if line.startswith("{")]
-
-
 def check(agent: AgentProcess, cgroups: TestCgroups, provider: CgroupServer, name: str, *specs: str,
           want: dict[str, int]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Run the client; the counts on both sides are the provider's answers by status. Returns
     those answers and the client's spans."""
-    before = by_status(agent, IN, container_id=provider.cid)
-    before_hist = histogram_count(agent, HIST_IN, container_id=provider.cid)
-    seen = len(answers(provider))
-    cid = cgroups.create(name)
-    p, result = start_client(cgroups, cid, [*CLIENT, str(provider.port), *specs], "Dubbo2")
-    try:
-        assert result["counts"] == want
-        mine = answers(provider)[seen:]
-        expected = dict(Counter(STATUS[a["status"]] for a in mine))
-        assert expected == want
-        total = len(mine)
-        got_in = wait_counts(agent, IN, settle=1, total=sum(before.values()) + total, container_id=provider.cid)
-        assert delta(got_in, before) == expected, (mine, diagnosis(agent))
-        got_out = wait_counts(agent, OUT, settle=1, total=total, container_id=cid, destination=provider.dest,
-                              actual_destination=provider.dest)
-        assert got_out == expected, (mine, diagnosis(agent))
-        assert histogram_count(agent, HIST_OUT, container_id=cid, destination=provider.dest) == total
-        assert histogram_count(agent, HIST_IN, container_id=provider.cid) - before_hist == total
-        got = spans(agent, cid, total, settle=1.5)
-    finally:
-        finish(p)
-    assert len(got) == total
+    with answered_client(agent, cgroups, provider, FAMILIES, name, [*CLIENT, str(provider.port), *specs], "Dubbo2",
+                         lambda a: STATUS[a["status"]], want) as (cid, mine):
+        got = spans(agent, cid, len(mine), settle=1.5)
+    assert len(got) == len(mine)
     for s in got:
         a = s["SpanAttributes"]
         assert s["SpanKind"] == "SPAN_KIND_CLIENT" and a["rpc.system"] == "apache_dubbo", s

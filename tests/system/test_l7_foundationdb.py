@@ -17,7 +17,6 @@ no spans (the node agent makes none)."""
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -28,22 +27,15 @@ import pytest
 from tests.system.helpers import AgentProcess, TestCgroups
 from tests.system.l7helpers import (
     CgroupServer,
-    by_status,
+    RequestFamilies,
+    answered_client,
     cgroup_server,
-    delta,
-    diagnosis,
-    finish,
-    histogram_count,
     span_count,
-    start_client,
-    wait_counts,
 )
 
 pytestmark = pytest.mark.agent_without("profiling")  # tests/system/conftest.py: families its tests never read
 
-OUT, IN = "container_foundationdb_requests_total", "container_foundationdb_inbound_requests_total"
-HIST_OUT = "container_foundationdb_requests_duration_seconds_total"
-HIST_IN = "container_foundationdb_inbound_requests_duration_seconds_total"
+FAMILIES = RequestFamilies("foundationdb")
 RESPONDER = [sys.executable, "-m", "tests.system.workloads.fdb_responder"]
 CLIENT = [sys.executable, "-m", "tests.system.workloads.fdb_client"]
 DELAY_MS = 400  # keys slow/<j> are answered (20 - j) * DELAY_MS / 20 ms late: the later ones first
@@ -55,35 +47,12 @@ def server(agent: AgentProcess) -> Iterator[CgroupServer]:
         yield s
 
 
-def answers(s: CgroupServer) -> list[dict[str, Any]]:
-    with open(f"{s.dir}/server.log") as f:
-        return [json.loads(line) for line in f.read().splitlines() if line.startswith("{")]
-
-
 def check(agent: AgentProcess, cgroups: TestCgroups, server: CgroupServer, name: str, *specs: str,
           want: dict[str, int]) -> list[dict[str, Any]]:
-    """Run the client; the counts on both sides are the server's answers by status."""
-    before = by_status(agent, IN, container_id=server.cid)
-    before_hist = histogram_count(agent, HIST_IN, container_id=server.cid)
-    seen = len(answers(server))
-    cid = cgroups.create(name)
-    p, result = start_client(cgroups, cid, [*CLIENT, str(server.port), *specs], "FoundationDB")
-    try:
-        assert result["counts"] == want
-        mine = answers(server)[seen:]
-        expected = dict(Counter("ok" if a["error"] is None else "failed" for a in mine))
-        assert expected == want
-        total = len(mine)
-        got_in = wait_counts(agent, IN, settle=1, total=sum(before.values()) + total, container_id=server.cid)
-        assert delta(got_in, before) == expected, (mine, diagnosis(agent))
-        got_out = wait_counts(agent, OUT, settle=1, total=total, container_id=cid, destination=server.dest,
-                              actual_destination=server.dest)
-        assert got_out == expected, (mine, diagnosis(agent))
-        assert histogram_count(agent, HIST_OUT, container_id=cid, destination=server.dest) == total
-        assert histogram_count(agent, HIST_IN, container_id=server.cid) - before_hist == total
+    """Run the client; the counts on both sides are the server's answers by status; no spans."""
+    with answered_client(agent, cgroups, server, FAMILIES, name, [*CLIENT, str(server.port), *specs], "FoundationDB",
+                         lambda a: "ok" if a["error"] is None else "failed", want) as (cid, mine):
         assert span_count(agent, cid) == 0
-    finally:
-        finish(p)
     return mine
 
 

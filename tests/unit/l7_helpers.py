@@ -4,18 +4,24 @@ of the series a tracer exports. The real neighbours are exercised by tests/syste
 
 from __future__ import annotations
 
+import json
 import subprocess
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from hypothesis import strategies as st
 
 from agent.containers.registry import Container, Process
 from agent.ebpf.loader import BPF_DIR
 from agent.l7 import contract
-from agent.l7.contract import Event, pack
+from agent.l7.contract import F_INBOUND, F_OUTBOUND, F_WRITE, Event, pack
+from agent.l7.protocol import Protocol
 from agent.l7.tracer import L7Tracer
 from agent.metrics import Families
 from agent.net.tcp import Conn
 from agent.sinks import schema
+from tests.unit.nodeagent_families import CONST_LABELS, FAMILIES, L7_STATUS
 
 CID = "/system.slice/app.service"
 
@@ -123,3 +129,74 @@ def detector_lines(exe: Path, payloads: list[bytes]) -> list[list[int]]:
     out = subprocess.run([str(exe)], input="".join(p.hex() + "\n" for p in payloads),
                          check=True, capture_output=True, text=True).stdout
     return [[int(x) for x in line.split()] for line in out.splitlines()]
+
+
+# ------------------------------------------------ stream plug-ins: captures, events, checks --
+
+DATA = Path(__file__).parent / "data"
+# a stream plug-in's calls under hypothesis: (written by the client, captured bytes, call size)
+RANDOM_CALLS = st.lists(st.tuples(st.booleans(), st.binary(max_size=200), st.integers(0, 3000)), max_size=10)
+
+
+def captured(name: str) -> list[dict[str, Any]]:
+    """tests/unit/data/<name>.jsonl: one recv() of a proxy a line, its bytes (hex) under "data"."""
+    lines = (DATA / f"{name}.jsonl").read_text().splitlines()
+    return [{**r, "data": bytes.fromhex(r["hex"])} for r in map(json.loads, lines)]
+
+
+def stream_event(proto: int, written: bool, data: bytes, ts: int, *, inbound: bool = False) -> bytes:
+    """One call of a stream connection as the kernel sends it (the client's pid 100 outbound, the
+    server's pid 200 inbound): its first 512 bytes in req[], the next in resp[]."""
+    flags = (F_INBOUND if inbound else F_OUTBOUND) | (F_WRITE if written else 0)
+    return pack(Event(ts, 0, 55, 200 if inbound else 100, 7, proto, flags, data[512:1024], data[:512], len(data)))
+
+
+def stream_tracer(ip: str, port: int) -> tuple[L7Tracer, Rows]:
+    """A tracer whose client connection (pid 100, fd 7) goes to ip:port."""
+    t, conns, rows = tracer()
+    conns.add(100, 7, 55, ip, port, actual=f"{ip}:{port}")
+    return t, rows
+
+
+def feed_both_sides(t: L7Tracer, proto: int, calls: Iterable[tuple[bool, bytes]]) -> None:
+    """Each captured call (client's or not, bytes) as the client's call and as the server's."""
+    for i, (client, data) in enumerate(calls):
+        t.handle_event(stream_event(proto, client, data, (i + 1) * 1_000_000))  # the client writes what it sends
+        t.handle_event(stream_event(proto, not client, data, (i + 1) * 1_000_000, inbound=True))  # the server reads it
+
+
+def assert_node_agent_families(t: L7Tracer, protocol: str, unit: str) -> None:
+    """The tracer's container_<protocol>_* families are the node agent's: names, types, labels,
+    status values."""
+    f = Families({"machine_id": "m", "system_uuid": "u"})
+    t.collect(f)
+    got = {fam.name + ("_total" if fam.type == "counter" else ""): fam for fam in f
+           if fam.name.startswith(f"container_{protocol}_")}
+    assert set(got) == {f"container_{protocol}_{unit}_total", f"container_{protocol}_{unit}_duration_seconds_total",
+                        f"container_{protocol}_inbound_{unit}_total",
+                        f"container_{protocol}_inbound_{unit}_duration_seconds_total"}
+    for name, fam in got.items():
+        kind, labels = FAMILIES[name]
+        assert fam.type == kind, name
+        assert {frozenset(s.labels) - {"le"} for s in fam.samples} == {labels | CONST_LABELS}, name
+        assert {s.labels["status"] for s in fam.samples if "status" in s.labels} <= set(L7_STATUS[protocol])
+
+
+def feed_random(plugin: Protocol, calls: list[tuple[bool, bytes, int]], statuses: Sequence[str]) -> None:
+    """Random calls on one connection: nothing raises, every request has one of `statuses`."""
+    for client, data, size in calls:
+        for r in plugin.feed((1, 2, 3), client, 1, data, size):
+            assert r.status in statuses
+
+
+T = TypeVar("T")
+
+
+def spoiled(calls: list[T], which: int, cut: int, at: int, byte: int,
+            data: Callable[[T], bytes], rebuild: Callable[[T, bytes], T]) -> tuple[list[T], list[T]]:
+    """The calls with call `which` cut after `cut` bytes, and with its byte `at` set to `byte`."""
+    call = calls[which]
+    b = data(call)
+    bad = b[:at] + bytes([byte]) + b[at + 1:] if at < len(b) else b
+    return (calls[:which] + [rebuild(call, b[:cut])] + calls[which + 1:],
+            calls[:which] + [rebuild(call, bad)] + calls[which + 1:])

@@ -8,22 +8,25 @@ under hypothesis; the plug-in through the tracer with packed stream events."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.l7 import contract
 from agent.l7 import dubbo2 as d
-from agent.l7.contract import F_INBOUND, F_OUTBOUND, F_WRITE, Event, pack
 from agent.l7.protocol import Peer, Request, Settings
-from agent.l7.tracer import L7Tracer
-from agent.metrics import Families
-from tests.unit.l7_helpers import CID, Connections, Containers, Rows, value
-from tests.unit.nodeagent_families import CONST_LABELS, FAMILIES, L7_STATUS
+from tests.unit.l7_helpers import (
+    CID,
+    RANDOM_CALLS,
+    assert_node_agent_families,
+    captured,
+    feed_both_sides,
+    feed_random,
+    spoiled,
+    stream_tracer,
+    value,
+)
+from tests.unit.nodeagent_families import L7_STATUS
 
-DATA = Path(__file__).parent / "data"
 C = (1, 2, 3)
 GREETING = "org.apache.dubbo.demo.GreetingService"
 MISSING = "org.apache.dubbo.demo.MissingService"
@@ -31,8 +34,7 @@ PEER = Peer("10.0.0.9:20880", "10.0.0.9", 20880, "10.0.0.9")
 
 
 def capture() -> list[tuple[bool, bytes]]:
-    lines = (DATA / "dubbo2.jsonl").read_text().splitlines()
-    return [(r["client"], bytes.fromhex(r["hex"])) for r in map(json.loads, lines)]
+    return [(r["client"], r["data"]) for r in captured("dubbo2")]
 
 
 def replay(calls: list[tuple[bool, bytes]], plugin: d.Dubbo2 | None = None,
@@ -170,19 +172,9 @@ def test_connections_and_waiting_requests_are_bounded() -> None:
     assert len(k._conns) == d.MAX_CONNECTIONS
 
 
-def ev(written: bool, data: bytes, ts: int, *, inbound: bool = False) -> bytes:
-    flags = (F_INBOUND if inbound else F_OUTBOUND) | (F_WRITE if written else 0)
-    return pack(Event(ts, 0, 55, 200 if inbound else 100, 7, contract.DUBBO2, flags, data[512:1024], data[:512],
-                      len(data)))
-
-
 def test_through_the_tracer_counts_both_sides_and_spans_the_client_s() -> None:
-    conns, rows = Connections(), Rows()
-    t = L7Tracer(Containers(), conns, rows, hostname="h", host_id="m")
-    conns.add(100, 7, 55, "10.0.0.9", 20880, actual="10.0.0.9:20880")
-    for i, (client, data) in enumerate(capture()):
-        t.handle_event(ev(client, data, (i + 1) * 1_000_000))  # the client writes what the client sends
-        t.handle_event(ev(not client, data, (i + 1) * 1_000_000, inbound=True))  # the provider reads it
+    t, rows = stream_tracer("10.0.0.9", 20880)
+    feed_both_sides(t, contract.DUBBO2, capture())
     lbl = {"container_id": CID, "destination": "10.0.0.9:20880"}
     assert value(t, "container_dubbo_requests_total", status="ok", **lbl) == 9
     assert value(t, "container_dubbo_requests_total", status="failed", **lbl) == 4
@@ -197,28 +189,13 @@ def test_through_the_tracer_counts_both_sides_and_spans_the_client_s() -> None:
             (f"{GREETING}/slow", "STATUS_CODE_UNSET", "")] * 6)
     assert {s["SpanAttributes"]["rpc.system"] for s in spans} == {"apache_dubbo"}
     assert {s["SpanAttributes"]["net.peer.port"] for s in spans} == {"20880"}
-    # the families are the node agent's: names, types, labels, status values
-    f = Families({"machine_id": "m", "system_uuid": "u"})
-    t.collect(f)
-    got = {fam.name + ("_total" if fam.type == "counter" else ""): fam for fam in f
-           if fam.name.startswith("container_dubbo")}
-    assert set(got) == {"container_dubbo_requests_total", "container_dubbo_requests_duration_seconds_total",
-                        "container_dubbo_inbound_requests_total",
-                        "container_dubbo_inbound_requests_duration_seconds_total"}
-    for name, fam in got.items():
-        kind, labels = FAMILIES[name]
-        assert fam.type == kind, name
-        assert {frozenset(s.labels) - {"le"} for s in fam.samples} == {labels | CONST_LABELS}, name
-        assert {s.labels["status"] for s in fam.samples if "status" in s.labels} <= set(L7_STATUS["dubbo"])
+    assert_node_agent_families(t, "dubbo", "requests")
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), st.binary(max_size=200), st.integers(0, 3000)), max_size=10))
+@given(RANDOM_CALLS)
 def test_any_calls_in_any_order_never_raise(calls: list[tuple[bool, bytes, int]]) -> None:
-    k = d.Dubbo2(Settings())
-    for client, data, size in calls:
-        for r in k.feed(C, client, 1, data, size):
-            assert r.status in ("ok", "failed", "unknown")
+    feed_random(d.Dubbo2(Settings()), calls, ("ok", "failed", "unknown"))
 
 
 @settings(max_examples=300, deadline=None)
@@ -239,9 +216,8 @@ def test_any_body_and_any_string_never_raise_but_short(body: bytes, pos: int) ->
 def test_real_calls_cut_or_corrupted_anywhere_never_raise(which: int, cut: int, at: int, byte: int,
                                                           keep: int) -> None:
     calls = capture()
-    client, data = calls[which]
-    bad = data[:at] + bytes([byte]) + data[at + 1:] if at < len(data) else data
-    for r in replay(calls[:which] + [(client, data[:cut])] + calls[which + 1:]):
+    cut_calls, bad_calls = spoiled(calls, which, cut, at, byte, lambda c: c[1], lambda c, b: (c[0], b))
+    for r in replay(cut_calls):
         assert r.status in ("ok", "failed")
-    replay(calls[:which] + [(client, bad)] + calls[which + 1:])
+    replay(bad_calls)
     replay(calls, keep=keep)

@@ -11,28 +11,31 @@ stream events."""
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
-from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.l7 import contract
 from agent.l7 import foundationdb as f
-from agent.l7.contract import F_INBOUND, F_OUTBOUND, F_WRITE, Event, pack
 from agent.l7.protocol import Request, Settings
-from agent.l7.tracer import L7Tracer
-from tests.unit.l7_helpers import CID, Connections, Containers, Rows, value
+from tests.unit.l7_helpers import (
+    CID,
+    RANDOM_CALLS,
+    captured,
+    feed_both_sides,
+    feed_random,
+    spoiled,
+    stream_tracer,
+    value,
+)
 from tests.unit.nodeagent_families import L7_STATUS
 
-DATA = Path(__file__).parent / "data"
 C = (1, 2, 3)
 
 
 def capture() -> list[tuple[bool, bytes]]:
-    lines = (DATA / "foundationdb.jsonl").read_text().splitlines()
-    return [(r["client"], bytes.fromhex(r["hex"])) for r in map(json.loads, lines)]
+    return [(r["client"], r["data"]) for r in captured("foundationdb")]
 
 
 def replay(calls: list[tuple[bool, bytes]], plugin: f.FoundationDB | None = None, keep: int = 1024) -> list[Request]:
@@ -136,19 +139,9 @@ def test_connections_and_waiting_requests_are_bounded() -> None:
     assert len(k._conns) == f.MAX_CONNECTIONS
 
 
-def ev(written: bool, data: bytes, ts: int, *, inbound: bool = False) -> bytes:
-    flags = (F_INBOUND if inbound else F_OUTBOUND) | (F_WRITE if written else 0)
-    return pack(Event(ts, 0, 55, 200 if inbound else 100, 7, contract.FOUNDATIONDB, flags, data[512:1024],
-                      data[:512], len(data)))
-
-
 def test_through_the_tracer_counts_both_sides_and_makes_no_span() -> None:
-    conns, rows = Connections(), Rows()
-    t = L7Tracer(Containers(), conns, rows, hostname="h", host_id="m")
-    conns.add(100, 7, 55, "10.0.0.9", 4500, actual="10.0.0.9:4500")
-    for i, (client, data) in enumerate(capture()):
-        t.handle_event(ev(client, data, (i + 1) * 1_000_000))
-        t.handle_event(ev(not client, data, (i + 1) * 1_000_000, inbound=True))
+    t, rows = stream_tracer("10.0.0.9", 4500)
+    feed_both_sides(t, contract.FOUNDATIONDB, capture())
     lbl = {"container_id": CID, "destination": "10.0.0.9:4500"}
     assert value(t, "container_foundationdb_requests_total", status="ok", **lbl) == 12
     assert value(t, "container_foundationdb_requests_total", status="failed", **lbl) == 3
@@ -159,12 +152,9 @@ def test_through_the_tracer_counts_both_sides_and_makes_no_span() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), st.binary(max_size=200), st.integers(0, 3000)), max_size=10))
+@given(RANDOM_CALLS)
 def test_any_calls_in_any_order_never_raise(calls: list[tuple[bool, bytes, int]]) -> None:
-    k = f.FoundationDB(Settings())
-    for client, data, size in calls:
-        for r in k.feed(C, client, 1, data, size):
-            assert r.status in ("ok", "failed")
+    feed_random(f.FoundationDB(Settings()), calls, ("ok", "failed"))
 
 
 @settings(max_examples=300, deadline=None)
@@ -179,8 +169,6 @@ def test_any_reply_message_never_raises(message: bytes) -> None:
 def test_real_calls_cut_or_corrupted_anywhere_never_raise(which: int, cut: int, at: int, byte: int,
                                                           keep: int) -> None:
     calls = capture()
-    client, data = calls[which]
-    bad = data[:at] + bytes([byte]) + data[at + 1:] if at < len(data) else data
-    replay(calls[:which] + [(client, data[:cut])] + calls[which + 1:])
-    replay(calls[:which] + [(client, bad)] + calls[which + 1:])
+    for spoilt in spoiled(calls, which, cut, at, byte, lambda c: c[1], lambda c, b: (c[0], b)):
+        replay(spoilt)
     replay(calls, keep=keep)

@@ -4,7 +4,10 @@
  * a client's are not negative), opcode, body length (int32) — and its body. Requests in flight
  * together on one connection are answered by stream id: a CQL connection is a stream connection
  * (l7_streamed in protocols.h), its calls paired in user space (agent/l7/cassandra.py), which
- * also follows v5's framing (segments with CRC24 headers) once the handshake switches to it.
+ * also follows v5's framing (segments with CRC24 headers, LZ4-compressed or not) once the
+ * handshake switches to it. A STARTUP that asks for compression is still a legacy envelope, so a
+ * connection whose segments are compressed is recognised here by its OPTIONS or STARTUP like any
+ * other; its compressed segments come after, to a stream connection, and are not detected here.
  *
  * Recognised here: the requests a client opens a connection with or sends in legacy framing —
  * OPTIONS, STARTUP, REGISTER, QUERY, PREPARE, EXECUTE, BATCH, AUTH_RESPONSE — as the first

@@ -1,11 +1,12 @@
 """A Cassandra client for the Cassandra tests: the real client library, cassandra-driver's
 Cluster and Session, against the test's node (tests/system/workloads/cassandra_responder.py),
-with the protocol version asked for (4, or 5 with its segment framing), schema and token
+with the protocol version asked for (4, 5 with its segment framing, or 5lz4: v5 with LZ4-compressed
+segments; no compression otherwise), schema and token
 metadata off (the control connection then reads system.local and system.peers only). It runs
 what the specs say, prints one JSON line with what the driver got, then waits for stdin to close
 before it exits, so the agent sees the process alive while it handles the events.
 
-    python -m tests.system.workloads.cassandra_client PORT VERSION SPEC ...   each SPEC is OP:N
+    python -m tests.system.workloads.cassandra_client PORT 4|5|5lz4 SPEC ...   each SPEC is OP:N
         query        N SELECTs with literals (a string and a number), each waited for
         query-fail   N SELECTs on a missing table (ERROR 0x2200)
         syntax       N statements that do not parse (ERROR 0x2000)
@@ -31,8 +32,10 @@ from cassandra.query import BatchStatement
 
 
 def main() -> None:
-    port, version, specs = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
-    cluster = Cluster(["127.0.0.1"], port=port, protocol_version=version, schema_metadata_enabled=False,
+    port, version, specs = int(sys.argv[1]), int(sys.argv[2][:1]), sys.argv[3:]
+    compression: str | bool = "lz4" if sys.argv[2].endswith("lz4") else False
+    cluster = Cluster(["127.0.0.1"], port=port, protocol_version=version, compression=compression,
+                      schema_metadata_enabled=False,
                       token_metadata_enabled=False, load_balancing_policy=RoundRobinPolicy(),
                       connect_timeout=10, control_connection_timeout=10)
     session = cluster.connect()

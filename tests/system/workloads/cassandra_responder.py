@@ -3,9 +3,13 @@ node is not installable here), so this answers the CQL native protocol by its sp
 (Cassandra's doc/native_protocol_v4.spec and _v5.spec) as far as cassandra-driver needs, one node
 at 127.0.0.1:PORT, protocol v3-v5:
 
-- OPTIONS: SUPPORTED; STARTUP and REGISTER: READY. In v5, every message after the READY that
-  answers STARTUP travels in segments (a 3-byte header with its CRC24, the payload, its CRC32),
-  both ways, as the spec's framing section says;
+- OPTIONS: SUPPORTED (LZ4 compression offered); STARTUP and REGISTER: READY. In v5, every
+  message after the READY that answers STARTUP travels in segments (a 3-byte header with its
+  CRC24, the payload, its CRC32), both ways, as the spec's framing section says; when the STARTUP
+  asked for COMPRESSION lz4, in compressed segments (a 5-byte header — compressed and
+  uncompressed payload lengths, self-contained flag — with its CRC24, the payload an LZ4 block
+  made by the `lz4` package, or stored as is with an uncompressed length of 0 when LZ4 does not
+  make it smaller, its CRC32). v4's compressed envelopes are not spoken: ask for LZ4 in v5 only;
 - QUERY: system.local answers one row for this node, system.peers(_v2) none; a statement that
   names a table starting with "missing" is answered with ERROR 0x2200 (Invalid), one that does
   not parse ("SELEC ...") with 0x2000 (Syntax error); SELECT answers one row, anything else Void;
@@ -16,7 +20,7 @@ at 127.0.0.1:PORT, protocol v3-v5:
 A statement on table ca.slow or ca.missing_slow with `id = N` is answered (20 - N) * DELAY_MS / 20 ms after it came
 while later requests are read and answered meanwhile: requests multiplexed on one connection are
 answered out of order. Each answer is logged to stdout as a JSON line {"op", "stream", "version",
-"status", "statement"}.
+"lz4" (its connection's segments are compressed), "status", "statement"}.
 
     python -m tests.system.workloads.cassandra_responder PORT [DELAY_MS]
 """
@@ -32,6 +36,8 @@ import sys
 import threading
 import uuid
 import zlib
+
+import lz4.block
 
 ERROR, STARTUP, READY, OPTIONS, SUPPORTED, QUERY, RESULT, PREPARE, EXECUTE, REGISTER, BATCH = (
     0x00, 0x01, 0x02, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0A, 0x0B, 0x0D)
@@ -59,6 +65,14 @@ def segment(payload: bytes) -> bytes:
     value = len(payload) | 1 << 17  # self-contained
     crc = zlib.crc32(payload, zlib.crc32(b"\xfa\x2d\x55\xca"))  # the spec's CRC32 initial bytes
     return value.to_bytes(3, "little") + crc24(value).to_bytes(3, "little") + payload + crc.to_bytes(4, "little")
+
+
+def compressed_segment(payload: bytes) -> bytes:
+    block = lz4.block.compress(payload, store_size=False)
+    body, n = (block, len(payload)) if len(block) < len(payload) else (payload, 0)
+    value = len(body) | n << 17 | 1 << 34  # self-contained
+    crc = zlib.crc32(body, zlib.crc32(b"\xfa\x2d\x55\xca"))
+    return value.to_bytes(5, "little") + crc24(value, 5).to_bytes(3, "little") + body + crc.to_bytes(4, "little")
 
 
 def string(s: str) -> bytes:
@@ -126,26 +140,29 @@ class Conn:
     def __init__(self, sock: socket.socket, port: int, delay_ms: int) -> None:
         self.sock, self.port, self.delay_ms = sock, port, delay_ms
         self.segments = False  # v5 framing, after the READY that answers STARTUP
+        self.lz4 = False  # and its segments compressed (the STARTUP asked for lz4)
         self.write_lock = threading.Lock()
 
     def send(self, version: int, stream: int, opcode: int, body: bytes) -> None:
         msg = struct.pack(">BBhBi", version | 0x80, 0, stream, opcode, len(body)) + body
         with self.write_lock:
-            self.sock.sendall(segment(msg) if self.segments else msg)
+            self.sock.sendall((compressed_segment(msg) if self.lz4 else segment(msg)) if self.segments else msg)
 
     def answer(self, version: int, stream: int, op: int, body: bytes) -> None:
         r = Reader(body)
         statement = ""
         if op == OPTIONS:
             out = struct.pack(">H", 3) + string("CQL_VERSION") + struct.pack(">H", 1) + string("3.4.5")
-            out += string("COMPRESSION") + struct.pack(">H", 0)
+            out += string("COMPRESSION") + struct.pack(">H", 1) + string("lz4")
             out += string("PROTOCOL_VERSIONS") + struct.pack(">H", 3) + string("3/v3") + string("4/v4") + string("5/v5")
             self.reply(version, stream, op, SUPPORTED, out, "")
             return
         if op in (STARTUP, REGISTER):
+            options = {r.string(): r.string() for _ in range(r.short())} if op == STARTUP else {}
             self.reply(version, stream, op, READY, b"", "")
             if op == STARTUP and version >= 5:
                 self.segments = True
+                self.lz4 = options.get("COMPRESSION") == "lz4"
             return
         if op == QUERY:
             statement = r.long_string()
@@ -195,6 +212,7 @@ class Conn:
             return
         with LOCK:
             sys.stdout.write(json.dumps({"op": NAMES.get(op, str(op)), "stream": stream, "version": version,
+                                         "lz4": self.lz4,
                                          "status": "failed" if code == ERROR else "ok",
                                          "statement": statement}) + "\n")
             sys.stdout.flush()
@@ -220,15 +238,20 @@ class Conn:
 
     def next_message(self, buf: bytes) -> tuple[bytes | None, bytes]:
         if self.segments:
-            if len(buf) < 6:
+            size = 5 if self.lz4 else 3  # the header, before its CRC24
+            if len(buf) < size + 3:
                 return None, buf
-            head = int.from_bytes(buf[:3], "little")
-            if crc24(head) != int.from_bytes(buf[3:6], "little"):
+            head = int.from_bytes(buf[:size], "little")
+            if crc24(head, size) != int.from_bytes(buf[size:size + 3], "little"):
                 raise OSError("bad segment header")
-            n = head & 0x1FFFF
-            if len(buf) < 6 + n + 4:
+            n, at = head & 0x1FFFF, size + 3
+            if len(buf) < at + n + 4:
                 return None, buf
-            return buf[6:6 + n], buf[6 + n + 4:]  # the driver's messages fit in one segment each
+            payload, rest = buf[at:at + n], buf[at + n + 4:]  # the driver's messages fit in one segment each
+            uncompressed = head >> 17 & 0x1FFFF if self.lz4 else 0
+            if uncompressed:
+                payload = lz4.block.decompress(payload, uncompressed_size=uncompressed)
+            return payload, rest
         if len(buf) < 9:
             return None, buf
         n = struct.unpack(">i", buf[5:9])[0]
@@ -248,6 +271,9 @@ class Reader:
 
     def short(self) -> int:
         return int(struct.unpack(">H", self.take(2))[0])
+
+    def string(self) -> str:
+        return self.take(self.short()).decode()
 
     def long_string(self) -> str:
         return self.take(struct.unpack(">i", self.take(4))[0]).decode()
