@@ -478,9 +478,10 @@ def test_a_destination_from_an_answer_of_several_public_addresses_is_folded_into
         # http.server answers HTTP/1.0 and closes: one connect per request
         assert agent.value("container_net_tcp_successful_connects_total", container_id=cid, **folded) == 3
         assert agent.value("container_net_tcp_successful_connects_total", container_id=cid1, **single) == 2
-        peers = {(s["SpanAttributes"]["net.peer.name"], s["SpanAttributes"]["net.peer.port"])
-                 for s in spans(agent, cid, 3) + spans(agent, cid1, 2)}
-        assert peers == {("api.fold.test", port), (single_ip, port)}
+        peers = {(s["SpanAttributes"]["net.peer.name"], s["SpanAttributes"]["net.peer.port"],
+                  s["SpanAttributes"]["http.url"]) for s in spans(agent, cid, 3) + spans(agent, cid1, 2)}
+        assert peers == {("api.fold.test", port, f"http://api.fold.test:{port}/"),
+                         (single_ip, port, f"http://{single_ip}:{port}/")}
         for client in (dns, c, c1):
             client.finish()
     finally:
