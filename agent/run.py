@@ -227,11 +227,13 @@ class Agent:
         cfg = self.cfg
         out: list[Component] = [self.resolver, self.tcp]
         if "l7" in self.families():
-            out.append(L7Tracer(self.registry, self.tcp, self.sink, spans=cfg.tracer_enabled,
-                                sampling=cfg.traces_sampling, exclude_paths=cfg.exclude_http_requests_by_path,
-                                max_fqdns=cfg.max_fqdns_per_container, host_id=const["machine_id"],
-                                masks=Masks(url_query=cfg.mask_url_query, sql_literals=cfg.mask_sql_literals,
-                                            redis_values=cfg.mask_redis_values, url_path=cfg.mask_url_path)))
+            l7 = L7Tracer(self.registry, self.tcp, self.sink, spans=cfg.tracer_enabled,
+                          sampling=cfg.traces_sampling, exclude_paths=cfg.exclude_http_requests_by_path,
+                          max_fqdns=cfg.max_fqdns_per_container, host_id=const["machine_id"],
+                          masks=Masks(url_query=cfg.mask_url_query, sql_literals=cfg.mask_sql_literals,
+                                      redis_values=cfg.mask_redis_values, url_path=cfg.mask_url_path))
+            out.append(l7)
+            self.tcp.names = l7.collapsed_name  # destinations folded into their DNS domain
             self.tls = TlsAttacher(procfs=cfg.procfs_root, pids=self.registry.pids)
             out.append(self.tls)
         systemd = SystemdUnits(self.registry, procfs=cfg.procfs_root)

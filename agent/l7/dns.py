@@ -28,6 +28,7 @@ from agent.l7 import contract
 from agent.l7 import protocol as p
 from agent.l7.hist import Hist
 from agent.metrics import Families
+from agent.net.public import is_external
 
 # dnsmessage's typeNames (message.go:45-61); any other type prints as its number
 TYPES = {1: "TypeA", 2: "TypeNS", 5: "TypeCNAME", 6: "TypeSOA", 12: "TypePTR", 15: "TypeMX", 16: "TypeTXT",
@@ -39,8 +40,6 @@ OTHER_DOMAIN = "~other"  # containers/container.go:753 fqdnOverflowLabel
 MAX_FQDNS = 10_000  # ip -> name entries kept from answers (LRU)
 NAME_MAX = 254  # dnsmessage nonEncodedNameMax: the dotted name, trailing dot included
 _SUFFIXES = frozenset({"com", "net", "org", "io"})
-_PRIVATE = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
-                                               "127.0.0.0/8", "::1/128", "fc00::/7")]
 
 
 def type_name(qtype: int) -> str:
@@ -232,12 +231,6 @@ def normalize_fqdn(fqdn: str, qtype: str) -> str:
     return fqdn
 
 
-def is_external(ip: str) -> bool:
-    """common.IsIpExternal: neither loopback nor private (RFC 1918, 100.64/10, fc00::/7)."""
-    a = ipaddress.ip_address(ip)
-    return not any(a.version == n.version and a in n for n in _PRIVATE)
-
-
 def specify_ip(ips: tuple[str, ...]) -> bool:
     """common.NewDomain's SpecifyIP: False when the answer had several addresses, all external."""
     return not (len(ips) > 1 and all(is_external(ip) for ip in ips))
@@ -370,6 +363,15 @@ class Dns(p.Protocol):
         for ip, name in self.fqdn.items():
             if ip not in self._unshown and label_ok(name):
                 f.gauge("ip_to_fqdn", "an IP address and the name a DNS answer gave it", 1, ip=ip, fqdn=name)
+
+    def collapsed(self, ip: str) -> str | None:
+        """The domain a connection to `ip` is folded into (its destination "<domain>:<port>",
+        no actual destination): the last answer that gave `ip` had several addresses, all
+        public (common.NewDomain, common/net.go:244-259). None otherwise, or when no answer gave
+        it. One map for the whole agent, as the node agent's registry keeps (registry.go:532).
+        Read from other threads: single lookups only."""
+        name = self.fqdn.get(ip)
+        return name if name is not None and ip in self._unshown else None
 
     def gc(self, active: set[str]) -> None:
         """Forget the addresses no container connected to lately (`active`: the TCP tracker's

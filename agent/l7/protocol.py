@@ -55,7 +55,7 @@ class Peer:
     """The connection a span was made on, as the span shows it."""
 
     destination: str  # host:port as dialled
-    name: str  # net.peer.name: the address (not the name a DNS answer gave it)
+    name: str  # net.peer.name: the address (a DNS domain only when the destination is folded into it)
     port: int
     actual_ip: str  # after NAT (conntrack)
 

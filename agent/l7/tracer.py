@@ -296,8 +296,8 @@ class L7Tracer(Component):
                 for r in requests:
                     self._in[(c.id, e.protocol, r.status)].observe(r.duration)
                 return
-            assert conn is not None
-            actual = conn.actual or conn.destination
+            assert conn is not None and conn.actual is not None
+            actual = conn.actual
             by_method = plugin.stem.method
             for r in requests:
                 key = (c.id, e.protocol, conn.destination, actual, r.status, r.method if by_method else "")
@@ -365,11 +365,12 @@ class L7Tracer(Component):
         # the address, never a DNS name: the node agent's net.peer.name is an address unless it
         # folded the destination into its domain (several public addresses, common.NewDestinationKey),
         # and the server finds a service's client spans by its listen addresses (inboundSpansFilter)
-        name = conn.dst
+        # folded: its domain (HostPort.Host() of a destination without an address, common/net.go:201)
+        name = conn.destination.rpartition(":")[0] if conn.actual == "" else conn.dst
         key = (conn.destination, name, conn.dport, conn.actual)
         hit = self._peers.get(key)
         if hit is None:
-            actual = conn.actual or conn.destination
+            actual = conn.destination if conn.actual is None else conn.actual
             peer = Peer(conn.destination, name, conn.dport, actual.rpartition(":")[0].strip("[]"))
             hit = (peer, {"net.peer.name": peer.name, "net.peer.port": str(peer.port),
                           "net.sock.peer.addr": peer.actual_ip})
@@ -432,7 +433,8 @@ class L7Tracer(Component):
                     log.debug("HTTP counts of an unknown connection dropped: pid %d fd %d start %d: %d",
                               pid, fd, start, h.count)
                 else:
-                    key = (conn.container_id, HTTP, conn.destination, conn.actual or conn.destination, status, "")
+                    assert conn.actual is not None
+                    key = (conn.container_id, HTTP, conn.destination, conn.actual, status, "")
                     self._out[key].merge(h)
                 self._unknown.pop((pid, fd, start), None)
                 t.delete(k)
@@ -449,6 +451,12 @@ class L7Tracer(Component):
         if c is not None:
             self._in[(c.id, HTTP, status)].merge(h)
         t.delete(key)
+
+    def collapsed_name(self, ip: str) -> str | None:
+        """The domain outbound connections to `ip` are folded into (agent/l7/dns.py Dns.collapsed):
+        for the TCP tracker's labels."""
+        dns = self.plugins.get(contract.DNS)
+        return dns.collapsed(ip) if isinstance(dns, Dns) else None
 
     def on_process(self, what: str, proc: Process) -> None:
         """An exited process's inbound HTTP counts move to its container's totals, and its

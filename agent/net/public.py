@@ -16,12 +16,21 @@ _ALWAYS = [ipaddress.ip_network(n) for n in (
     "fc00::/7",  # unique local
 )]
 _NEVER = [ipaddress.ip_network(n) for n in ("169.254.0.0/16", "fe80::/10")]
+_PRIVATE = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
+                                               "127.0.0.0/8", "::1/128", "fc00::/7")]
 
 
 def normalize(ip: IP) -> IP:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+def is_external(ip: str) -> bool:
+    """common.IsIpExternal (common/net.go:50-63): neither loopback nor private (RFC 1918,
+    100.64/10, fc00::/7). Link-local counts as external there too."""
+    a = ipaddress.ip_address(ip)
+    return not any(a.version == n.version and a in n for n in _PRIVATE)
 
 
 class PublicFilter:

@@ -16,6 +16,12 @@ A lost one cannot be, and counts toward the actual destination last resolved for
 and destination (the destination itself when none was): exact unless a DNATed destination
 balances over several targets, where the destination's total stays exact and only the split of
 the lost connects among its targets is a guess.
+A destination whose address came from a DNS answer of several addresses, all public, is folded
+into its domain when its actual destination is public too (common.NewDestinationKey, common/net.go
+261-271): destination "<domain>:<port>" and an empty actual_destination. The domain is looked up
+by the dialled address in the agent-wide address -> domain map the DNS answers fill
+(registry.go:532-536, `names`), when the connection is resolved (the node agent: at connect); a
+failed connect's actual destination is its destination.
 A component (agent/component.py): events and ticks change the table on the poll thread; a scrape
 only reads it (a connection still waiting for its batch is counted after the next tick).
 Decodes and aggregates; ships nothing.
@@ -30,6 +36,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +46,7 @@ from agent.containers.registry import Process, Registry, rekey
 from agent.ebpf.maps import BpfMap, Programs
 from agent.metrics import Families
 from agent.net.conntrack import Conntrack
-from agent.net.public import PublicFilter, normalize
+from agent.net.public import PublicFilter, is_external, normalize
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +90,11 @@ class Conn:
 
 
 DestKey = tuple[str, str, str]  # container_id, destination, actual_destination
+Names = Callable[[str], str | None]  # an address -> the domain it is folded into, or None
+
+
+def no_names(ip: str) -> str | None:
+    return None
 
 
 class TcpTracker(Component):
@@ -114,7 +126,9 @@ class TcpTracker(Component):
         self._uncounted: BpfMap | None = None
         # kernel `tcp_connects` entry (tgid, family, daddr, dport) -> (failed, lost, lost_ns) folded so far
         self._folded: dict[tuple[int, int, bytes, int], tuple[int, int, int]] = {}
-        self._last_actual: dict[tuple[str, str], str] = {}  # (container, destination) -> actual
+        # (container, dialled "ip:port") -> the (destination, actual_destination) it was last labelled
+        self._last_actual: dict[tuple[str, str], tuple[str, str]] = {}
+        self.names: Names = no_names  # the DNS answers' folded domains (agent/l7/dns.py Dns.collapsed)
         self._attempts: dict[str, float] = {}  # destination IP -> monotonic time of its last connect attempt
         self._unknown_pids: set[int] = set()  # processes with connects the registry lacks
         self._retry: list[bytes] = []  # their connect events, handled once more after it read them
@@ -172,7 +186,7 @@ class TcpTracker(Component):
                     return
                 self._attempts[dst] = time.monotonic()
                 if kind == EV_CONNECT_FAILED:  # only when the kernel's map had no room for it
-                    self._failed[(c.id, dst_ep)] += 1
+                    self._failed[(c.id, self._domain_of(dst, dport, dst) or dst_ep)] += 1
                     return
                 src = self._src_cache.get((family, saddr))
                 if src is None:
@@ -216,6 +230,16 @@ class TcpTracker(Component):
             hit = self._dst_cache[key] = (self.public.should_track(ip), str(ip), endpoint(ip, dport))
         return hit
 
+    def _domain_of(self, dst: str, dport: int, actual_ip: str) -> str | None:
+        """The destination "<domain>:<port>" of a connection to dst:dport whose actual destination
+        is `actual_ip`, when it is folded into the domain (its actual_destination is then empty):
+        the dialled address came from an answer of several public addresses and the actual
+        destination is public (common.NewDestinationKey). None: labelled by its addresses."""
+        name = self.names(dst)  # a dict lookup: first, as it is rarely a name
+        if name is not None and is_external(actual_ip):
+            return f"{name}:{dport}"
+        return None
+
     def _listen(self, pid: int, addr: str, port: int) -> None:
         lo, hi = self.ephemeral
         if lo <= port <= hi:
@@ -239,7 +263,7 @@ class TcpTracker(Component):
         self._add_closed(conn, final)
 
     def _add_closed(self, conn: Conn, final: tuple[int, int, int]) -> DestKey:
-        key = (conn.container_id, conn.destination, conn.actual or conn.destination)
+        key = (conn.container_id, conn.destination, conn.destination if conn.actual is None else conn.actual)
         totals = self._closed[key]
         for i in range(3):
             totals[i] += final[i]
@@ -263,7 +287,7 @@ class TcpTracker(Component):
             if isinstance(late, Conn) or late is None:
                 return late
             cid, dst, actual = late  # its totals' key: enough for a request's labels
-            ip, _, port = dst.rpartition(":")
+            ip, _, port = dst.rpartition(":")  # a folded one's "address" is its domain
             return Conn(pid, fd, cid, "", 0, ip.strip("[]"), int(port), dst, actual, start_ns=start_ns)
 
     def active_destinations(self) -> list[tuple[str, int | None, int, str]]:
@@ -273,7 +297,7 @@ class TcpTracker(Component):
         out: dict[tuple[str, int | None, str], int] = {}
         with self._lock:
             for conn in self._conns.values():
-                if conn.actual is None:
+                if not conn.actual:  # not resolved, or folded into a domain: no address to ping
                     continue
                 ip = conn.dst if conn.actual == conn.destination else conn.actual.rpartition(":")[0].strip("[]")
                 out.setdefault((conn.container_id, conn.netns, ip), conn.pid)
@@ -341,7 +365,11 @@ class TcpTracker(Component):
     def _resolve(self, conns: list[Conn]) -> None:
         items = [(c.netns, (c.src, c.sport, c.dst, c.dport)) for c in conns]
         for conn, peer in zip(conns, self.conntrack.resolve(items), strict=True):
-            conn.actual = endpoint(peer[0], peer[1]) if peer else conn.destination
+            folded = self._domain_of(conn.dst, conn.dport, str(peer[0]) if peer else conn.dst)
+            if folded is not None:
+                conn.destination, conn.actual = folded, ""
+            else:
+                conn.actual = endpoint(peer[0], peer[1]) if peer else conn.destination
 
     def resolve_pending(self) -> None:
         """Label new connections with their actual destination and count their connects (the
@@ -370,13 +398,14 @@ class TcpTracker(Component):
                 if isinstance(key, tuple):
                     self._closed[key][2] += n
             for conn, seconds, _retrans in connects:
-                actual = conn.actual or conn.destination
+                actual = conn.destination if conn.actual is None else conn.actual
                 agg = self._connects[(conn.container_id, conn.destination, actual)]
                 agg[0] += 1
                 agg[1] += seconds
                 if len(self._last_actual) >= MAX_ACTUALS:
                     self._last_actual.clear()
-                self._last_actual[(conn.container_id, conn.destination)] = actual
+                dialled = conn.destination if actual else endpoint(conn.dst, conn.dport)  # folded: its address
+                self._last_actual[(conn.container_id, dialled)] = (conn.destination, actual)
             self._fold_kernel_counts()
 
     def _fold_kernel_counts(self) -> None:
@@ -410,10 +439,13 @@ class TcpTracker(Component):
                 if tracked:
                     self._attempts[dst_ip] = time.monotonic()
                     if now[0] > before[0]:
-                        self._failed[(c.id, dst_ep)] += now[0] - before[0]
+                        self._failed[(c.id, self._domain_of(dst_ip, dport, dst_ip) or dst_ep)] += now[0] - before[0]
                     if now[1] > before[1]:
-                        actual = self._last_actual.get((c.id, dst_ep), dst_ep)
-                        agg = self._connects[(c.id, dst_ep, actual)]
+                        last = self._last_actual.get((c.id, dst_ep))
+                        if last is None:  # never resolved: its actual destination is its destination
+                            folded = self._domain_of(dst_ip, dport, dst_ip)
+                            last = (folded, "") if folded is not None else (dst_ep, dst_ep)
+                        agg = self._connects[(c.id, *last)]
                         agg[0] += now[1] - before[1]
                         agg[1] += (now[2] - before[2]) / 1e9
             if alive:
@@ -508,9 +540,10 @@ class TcpTracker(Component):
             grown = int(v.failed) - self._folded.get(key, (0, 0, 0))[0]
             if c is None or grown <= 0:
                 continue
-            tracked, _dst, dst_ep = self._destination(key[1], key[2], key[3])
+            tracked, dst_ip, dst_ep = self._destination(key[1], key[2], key[3])
             if tracked:
-                out[(c.id, dst_ep)] = out.get((c.id, dst_ep), 0) + grown
+                dest = self._domain_of(dst_ip, key[3], dst_ip) or dst_ep
+                out[(c.id, dest)] = out.get((c.id, dest), 0) + grown
         return out
 
     def forget_containers(self, gone: list[str]) -> None:

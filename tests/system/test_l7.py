@@ -437,3 +437,53 @@ def test_a_forking_server_serves_its_connections_from_the_child_that_reads_them(
     finally:
         srv.kill()
         srv.wait()
+
+
+def test_a_destination_from_an_answer_of_several_public_addresses_is_folded_into_its_domain(
+        agent: AgentProcess, cgroups: TestCgroups, tmp_path: Path) -> None:
+    """As the node agent labels it (common.NewDestinationKey, common/net.go:261-271): a client
+    that dialled an address of a DNS answer with several addresses, all public (documentation
+    addresses, only inside the test's namespaces; the module's agent tracks every public IPv4),
+    gets destination="<domain>:<port>" and an empty actual_destination on its TCP and HTTP
+    series, and its spans net.peer.name=<domain>; an address of a one-address answer keeps its
+    address. Private addresses, never folded, are every other test's."""
+    folded_ip, other_ip, single_ip, port = "203.0.113.7", "203.0.113.9", "203.0.113.8", "8000"
+    hosts = TwoHosts(extra_srv_addrs=(folded_ip, single_ip))
+    dnsmasq = Dnsmasq(hosts.srv_ip, {"api.fold.test": (folded_ip, other_ip), "one.fold.test": (single_ip,)})
+    try:
+        server_cid = cgroups.create("fold-server")
+        dnsmasq.start(hosts.argv(hosts.srv), cgroups, server_cid)
+        cgroups.spawn(server_cid, hosts.argv(hosts.srv, sys.executable, "-m", "http.server", port, "--bind",
+                                             "0.0.0.0", "--directory", str(tmp_path)),
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert wait_for(lambda: f":{port} " in hosts.run(hosts.srv, "ss", "-tlnH"), 10)
+        resolver = cgroups.create("fold-resolver")  # the address -> domain map is the agent's, not a container's
+        dns = run_client(cgroups, resolver, "dnsq", hosts.srv_ip, "1:api.fold.test", "1:one.fold.test",
+                         argv_prefix=tuple(hosts.argv(hosts.cli)))
+        assert dns.result["rcodes"] == [0, 0]
+        assert wait_for(lambda: agent.value("ip_to_fqdn", ip=single_ip, fqdn="one.fold.test") == 1, 10)
+        assert agent.value("ip_to_fqdn", ip=folded_ip) is None  # several public addresses: not shown
+        cid, cid1 = cgroups.create("fold-client"), cgroups.create("fold-client-single")
+        c = run_client(cgroups, cid, "http", folded_ip, port, "/:3", argv_prefix=tuple(hosts.argv(hosts.cli)))
+        c1 = run_client(cgroups, cid1, "http", single_ip, port, "/:2", argv_prefix=tuple(hosts.argv(hosts.cli)))
+        assert c.result["statuses"] == {"200": 3} and c1.result["statuses"] == {"200": 2}
+        folded = {"destination": f"api.fold.test:{port}", "actual_destination": ""}
+        single = {"destination": f"{single_ip}:{port}", "actual_destination": f"{single_ip}:{port}"}
+        assert wait_counts(agent, "container_http_requests_total", {"2xx": 3}, container_id=cid, **folded) == {"2xx": 3}
+        assert wait_counts(agent, "container_http_requests_total", {"2xx": 2}, container_id=cid1, **single) == {"2xx": 2}
+        for client, lbl in ((cid, folded), (cid1, single)):
+            got = {(n, lb["destination"], lb["actual_destination"]) for n, lb, _ in agent.metrics()
+                   if lb.get("container_id") == client and n.startswith(("container_net_tcp", "container_http"))}
+            assert {(d, a) for _, d, a in got} == {(lbl["destination"], lbl["actual_destination"])}, got
+        # http.server answers HTTP/1.0 and closes: one connect per request
+        assert agent.value("container_net_tcp_successful_connects_total", container_id=cid, **folded) == 3
+        assert agent.value("container_net_tcp_successful_connects_total", container_id=cid1, **single) == 2
+        peers = {(s["SpanAttributes"]["net.peer.name"], s["SpanAttributes"]["net.peer.port"],
+                  s["SpanAttributes"]["http.url"]) for s in spans(agent, cid, 3) + spans(agent, cid1, 2)}
+        assert peers == {("api.fold.test", port, f"http://api.fold.test:{port}/"),
+                         (single_ip, port, f"http://{single_ip}:{port}/")}
+        for client in (dns, c, c1):
+            client.finish()
+    finally:
+        dnsmasq.stop()
+        hosts.cleanup()
