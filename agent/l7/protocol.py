@@ -54,8 +54,8 @@ class Request:
 class Peer:
     """The connection a span was made on, as the span shows it."""
 
-    destination: str  # host:port as dialled
-    name: str  # net.peer.name: the address (a DNS domain only when the destination is folded into it)
+    destination: str  # host:port of http.url: the actual destination if known, else as dialled
+    name: str  # net.peer.name: the actual address if known, else the dialled one (a DNS domain only when folded)
     port: int
     actual_ip: str  # after NAT (conntrack)
 

@@ -361,17 +361,28 @@ class L7Tracer(Component):
         self.spans_written += 1
 
     def _peer(self, conn: Conn) -> tuple[Peer, dict[str, str]]:
-        """The peer spans on `conn` show, and its span attributes (copied by each span)."""
-        # the address, never a DNS name: the node agent's net.peer.name is an address unless it
-        # folded the destination into its domain (several public addresses, common.NewDestinationKey),
-        # and the server finds a service's client spans by its listen addresses (inboundSpansFilter)
-        # folded: its domain (HostPort.Host() of a destination without an address, common/net.go:201)
-        name = conn.destination.rpartition(":")[0] if conn.actual == "" else conn.dst
-        key = (conn.destination, name, conn.dport, conn.actual)
+        """The peer spans on `conn` show, and its span attributes (copied by each span): the
+        actual destination (after NAT) when it is known, as the node agent's
+        NewTrace(ActualDestinationIfKnown()) (containers/container.go, common/net.go) — a call to
+        a Kubernetes Service shows the pod that answered. The server finds a service's client
+        spans by net.peer.name (and port) among its instances' listen addresses
+        (inboundSpansFilter), which are the pods', not the Service's; http.url takes the same
+        host:port (tracing/tracing.go). Always an address, never
+        a DNS name, unless the destination is folded into its domain (several public
+        addresses, common.NewDestinationKey: then the domain and the dialled port)."""
+        key = (conn.destination, conn.dst, conn.dport, conn.actual)
         hit = self._peers.get(key)
         if hit is None:
             actual = conn.destination if conn.actual is None else conn.actual
-            peer = Peer(conn.destination, name, conn.dport, actual.rpartition(":")[0].strip("[]"))
+            if conn.actual == "":  # folded: HostPort.Host() of a destination without an address
+                name, port, actual_ip = conn.destination.rpartition(":")[0], conn.dport, ""
+            elif actual == conn.destination:
+                name, port, actual_ip = conn.dst, conn.dport, conn.dst
+            else:
+                host, _, p = actual.rpartition(":")
+                name = actual_ip = host.strip("[]")
+                port = int(p) if p.isdigit() else conn.dport
+            peer = Peer(conn.destination if actual == "" else actual, name, port, actual_ip)
             hit = (peer, {"net.peer.name": peer.name, "net.peer.port": str(peer.port),
                           "net.sock.peer.addr": peer.actual_ip})
             if len(self._peers) >= MAX_CACHED:

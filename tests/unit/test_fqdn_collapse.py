@@ -138,8 +138,10 @@ def test_a_single_address_answer_a_private_answer_and_a_private_actual_destinati
                      ("203.0.113.30:6379", "203.0.113.30:6379"), ("203.0.113.50:6379", "10.0.0.7:6380")}
     assert m[("container_redis_queries_total", "203.0.113.20:6379", "203.0.113.20:6379")] == 1
     assert m[("container_redis_queries_total", "203.0.113.50:6379", "10.0.0.7:6380")] == 1
-    peers = [(r["SpanAttributes"]["net.peer.name"], r["SpanAttributes"]["net.sock.peer.addr"]) for r in rows.rows]
-    assert peers == [("203.0.113.20", "203.0.113.20"), ("203.0.113.50", "10.0.0.7")]
+    # spans show the actual destination when it is known (the node agent's ActualDestinationIfKnown)
+    peers = [(r["SpanAttributes"]["net.peer.name"], r["SpanAttributes"]["net.peer.port"],
+              r["SpanAttributes"]["net.sock.peer.addr"]) for r in rows.rows]
+    assert peers == [("203.0.113.20", "6379", "203.0.113.20"), ("10.0.0.7", "6380", "10.0.0.7")]
 
 
 def test_without_the_public_network_tracked_a_folded_domain_makes_no_series(tmp_path: Path) -> None:

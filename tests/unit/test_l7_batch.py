@@ -105,15 +105,16 @@ def test_a_ring_of_records_through_the_batch_path_equals_them_one_at_a_time(capl
     assert len(sink.rows) == 30 + 2 * 6 + 1 == many.spans_written
     assert len(sink.calls) == 2  # the deferred request's span: its own hand-over, at the tick
     https = [r for r in sink.rows if r["SpanAttributes"].get("tls") == "true"]
-    assert [r["SpanAttributes"]["http.url"] for r in https] == ["https://10.0.0.5:80/api/v1/items?id=*"]
+    # the actual destination (after NAT), as the node agent's spans show it
+    assert [r["SpanAttributes"]["http.url"] for r in https] == ["https://10.0.0.6:8080/api/v1/items?id=*"]
     [err] = [r for r in sink.rows if r["SpanAttributes"].get("http.status_code") == "500"]
     assert err["StatusCode"] == "STATUS_CODE_ERROR" and err["Duration"] == 4_000_000
     ok = sink.rows[0]
     assert ok["SpanName"] == "GET" and ok["ServiceName"] == Containers().c.id
     assert ok["ResourceAttributes"] == {"host.name": "h", "host.id": "m", "service.name": ok["ServiceName"],
                                         "container.id": Containers().c.id}
-    assert ok["SpanAttributes"] == {"net.peer.name": "10.0.0.5", "net.peer.port": "80",
-                                    "net.sock.peer.addr": "10.0.0.6", "http.url": "http://10.0.0.5:80/api/v1/items?id=*",
+    assert ok["SpanAttributes"] == {"net.peer.name": "10.0.0.6", "net.peer.port": "8080",  # the actual peer
+                                    "net.sock.peer.addr": "10.0.0.6", "http.url": "http://10.0.0.6:8080/api/v1/items?id=*",
                                     "http.method": "GET", "http.status_code": "200"}
     assert ok["Timestamp"] - 1_000 == many._clock_offset and ok["Events.Name"] == [] and ok["ParentSpanId"] == ""
     ids = [(r["TraceId"], r["SpanId"]) for r in sink.rows]
