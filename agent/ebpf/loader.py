@@ -50,6 +50,8 @@ class Family:
     defines: tuple[str, ...] = ()  # set when the family is compiled in (other files test them)
     requires: tuple[str, ...] = ()  # families compiled in with it (their maps and hooks are used)
     pages: int = 0  # perf buffer pages per CPU when more than the default (ring size is in the C file)
+    # (program array, index, function): perf-event programs the family's programs tail-call
+    tail_calls: tuple[tuple[str, int, str], ...] = ()
 
 
 FAMILIES: dict[str, Family] = {
@@ -63,7 +65,7 @@ FAMILIES: dict[str, Family] = {
                  defines=("CA_L7",), requires=("tcp",), pages=256),
     "logs": Family("logs", "logs.c", ("log_events",), "log files opened for writing under /var/log (tracepoint)"),
     "profiler": Family("profiler", "profiler.c", (), "CPU stacks sampled by a cpu-clock perf event",
-                       perf_functions=("on_cpu_sample",)),
+                       perf_functions=("on_cpu_sample",), tail_calls=(("native_progs", 0, "on_cpu_unwind"),)),
     "python": Family("python", "python.c", (), "CPython GIL waits: pthread_cond_timedwait in the C library (uprobes)",
                      uprobe_functions=("python_cond_wait_enter", "python_cond_wait_exit")),
     "nodejs": Family("nodejs", "nodejs.c", (), "Node.js event-loop blocked time: libuv's uv__io_poll and I/O callbacks "
@@ -410,6 +412,13 @@ def load(
         raise LoadError(f"probe families {', '.join(families)}: {e}") from e
     took = time.monotonic() - t0
     loaded = Loaded(bpf=bpf, families=families, ringbuf=ringbuf, compile_seconds=took)
+    for name in families:
+        for array, index, fn in FAMILIES[name].tail_calls:  # before the programs that call them attach
+            try:
+                prog = bpf.load_func(fn, BPF.PERF_EVENT)
+                bpf[array][ctypes.c_int(index)] = ctypes.c_int(prog.fd)
+            except Exception as e:  # noqa: BLE001
+                raise LoadError(f"probe family {name}: cannot load {fn} into {array}[{index}]: {e}") from e
     for name in families:
         for fn in FAMILIES[name].perf_functions:
             from bcc import PerfSWConfig, PerfType
