@@ -95,6 +95,8 @@ class RegistryMetrics(Component):
         f.gauge("coroot_agent_tracked_processes", "processes the registry knows", len(r.pids()))
         f.gauge("coroot_agent_tracked_containers", "containers reported", len(r.containers()))
         f.counter("coroot_agent_process_events_total", "process events received from the kernel", r.events_seen)
+        f.counter("coroot_agent_processes_placed_from_events_total", "processes gone before /proc could be read, "
+                  "placed in a container by their fork/exec event's cgroup", r.from_event)
 
 
 def _overrides(c: Component, method: str) -> bool:
@@ -177,7 +179,7 @@ class Agent:
             if isinstance(c, LogCollector):
                 handlers["log_events"] = c.handle_event
             elif isinstance(c, L7Tracer):
-                handlers["l7_events"] = c.handle_event
+                handlers["l7_events"] = loader.Batched(c.handle_events)  # many records a call
                 cfg = self.cfg
                 defines = {"CA_SELF_TGID": os.getpid(), "CA_L7_PAYLOAD": cfg.l7_payload_size,
                            "CA_L7_SAMPLE": L7Tracer.kernel_sampling(cfg.tracer_enabled, cfg.traces_sampling)}

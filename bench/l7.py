@@ -15,6 +15,7 @@ Run as root: `python bench/l7.py [--protocol http|http2|redis|mysql] [--seconds 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -72,6 +73,17 @@ def redis_benchmark(cg: TestCgroups, cid: str, port: int, seconds: float, connec
     rps = sum(float(r[1]) for r in rows) / len(rows)
     p99 = max(float(r[6]) for r in rows) / 1e3
     return rps, p99, n * len(rows)
+
+
+def redis_paced(cg: TestCgroups, cid: str, port: int, seconds: float, connections: int,
+                rate: int) -> tuple[float, float, int]:
+    """(requests/s, p99 seconds, requests) of bench/redis_paced.py: `connections` connections
+    asking about `rate` commands a second together."""
+    argv = [sys.executable, str(Path(__file__).with_name("redis_paced.py")), str(port), str(rate), f"{seconds:g}",
+            str(connections)]
+    p = cg.spawn(cid, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = json.loads(p.communicate()[0].decode().strip().splitlines()[-1])
+    return out["rps"], out["p99"], out["requests"]
 
 
 class MariaDB(Server):
@@ -151,7 +163,7 @@ def main() -> None:
     ap.add_argument("--sampling", default="1.0", help="--traces-sampling of the agent (the targets are for 1.0)")
     ap.add_argument("--rate", type=int, default=0,
                     help="about this many requests/s (1,000 per connection, paced by wrk's delay(); mysql: 500 "
-                         "per connection, paced by SELECT SLEEP(0.002)) instead of "
+                         "per connection, paced by SELECT SLEEP(0.002); redis: bench/redis_paced.py) instead of "
                          "as fast as nginx goes; e.g. 10000, the load Coroot quotes its agent's cost at")
     ap.add_argument("--agent-args", default="", help="more agent flags, e.g. --disable-l7-tracing for a baseline "
                                                      "of the TCP probes alone")
@@ -169,12 +181,16 @@ def main() -> None:
             paced = f"{server.dir}/paced.lua"
             Path(paced).write_text("function delay()\n  return 1\nend\n")
             args.connections = max(1, args.rate // 1000)
+        if args.rate and args.protocol == "redis":
+            args.connections = max(1, args.rate // 1000)
         if args.rate and args.protocol == "mysql":
             args.connections = max(1, args.rate // 500)
 
         def load(seconds: float) -> tuple[float, float, int]:
             if args.protocol == "http2":
                 return h2load(cg, cid, url, seconds, args.connections, args.rate, f"{server.dir}/h2load.log")
+            if isinstance(server, Redis) and args.rate:
+                return redis_paced(cg, cid, server.port, seconds, args.connections, args.rate)
             if isinstance(server, Redis):
                 return redis_benchmark(cg, cid, server.port, seconds, args.connections)
             if isinstance(server, MariaDB):

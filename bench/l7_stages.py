@@ -4,12 +4,13 @@ agent (throughput and p99 for the ratios), then with it while py-spy samples the
 threads and kernel.bpf_stats_enabled counts each BPF program's run time. Prints:
 
 - the in-kernel ns per request of each BPF program (kernel capture),
-- µs of agent CPU per request for each user-space stage: the process's CPU (user + system)
+- µs of agent CPU per request for each user-space stage: the CPU (user + system) of the
+  threads named as the process (Python's; also the store engine's threads it leaves unnamed)
   split by the shares of py-spy's samples of the thread holding the GIL (--gil): wake-up and
   ring read, decode, attribution and counting, parse, span row, batching and insert into the
   store, the CPU profiler's symbolization (not per request), everything else (scrapes,
-  housekeeping, other buffers); native threads that run without the GIL (the store engine's
-  merges) are not sampled and so spread over the stages,
+  housekeeping, other buffers, log lines); then the CPU of the store engine's named threads
+  (its insert pipeline, merges), which py-spy does not see, by thread name,
 - the throughput and p99 ratios and the total CPU, as bench/l7.py prints them.
 
 Asserts nothing: the machine is noisy; run it twice (--runs 2 does) and compare.
@@ -46,7 +47,7 @@ _spec.loader.exec_module(bench_l7)
 
 STAGES = ("wake-up and ring read", "decode", "attribution and counting", "parse", "span row",
           "batching and insert", "CPU profiler (not per request)", "other Python")
-PLUGIN_FILES = re.compile(r"agent/l7/(?!tracer|contract|hist)\w+\.py")
+PLUGIN_FILES = re.compile(r"agent/l7/(?!tracer|contract|hist|tls|gotls|tlsbin)\w+\.py")  # TLS: uprobe attaching
 PLUGIN_CLASSES = {"Http", "Http2", "Redis", "Postgres", "Mysql", "Dns", "Kafka", "Mongo", "Memcached", "Nats",
                   "Rabbitmq", "Zookeeper", "HttpParser"}
 
@@ -54,18 +55,20 @@ PLUGIN_CLASSES = {"Http", "Http2", "Redis", "Postgres", "Mysql", "Dns", "Kafka",
 def frame_stage(frame: str) -> str | None:
     """The stage a py-spy frame ("Qualified.function (file:line)") belongs to, or None."""
     fn, _, where = frame.partition(" (")
-    if fn.startswith(("Sink.", "Store.", "Client.", "Batch")) or "clickhouse" in where or "chdb" in where:
+    if fn.startswith(("Sink.", "Store.", "Client.", "Batch.")) or "clickhouse" in where or "chdb" in where:
         return "batching and insert"
-    if fn == "L7Tracer._span":
+    if fn in ("L7Tracer._span", "L7Tracer._peer", "L7Tracer._flush_spans") or fn.startswith("SpanColumns."):
         return "span row"
     if "contract.py" in where:
         return "decode"
     if PLUGIN_FILES.search(where) or fn.split(".")[0] in PLUGIN_CLASSES:
         return "parse"
-    if fn in ("L7Tracer._handle", "L7Tracer.handle_event") or fn.startswith(("TcpTracker.", "Registry.", "Hist.")) \
+    if fn in ("L7Tracer._handle", "L7Tracer.handle_event", "L7Tracer.handle_events", "L7Tracer._event") \
+            or fn.startswith(("TcpTracker.", "Registry.", "Hist.")) \
             or "service_name" in fn:
         return "attribution and counting"
-    if fn.startswith(("Loaded.poll", "_open.", "BPF.", "RingBuf.", "string_at")) or "/bcc/" in where:
+    if fn.startswith(("Loaded.poll", "_open.", "BPF.", "RingBuf.", "Ring.", "Batched.", "string_at")) \
+            or "/bcc/" in where:
         return "wake-up and ring read"
     if fn.startswith(("Profiler.", "Symbolizer.")):
         return "CPU profiler (not per request)"
@@ -101,6 +104,30 @@ def read_raw(path: str) -> collections.Counter[str]:
     return out
 
 
+def thread_cpu(pid: int) -> dict[tuple[int, str], float]:
+    """CPU seconds (user + system) of each thread of `pid`, by (tid, name)."""
+    out: dict[tuple[int, str], float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                comm = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        out[(int(tid), comm)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def by_thread_name(before: dict[tuple[int, str], float], after: dict[tuple[int, str], float]) -> dict[str, float]:
+    """CPU seconds spent between the two readings, by thread name (digits dropped: a pool's threads together)."""
+    out: collections.Counter[str] = collections.Counter()
+    for key, v in after.items():
+        out[re.sub(r"\d+", "", key[1])] += v - before.get(key, 0.0)
+    return dict(out)
+
+
 def run_once(args: argparse.Namespace, cg: TestCgroups, cid: str, url: str, paced: str,
              connections: int) -> dict[str, float]:
     base_rps, base_p99, _ = bench_l7.wrk(cg, cid, url, args.seconds, connections, paced)
@@ -115,12 +142,16 @@ def run_once(args: argparse.Namespace, cg: TestCgroups, cid: str, url: str, pace
                   if n == "coroot_agent_bpf_program_run_seconds_total"}
         runs0 = {lb["program"]: v for n, lb, v in agent.metrics() if n == "coroot_agent_bpf_program_runs_total"}
         cpu0 = sum(proc.cpu_times()[:2])
+        threads0 = thread_cpu(proc.pid)
         spy = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "--nonblocking",
                                 "-r", str(args.hz), "-d", str(int(args.seconds + 3)), "-f", "raw", "-o", raw, "--gil",
                                 "-p", str(proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         rps, p99, total = bench_l7.wrk(cg, cid, url, args.seconds, connections, paced)
         spy.wait(timeout=60)
         cpu = sum(proc.cpu_times()[:2]) - cpu0
+        threads = by_thread_name(threads0, thread_cpu(proc.pid))
+        with open(f"/proc/{proc.pid}/comm") as f:
+            python_name = f.read().strip()
         metrics = agent.metrics()
         ns = {lb["program"]: v * 1e9 - before.get(lb["program"], (0.0, 0.0))[0] * 1e9 for n, lb, v in metrics
               if n == "coroot_agent_bpf_program_run_seconds_total"}
@@ -148,10 +179,15 @@ def run_once(args: argparse.Namespace, cg: TestCgroups, cid: str, url: str, pace
                              "rss": rss, "peak rss": hwm}
     # py-spy samples the thread holding the GIL at a wall-clock rate: on a loaded machine that
     # thread is often descheduled while holding it, so samples/rate overstates CPU. Each stage
-    # gets its share of the samples applied to the process's measured CPU instead.
+    # gets its share of the samples applied to the measured CPU of the threads that carry the
+    # process's name (Python's, and the store engine's threads it did not name) instead; the
+    # engine's named threads (insert pipeline, merges) are a line of their own.
+    native = sum(v for name, v in threads.items() if name != python_name)
+    row["native threads"] = native * 1e6 / total
+    python_us = cpu_us - row["native threads"]
     n = sum(samples.values()) or 1
     for stage in STAGES:
-        row[stage] = samples.get(stage, 0) / n * cpu_us
+        row[stage] = samples.get(stage, 0) / n * python_us
     row["GIL held, wall clock"] = n / args.hz * 1e6 / total
     print(f"\nrun: {total:,} requests at {rps:,.0f}/s (without the agent {base_rps:,.0f}/s), "
           f"{spans:,.0f} spans, {lost:.0f} events lost")
@@ -164,9 +200,13 @@ def run_once(args: argparse.Namespace, cg: TestCgroups, cid: str, url: str, pace
             print(f"  {prog:44s} {v / total:7.0f}  ({runs.get(prog, 0) / total:.1f} runs, "
                   f"{v / max(1, runs.get(prog, 0)):.0f} ns a run)")
     print(f"  {'all programs':44s} {row['kernel']:7.0f}")
-    print("agent CPU, µs per request, by stage (py-spy samples):")
+    print(f"agent CPU, µs per request, by stage (py-spy samples of the {python_us:.1f} µs of threads named "
+          f"{python_name!r}):")
     for stage in STAGES:
         print(f"  {stage:44s} {row[stage]:7.1f}")
+    print(f"  {'store engine, its named threads (not sampled)':44s} {row['native threads']:7.1f}  (" + ", ".join(
+        f"{name} {v * 1e6 / total:.1f}" for name, v in sorted(threads.items(), key=lambda kv: -kv[1])
+        if v > 0 and name != python_name) + ")")
     print(f"  ({n:,} samples; the GIL was held {row['GIL held, wall clock']:.1f} µs of wall clock per request)")
     return row
 
@@ -194,7 +234,7 @@ def main() -> None:
         rows = [run_once(args, cg, cid, url, paced, connections) for _ in range(args.runs)]
         if len(rows) > 1:
             print("\nspread over runs (min-max):")
-            for k in ("cpu", "kernel", "p99", "rss", *STAGES):
+            for k in ("cpu", "native threads", "kernel", "p99", "rss", *STAGES):
                 vals = [r[k] for r in rows]
                 print(f"  {k:44s} {min(vals):7.1f} - {max(vals):7.1f}")
     finally:

@@ -38,7 +38,7 @@
 #ifndef CA_SELF_TGID
 #define CA_SELF_TGID 0
 #endif
-#include "gotls.h" /* Go crypto/tls uprobes (they call l7_on_io_tls below) */
+#include "gotls.h" /* Go crypto/tls uprobes (they hand their plaintext to l7_run below) */
 
 struct l7_key {
     u32 tgid;
@@ -318,13 +318,6 @@ static __always_inline u32 l7_stream_protocol(struct conn *c) {
     return l7_streamed(proto) ? proto : L7_HTTP2;
 }
 
-/* A plain write on a stream connection, at its exit (bpf/tcp.c): `size` is what was written. */
-static __always_inline void l7_on_sent(void *ctx, struct conn_key *ckey, struct conn *c, u64 buf, u32 kind,
-                                       u64 size) {
-    if (ckey->tgid != CA_SELF_TGID && !(c->flags & CONN_GO_TLS)) /* Go TLS: ciphertext (gotls.h) */
-        l7_stream(ctx, ckey, c, buf, kind, size, 1, 0, l7_stream_protocol(c));
-}
-
 /* A request waits in l7_pending for its response, with its first bytes. */
 static __always_inline void l7_pend(struct l7_key *key, u64 ptr, u64 size, u32 proto, u32 rflags, u64 now) {
     int zero = 0;
@@ -375,7 +368,8 @@ static __always_inline u32 l7_io(void *ctx, struct conn_key *ckey, struct conn *
         return at_exit ? l7_stream_protocol(c) : 0;
     }
     u64 total = size;
-    int client = flags & (CONN_OUTBOUND | CONN_DNS);
+    /* a DNS server's socket (CONN_DNS | CONN_INBOUND, l7_on_bind) reads queries, writes answers */
+    int client = (flags & CONN_OUTBOUND) || (flags & (CONN_DNS | CONN_INBOUND)) == CONN_DNS;
     int request = client ? sent : !sent;
     u64 ptr = 0, seg = 0;
     if (!l7_segment(buf, kind, size, 0, &ptr, &seg))
@@ -533,18 +527,120 @@ static __always_inline u32 l7_io(void *ctx, struct conn_key *ckey, struct conn *
 /* One read or write on a tracked connection: pairs and counts requests (l7_io), and makes the
  * one event of a stream's call or of a one-way message here, in one place: the gathering code
  * is inlined once per program, which keeps the verifier's work small. */
-static __always_inline void l7_on_io_tls(void *ctx, struct conn_key *ckey, struct conn *c, u64 buf, u32 kind,
-                                         u64 size, int sent, u32 tls) {
+static __always_inline void l7_work(void *ctx, struct conn_key *ckey, struct conn *c, u64 buf, u32 kind,
+                                    u64 size, int sent, u32 tls) {
     u64 ssize = 0;
     u32 proto = l7_io(ctx, ckey, c, buf, kind, size, sent, tls, &ssize);
     if (proto)
         l7_stream(ctx, ckey, c, buf, kind, ssize, sent, tls, proto);
 }
 
+/* ------------------------------------------------------------ the hand-off to l7_run --- */
+/* The L7 work of a read or write (detect, pair, count, gather, submit) is one program for each
+ * kind of hook (tracepoint: the syscalls; kprobe: the TLS uprobes), entered by a tail call,
+ * not inlined into every hook: LLVM compiles it twice instead of once per hook (17 copies took
+ * ~15 s, most of the agent's start-up) and the verifier walks it once per kind. A hook leaves
+ * its arguments in a per-CPU slot marked with its thread, and the tail call never returns: the
+ * hand-off is a hook's last act. If another thread's program used the slot in between (a
+ * preempted uprobe), l7_run drops the call rather than take the other's, counted like a failed
+ * tail call (L7_STAT_HANDOFF_LOST). */
+#define L7_RUN_IO 0
+#define L7_RUN_SENT 1 /* a plain write on a stream connection, at its exit: `size` was written */
+struct l7_call {
+    u64 id; /* pid_tgid of the hook that filled the slot */
+    u64 buf;
+    u64 size;
+    struct conn_key key;
+    u32 kind;
+    u32 sent;
+    u32 tls;
+    u32 op;
+    u32 more; /* sendmmsg: further messages, each sizeof(struct mmsghdr) = 64 bytes on */
+    u32 _pad;
+};
+BPF_PERCPU_ARRAY(l7_calls, struct l7_call, 1);
+BPF_PROG_ARRAY(l7_run_tp, 1);     /* [0] = l7_run_tracepoint, set by the loader (agent/ebpf/loader.py) */
+BPF_PROG_ARRAY(l7_run_uprobe, 1); /* [0] = l7_run_kprobe */
+
+static __always_inline int l7_call_set(struct conn_key *ckey, u64 buf, u32 kind, u64 size, int sent, u32 tls,
+                                       u32 op, u32 more) {
+    int zero = 0;
+    struct l7_call *a = l7_calls.lookup(&zero);
+    if (!a)
+        return 0;
+    a->id = bpf_get_current_pid_tgid();
+    a->buf = buf;
+    a->size = size;
+    a->key = *ckey;
+    a->kind = kind;
+    a->sent = sent;
+    a->tls = tls;
+    a->op = op;
+    a->more = more;
+    return 1;
+}
+
+static __always_inline int l7_run(void *ctx, int tracepoint) {
+    int zero = 0;
+    struct l7_call *a = l7_calls.lookup(&zero);
+    if (!a)
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    if (a->id != id) {
+        l7_count(L7_STAT_HANDOFF_LOST);
+        return 0;
+    }
+    struct l7_call call = *a;
+    a->id = 0;
+    struct conn *c = conns.lookup(&call.key);
+    if (!c)
+        return 0;
+    if (call.op == L7_RUN_SENT)
+        l7_stream(ctx, &call.key, c, call.buf, call.kind, call.size, 1, 0, l7_stream_protocol(c));
+    else
+        l7_work(ctx, &call.key, c, call.buf, call.kind, call.size, call.sent, call.tls);
+    if (tracepoint && call.more) { /* the next message of a sendmmsg: this program again */
+        a->id = id;
+        a->buf = call.buf + 64;
+        a->more = call.more - 1;
+        l7_run_tp.call(ctx, 0);
+    }
+    return 0;
+}
+
+int l7_run_tracepoint(void *ctx) { return l7_run(ctx, 1); }
+int l7_run_kprobe(struct pt_regs *ctx) { return l7_run(ctx, 0); }
+
+/* The hooks' hand-offs: each is the last thing its hook does. */
+static __always_inline void l7_on_io_more(void *ctx, struct conn_key *ckey, struct conn *c, u64 buf, u32 kind,
+                                          u64 size, int sent, u32 more) {
+    if (c->flags & CONN_GO_TLS) /* Go TLS: ciphertext, its plaintext comes from gotls.h */
+        return;
+    if (l7_call_set(ckey, buf, kind, size, sent, 0, L7_RUN_IO, more))
+        l7_run_tp.call(ctx, 0);
+    l7_count(L7_STAT_HANDOFF_LOST); /* reached only when the tail call failed */
+}
+
 static __always_inline void l7_on_io(void *ctx, struct conn_key *ckey, struct conn *c, u64 buf, u32 kind,
                                      u64 size, int sent) {
-    if (!(c->flags & CONN_GO_TLS)) /* Go TLS: ciphertext, its plaintext comes from gotls.h */
-        l7_on_io_tls(ctx, ckey, c, buf, kind, size, sent, 0);
+    l7_on_io_more(ctx, ckey, c, buf, kind, size, sent, 0);
+}
+
+/* A plain write on a stream connection, at its exit (bpf/tcp.c): `size` is what was written. */
+static __always_inline void l7_on_sent(void *ctx, struct conn_key *ckey, struct conn *c, u64 buf, u32 kind,
+                                       u64 size) {
+    if (ckey->tgid == CA_SELF_TGID || (c->flags & CONN_GO_TLS)) /* Go TLS: ciphertext (gotls.h) */
+        return;
+    if (l7_call_set(ckey, buf, kind, size, 1, 0, L7_RUN_SENT, 0))
+        l7_run_tp.call(ctx, 0);
+    l7_count(L7_STAT_HANDOFF_LOST);
+}
+
+/* TLS plaintext, from the uprobes (OpenSSL, Go crypto/tls). */
+static __always_inline void l7_on_io_tls(struct pt_regs *ctx, struct conn_key *ckey, u64 buf, u64 size, int sent) {
+    if (l7_call_set(ckey, buf, IO_BUF, size, sent, L7_TLS, L7_RUN_IO, 0))
+        l7_run_uprobe.call(ctx, 0);
+    l7_count(L7_STAT_HANDOFF_LOST);
 }
 
 static __always_inline void l7_forget(struct conn_key *ckey, struct conn *c) {
@@ -586,6 +682,24 @@ static __always_inline void l7_on_connect(struct conn_key *key, u64 sockaddr) {
     conns.update(key, &c);
 }
 
+/* bind() of any socket to port 53: a DNS server (UDP: every query it reads is answered on the
+ * same fd, paired by the message id like a client's; a TCP listener's entry is never read).
+ * The node agent recognises a server by the bytes of any socket read instead; servers bound
+ * before the agent started are not seen here. */
+TRACEPOINT_PROBE(syscalls, sys_enter_bind) {
+    u16 sa[2] = {}; /* sa_family, port (network order) */
+    if (bpf_probe_read_user(sa, sizeof(sa), (void *)args->umyaddr) < 0)
+        return 0;
+    if ((sa[0] != CA_AF_INET && sa[0] != CA_AF_INET6) || sa[1] != __builtin_bswap16(CA_DNS_PORT))
+        return 0;
+    struct conn_key key = {.tgid = ca_tgid(), .fd = args->fd};
+    if (key.tgid == CA_SELF_TGID)
+        return 0;
+    struct conn c = {.start_ns = bpf_ktime_get_ns(), .flags = CONN_DNS | CONN_INBOUND};
+    conns.update(&key, &c);
+    return 0;
+}
+
 /* glibc's resolver sends the A and AAAA queries of one lookup with one sendmmsg(). */
 TRACEPOINT_PROBE(syscalls, sys_enter_sendmmsg) {
     struct conn_key key = {.tgid = ca_tgid(), .fd = args->fd};
@@ -594,11 +708,9 @@ TRACEPOINT_PROBE(syscalls, sys_enter_sendmmsg) {
         return 0;
     u64 base = (u64)args->mmsg;
     u32 vlen = args->vlen;
-    /* the first two messages (A and AAAA), written out: no loop for older verifiers */
+    /* the first two messages (A and AAAA): l7_run takes the second after the first */
     if (vlen > 0)
-        l7_on_io(args, &key, c, base, IO_MSG, 0, 1);
-    if (vlen > 1)
-        l7_on_io(args, &key, c, base + 64 /* sizeof(struct mmsghdr) */, IO_MSG, 0, 1);
+        l7_on_io_more(args, &key, c, base, IO_MSG, 0, 1, vlen > 1 ? 1 : 0);
     return 0;
 }
 
@@ -694,7 +806,7 @@ static __always_inline int ssl_exit(struct pt_regs *ctx, int ex, int sent) {
     struct conn *c = conns.lookup(&key);
     if (!c)
         return 0;
-    l7_on_io_tls(ctx, &key, c, cc.buf, IO_BUF, n, sent, L7_TLS);
+    l7_on_io_tls(ctx, &key, cc.buf, n, sent);
     return 0;
 }
 
@@ -733,7 +845,7 @@ int go_tls_write_enter(struct pt_regs *ctx) {
     struct conn *c = go_tls_conn(GO_REG1(ctx), &key);
     u64 len = GO_REG3(ctx);
     if (c && len)
-        l7_on_io_tls(ctx, &key, c, GO_REG2(ctx), IO_BUF, len, 1, L7_TLS);
+        l7_on_io_tls(ctx, &key, GO_REG2(ctx), len, 1);
     return 0;
 }
 
@@ -780,6 +892,6 @@ int go_tls_read_return(struct pt_regs *ctx) {
         }
         go_tls_held.delete(&key);
     }
-    l7_on_io_tls(ctx, &key, c, buf, IO_BUF, (u64)n, 0, L7_TLS);
+    l7_on_io_tls(ctx, &key, buf, (u64)n, 0);
     return 0;
 }

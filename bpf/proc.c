@@ -7,17 +7,23 @@
 #define PROC_EVENT_EXIT 3
 #define PROC_EVENT_OOM_KILL 4
 
-/* Mirror: agent/containers/events.py PROC_EVENT ("<IIII"). */
+/* Mirror: agent/containers/registry.py PROC_EVENT ("<IIIIQ16s"). The cgroup (v2) and name of
+ * the task that made the event: a process that has exited by the time user space reads its
+ * fork or exec event (a curl in a script, under load) still gets its container from these. */
 struct proc_event {
     u32 type;
     u32 pid;
     u32 ppid;
     u32 _pad;
+    u64 cgroup_id;
+    char comm[16];
 };
 
 CA_EVENTS(proc_events);
 
 static __always_inline void submit(void *ctx, struct proc_event *e) {
+    e->cgroup_id = bpf_get_current_cgroup_id();
+    bpf_get_current_comm(e->comm, sizeof(e->comm));
 #ifdef CA_RINGBUF
     if (proc_events.ringbuf_output(e, sizeof(*e), 0) < 0)
 #else

@@ -30,11 +30,12 @@ if [ "$WANT_TEST" = 1 ]; then
     # stay within its time; those modules then fail, naming the package to install).
     if [ "${COROOT_AGENT_SETUP_SERVERS:-1}" != 0 ]; then
         # the L7 protocol tests' servers and clients (tests/system/test_l7_*.py)
-        pkgs+=(memcached nats-server rabbitmq-server amqp-tools zookeeperd)
+        pkgs+=(memcached nats-server rabbitmq-server amqp-tools zookeeperd clickhouse-server)
         # container runtimes the runtime tests start themselves, each with its own root and socket
         pkgs+=(containerd docker.io podman)
         pkgs+=(default-jdk-headless)  # the JVM tests compile and run Java programs
         pkgs+=(golang-go)  # the Go TLS tests build their client and server with Debian's Go
+        pkgs+=(golang-google-grpc-dev)  # grpc-go for the gRPC-over-TLS test (GOPATH build, test_l7_grpc_tls.py)
         pkgs+=(dbus-daemon)  # a real D-Bus peer for the systemd client's wire format (test_systemd_dbus.py)
         pkgs+=(nodejs)  # the Node.js event-loop test runs a script under Debian's node
         pkgs+=(rustc)  # the rustls finder's unit test compiles a stand-in crate

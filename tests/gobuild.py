@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 CACHE = Path(os.environ.get("COROOT_AGENT_TEST_GOCACHE", "/var/cache/coroot-agent-test/go-build"))
@@ -25,9 +26,13 @@ def go_env(work: Path) -> dict[str, str]:
             "HOME": str(work)}
 
 
-def go_build(source: Path, out: Path, work: Path, *flags: str, cgo: bool = False) -> str:
-    """`go build flags -o out source` in `work`; the path of the binary."""
+def go_build(source: Path, out: Path, work: Path, *flags: str, cgo: bool = False, gopath: Sequence[str] = ()) -> str:
+    """`go build flags -o out source` in `work`; the path of the binary. With `gopath` (e.g.
+    /usr/share/gocode, where Debian's golang-*-dev packages put their sources) the build is in
+    GOPATH mode (no module proxy is needed) with those directories after the build's own."""
     env = {**go_env(work), "CGO_ENABLED": "1" if cgo else "0"}
+    if gopath:
+        env.update(GO111MODULE="off", GOPATH=os.pathsep.join([env["GOPATH"], *gopath]))
     subprocess.run(["go", "build", *flags, "-o", str(out), str(source)], cwd=work, env=env, check=True,
                    capture_output=True, timeout=300)
     return str(out)

@@ -1,18 +1,22 @@
 """cgroups: which hierarchy layout the host has (v1, v2, hybrid), which cgroup a process is in,
 what container that cgroup is (Coroot's rules), and reading a cgroup's resource files.
 
-Reads files only; keeps no state.
+Reads files only; keeps no state but CgroupIds' map of cgroup ids to paths.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 V1 = "v1"
 V2 = "v2"
 HYBRID = "hybrid"
+MAX_ASKED = 4096  # ids that missed, remembered with when they were first asked for
 
 _DOCKER_ID = re.compile(r"([a-z0-9]{64})")
 _CRIO_ID = re.compile(r"crio-([a-z0-9]{64})")
@@ -58,6 +62,67 @@ def detect_layout(root: str = "/sys/fs/cgroup") -> Layout:
     if os.path.exists(os.path.join(root, "unified", "cgroup.controllers")):
         return Layout(root, HYBRID)
     return Layout(root, V1)
+
+
+class CgroupIds:
+    """cgroup v2 ids -> cgroup paths ("/system.slice/x.service"). A v2 cgroup's id, what
+    bpf_get_current_cgroup_id() returns, is its directory's inode number: found by walking the
+    unified hierarchy, at most `limit` directories (a node's cgroups number in the thousands).
+
+    A miss walks again when no walk has begun since that id was first asked for (its cgroup
+    may be newer than the last walk: a client started in a new container a moment ago), at
+    most `burst` such walks a second; otherwise at most every `rescan` seconds (an id whose
+    cgroup is gone stays unknown without a walk each time)."""
+
+    def __init__(self, root: str | None, rescan: float = 1.0, limit: int = 65536,
+                 clock: Callable[[], float] = time.monotonic, burst: int = 10) -> None:
+        self.root, self.rescan, self.limit, self._clock = root, rescan, limit, clock
+        self._paths: dict[int, str] = {}
+        self._walked = -rescan
+        self._asked: OrderedDict[int, float] = OrderedDict()  # ids that missed: when first asked
+        self._recent: deque[float] = deque(maxlen=max(1, burst))  # when the last walks began
+        self.walks = 0
+
+    def path(self, cgid: int) -> str | None:
+        if not self.root or cgid == 0:
+            return None
+        p = self._paths.get(cgid)
+        if p is not None:
+            return p
+        now = self._clock()
+        first = self._asked.setdefault(cgid, now)
+        if len(self._asked) > MAX_ASKED:
+            self._asked.popitem(last=False)
+        fresh = self._walked < first and (
+            len(self._recent) < (self._recent.maxlen or 1) or now - self._recent[0] >= 1.0)
+        if fresh or now - self._walked >= self.rescan:
+            self._walk()
+            p = self._paths.get(cgid)
+            if p is not None:
+                self._asked.pop(cgid, None)
+        return p
+
+    def _walk(self) -> None:
+        assert self.root
+        self._walked = self._clock()
+        self._recent.append(self._walked)
+        self.walks += 1
+        paths: dict[int, str] = {}
+        todo = [(self.root, "")]
+        while todo and len(paths) < self.limit:
+            d, rel = todo.pop()
+            try:
+                with os.scandir(d) as it:
+                    for e in it:
+                        if len(paths) >= self.limit:
+                            break
+                        if e.is_dir(follow_symlinks=False):
+                            sub = f"{rel}/{e.name}"
+                            paths[e.inode()] = sub
+                            todo.append((e.path, sub))
+            except OSError:
+                continue  # removed while walking
+        self._paths = paths
 
 
 def parse_proc_cgroup(text: str) -> dict[str, str]:

@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Mirror of struct proc_event in bpf/proc.c.
-PROC_EVENT = struct.Struct("<IIII")
+# Mirror of struct proc_event in bpf/proc.c: type, pid, ppid, pad, cgroup id, comm.
+PROC_EVENT = struct.Struct("<IIIIQ16s")
 RECENT_EXITS = 4096  # exited processes whose container is remembered for late events
 EVENT_FORK, EVENT_EXEC, EVENT_EXIT, EVENT_OOM_KILL = 1, 2, 3, 4
 
@@ -57,6 +57,9 @@ class Process:
     cgroup_path: str
     container_id: str | None
     opt_out: frozenset[str]
+    # placed by a fork event's cgroup, the process already gone: its parent's, which a child
+    # may leave before it execs (`echo $$ > cgroup.procs; exec`); its exec event may place it again
+    provisional: bool = False
 
 
 @dataclass
@@ -139,6 +142,8 @@ class Registry:
     ) -> None:
         self.procfs = procfs
         self.layout = cg.detect_layout(cgroupfs)
+        self._cgroup_ids = cg.CgroupIds(self.layout.unified)
+        self.from_event = 0  # processes gone before they were read, placed by their event's cgroup
         self.min_age = min_container_age
         self.dead_ttl = dead_container_ttl
         self._allow = [re.compile(p) for p in allowlist]
@@ -230,10 +235,10 @@ class Registry:
 
     def handle_event(self, raw: bytes) -> None:
         """A raw proc_event from the kernel."""
-        kind, pid, _ppid, _ = PROC_EVENT.unpack_from(raw)
+        kind, pid, _ppid, _, cgroup, comm = PROC_EVENT.unpack_from(raw)
         self.events_seen += 1
         if kind in (EVENT_FORK, EVENT_EXEC):
-            self.add(pid)
+            self.add(pid, cgroup, comm, provisional=kind == EVENT_FORK)
         elif kind == EVENT_EXIT:
             self.remove(pid)
         elif kind == EVENT_OOM_KILL:
@@ -257,9 +262,13 @@ class Registry:
                 self.add(pid)
         return len(self._procs)
 
-    def add(self, pid: int) -> Process | None:
-        """(Re)read a process: on fork, exec, or when first seen."""
+    def add(self, pid: int, cgroup: int = 0, comm: bytes = b"", provisional: bool = False) -> Process | None:
+        """(Re)read a process: on fork, exec, or when first seen. `cgroup` and `comm`, from a
+        fork or exec event, place a process that is gone before it could be read (its
+        connections and requests, in other buffers, are still to be attributed)."""
         read = self._read_process(pid)
+        if read is None and cgroup:
+            read = self._from_event(pid, cgroup, comm, provisional)
         if read is None:
             return None
         proc, subsystems, runtime_id = read
@@ -438,7 +447,23 @@ class Registry:
         comm = stat[stat.find(b"(") + 1 : rparen].decode(errors="replace")
         fields = stat[rparen + 2 :].split()
         start_ticks = int(fields[19]) if len(fields) > 19 else 0
-        subsystems = cg.parse_proc_cgroup(cgroup_text)
+        return self._identify(pid, start_ticks, comm, cg.parse_proc_cgroup(cgroup_text),
+                              read_environ_opt_outs(environ))
+
+    def _from_event(self, pid: int, cgroup: int, comm: bytes,
+                    provisional: bool) -> tuple[Process, dict[str, str], str | None] | None:
+        """A process already gone, from its event: the v2 cgroup it was in (opt-outs unknown:
+        its environment went with it)."""
+        path = self._cgroup_ids.path(cgroup)
+        if path is None:
+            return None
+        self.from_event += 1
+        name = comm.split(b"\0", 1)[0].decode(errors="replace")
+        proc, subsystems, runtime_id = self._identify(pid, 0, name, cg.parse_proc_cgroup(f"0::{path}\n"), frozenset())
+        return replace(proc, provisional=provisional), subsystems, runtime_id
+
+    def _identify(self, pid: int, start_ticks: int, comm: str, subsystems: dict[str, str],
+                  opt_out: frozenset[str]) -> tuple[Process, dict[str, str], str | None]:
         path = cg.cgroup_id(subsystems)
         ref = cg.classify(path)
         cid = cg.container_id(ref) if ref else None
@@ -447,7 +472,7 @@ class Registry:
             c = self._by_runtime.get(runtime_id)
             if c is not None:
                 cid = c.id  # its runtime's name, known already
-        proc = Process(pid, start_ticks, comm, path, cid, read_environ_opt_outs(environ))
+        proc = Process(pid, start_ticks, comm, path, cid, opt_out)
         return proc, subsystems, runtime_id
 
     def _new_container(self, proc: Process, subsystems: dict[str, str], runtime_id: str | None) -> Container:

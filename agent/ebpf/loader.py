@@ -26,6 +26,7 @@ from typing import Any
 from agent.component import Component
 from agent.ebpf.headers import HeadersSource
 from agent.ebpf.maps import AttachError, BpfMap, ProgramsClosing
+from agent.ebpf.ringbuf import Batched as Batched
 from agent.ebpf.ringbuf import Ring, RingSet
 from agent.ebpf.ringbuf import supported as bulk_rings_supported
 from agent.metrics import Families
@@ -50,8 +51,9 @@ class Family:
     defines: tuple[str, ...] = ()  # set when the family is compiled in (other files test them)
     requires: tuple[str, ...] = ()  # families compiled in with it (their maps and hooks are used)
     pages: int = 0  # perf buffer pages per CPU when more than the default (ring size is in the C file)
-    # (program array, index, function): perf-event programs the family's programs tail-call
-    tail_calls: tuple[tuple[str, int, str], ...] = ()
+    # (prog array, function, "tracepoint" | "kprobe" | "perf_event"): programs entered only by tail
+    # calls, put in slot 0 of their array right after the compile
+    tail_calls: tuple[tuple[str, str, str], ...] = ()
 
 
 FAMILIES: dict[str, Family] = {
@@ -62,10 +64,12 @@ FAMILIES: dict[str, Family] = {
                  uprobe_functions=tuple(f"ssl_{op}{ex}_{end}" for op in ("write", "read") for ex in ("", "_ex")
                                         for end in ("enter", "exit"))
                  + ("go_tls_write_enter", "go_tls_read_enter", "go_tls_read_return"),  # Go crypto/tls
-                 defines=("CA_L7",), requires=("tcp",), pages=256),
+                 defines=("CA_L7",), requires=("tcp",), pages=256,
+                 tail_calls=(("l7_run_tp", "l7_run_tracepoint", "tracepoint"),
+                             ("l7_run_uprobe", "l7_run_kprobe", "kprobe"))),
     "logs": Family("logs", "logs.c", ("log_events",), "log files opened for writing under /var/log (tracepoint)"),
     "profiler": Family("profiler", "profiler.c", (), "CPU stacks sampled by a cpu-clock perf event",
-                       perf_functions=("on_cpu_sample",), tail_calls=(("native_progs", 0, "on_cpu_unwind"),)),
+                       perf_functions=("on_cpu_sample",), tail_calls=(("native_progs", "on_cpu_unwind", "perf_event"),)),
     "python": Family("python", "python.c", (), "CPython GIL waits: pthread_cond_timedwait in the C library (uprobes)",
                      uprobe_functions=("python_cond_wait_enter", "python_cond_wait_exit")),
     "nodejs": Family("nodejs", "nodejs.c", (), "Node.js event-loop blocked time: libuv's uv__io_poll and I/O callbacks "
@@ -413,12 +417,13 @@ def load(
     took = time.monotonic() - t0
     loaded = Loaded(bpf=bpf, families=families, ringbuf=ringbuf, compile_seconds=took)
     for name in families:
-        for array, index, fn in FAMILIES[name].tail_calls:  # before the programs that call them attach
+        for array, fn, kind in FAMILIES[name].tail_calls:  # before the programs that call them attach
             try:
-                prog = bpf.load_func(fn, BPF.PERF_EVENT)
-                bpf[array][ctypes.c_int(index)] = ctypes.c_int(prog.fd)
+                prog = bpf.load_func(fn, {"tracepoint": BPF.TRACEPOINT, "kprobe": BPF.KPROBE,
+                                             "perf_event": BPF.PERF_EVENT}[kind])
+                bpf[array][ctypes.c_int(0)] = ctypes.c_int(prog.fd)
             except Exception as e:  # noqa: BLE001
-                raise LoadError(f"probe family {name}: cannot load {fn} into {array}[{index}]: {e}") from e
+                raise LoadError(f"probe family {name}: cannot load {fn} into {array}: {e}") from e
     for name in families:
         for fn in FAMILIES[name].perf_functions:
             from bcc import PerfSWConfig, PerfType

@@ -39,6 +39,19 @@ _U32 = struct.Struct("<I")
 Handler = Callable[[bytes], None]
 
 
+@dataclass(frozen=True)
+class Batched:
+    """A handler of many records a call: a drain hands it every record it read in one pass,
+    in order (one Python call for a wake-up's records instead of one each). Called with one
+    record, it handles a list of one (BCC's and the perf buffer's callbacks). It should not
+    raise for one bad record: an exception loses the rest of that call's records (logged)."""
+
+    handle: Callable[[list[bytes]], None]
+
+    def __call__(self, raw: bytes) -> None:
+        self.handle([raw])
+
+
 def supported(machine: str | None = None) -> bool:
     return (machine or platform.machine()) in ("x86_64", "AMD64")
 
@@ -51,7 +64,7 @@ class Ring:
     consumer: mmap.mmap | bytearray
     producer: mmap.mmap | bytes
     size: int
-    handler: Handler
+    handler: Handler | Batched
     data_offset: int = mmap.PAGESIZE
     maps: list[mmap.mmap] = field(default_factory=list)
     # The consumer position as one aligned 64-bit word: a single store publishes it (the kernel
@@ -62,7 +75,7 @@ class Ring:
         self._position = ctypes.c_uint64.from_buffer(self.consumer)
 
     @classmethod
-    def open(cls, fd: int, size: int, handler: Handler) -> Ring:
+    def open(cls, fd: int, size: int, handler: Handler | Batched) -> Ring:
         page = mmap.PAGESIZE
         consumer = mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         try:
@@ -74,6 +87,8 @@ class Ring:
 
     def drain(self) -> int:
         """Hand every committed record to the handler, in order; the number handed."""
+        if isinstance(self.handler, Batched):
+            return self._drain_batched(self.handler.handle)
         consumer, producer, handler = self.consumer, self.producer, self.handler
         mask, base = self.size - 1, self.data_offset
         u64, u32 = _U64.unpack_from, _U32.unpack_from
@@ -98,6 +113,38 @@ class Ring:
             if cons == start:
                 return handed
             self._position.value = cons  # type: ignore[union-attr]  # the kernel may reuse the space from here on
+
+    def _drain_batched(self, handle: Callable[[list[bytes]], None]) -> int:
+        """`drain` for a Batched handler: the records of each pass are copied out, the space
+        given back to the kernel, then handed in one call."""
+        consumer, producer = self.consumer, self.producer
+        mask, base = self.size - 1, self.data_offset
+        u64, u32 = _U64.unpack_from, _U32.unpack_from
+        cons = u64(consumer, 0)[0]
+        handed = 0
+        while True:
+            prod = u64(producer, 0)[0]
+            start = cons
+            batch: list[bytes] = []
+            append = batch.append
+            while cons < prod:
+                at = base + (cons & mask)
+                length = u32(producer, at)[0]
+                if length & BUSY:
+                    break
+                size = length & ~(BUSY | DISCARD)
+                if not length & DISCARD:
+                    append(producer[at + HEADER:at + HEADER + size])
+                cons += (size + HEADER + 7) & ~7
+            if cons == start:
+                return handed
+            self._position.value = cons  # type: ignore[union-attr]  # copied: the kernel may reuse the space
+            if batch:
+                handed += len(batch)
+                try:
+                    handle(batch)
+                except Exception:  # noqa: BLE001 - the next records must still be read (these never again)
+                    log.exception("handling %d ring buffer records", len(batch))
 
     def close(self) -> None:
         self._position = None  # the mapping cannot close while a ctypes view exports it

@@ -6,7 +6,7 @@ spells these numbers; tests/unit/test_l7_contract.py reads the C header and fail
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # Protocol ids (event.protocol)
 HTTP, POSTGRES, REDIS, DNS = 1, 2, 3, 4
@@ -18,6 +18,9 @@ MEMCACHED = 6
 MONGO = 11
 KAFKA = 12
 CASSANDRA = 13
+CLICKHOUSE = 14
+DUBBO2 = 15
+FOUNDATIONDB = 16
 
 # Event flags (event.flags)
 F_OUTBOUND, F_INBOUND, F_TLS, F_COUNTED = 1, 2, 4, 8
@@ -38,12 +41,11 @@ HTTP_STATUS = ("unknown", "1xx", "2xx", "3xx", "4xx", "5xx")  # by the key's sta
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds; Coroot's L7 buckets
 
 # map l7_stats, by index (L7_STAT_*)
-KERNEL_STATS = ("requests", "replaced_unanswered", "paired", "http_counted_in_user_space")
+KERNEL_STATS = ("requests", "replaced_unanswered", "paired", "http_counted_in_user_space", "handoff_lost")
 
 
-@dataclass(frozen=True)
-class Event:
-    """One request/response pair from the kernel."""
+class Event(NamedTuple):
+    """One request/response pair from the kernel (a tuple: made for every event, it must be cheap)."""
 
     start_ns: int
     duration_ns: int
@@ -77,13 +79,19 @@ class Event:
         return len(self.request) if self.size < 0 else self.size
 
 
+_HEADER = EVENT_HEADER.unpack_from
+_RESP_AT = EVENT_HEADER.size
+_REQ_AT = EVENT_HEADER.size + RESP_MAX
+
+
 def unpack(raw: bytes) -> Event:
+    """The event in one record of the kernel's buffer (bytes: its slices are the payloads)."""
     (start, duration, conn_start, pid, fd, proto, flags, req_len, req_size, resp_len,
-     _pmax) = EVENT_HEADER.unpack_from(raw)
-    base = EVENT_HEADER.size
-    resp_len = min(resp_len, RESP_MAX)
-    return Event(start, duration, conn_start, pid, fd, proto, flags,
-                 bytes(raw[base + RESP_MAX:base + RESP_MAX + req_len]), bytes(raw[base:base + resp_len]), req_size)
+     _pmax) = _HEADER(raw)
+    if not isinstance(raw, bytes):
+        raw = bytes(raw)
+    return Event(start, duration, conn_start, pid, fd, proto, flags, raw[_REQ_AT:_REQ_AT + req_len],
+                 raw[_RESP_AT:_RESP_AT + min(resp_len, RESP_MAX)], req_size)
 
 
 def pack(e: Event, payload_max: int = PAYLOAD_DEFAULT) -> bytes:

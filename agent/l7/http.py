@@ -35,7 +35,7 @@ class Response:
 
     @property
     def status_class(self) -> str:
-        return f"{self.status // 100}xx" if 100 <= self.status < 600 else "unknown"
+        return status_class(self.status)
 
 
 def is_request(data: bytes) -> bool:
@@ -101,57 +101,95 @@ def mask_url_path(path: str) -> str:
 
 
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:\s*(\d+)", re.I)
+_METHOD = {m.encode(): m for m in METHODS}
+_VERSION = {b"0": "1.0", b"1": "1.1"}
+# status code -> the metric's status label
+_STATUS_CLASS = {code: f"{code // 100}xx" for code in range(100, 600)}
+# Paths that masking leaves as they are, decoded once: most requests repeat a few paths. A path
+# that masking changes is never kept (its secret or query values stay out of the agent's memory).
+_PLAIN_PATHS: dict[tuple[bytes, bool, bool], str] = {}
+PLAIN_PATHS_MAX = 4096
 
 
-def _next_message(data: bytes, head_end: int, headers: bytes) -> int:
-    """Where the next pipelined message starts: after the headers and any body."""
-    m = _CONTENT_LENGTH.search(headers)
+def status_class(code: int) -> str:
+    return _STATUS_CLASS.get(code, "unknown")
+
+
+def _next_message(data: bytes, start: int, head_end: int) -> int:
+    """Where the next pipelined message starts: after the headers of the one at `start` and any body."""
+    m = _CONTENT_LENGTH.search(data, start, head_end)
     return head_end + 4 + (int(m.group(1)) if m else 0)
+
+
+def _path(raw: bytes, mask: bool, mask_path: bool) -> str:
+    key = (raw, mask, mask_path)
+    path = _PLAIN_PATHS.get(key)
+    if path is not None:
+        return path
+    path = raw.decode("latin-1")
+    masked = path
+    if mask:
+        masked = mask_query(masked)
+    if mask_path:
+        masked = mask_url_path(masked)
+    if masked == path:
+        if len(_PLAIN_PATHS) >= PLAIN_PATHS_MAX:
+            _PLAIN_PATHS.clear()
+        _PLAIN_PATHS[key] = path
+    return masked
+
+
+def request_lines(data: bytes, mask: bool = True, mask_path: bool = True) -> list[tuple[str, str, str]]:
+    """(method, path, version) of every request in the payload, as `parse_requests` finds them."""
+    out: list[tuple[str, str, str]] = []
+    pos = 0
+    size = len(data)
+    try:
+        while pos < size:
+            m = _REQUEST.match(data, pos)
+            if not m:
+                break
+            method, raw, minor = m.group(1, 2, 3)
+            out.append((_METHOD[method], _path(raw, mask, mask_path), _VERSION[minor]))
+            head_end = data.find(b"\r\n\r\n", m.end() - 2)
+            if head_end < 0 or data.find(b" HTTP/1.", head_end + 4) < 0:
+                break  # no other request line can follow (the usual case: one request)
+            pos = _next_message(data, m.start(), head_end)
+    except Exception:  # noqa: BLE001 - garbage in, nothing out
+        return out
+    return out
+
+
+def status_codes(data: bytes) -> list[int]:
+    """The status code of every response in the payload, as `parse_responses` finds them."""
+    out: list[int] = []
+    pos = 0
+    size = len(data)
+    try:
+        while pos < size:
+            m = _RESPONSE.match(data, pos)
+            if not m:
+                break
+            out.append(int(m.group(1)))
+            head_end = data.find(b"\r\n\r\n", m.end() - 2)
+            if head_end < 0 or data.find(b"HTTP/1.", head_end + 4) < 0:
+                break  # no other status line can follow (the usual case: one response)
+            pos = _next_message(data, m.start(), head_end)
+    except Exception:  # noqa: BLE001
+        return out
+    return out
 
 
 def parse_requests(data: bytes, mask: bool = True, mask_path: bool = True) -> list[Request]:
     """Every request in the payload: several when requests are pipelined. `mask`: query-string
     values become `*`; `mask_path`: secret-looking path segments and matrix parameter values
     become `*` (both on by default)."""
-    out: list[Request] = []
-    pos = 0
-    try:
-        while pos < len(data):
-            m = _REQUEST.match(data, pos)
-            if not m:
-                break
-            path = m.group(2).decode("latin-1")
-            if mask:
-                path = mask_query(path)
-            if mask_path:
-                path = mask_url_path(path)
-            out.append(Request(m.group(1).decode(), path, "1." + m.group(3).decode()))
-            head_end = data.find(b"\r\n\r\n", m.end() - 2)
-            if head_end < 0:
-                break
-            pos = _next_message(data, head_end, data[m.start():head_end])
-    except Exception:  # noqa: BLE001 - garbage in, nothing out
-        return out
-    return out
+    return [Request(*line) for line in request_lines(data, mask, mask_path)]
 
 
 def parse_responses(data: bytes) -> list[Response]:
     """Every response status in the payload (pipelined responses follow each other)."""
-    out: list[Response] = []
-    pos = 0
-    try:
-        while pos < len(data):
-            m = _RESPONSE.match(data, pos)
-            if not m:
-                break
-            out.append(Response(int(m.group(1))))
-            head_end = data.find(b"\r\n\r\n", m.end() - 2)
-            if head_end < 0:
-                break
-            pos = _next_message(data, head_end, data[m.start():head_end])
-    except Exception:  # noqa: BLE001
-        return out
-    return out
+    return [Response(code) for code in status_codes(data)]
 
 
 class Http(p.Protocol):
@@ -168,17 +206,27 @@ class Http(p.Protocol):
 
     def parse(self, conn: p.ConnKey, request: bytes, response: bytes, seconds: float) -> list[p.Request]:
         m = self.settings.masks
-        reqs = parse_requests(request, mask=m.url_query, mask_path=m.url_path)
-        resps = parse_responses(response)
-        out = []
-        for i, q in enumerate(reqs or [None]):
-            code = resps[i].status if i < len(resps) else 0
-            status = resps[i].status_class if i < len(resps) else "unknown"
-            out.append(p.Request(self.id, status, seconds, q.method if q else "", q.path if q else "", code))
-        return out
+        q, r = _REQUEST.match(request), _RESPONSE.match(response)
+        if q is not None and r is not None:  # the usual pair, when nothing after either reads like a next message
+            q_end, r_end = request.find(b"\r\n\r\n", q.end() - 2), response.find(b"\r\n\r\n", r.end() - 2)
+            if ((q_end < 0 or request.find(b" HTTP/1.", q_end + 4) < 0)
+                    and (r_end < 0 or response.find(b"HTTP/1.", r_end + 4) < 0)):
+                method, raw, _minor = q.group(1, 2, 3)
+                code = int(r.group(1))
+                return [p.Request(self.id, _STATUS_CLASS.get(code, "unknown"), seconds, _METHOD[method],
+                                  _path(raw, m.url_query, m.url_path), code)]
+        reqs = request_lines(request, m.url_query, m.url_path)
+        codes = status_codes(response)
+        n = len(codes)
+        if not reqs:
+            return [p.Request(self.id, _STATUS_CLASS.get(codes[0], "unknown") if n else "unknown", seconds, "", "",
+                              codes[0] if n else 0)]
+        return [p.Request(self.id, _STATUS_CLASS.get(codes[i], "unknown") if i < n else "unknown", seconds, method,
+                          path, codes[i] if i < n else 0)
+                for i, (method, path, _v) in enumerate(reqs)]
 
     def span(self, r: p.Request, peer: p.Peer, tls: bool) -> p.Span | None:
-        if r.path.partition("?")[0] in self.settings.exclude_paths:
+        if self.settings.exclude_paths and r.path.partition("?")[0] in self.settings.exclude_paths:
             return None
         attrs = {"http.url": f"{'https' if tls else 'http'}://{peer.destination}{r.path}",
                  "http.method": r.method}

@@ -53,7 +53,7 @@ class Peer:
     """The connection a span was made on, as the span shows it."""
 
     destination: str  # host:port as dialled
-    name: str  # the FQDN a DNS answer gave the address, or the address
+    name: str  # net.peer.name: the address (not the name a DNS answer gave it)
     port: int
     actual_ip: str  # after NAT (conntrack)
 
@@ -119,8 +119,9 @@ class Protocol:
         return b""
 
     # Plug-ins with their own metrics (stem None) --------------------------------------
-    def record(self, container_id: str, requests: list[Request]) -> None:
-        """Count requests of a container (called with the tracer's lock held)."""
+    def record(self, container_id: str, requests: list[Request], outbound: bool = True) -> None:
+        """Count requests of a container, made by it (`outbound`) or served by it (called with
+        the tracer's lock held)."""
 
     def collect(self, f: Families, apps: dict[str, str]) -> None:
         """Series of the plug-in's own metrics for containers in `apps` (id -> app_id)."""

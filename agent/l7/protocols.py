@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from agent.l7 import (
     cassandra,
+    clickhouse,
     dns,
+    dubbo2,
+    foundationdb,
     http,
     http2,
     kafka,
@@ -24,4 +27,5 @@ from agent.l7.protocol import Protocol
 PLUGINS: tuple[type[Protocol], ...] = (http.Http, postgres.Postgres, redis.Redis, dns.Dns, http2.Http2,
                                       nats.Nats, rabbitmq.Rabbitmq, zookeeper.Zookeeper, mysql.Mysql,
                                       memcached.Memcached, mongo.Mongo, kafka.Kafka,
-                                      cassandra.Cassandra)
+                                      cassandra.Cassandra, clickhouse.Clickhouse, dubbo2.Dubbo2,
+                                      foundationdb.FoundationDB)

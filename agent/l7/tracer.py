@@ -34,7 +34,7 @@ from agent.containers.cgroup import service_name
 from agent.containers.registry import Container, Process, rekey
 from agent.ebpf.maps import BpfMap, Programs
 from agent.l7 import contract
-from agent.l7.contract import HTTP, HTTP_STATUS, KERNEL_STATS
+from agent.l7.contract import F_COUNTED, F_OUTBOUND, F_TLS, HTTP, HTTP_STATUS, KERNEL_STATS
 from agent.l7.dns import Dns
 from agent.l7.hist import Hist
 from agent.l7.protocol import Masks, Peer, Request, Settings, Stem
@@ -46,10 +46,13 @@ from agent.sinks import schema
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Hist", "L7Tracer", "Masks"]
+__all__ = ["Hist", "L7Tracer", "Masks", "SpanColumns"]
 
 MAX_DEFERRED = 10_000
+MAX_CACHED = 10_000  # span peers and resources kept for the next spans (cleared when full)
 UNKNOWN_GRACE = 10.0  # seconds an l7_http connection may wait for its connect event
+DEFER_GRACE = 3.0  # seconds an event may wait for its connection or process (over several ticks)
+FQDN_GC_SECONDS = 600.0  # ip_to_fqdn keeps addresses connected to within this (the node agent's gcInterval)
 RESOLVE_EVERY = 0.05  # seconds: at most this often a request resolves its connection's NAT at once
 
 
@@ -61,6 +64,8 @@ class Connections(Protocol):
     def is_open(self, pid: int, fd: int, start_ns: int) -> bool: ...
 
     def resolve_pending(self) -> None: ...
+
+    def destination_ips(self, since: float) -> set[str]: ...
 
 
 class Containers(Protocol):
@@ -78,11 +83,64 @@ class Containers(Protocol):
 
 
 class Sink(Protocol):
+    """The storage sink (agent/sinks/batcher.py Sink). One that also has `add_columns(table,
+    columns)` takes each batch of spans as columns in one call; else a row at a time."""
+
     def add(self, table: str, row: tuple[Any, ...]) -> None: ...
 
 
 OutKey = tuple[str, int, str, str, str, str]  # container, protocol, destination, actual, status, method
 InKey = tuple[str, int, str]  # container, protocol, status
+
+
+class SpanColumns:
+    """otel_traces rows being made, a list per column: one append per value, no row object.
+    Trace and span ids are drawn for all of them at once when the columns are taken."""
+
+    __slots__ = ("timestamps", "names", "services", "resources", "attributes", "durations", "statuses",
+                 "messages")
+
+    def __init__(self) -> None:
+        self.timestamps: list[int] = []
+        self.names: list[str] = []
+        self.services: list[str] = []
+        self.resources: list[dict[str, str]] = []
+        self.attributes: list[dict[str, str]] = []
+        self.durations: list[int] = []
+        self.statuses: list[str] = []
+        self.messages: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.timestamps)
+
+    def add(self, ts: int, name: str, service: str, resource: dict[str, str], attributes: dict[str, str],
+            duration: int, status: str, message: str) -> None:
+        self.timestamps.append(ts)
+        self.names.append(name)
+        self.services.append(service)
+        self.resources.append(resource)
+        self.attributes.append(attributes)
+        self.durations.append(duration)
+        self.statuses.append(status)
+        self.messages.append(message)
+
+    def columns(self) -> list[list[Any]]:
+        """Every insert column of otel_traces (agent/sinks/schema.py), in its order."""
+        n = len(self.timestamps)
+        ids = random.randbytes(24 * n).hex()  # 32 hex digits of trace id, then 16 of span id, per span
+        return schema.columns("otel_traces", {
+            "Timestamp": self.timestamps,
+            "TraceId": [ids[i:i + 32] for i in range(0, 48 * n, 48)],
+            "SpanId": [ids[i:i + 16] for i in range(32, 48 * n, 48)],
+            "SpanName": self.names,
+            "SpanKind": ["SPAN_KIND_CLIENT"] * n,
+            "ServiceName": self.services,
+            "ResourceAttributes": self.resources,
+            "SpanAttributes": self.attributes,
+            "Duration": self.durations,
+            "StatusCode": self.statuses,
+            "StatusMessage": self.messages,
+        }, n)
 
 
 class L7Tracer(Component):
@@ -100,19 +158,21 @@ class L7Tracer(Component):
         self.host_id = host_id
         settings = Settings(masks=masks or Masks(), exclude_paths=frozenset(exclude_paths), max_fqdns=max_fqdns)
         self.plugins: dict[int, Plugin] = {cls.id: cls(settings) for cls in PLUGINS}
-        dns = self.plugins[contract.DNS]
-        assert isinstance(dns, Dns)
-        self._dns = dns  # names span peers from its answers
+        self._next_fqdn_gc = 0.0
         self._lock = threading.Lock()
         self._out: dict[OutKey, Hist] = defaultdict(Hist)
         self._in: dict[InKey, Hist] = defaultdict(Hist)
-        # events (and what a stream plug-in decoded of them) waiting for their connection or process, once
-        self._deferred: list[tuple[contract.Event, list[Request] | None]] = []
+        # events (and what a stream plug-in decoded of them) waiting for their connection or process,
+        # with when they first waited
+        self._deferred: list[tuple[contract.Event, list[Request] | None, float]] = []
         self._http: BpfMap | None = None  # the kernel's l7_http map
         self._stats: BpfMap | None = None  # the kernel's l7_stats counters
         self._unknown: dict[tuple[int, int, int], float] = {}  # l7_http connections not seen yet
         self._last_resolve = 0.0
         self._clock_offset = time.time_ns() - time.monotonic_ns()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
+        self._spans = SpanColumns()  # spans made since the last hand-over to the sink
+        self._peers: dict[tuple[str, str, int, str | None], tuple[Peer, dict[str, str]]] = {}
+        self._resources: dict[str, tuple[str, dict[str, str]]] = {}  # container -> service.name, resource
         self.requests = 0
         self.spans_written = 0
         self.unattributed = 0
@@ -131,6 +191,14 @@ class L7Tracer(Component):
         self.forget_containers(gone)
         self.retry_deferred()
         self.fold_closed()
+        if now >= self._next_fqdn_gc:
+            if self._next_fqdn_gc:  # the first tick only starts the clock, as the node agent's ticker
+                active = self.tcp.destination_ips(now - FQDN_GC_SECONDS)
+                dns = self.plugins[contract.DNS]
+                if isinstance(dns, Dns):
+                    with self._lock:
+                        dns.gc(active)
+            self._next_fqdn_gc = now + FQDN_GC_SECONDS
 
     def close(self) -> None:
         """Nothing reads the kernel's maps after this (they are freed next)."""
@@ -151,22 +219,49 @@ class L7Tracer(Component):
     # --------------------------------------------------------------- events --
 
     def handle_event(self, raw: bytes) -> None:
+        """One record of the kernel's buffer (an exception is the caller's)."""
         with self._lock:
-            e = contract.unpack(raw)
-            plugin = self.plugins.get(e.protocol)
-            if plugin is None or (plugin.stem is not None and not plugin.stem.inbound and not e.outbound):
-                return
-            decoded = None
-            if plugin.streaming:  # its calls are parsed in order now; what they complete waits if need be
-                client = e.written == e.outbound
-                data = e.response + e.request  # a stream event's bytes: resp[] first (contract.h)
-                decoded = plugin.feed((e.pid, e.fd, e.conn_start), client, e.start_ns, data, e.call_size)
-                if not decoded:
-                    return
-            self._handle(e, plugin, decoded, retry=0)
+            try:
+                self._event(contract.unpack(raw))
+            finally:
+                self._flush_spans()
 
-    def _handle(self, e: contract.Event, plugin: Plugin, decoded: list[Request] | None, retry: int) -> None:
-        outbound = e.outbound and plugin.stem is not None  # DNS: counted for the client's container
+    def handle_events(self, records: list[bytes]) -> None:
+        """The records of one read of the kernel's buffer (agent/ebpf/ringbuf.py Batched), in
+        order: one lock for all of them, and their spans handed to the sink as one batch of
+        columns. A record that fails is logged and the others are handled."""
+        unpack, event = contract.unpack, self._event
+        with self._lock:
+            try:
+                for raw in records:
+                    try:
+                        event(unpack(raw))
+                    except Exception:  # noqa: BLE001 - one bad event must not stop the others
+                        log.exception("handling an L7 event")
+            finally:
+                self._flush_spans()
+
+    def _event(self, e: contract.Event) -> None:
+        plugin = self.plugins.get(e.protocol)
+        if plugin is None or (plugin.stem is not None and not plugin.stem.inbound and not e.flags & F_OUTBOUND):
+            return
+        decoded = None
+        if plugin.streaming:  # its calls are parsed in order now; what they complete waits if need be
+            client = e.written == e.outbound
+            data = e.response + e.request  # a stream event's bytes: resp[] first (contract.h)
+            decoded = plugin.feed((e.pid, e.fd, e.conn_start), client, e.start_ns, data, e.call_size)
+            if not decoded:
+                return
+        self._handle(e, plugin, decoded)
+
+    def _handle(self, e: contract.Event, plugin: Plugin, decoded: list[Request] | None,
+                since: float | None = None) -> None:
+        """`since`: when the event was first deferred (None: it is new). An event waits for its
+        connection or process at most DEFER_GRACE seconds, over several ticks: its connect event
+        can be read after it (the two travel in different buffers, and one poll pass reads the
+        TCP buffer before the L7 one), and then after the tick that retries it."""
+        flags = e.flags
+        outbound = bool(flags & F_OUTBOUND) and plugin.stem is not None  # DNS: counted for the client's container
         conn: Conn | None = None
         if outbound:  # the container that made the connection, even if the process is gone
             conn = self.tcp.connection(e.pid, e.fd, e.conn_start)
@@ -176,17 +271,14 @@ class L7Tracer(Component):
                     self._last_resolve = now
                     self.tcp.resolve_pending()
             if conn is None or conn.actual is None:
-                if retry == 0:
-                    self._defer(e, decoded)
-                elif conn is None:
+                if not self._defer(e, decoded, since) and conn is None:
                     self.unattributed += 1
                 return
             c = self.registry.container(conn.container_id)
         else:
             c = self.registry.container_of_recent(e.pid)
-            if c is None and retry == 0 and self.registry.process(e.pid) is None:
-                self._defer(e, decoded)  # the process's exec event may still be in its buffer
-                return
+            if c is None and self.registry.process(e.pid) is None and self._defer(e, decoded, since):
+                return  # the process's exec event may still be in its buffer
         if c is None:
             return
         requests = decoded if decoded is not None else plugin.parse(
@@ -195,9 +287,10 @@ class L7Tracer(Component):
             return
         if plugin.stem is None:
             self.requests += len(requests)
-            plugin.record(c.id, requests)
+            plugin.record(c.id, requests, e.outbound)
             return
-        if not e.counted:  # a counted (HTTP) event is here for its span only
+        counted = bool(flags & F_COUNTED)
+        if not counted:  # a counted (HTTP) event is here for its span only
             self.requests += len(requests)
             if not outbound:
                 for r in requests:
@@ -211,60 +304,95 @@ class L7Tracer(Component):
                 self._out[key].observe(r.duration)
         if outbound and self.spans and "traces" not in c.opt_out:
             assert conn is not None
+            tls = bool(flags & F_TLS)
             for r in requests:
-                self._span(plugin, c.id, service_name(c.id), conn, r, r.start_ns or e.start_ns, e.tls,
-                           sampled=e.counted)
+                self._span(plugin, c.id, conn, r, r.start_ns or e.start_ns, tls, sampled=counted)
 
-    def _defer(self, e: contract.Event, decoded: list[Request] | None) -> None:
+    def _defer(self, e: contract.Event, decoded: list[Request] | None, since: float | None) -> bool:
+        """Keep the event for the next ticks; False when it has waited DEFER_GRACE already."""
+        now = time.monotonic()
+        if since is not None and now - since >= DEFER_GRACE:
+            return False
         if len(self._deferred) >= MAX_DEFERRED:
             self._deferred.pop(0)
             self.deferred_dropped += 1
-        self._deferred.append((e, decoded))
+        self._deferred.append((e, decoded, now if since is None else since))
+        return True
 
     def retry_deferred(self) -> None:
-        """Events that waited for their connection or process: handled now, or dropped. The
-        connections they wait for are resolved first: one that came after the last resolution
-        would otherwise still have no actual destination, and its requests would be lost."""
+        """Events that waited for their connection or process: handled now, kept for the next
+        tick (up to DEFER_GRACE seconds after they came), or dropped. The connections they wait
+        for are resolved first: one that came after the last resolution would otherwise still
+        have no actual destination, and its requests would be lost."""
         with self._lock:
             todo, self._deferred = self._deferred, []
             if todo:
                 self._last_resolve = time.monotonic()
                 self.tcp.resolve_pending()
-            for e, decoded in todo:
-                self._handle(e, self.plugins[e.protocol], decoded, retry=1)
+            try:
+                for e, decoded, since in todo:
+                    self._handle(e, self.plugins[e.protocol], decoded, since)
+            finally:
+                self._flush_spans()
 
     # ---------------------------------------------------------------- spans --
 
-    def _span(self, plugin: Plugin, cid: str, app: str, conn: Conn, r: Request, start_mono: int, tls: bool,
+    def _span(self, plugin: Plugin, cid: str, conn: Conn, r: Request, start_mono: int, tls: bool,
               sampled: bool = False) -> None:
         if not sampled and self.sampling < 1.0 and random.random() >= self.sampling:
             return
-        actual = conn.actual or conn.destination
-        peer = Peer(conn.destination, self._dns.fqdn.get(conn.dst, conn.dst), conn.dport,
-                    actual.rpartition(":")[0].strip("[]"))
+        peer, peer_attrs = self._peer(conn)
         span = plugin.span(r, peer, tls)
         if span is None:
             return
-        attrs = {"net.peer.name": peer.name, "net.peer.port": str(peer.port), "net.sock.peer.addr": peer.actual_ip}
+        attrs = peer_attrs.copy()
         if tls:
             attrs["tls"] = "true"
         attrs.update(span.attributes)
-        resource = {"host.name": self.hostname, "host.id": self.host_id, "service.name": app, "container.id": cid}
-        assert self.sink is not None
-        self.sink.add("otel_traces", schema.row("otel_traces", {
-            "Timestamp": start_mono + self._clock_offset,
-            "TraceId": f"{random.getrandbits(128):032x}",
-            "SpanId": f"{random.getrandbits(64):016x}",
-            "SpanName": span.name,
-            "SpanKind": "SPAN_KIND_CLIENT",
-            "ServiceName": app,
-            "ResourceAttributes": resource,
-            "SpanAttributes": attrs,
-            "Duration": int(r.duration * 1e9),
-            "StatusCode": span.status,
-            "StatusMessage": span.message,
-        }))
+        hit = self._resources.get(cid)
+        if hit is None:
+            app = service_name(cid)
+            hit = (app, {"host.name": self.hostname, "host.id": self.host_id, "service.name": app, "container.id": cid})
+            if len(self._resources) >= MAX_CACHED:
+                self._resources.clear()
+            self._resources[cid] = hit
+        self._spans.add(start_mono + self._clock_offset, span.name, hit[0], hit[1], attrs, int(r.duration * 1e9),
+                        span.status, span.message)
         self.spans_written += 1
+
+    def _peer(self, conn: Conn) -> tuple[Peer, dict[str, str]]:
+        """The peer spans on `conn` show, and its span attributes (copied by each span)."""
+        # the address, never a DNS name: the node agent's net.peer.name is an address unless it
+        # folded the destination into its domain (several public addresses, common.NewDestinationKey),
+        # and the server finds a service's client spans by its listen addresses (inboundSpansFilter)
+        name = conn.dst
+        key = (conn.destination, name, conn.dport, conn.actual)
+        hit = self._peers.get(key)
+        if hit is None:
+            actual = conn.actual or conn.destination
+            peer = Peer(conn.destination, name, conn.dport, actual.rpartition(":")[0].strip("[]"))
+            hit = (peer, {"net.peer.name": peer.name, "net.peer.port": str(peer.port),
+                          "net.sock.peer.addr": peer.actual_ip})
+            if len(self._peers) >= MAX_CACHED:
+                self._peers.clear()
+            self._peers[key] = hit
+        return hit
+
+    def _flush_spans(self) -> None:
+        """The spans made so far go to the sink: as one batch of columns when it takes them."""
+        spans = self._spans
+        if not spans.timestamps:
+            return
+        self._spans = SpanColumns()
+        sink = self.sink
+        assert sink is not None
+        columns = spans.columns()
+        add_columns = getattr(sink, "add_columns", None)
+        if add_columns is not None:
+            add_columns("otel_traces", columns)
+            return
+        for row in zip(*columns, strict=True):
+            sink.add("otel_traces", row)
 
     # ------------------------------------------------ the kernel's HTTP counts --
 
@@ -425,7 +553,8 @@ class L7Tracer(Component):
         f.counter("coroot_agent_l7_requests_total", "L7 requests decoded from the kernel's pairs", self.requests)
         for what, n in self.kernel_stats().items():
             f.counter("coroot_agent_l7_kernel_total", "the kernel side's request accounting: requests recognised, "
-                      "requests that replaced an unanswered one, pairs made, HTTP requests its map had no room for",
+                      "requests that replaced an unanswered one, pairs made, HTTP requests its map had no room for, "
+                      "reads/writes whose tail call into the L7 program failed",
                       n, what=what)
         f.counter("coroot_agent_l7_spans_total", "spans handed to the store", self.spans_written)
         f.counter("coroot_agent_l7_unattributed_total",

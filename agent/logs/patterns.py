@@ -3,7 +3,8 @@
 Level: from a JSON `level`-like field, a journald PRIORITY, or an explicit level word near the
 start of the line; Coroot's lower-case values (critical, error, warning, info, debug, unknown).
 
-Pattern: the message's words as the node agent's log parser takes them (coroot/logparser
+Pattern (critical, error and warning messages only; the other levels have none, as in
+logparser's Parser.inc): the message's words as the node agent's log parser takes them (coroot/logparser
 pattern.go, read at v1.2.2; the node agent pins v1.3.2), grouped with weakly equal word lists
 (same length, at most one word different) of the same level. Each container keeps at most `cap`
 patterns per level; later ones fall into that level's "unclassified" pattern, named as the node
@@ -18,6 +19,10 @@ import re
 from dataclasses import dataclass, field
 
 UNCLASSIFIED_HASH = "0" * 32
+# logparser (Parser.inc) makes no pattern of these levels' messages: they count under one series
+# per level with an empty pattern_hash and sample, and their records carry an empty pattern.hash;
+# critical, error and warning messages get their pattern's hash.
+UNPATTERNED_LEVELS = frozenset({"unknown", "debug", "info"})
 UNCLASSIFIED_SAMPLE = "unclassified pattern (pattern limit reached)"
 LEVELS = ("critical", "error", "warning", "info", "debug", "unknown")
 SEVERITY_NUMBER = {"critical": 21, "error": 17, "warning": 13, "info": 9, "debug": 5, "unknown": 0}
@@ -140,6 +145,9 @@ class Pattern:
     sample: str
 
 
+NO_PATTERN = Pattern([], "", "")  # what a message of UNPATTERNED_LEVELS matches
+
+
 @dataclass
 class PatternSet:
     """One container's patterns, per level: a message joins the pattern of its level with its
@@ -151,6 +159,8 @@ class PatternSet:
     count: int = 0
 
     def match(self, message: str, level: str = "unknown") -> Pattern:
+        if level in UNPATTERNED_LEVELS:
+            return NO_PATTERN
         words = pattern_words(message)
         h = pattern_hash(words)
         patterns = self.by_level.setdefault(level, {})

@@ -115,6 +115,7 @@ class TcpTracker(Component):
         # kernel `tcp_connects` entry (tgid, family, daddr, dport) -> (failed, lost, lost_ns) folded so far
         self._folded: dict[tuple[int, int, bytes, int], tuple[int, int, int]] = {}
         self._last_actual: dict[tuple[str, str], str] = {}  # (container, destination) -> actual
+        self._attempts: dict[str, float] = {}  # destination IP -> monotonic time of its last connect attempt
         self._unknown_pids: set[int] = set()  # processes with connects the registry lacks
         self._retry: list[bytes] = []  # their connect events, handled once more after it read them
         self.events = 0
@@ -159,11 +160,17 @@ class TcpTracker(Component):
                 if not tracked:
                     return
                 c = self.registry.container_of_recent(pid)  # it may have exited since
-                if c is None:
-                    if not retry and self.registry.process(pid) is None and len(self._retry) < MAX_RETRY:
-                        self._retry.append(raw)  # its exec event is late or lost: once more after
-                        self._unknown_pids.add(pid)  # the registry has read it
+                known = self.registry.process(pid)
+                # not known yet, or only from its fork (its exec may move it): its exec event is
+                # late or lost; once more after the registry has read it
+                unsure = known is None if c is None else known is not None and known.provisional
+                if unsure and not retry and len(self._retry) < MAX_RETRY:
+                    self._retry.append(raw)
+                    self._unknown_pids.add(pid)
                     return
+                if c is None:
+                    return
+                self._attempts[dst] = time.monotonic()
                 if kind == EV_CONNECT_FAILED:  # only when the kernel's map had no room for it
                     self._failed[(c.id, dst_ep)] += 1
                     return
@@ -271,6 +278,15 @@ class TcpTracker(Component):
                 ip = conn.dst if conn.actual == conn.destination else conn.actual.rpartition(":")[0].strip("[]")
                 out.setdefault((conn.container_id, conn.netns, ip), conn.pid)
         return [(cid, netns, pid, ip) for (cid, netns, ip), pid in out.items()]
+
+    def destination_ips(self, since: float) -> set[str]:
+        """The IPs of tracked destinations with a connect attempt at or after `since` (monotonic)
+        or an open connection: what the node agent's registry keeps ip_to_fqdn entries for
+        (containers/registry.go:194-226, lastConnectionAttempts). Older attempts are forgotten."""
+        with self._lock:
+            for ip in [ip for ip, at in self._attempts.items() if at < since]:
+                del self._attempts[ip]
+            return set(self._attempts) | {conn.dst for conn in self._conns.values()}
 
     def on_process(self, what: str, proc: Process) -> None:
         """Registry listener: a process that exited takes its connections and listens along.
@@ -390,8 +406,9 @@ class TcpTracker(Component):
                 continue
             before = self._folded.get(key, (0, 0, 0))
             if now != before:
-                tracked, _dst, dst_ep = self._destination(family, daddr, dport)
+                tracked, dst_ip, dst_ep = self._destination(family, daddr, dport)
                 if tracked:
+                    self._attempts[dst_ip] = time.monotonic()
                     if now[0] > before[0]:
                         self._failed[(c.id, dst_ep)] += now[0] - before[0]
                     if now[1] > before[1]:

@@ -9,7 +9,9 @@ or spools what it cannot write; while the store is failing (its backoff has not 
 spools at once, without waiting for the store again.
 
 Rows are tuples in the table's insert order: producers build them by column name with
-agent/sinks/schema.py `row()`. A component (agent/component.py): started, self-metrics, closed.
+agent/sinks/schema.py `row()`. A producer of many rows at once hands them as columns
+(`add_columns`, built with schema.py `columns()`): the batch then stays columns, and the store
+takes them as they are. A component (agent/component.py): started, self-metrics, closed.
 """
 
 from __future__ import annotations
@@ -35,10 +37,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Batch:
+    """Rows of one table: as tuples (`rows`), or as columns (`columns`, one list per insert
+    column) once a producer handed columns."""
+
     table: str
     created: float
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     rows: list[Sequence[Any]] = field(default_factory=list)
+    columns: list[list[Any]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.columns[0]) if self.columns is not None else len(self.rows)
 
 
 @dataclass
@@ -92,13 +101,38 @@ class Sink(Component):
             b = self._open.get(table)
             if b is None:
                 b = self._open[table] = Batch(table, self._clock())
-            b.rows.append(row)
-            if len(b.rows) >= self.max_rows:
+            if b.columns is not None:
+                for col, v in zip(b.columns, row, strict=True):
+                    col.append(v)
+            else:
+                b.rows.append(row)
+            if len(b) >= self.max_rows:
                 self._seal_locked(b)
 
     def add_many(self, table: str, rows: Sequence[Sequence[Any]]) -> None:
         for row in rows:
             self.add(table, row)
+
+    def add_columns(self, table: str, columns: Sequence[list[Any]]) -> None:
+        """Queue rows given as columns (one list per column, in `columns(table)` order, all as
+        long). Never blocks on the store; a batch is still sealed at `max_rows` (it may pass it
+        by the rows of this call)."""
+        if len(columns) != len(self._columns[table]):
+            raise ValueError(f"{table}: {len(columns)} columns, expected {len(self._columns[table])}")
+        if not columns[0]:
+            return
+        with self._lock:
+            b = self._open.get(table)
+            if b is None:
+                b = self._open[table] = Batch(table, self._clock(), columns=[list(c) for c in columns])
+            else:
+                if b.columns is None:  # rows so far: the batch becomes columns
+                    b.columns = [list(c) for c in zip(*b.rows, strict=True)] if b.rows else [[] for _ in columns]
+                    b.rows = []
+                for have, more in zip(b.columns, columns, strict=True):
+                    have.extend(more)
+            if len(b) >= self.max_rows:
+                self._seal_locked(b)
 
     def _seal_locked(self, b: Batch) -> None:
         del self._open[b.table]
@@ -150,7 +184,7 @@ class Sink(Component):
                 self.stats.dropped[entry.tag] += entry.count
                 self.spool.remove(entry)
                 continue
-            if not self._write(data["table"], data["columns"], data["rows"], data["token"]):
+            if not self._write(data["table"], data["columns"], data.get("rows"), data["token"], data.get("data")):
                 self._spool_ready()
                 return
             self.spool.remove(entry)
@@ -170,15 +204,23 @@ class Sink(Component):
                 if not self._ready:
                     return
                 b = self._ready.popleft()
-            if not self._write(b.table, self._columns[b.table], b.rows, b.token):
+            if not self._write(b.table, self._columns[b.table], b.rows, b.token, b.columns):
                 with self._lock:
                     self._ready.appendleft(b)
                 self._spool_ready()
                 return
 
-    def _write(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], token: str) -> bool:
+    def _write(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]] | None, token: str,
+               data: Sequence[Sequence[Any]] | None = None) -> bool:
+        """Insert rows, or columns (`data`) when given."""
         try:
-            self.store.insert(table, columns, rows, token)
+            if data is not None:
+                self.store.insert_columns(table, columns, data, token)
+                n = len(data[0]) if data else 0
+            else:
+                assert rows is not None
+                self.store.insert(table, columns, rows, token)
+                n = len(rows)
         except StoreError as e:
             self.stats.errors += 1
             if str(e) != self.stats.last_error:
@@ -191,7 +233,7 @@ class Sink(Component):
             log.info("store: writing again after %s", self.stats.last_error or "an error")
         self._delay = 0.0
         self.stats.last_error = ""
-        self.stats.written[table] += len(rows)
+        self.stats.written[table] += n
         self.stats.last_success = time.time()
         return True
 
@@ -204,14 +246,20 @@ class Sink(Component):
 
     def _to_spool(self, b: Batch) -> None:
         # marshal: several times faster than JSON for rows of tuples, dicts and lists, and it
-        # builds plain data only (never arbitrary objects, unlike pickle).
-        payload = marshal.dumps({"table": b.table, "columns": self._columns[b.table], "rows": b.rows,
-                                 "token": b.token}, 4)
-        for dropped in self.spool.push(b.table, len(b.rows), payload):
+        # builds plain data only (never arbitrary objects, unlike pickle). A batch of columns
+        # is spooled as columns ("data"), one of rows as rows.
+        entry: dict[str, Any] = {"table": b.table, "columns": self._columns[b.table], "token": b.token}
+        if b.columns is not None:
+            entry["data"] = b.columns
+        else:
+            entry["rows"] = b.rows
+        n = len(b)
+        payload = marshal.dumps(entry, 4)
+        for dropped in self.spool.push(b.table, n, payload):
             self.stats.dropped[dropped.tag] += dropped.count
             log.warning("store spool full (%d bytes): dropped a batch of %d %s rows",
                         self.spool.max_bytes, dropped.count, dropped.tag)
-        self.stats.spooled[b.table] += len(b.rows)
+        self.stats.spooled[b.table] += n
 
     def close(self) -> None:
         """Stop the thread and write everything (or spool it for the next start): without
@@ -227,7 +275,7 @@ class Sink(Component):
 
     def pending_rows(self) -> int:
         with self._lock:
-            return sum(len(b.rows) for b in self._open.values()) + sum(len(b.rows) for b in self._ready)
+            return sum(len(b) for b in self._open.values()) + sum(len(b) for b in self._ready)
 
     def self_metrics(self, f: Families) -> None:
         s = self.stats

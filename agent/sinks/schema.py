@@ -343,6 +343,22 @@ def row(table: str, values: Mapping[str, Any]) -> tuple[Any, ...]:
     return b(values)
 
 
+def columns(table: str, values: Mapping[str, list[Any]], n: int) -> list[list[Any]]:
+    """`n` rows of `table` (one of WRITTEN) as columns in insert order, from lists named by
+    column. A column left out holds its type's default in every row: one object, shared (the
+    store only reads them). A name the table does not have, or a list of another length, is an
+    error."""
+    b = _BUILDERS.get(table)
+    if b is None:
+        b = _BUILDERS[table] = RowBuilder(table)
+    for name, col in values.items():
+        if name not in b._index:
+            raise KeyError(f"{table} has no column {name!r}")
+        if len(col) != n:
+            raise ValueError(f"{table}.{name}: {len(col)} values for {n} rows")
+    return [values[name] if name in values else [d] * n for name, d in zip(b.columns, b._defaults, strict=True)]
+
+
 def _ident(name: str) -> str:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise ValueError(f"not a plain ClickHouse identifier: {name!r}")

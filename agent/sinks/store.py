@@ -383,14 +383,18 @@ class Store:
     def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], token: str) -> None:
         """Insert one batch. `token` makes a retried batch count once. A store that was not
         reachable at start-up gets its schema first."""
+        # column-oriented: measured ~15% faster than row-oriented for span batches; the
+        # columns are zip's tuples, not copied again into lists
+        data: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [[] for _ in columns]
+        self.insert_columns(table, columns, data, token)
+
+    def insert_columns(self, table: str, columns: Sequence[str], data: Sequence[Sequence[Any]], token: str) -> None:
+        """`insert` of a batch given as columns: one sequence of values per column."""
         if not self._migrated:
             self.migrate()
         with self._lock:
             client = self._need()
             try:
-                # column-oriented: measured ~15% faster than row-oriented for span batches; the
-                # columns are zip's tuples, not copied again into lists
-                data: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [[] for _ in columns]
                 client.insert(f"{self.database}.{table}", data, column_names=list(columns),
                               column_oriented=True, settings={"insert_deduplication_token": token,
                                         "deduplicate_blocks_in_dependent_materialized_views": 1})

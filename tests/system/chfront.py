@@ -18,7 +18,10 @@ import base64
 import gzip
 import os
 import re
+import shutil
+import signal
 import ssl
+import sys
 import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -178,7 +181,11 @@ def main() -> None:
         ctx.load_cert_chain(args.certfile, args.keyfile)
         server.socket = ctx.wrap_socket(server.socket, server_side=True)
     print(f"chfront listening on {args.port}", flush=True)
-    server.serve_forever()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the fixture stops it so: clean up below
+    try:
+        server.serve_forever()
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
 
 
 def _bind(sql: str, params: dict[str, str]) -> str:

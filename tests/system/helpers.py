@@ -61,6 +61,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The agents' logs: kept after a test for its failure's message and for reading, in one
+# directory per test run (the pytest process's pid); conftest.py removes those of runs that
+# are over when a new one starts, so /tmp keeps one run's worth, not a file per agent started.
+AGENT_LOGS = "/tmp/coroot-agent-test-logs"
+AGENT_LOG_DIR = f"{AGENT_LOGS}/{os.getpid()}"
+
+
 class AgentProcess:
     """`python -m agent run` with a private port and storage; logs kept for failure messages.
     `args` come after the listen and storage flags (AGENT_DEFAULTS are not added here: the
@@ -77,7 +84,8 @@ class AgentProcess:
                      "--wal-dir", f"{self.storage}/wal", *args]
         self.env = {k: v for k, v in os.environ.items() if k != "CONFIG"} | dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = f"/tmp/coroot-agent-test-{self.port}.log"
+        os.makedirs(AGENT_LOG_DIR, exist_ok=True)
+        self.log_path = f"{AGENT_LOG_DIR}/{self.port}.log"
 
     @property
     def pid(self) -> int:

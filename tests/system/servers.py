@@ -140,11 +140,13 @@ class Dnsmasq(Server):
     name in `records` answers with its addresses (A and AAAA); names in `nxdomain` answer
     NXDOMAIN; a type a name has no address of is REFUSED (there is no upstream)."""
 
-    def __init__(self, host: str, records: dict[str, Sequence[str]], nxdomain: Sequence[str] = ()) -> None:
+    def __init__(self, host: str, records: dict[str, Sequence[str]], nxdomain: Sequence[str] = (),
+                 options: Sequence[str] = ()) -> None:
         super().__init__()
         self.host = host
         self.records = records
         self.nxdomain = nxdomain
+        self.options = options  # more dnsmasq options (--host-record, --srv-host, --filter-AAAA, ...)
 
     def start(self, netns_argv: Sequence[str] = (), cgroups: TestCgroups | None = None,
               cid: str | None = None) -> Dnsmasq:
@@ -153,6 +155,7 @@ class Dnsmasq(Server):
                 f"--pid-file={self.dir}/dnsmasq.pid", "--log-facility=-"]
         argv += [f"--address=/{name}/{ip}" for name, ips in self.records.items() for ip in ips]
         argv += [f"--address=/{name}/" for name in self.nxdomain]
+        argv += self.options
         self._spawn(argv, cgroups, cid)
         time.sleep(0.3)
         if self.proc is not None and self.proc.poll() is not None:

@@ -8,7 +8,11 @@ from __future__ import annotations
 import os
 import stat
 
+import pytest
+
 from tests.system.helpers import AgentFactory, RemoteHost, hang_up_mid_response, http_request
+
+pytestmark = pytest.mark.agent_without("profiling", "l7")  # tests/system/conftest.py: families its tests never read
 
 
 def test_api_needs_the_key_from_other_hosts_and_from_loopback_and_not_on_the_socket(

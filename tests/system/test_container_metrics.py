@@ -25,6 +25,8 @@ from agent.metrics import Families
 from tests.system.helpers import TestCgroups, free_port, wait_for
 from tests.system.servers import Nginx, Postgres, Redis
 
+pytestmark = pytest.mark.agent_without("profiling", "l7")  # tests/system/conftest.py: families its tests never read
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SPIN = "while True: pass"
 

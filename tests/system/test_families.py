@@ -30,7 +30,7 @@ from tests.system.helpers import (
 from tests.system.servers import Dnsmasq, Nginx, Postgres, Redis
 from tests.unit.nodeagent_families import CONST_LABELS, FAMILIES
 
-pytestmark = pytest.mark.agent_args("--scrape-interval", "1s")
+pytestmark = [pytest.mark.agent_args("--scrape-interval", "1s"), pytest.mark.agent_without("profiling")]
 
 PEER = [sys.executable, "-m", "tests.system.workloads.tcp_peer"]
 SETTLE = 30  # a bound on the wait for what the traffic produces, on a loaded machine

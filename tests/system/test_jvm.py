@@ -22,6 +22,8 @@ import pytest
 
 from tests.system.helpers import NOBODY, REPO, AgentFactory, AgentProcess, TestCgroups, wait_for
 
+pytestmark = pytest.mark.agent_without("profiling", "l7")  # tests/system/conftest.py: families its tests never read
+
 GC_LOOP = REPO / "tests" / "system" / "workloads" / "GcLoop.java"
 LOOP_SECONDS = 15.0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from tests.system.helpers import (
 from tests.system.l7helpers import by_status, nginx_in, spans, wait_counts
 from tests.system.servers import Dnsmasq, Nginx, Postgres, Redis
 
-pytestmark = pytest.mark.agent_args("--max-fqdns-per-container", "2", "--exclude-http-requests-by-path", "/excluded")
+pytestmark = [pytest.mark.agent_args("--max-fqdns-per-container", "2", "--exclude-http-requests-by-path", "/excluded"), pytest.mark.agent_without("profiling")]
 BEARER = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXRva2Vu"
 
 
@@ -42,6 +43,27 @@ def span_drops(agent: AgentProcess) -> float:
 def nginx(cgroups: TestCgroups) -> Iterator[tuple[Nginx, str]]:
     with nginx_in(cgroups, "nginx") as server:
         yield server
+
+
+def test_a_client_gone_before_the_agent_read_it_is_counted_in_its_container(
+        agent: AgentProcess, cgroups: TestCgroups, nginx: tuple[Nginx, str]) -> None:
+    """A short-lived client (a curl in a script) that has exited when a busy agent reads its
+    events, so /proc no longer has it: its exec event's cgroup places it. The agent is stopped
+    (SIGSTOP) while the client runs, so all its events wait in the buffers until it is gone."""
+    server, _ = nginx
+    cid = cgroups.create("gone-client")
+    base = f"http://127.0.0.1:{server.port}"
+    placed = agent.value("coroot_agent_processes_placed_from_events_total") or 0
+    os.kill(agent.pid, signal.SIGSTOP)
+    try:
+        p = cgroups.spawn(cid, ["curl", "-s", "-o", "/dev/null", "-o", "/dev/null", "-o", "/dev/null",
+                                f"{base}/ok", f"{base}/ok", f"{base}/missing"])
+        assert p.wait(30) == 0
+    finally:
+        os.kill(agent.pid, signal.SIGCONT)
+    want = {"2xx": 2, "4xx": 1}
+    assert wait_counts(agent, "container_http_requests_total", want, container_id=cid) == want
+    assert (agent.value("coroot_agent_processes_placed_from_events_total") or 0) > placed
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
@@ -254,7 +276,8 @@ def test_dns_requests_by_type_domain_and_rcode_with_fqdn_cap(agent: AgentProcess
         with open(f"{netns_etc}/resolv.conf", "w") as f:  # `ip netns exec` binds it over /etc/resolv.conf
             # use-vc: glibc asks over TCP (each query after its length, in one writev)
             f.write(f"nameserver {hosts.srv_ip}\noptions attempts:1 timeout:2{' use-vc' if transport == 'tcp' else ''}\n")
-        dnsmasq.start(hosts.argv(hosts.srv))
+        server_cid = cgroups.create(f"dns-server-{transport}")
+        dnsmasq.start(hosts.argv(hosts.srv), cgroups, server_cid)
         cid = cgroups.create("dns-client")
         client = run_client(cgroups, cid, "dns", "svc1.test", "svc1.test", "svc1.test", "svc2.test", "svc2.test",
                             "gone.test", argv_prefix=tuple(hosts.argv(hosts.cli)))
@@ -262,8 +285,8 @@ def test_dns_requests_by_type_domain_and_rcode_with_fqdn_cap(agent: AgentProcess
         want = {
             ("TypeA", "svc1.test", "ok"): 3, ("TypeAAAA", "svc1.test", "ok"): 3,
             ("TypeA", "svc2.test", "ok"): 2, ("TypeAAAA", "svc2.test", "refused"): 2,  # no IPv6 address
-            # the cap is 2 domains per container: the third is counted under "other"
-            ("TypeA", "other", "nxdomain"): 1, ("TypeAAAA", "other", "nxdomain"): 1,
+            # the cap is 2 domains per container: the third is counted under "~other"
+            ("TypeA", "~other", "nxdomain"): 1, ("TypeAAAA", "~other", "nxdomain"): 1,
         }
         got: dict[tuple[str, str, str], float] = {}
 
@@ -278,10 +301,77 @@ def test_dns_requests_by_type_domain_and_rcode_with_fqdn_cap(agent: AgentProcess
         assert got == want
         assert agent.value("ip_to_fqdn", ip="10.9.0.1") == 1 and agent.value("ip_to_fqdn", ip="fd00::9:1") == 1
         assert agent.value("ip_to_fqdn", fqdn="svc2.test") == 1
+        # The server's side, as the node agent counts it: the answer's response code as a generic
+        # L7 status (NOERROR "unknown", NXDOMAIN "3", REFUSED "5"), over UDP; DNS over TCP is not
+        # recognised on an accepted connection (nor by the node agent: its header check sees the
+        # length prefix).
+        inbound = {"unknown": 8, "5": 2, "3": 2} if transport == "udp" else {}
+        if inbound:
+            assert wait_counts(agent, "container_dns_inbound_requests_total", inbound, container_id=server_cid) == inbound
+            assert agent.value("container_dns_inbound_requests_duration_seconds_total_count",
+                               container_id=server_cid) == 12
+        assert by_status(agent, "container_dns_inbound_requests_total", container_id=server_cid) == inbound
+        assert by_status(agent, "container_dns_inbound_requests_total", container_id=cid) == {}
+        assert not [lb for n, lb, _ in agent.metrics()
+                    if n == "container_dns_requests_total" and lb.get("container_id") == server_cid]
         client.finish()
     finally:
         dnsmasq.stop()
         shutil.rmtree(netns_etc, ignore_errors=True)
+        hosts.cleanup()
+
+
+def test_dns_request_types_domains_and_empty_answers_as_the_node_agent_counts_them(
+        agent: AgentProcess, cgroups: TestCgroups) -> None:
+    """dnsmasq answering raw queries from UDP sockets connected to it, one client container per
+    two domains (the module's cap): request types by dnsmessage's names or the type's number,
+    the domain as the answer's question spells it (case kept), normalised (PTR, a "com" label
+    followed by a search suffix), NOERROR AAAA answers without an address not counted
+    (--filter-AAAA makes them), REFUSED counted, the third domain of a container "~other"."""
+    hosts = TwoHosts()
+    dnsmasq = Dnsmasq(hosts.srv_ip, {"db.example.com.test": ("10.9.0.4",)}, nxdomain=["gone.test"], options=[
+        "--host-record=v4only.test,10.9.0.3", "--srv-host=_pg._tcp.svc.test,db1.svc.test,5432",
+        "--txt-record=txt.test,hello", "--filter-AAAA"])
+    try:
+        server_cid = cgroups.create("dnsq-server")
+        dnsmasq.start(hosts.argv(hosts.srv), cgroups, server_cid)
+        plan = {
+            "dnsq-case-srv": ["1:V4Only.Test", "1:V4Only.Test", "33:_pg._tcp.svc.test"],
+            "dnsq-empty-txt-ptr": ["28:v4only.test", "28:v4only.test", "28:v4only.test", "16:txt.test",
+                                   "12:3.0.9.10.in-addr.arpa"],
+            "dnsq-suffix-refused-cap": ["1:db.example.com.test", "65:txt.test", "1:gone.test"],
+        }
+        want = {
+            "dnsq-case-srv": {("TypeA", "V4Only.Test", "ok"): 2, ("TypeSRV", "_pg._tcp.svc.test", "ok"): 1},
+            "dnsq-empty-txt-ptr": {("TypeTXT", "txt.test", "ok"): 1, ("TypePTR", "IP.in-addr.arpa", "ok"): 1},
+            "dnsq-suffix-refused-cap": {("TypeA", "db.example.com.search_path_suffix", "ok"): 1,
+                                        ("65", "txt.test", "refused"): 1, ("TypeA", "~other", "nxdomain"): 1},
+        }
+        cids = {name: cgroups.create(name) for name in plan}
+        clients = []
+        for name, queries in plan.items():
+            c = run_client(cgroups, cids[name], "dnsq", hosts.srv_ip, *queries, argv_prefix=tuple(hosts.argv(hosts.cli)))
+            clients.append(c)
+            assert c.result["rcodes"] == {"dnsq-case-srv": [0, 0, 0], "dnsq-empty-txt-ptr": [0, 0, 0, 0, 0],
+                                          "dnsq-suffix-refused-cap": [0, 5, 3]}[name]
+        inbound = {"unknown": 9, "5": 1, "3": 1}  # every query the server answered, the empty AAAA ones too
+        assert wait_counts(agent, "container_dns_inbound_requests_total", inbound, container_id=server_cid) == inbound
+
+        def counted(cid: str) -> dict[tuple[str, str, str], float]:
+            return {(lb["request_type"], lb["domain"], lb["status"]): v for n, lb, v in agent.metrics()
+                    if n == "container_dns_requests_total" and lb.get("container_id") == cid}
+
+        wait_for(lambda: all(counted(cids[n]) == w for n, w in want.items()), 20)
+        for name, w in want.items():
+            assert counted(cids[name]) == w, name
+            assert agent.value("container_dns_requests_duration_seconds_total_count",
+                               container_id=cids[name]) == sum(w.values()), name  # no empty AAAA observed
+        assert agent.value("ip_to_fqdn", ip="10.9.0.3", fqdn="V4Only.Test") == 1
+        assert agent.value("ip_to_fqdn", ip="10.9.0.4", fqdn="db.example.com.search_path_suffix") == 1
+        for c in clients:
+            c.finish()
+    finally:
+        dnsmasq.stop()
         hosts.cleanup()
 
 

@@ -40,6 +40,8 @@ from tests.system.helpers import (
 )
 from tests.system.l7helpers import by_status, delta, wait_counts
 
+pytestmark = pytest.mark.agent_without("profiling")  # tests/system/conftest.py: families its tests never read
+
 OUT, IN = "container_cassandra_queries_total", "container_cassandra_inbound_queries_total"
 RESPONDER = [sys.executable, "-m", "tests.system.workloads.cassandra_responder"]
 CLIENT = [sys.executable, "-W", "ignore::DeprecationWarning", "-m", "tests.system.workloads.cassandra_client"]

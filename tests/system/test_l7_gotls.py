@@ -31,6 +31,8 @@ from tests.system.helpers import (
 from tests.system.l7helpers import by_status, nginx_in, spans, wait_counts
 from tests.system.servers import Nginx
 
+pytestmark = pytest.mark.agent_without("profiling")  # tests/system/conftest.py: families its tests never read
+
 WORKLOADS = Path(__file__).parent / "workloads" / "gotls"
 OK, MISSING = 60, 25
 

@@ -16,6 +16,8 @@ from tests.system.helpers import REPO, AgentProcess, TestCgroups, free_port, wai
 from tests.system.l7helpers import spans, wait_counts
 from tests.system.servers import Nginx
 
+pytestmark = pytest.mark.agent_without("profiling")  # tests/system/conftest.py: families its tests never read
+
 PEER = [sys.executable, "-m", "tests.system.workloads.grpc_peer"]
 
 

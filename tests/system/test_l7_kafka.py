@@ -37,6 +37,8 @@ from tests.system.helpers import (
 )
 from tests.system.l7helpers import by_status, delta, wait_counts
 
+pytestmark = pytest.mark.agent_without("profiling")  # tests/system/conftest.py: families its tests never read
+
 OUT, IN = "container_kafka_requests_total", "container_kafka_inbound_requests_total"
 RESPONDER = [sys.executable, "-m", "tests.system.workloads.kafka_responder"]
 CLIENT = [sys.executable, "-m", "tests.system.workloads.kafka_client"]

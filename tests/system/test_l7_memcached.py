@@ -26,6 +26,8 @@ from tests.system.l7helpers import (
     wait_counts,
 )
 
+pytestmark = pytest.mark.agent_without("profiling")  # tests/system/conftest.py: families its tests never read
+
 CLIENT = [sys.executable, "-m", "tests.system.workloads.memcached_client"]
 OUT, IN = "container_memcached_queries_total", "container_memcached_inbound_queries_total"
 

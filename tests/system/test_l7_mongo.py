@@ -39,6 +39,8 @@ from tests.system.helpers import (
 )
 from tests.system.l7helpers import by_status, delta, wait_counts
 
+pytestmark = pytest.mark.agent_without("profiling")  # tests/system/conftest.py: families its tests never read
+
 OUT, IN = "container_mongo_queries_total", "container_mongo_inbound_queries_total"
 RESPONDER = [sys.executable, "-m", "tests.system.workloads.mongo_responder"]
 CLIENT = [sys.executable, "-m", "tests.system.workloads.mongo_client"]

@@ -40,6 +40,8 @@ from tests.system.l7helpers import (
 from tests.system.l7helpers import spans as stored_spans
 from tests.system.l7helpers import wait_counts as wait_all
 
+pytestmark = pytest.mark.agent_without("profiling")  # tests/system/conftest.py: families its tests never read
+
 CLIENT = [sys.executable, "-m", "tests.system.workloads.mysql_client"]
 OUT, IN = "container_mysql_queries_total", "container_mysql_inbound_queries_total"
 USER, PASSWORD, DB = "ca", "ca-secret-pw", "ca"

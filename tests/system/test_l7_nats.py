@@ -24,6 +24,8 @@ from tests.system.l7helpers import (
     wait_methods,
 )
 
+pytestmark = pytest.mark.agent_without("profiling")  # tests/system/conftest.py: families its tests never read
+
 CLIENT = [sys.executable, "-m", "tests.system.workloads.nats_client"]
 FAMILY = "container_nats_messages_total"
 

@@ -23,6 +23,8 @@ import pytest
 from tests.system.helpers import AgentProcess, TestCgroups, free_port, wait_port
 from tests.system.l7helpers import assert_messages_only, finish, start_client, wait_methods
 
+pytestmark = pytest.mark.agent_without("profiling")  # tests/system/conftest.py: families its tests never read
+
 CLIENT = [sys.executable, "-m", "tests.system.workloads.rabbitmq_client"]
 FAMILY = "container_rabbitmq_messages_total"
 

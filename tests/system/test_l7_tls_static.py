@@ -21,6 +21,8 @@ from tests.system.helpers import AgentProcess, TestCgroups, wait_for
 from tests.system.servers import Nginx
 from tests.system.test_l7 import by_status, spans, wait_counts
 
+pytestmark = pytest.mark.agent_without("profiling")  # tests/system/conftest.py: families its tests never read
+
 WORKLOAD = Path(__file__).parent / "workloads" / "ssl_static_client.c"
 OK, MISSING = 40, 15
 

@@ -32,6 +32,8 @@ from tests.system.l7helpers import (
 from tests.system.l7helpers import wait_counts as wait_all
 from tests.system.workloads.zookeeper_client import Session
 
+pytestmark = pytest.mark.agent_without("profiling")  # tests/system/conftest.py: families its tests never read
+
 CLIENT = [sys.executable, "-m", "tests.system.workloads.zookeeper_client"]
 JAR = "/usr/share/java/zookeeper.jar"  # Debian's zookeeper package (zookeeperd depends on it)
 OUT, IN = "container_zookeeper_requests_total", "container_zookeeper_inbound_requests_total"

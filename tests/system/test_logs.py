@@ -24,6 +24,8 @@ from tests.system.helpers import (
     wait_for,
 )
 
+pytestmark = pytest.mark.agent_without("profiling", "l7")  # tests/system/conftest.py: families its tests never read
+
 
 @pytest.fixture
 def logfile() -> Iterator[str]:
@@ -48,11 +50,14 @@ def test_a_file_under_var_log_is_counted_by_level_and_pattern_and_stored(
     errors = sorted(v for (lvl, _), v in got.items() if lvl == "error")
     assert errors == [10, 10, 10]
     assert [v for (lvl, _), v in got.items() if lvl == "info"] == [10]
+    # as logparser: a pattern hash for errors, none for info messages (one series, empty hash)
+    assert got[("info", "")] == 10 and all(len(h) == 32 for lvl, h in got if lvl == "error")
     source = {lb["source"] for n, lb, _ in agent.metrics() if n == "container_log_messages_total" and lb.get("container_id") == cid}
     assert source == {logfile}
-    stored = wait_for(lambda: rows(agent, f"SELECT SeverityText AS s, SeverityNumber AS n, count() AS c FROM otel_logs "
-                                          f"WHERE ResourceAttributes['container.id'] = '{cid}' GROUP BY s, n ORDER BY s"), 5)
-    assert stored == [{"s": "error", "n": 17, "c": 30}, {"s": "info", "n": 9, "c": 10}]
+    stored = wait_for(lambda: rows(agent, f"SELECT SeverityText AS s, SeverityNumber AS n, "
+                                          f"length(LogAttributes['pattern.hash']) AS h, count() AS c FROM otel_logs "
+                                          f"WHERE ResourceAttributes['container.id'] = '{cid}' GROUP BY s, n, h ORDER BY s"), 5)
+    assert stored == [{"s": "error", "n": 17, "h": 32, "c": 30}, {"s": "info", "n": 9, "h": 0, "c": 10}]
     w.close()
 
 

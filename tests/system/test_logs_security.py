@@ -34,7 +34,7 @@ from tests.system.helpers import (
     wait_for,
 )
 
-pytestmark = pytest.mark.agent_args("--scrape-interval", "1s")
+pytestmark = [pytest.mark.agent_args("--scrape-interval", "1s"), pytest.mark.agent_without("profiling", "l7")]
 
 # The attacker: JSON commands on stdin, one JSON answer per line ({"errno": N} when refused).
 ATTACKER = r"""

@@ -25,7 +25,7 @@ from tests.system.helpers import (
     wait_for,
 )
 
-pytestmark = pytest.mark.agent_args("--scrape-interval", "1s")
+pytestmark = [pytest.mark.agent_args("--scrape-interval", "1s"), pytest.mark.agent_without("profiling", "l7")]
 
 PEER = [sys.executable, "-m", "tests.system.workloads.tcp_peer"]
 RESPONDER = ["chrt", "-f", "10", sys.executable, "-m", "tests.system.workloads.echo_responder"]

@@ -22,7 +22,8 @@ import pytest
 
 from tests.system.helpers import REPO, AgentFactory, AgentProcess, TestCgroups, wait_for
 
-pytestmark = pytest.mark.agent_args("--enable-python-gil-monitoring")  # off by default
+pytestmark = [pytest.mark.agent_args("--enable-python-gil-monitoring"),  # off by default
+              pytest.mark.agent_without("profiling", "l7")]
 
 METRIC = "container_python_thread_lock_wait_time_seconds"
 SECONDS = 5.0

@@ -12,6 +12,8 @@ import pytest
 from agent.sinks import schema
 from tests.system.helpers import AgentFactory, cli_query, coroot_agent, free_port
 
+pytestmark = pytest.mark.agent_without("profiling", "l7")  # tests/system/conftest.py: families its tests never read
+
 N_OBJECTS = len(schema.TABLES) + len(schema.VIEWS)
 SQL = "SELECT count() AS n FROM system.tables WHERE database = 'coroot'"
 

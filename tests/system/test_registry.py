@@ -10,7 +10,7 @@ import pytest
 
 from tests.system.helpers import AgentFactory, AgentProcess, TestCgroups, wait_for
 
-pytestmark = pytest.mark.agent_args("--dead-container-ttl", "3s")
+pytestmark = [pytest.mark.agent_args("--dead-container-ttl", "3s"), pytest.mark.agent_without("profiling", "l7")]
 
 BURN = """
 import resource, time

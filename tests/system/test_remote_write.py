@@ -13,6 +13,8 @@ from agent.sinks.remote_write import RemoteWriter
 from agent.sinks.spool import Spool
 from tests.system.helpers import AgentFactory, PrometheusServer, free_port, make_test_ca, wait_for
 
+pytestmark = pytest.mark.agent_without("profiling", "l7")  # tests/system/conftest.py: families its tests never read
+
 
 @pytest.fixture
 def prom(tmp_path: Path) -> Iterator[PrometheusServer]:

@@ -67,6 +67,8 @@ from tests.system.helpers import (
     wait_for,
 )
 
+pytestmark = pytest.mark.agent_without("profiling", "l7")  # tests/system/conftest.py: families its tests never read
+
 CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"
 DOCKERD = "/usr/sbin/dockerd"
@@ -960,6 +962,7 @@ def _ids(agent: AgentProcess) -> set[str]:
     return {lb["container_id"] for n, lb, _ in agent.metrics() if n == "container_info"}
 
 
+@pytest.mark.agent_without("profiling")  # its HTTP counts and spans need L7
 def test_agent_names_kubelet_containers_by_containerd_and_never_reports_the_sandbox(
         containerd: Containerd, dockerd: Dockerd, agent_factory: AgentFactory) -> None:
     web, db, sandbox = _hexid(), _hexid(), _hexid()

@@ -36,6 +36,8 @@ from tests.system.helpers import (
     wait_port,
 )
 
+pytestmark = pytest.mark.agent_without("profiling")  # tests/system/conftest.py: families its tests never read
+
 UNIX_CONNECT = """
 import socket, sys
 s = socket.socket(socket.AF_UNIX)

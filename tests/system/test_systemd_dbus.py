@@ -15,6 +15,8 @@ import pytest
 
 from agent.containers.systemd import DbusClient, DbusError
 
+pytestmark = pytest.mark.agent_without("profiling", "l7")  # tests/system/conftest.py: families its tests never read
+
 BUS = "/org/freedesktop/DBus"
 NAME = "org.freedesktop.DBus"
 

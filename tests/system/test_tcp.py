@@ -15,7 +15,7 @@ import pytest
 
 from tests.system.helpers import AgentFactory, AgentProcess, TestCgroups, TwoHosts, wait_for
 
-pytestmark = pytest.mark.agent_args("--track-public-network", "203.0.113.0/24")
+pytestmark = [pytest.mark.agent_args("--track-public-network", "203.0.113.0/24"), pytest.mark.agent_without("profiling", "l7")]
 
 PEER = [sys.executable, "-m", "tests.system.workloads.tcp_peer"]
 PUBLIC_IN, PUBLIC_OUT = "203.0.113.2", "198.51.100.2"  # documentation ranges, only inside our namespaces

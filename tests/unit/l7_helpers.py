@@ -39,6 +39,9 @@ class Connections:
     def resolve_pending(self) -> None:
         self.resolved += 1
 
+    def destination_ips(self, since: float) -> set[str]:
+        return {c.dst for c in self.conns.values()}
+
 
 class Containers:
     procfs = "/nonexistent"

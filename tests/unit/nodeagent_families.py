@@ -358,8 +358,26 @@ L7_STATUS: dict[str, tuple[str, ...]] = {
     "clickhouse": _GENERIC,
     "zookeeper": ("ok", "failed"),
     "foundationdb": _GENERIC,
-    "dns": ("ok", "format_error", "servfail", "nxdomain", "not_implemented", "refused", ""),
+    # outbound container_dns_requests_total: Status.DNS() (l7.go:135-151) of the answer's RCODE
+    # (4 bits, ebpf/l7/dns.c:52); its "" for RCODE 6..15 is never a label: onDNSRequest returns
+    # before counting (containers/container.go:756-759).
+    "dns": ("ok", "format_error", "servfail", "nxdomain", "not_implemented", "refused"),
+    # container_dns_inbound_requests_total: Status.String() (l7.go:107-117) of the same RCODE
+    # (observeInboundL7, containers/container.go:962-963): 0 is "unknown", 1..15 their digits.
+    "dns_inbound": ("unknown",) + tuple(str(rc) for rc in range(1, 16)),
 }
+
+# container_dns_requests_total's request_type: the first question's Type.String() in
+# golang.org/x/net/dns/dnsmessage v0.46.0 (go.mod:47; message.go:45-69): these names, or the
+# type's number in decimal ("65" for HTTPS, "64" for SVCB) for any other type.
+DNS_REQUEST_TYPES: dict[int, str] = {
+    1: "TypeA", 2: "TypeNS", 5: "TypeCNAME", 6: "TypeSOA", 12: "TypePTR", 15: "TypeMX", 16: "TypeTXT",
+    28: "TypeAAAA", 33: "TypeSRV", 41: "TypeOPT", 11: "TypeWKS", 13: "TypeHINFO", 14: "TypeMINFO",
+    252: "TypeAXFR", 255: "TypeALL",
+}
+# container_dns_requests_total's domain for a container's domains past --max-fqdns-per-container
+# (default 50, flags/flags.go:26): containers/container.go:753.
+DNS_OVERFLOW_DOMAIN = "~other"
 
 # prometheus.DefBuckets (client_golang); no L7 histogram overrides Buckets.
 BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

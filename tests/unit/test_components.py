@@ -201,6 +201,9 @@ class TcpRegistry:
     def container_of(self, pid: int) -> Container:
         return self.c
 
+    def process(self, pid: int) -> None:
+        return None  # no process placed provisionally
+
     def containers(self) -> list[Container]:
         return [self.c]
 

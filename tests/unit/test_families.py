@@ -92,6 +92,9 @@ class OneContainer:
 
     container_of_recent = container_of
 
+    def process(self, pid: int) -> None:
+        return None  # no process placed provisionally
+
     def containers(self) -> list[Container]:
         return [self.c]
 

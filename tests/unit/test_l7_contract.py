@@ -78,7 +78,8 @@ def test_http_map_layout_status_classes_and_kernel_counters() -> None:
     stats = sorted((v, k) for k, v in D.items() if k.startswith("L7_STAT_"))
     assert [v for v, _ in stats] == list(range(D["L7_STATS"])) and D["L7_STATS"] == len(contract.KERNEL_STATS)
     names = {"L7_STAT_REQUESTS": "requests", "L7_STAT_REPLACED": "replaced_unanswered",
-             "L7_STAT_PAIRED": "paired", "L7_STAT_HTTP_FULL": "http_counted_in_user_space"}
+             "L7_STAT_PAIRED": "paired", "L7_STAT_HTTP_FULL": "http_counted_in_user_space",
+             "L7_STAT_HANDOFF_LOST": "handoff_lost"}
     assert [names[k] for _, k in stats] == list(contract.KERNEL_STATS)
 
 
@@ -157,4 +158,4 @@ def test_dns_queries_and_answers_are_told_apart_as_the_parser_does(detector: Pat
     assert [(r[1], r[2]) for r in got] == [(1, 0), (0, 1), (0, 0)]
     q, a = dns.parse(query), dns.parse(answer)
     assert q is not None and not q.response and a is not None and a.response
-    assert a.answers == (("93.184.216.34", "www.example.com"),)
+    assert (a.name, a.ips) == ("www.example.com", ("93.184.216.34",))

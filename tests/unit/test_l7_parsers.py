@@ -70,14 +70,14 @@ def dns_query(name: str, qtype: int, ident: int = 0x1234) -> bytes:
 
 def test_dns_query_answer_nxdomain_and_tcp_framing() -> None:
     q = dns_query("api.example.com", 1)
-    assert dns.parse(q) == dns.Message(0x1234, False, "ok", "TypeA", "api.example.com", ())
+    assert dns.parse(q) == dns.Message(0x1234, False, 0, "TypeA", "api.example.com", ())
     answer = struct.pack("!HHIH", 1, 1, 60, 4) + bytes([10, 0, 0, 7])
     resp = (struct.pack("!HHHHHH", 0x1234, 0x8180, 1, 1, 0, 0) + q[12:] + b"\xc0\x0c" + answer)
     m = dns.parse(resp)
-    assert m is not None and m.response and m.rcode == "ok" and m.answers == (("10.0.0.7", "api.example.com"),)
+    assert m is not None and m.response and m.rcode == 0 and m.ips == ("10.0.0.7",)
     nx = struct.pack("!HHHHHH", 7, 0x8183, 1, 0, 0, 0) + dns_query("nope.example", 28)[12:]
     m = dns.parse(struct.pack("!H", len(nx)) + nx, tcp=True)
-    assert m is not None and (m.rcode, m.qtype, m.domain) == ("nxdomain", "TypeAAAA", "nope.example")
+    assert m is not None and (m.rcode, m.qtype, m.name) == (3, "TypeAAAA", "nope.example")
 
 
 def test_sql_literals() -> None:
@@ -150,5 +150,5 @@ def test_the_tracer_turns_any_request_and_response_bytes_into_requests_or_nothin
 
     plugin = {cls.id: cls for cls in PLUGINS}[proto](Settings())
     for r in plugin.parse((1, 3, 5), req, resp, 0.001):
-        assert r.status in ("1xx", "2xx", "3xx", "4xx", "5xx", "ok", "failed", "unknown", *dns.RCODES.values())
+        assert r.status in ("1xx", "2xx", "3xx", "4xx", "5xx", "ok", "failed", "unknown", "", *dns.RCODES.values())
     plugin.record("/c", plugin.parse((1, 3, 5), req, resp, 0.001))

@@ -68,6 +68,22 @@ def test_patterns_group_variants_and_cap_overflows_to_unclassified() -> None:
     assert len(p1.hash) == 32
 
 
+def test_only_critical_error_and_warning_messages_get_a_pattern() -> None:
+    """logparser's Parser.inc: unknown, debug and info messages are counted under one series
+    per level with an empty hash and sample, and take no room among the level's patterns."""
+    ps = PatternSet(cap=1)
+    for level in ("unknown", "debug", "info"):
+        for msg in ("job 1 done in 5ms", "something else entirely", "job 2 done in 7ms"):
+            p = ps.match(msg, level)
+            assert (p.hash, p.sample, p.tokens) == ("", "", [])
+    assert ps.count == 0 and all(not v for v in ps.by_level.values())
+    for level in ("critical", "error", "warning"):
+        p = ps.match("job 1 failed after 5ms", level)
+        assert p.hash == pattern_hash(pattern_words("job 1 failed after 5ms")) and p.sample == "job 1 failed after 5ms"
+        assert ps.match("disk full on node 7", level).hash == "0" * 32  # cap 1 per level: these levels count
+    assert ps.count == 3
+
+
 def test_pattern_hash_is_the_node_agents() -> None:
     """The node agent's pattern_hash is md5 of its log parser's pattern words joined by spaces
     (coroot/logparser pattern.go, v1.2.2). The expected values were computed by running that
@@ -240,6 +256,7 @@ def test_each_record_carries_the_pattern_hash_of_its_counter() -> None:
         key = (str(row["SeverityText"]), row["LogAttributes"]["pattern.hash"])  # type: ignore[index]
         by_hash[key] = by_hash.get(key, 0) + 1
     assert by_hash == _counts(c) and sorted(by_hash.values()) == [1, 3, 5]
+    assert by_hash[("info", "")] == 1 and all(len(h) == 32 for lv, h in by_hash if lv != "info")
     res = sink.rows[0]["ResourceAttributes"]
     assert res == {"host.name": res["host.name"], "host.id": "m1", "container.id": cid,  # type: ignore[index]
                    "service.name": cid}

@@ -2,6 +2,7 @@
 tracker's folding of the kernel's connect counts (a fake map plays the kernel)."""
 
 import ipaddress
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,3 +258,18 @@ def test_a_connect_of_a_process_the_registry_lacks_is_handled_again_once_it_is_r
     m = metrics(t)
     assert m[("container_net_tcp_successful_connects_total", "10.0.0.8:5432", "10.0.0.8:5432")] == 1
     assert t._retry == [] and t.events == 2
+
+
+def test_destination_ips_are_those_connected_to_lately_or_still_open(tmp_path: Path) -> None:
+    """What ip_to_fqdn keeps (the node agent: containers/registry.go:194-226): the IPs of
+    connect attempts since a time, successful, failed or only counted by the kernel, and of
+    open connections however old."""
+    t, k = tracker(tmp_path)
+    t.handle_event(connect_event(100, 3, "10.0.0.7", 80))
+    t.handle_event(connect_event(100, 5, "10.0.0.9", 9, kind=EV_CONNECT_FAILED))
+    k.at(100, "10.0.0.5", 6379).lost = 1  # no event at all
+    t.resolve_pending()
+    assert t.destination_ips(0.0) == {"10.0.0.7", "10.0.0.9", "10.0.0.5"}
+    later = time.monotonic() + 1
+    assert t.destination_ips(later) == {"10.0.0.7"}  # the open connection only
+    assert t.destination_ips(0.0) == {"10.0.0.7"}  # the old attempts are forgotten

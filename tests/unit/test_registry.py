@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from agent.containers.cgroup import CgroupIds
 from agent.containers.registry import (
     EVENT_EXEC,
     EVENT_EXIT,
@@ -49,8 +50,8 @@ def registry(root: Path, **kw: object) -> tuple[Registry, Clock, Clock]:
     return r, mono, wall
 
 
-def event(kind: int, pid: int) -> bytes:
-    return PROC_EVENT.pack(kind, pid, 1, 0)
+def event(kind: int, pid: int, cgroup: int = 0, comm: bytes = b"") -> bytes:
+    return PROC_EVENT.pack(kind, pid, 1, 0, cgroup, comm)
 
 
 def test_min_container_age_hides_young_containers(tmp_path: Path) -> None:
@@ -296,6 +297,8 @@ def test_rekey_moves_and_merges_entries_of_one_container() -> None:
 def test_components_re_key_what_they_counted_adding_to_the_new_ids_counts(tmp_path: Path) -> None:
     """TCP totals, open connections and L7/DNS counts of the old id move to the new one and add
     up with what the new id had: nothing lost, nothing counted twice."""
+    from agent.l7 import contract
+    from agent.l7.dns import Dns
     from agent.l7.hist import Hist
     from agent.l7.tracer import L7Tracer
     from agent.net.public import PublicFilter
@@ -324,7 +327,8 @@ def test_components_re_key_what_they_counted_adding_to_the_new_ids_counts(tmp_pa
     h2 = Hist()
     h2.observe(0.02)
     l7._in[("/k8s/ns/p/c", 1, "200")] = h2
-    dns = l7._dns
+    dns = l7.plugins[contract.DNS]
+    assert isinstance(dns, Dns)
     dns._counts[("/k8s-cgroup/u/aaaa", "TypeA", "db", "ok")] = 3
     l7.on_rename("/k8s-cgroup/u/aaaa", "/k8s/ns/p/c")
     assert list(l7._in) == [("/k8s/ns/p/c", 1, "200")] and l7._in[("/k8s/ns/p/c", 1, "200")].count == 2
@@ -375,3 +379,53 @@ def test_logs_follow_a_renamed_container_without_a_second_tailer_or_a_lost_count
     logs.flush()
     assert [(k[0], v[0][0]) for k, v in logs._counts.items()] == [("/docker/shop-api", 2)]
     logs.close()
+
+
+def test_a_process_gone_before_it_was_read_gets_its_container_from_its_event(tmp_path: Path) -> None:
+    make_proc(tmp_path, 10, "web.service")  # makes the cgroup directory
+    r, _, wall = registry(tmp_path)
+    wall.t += 60
+    cg = tmp_path / "cgroup" / "unified" / "system.slice" / "web.service"
+    # pid 77 forked and exec'd curl in web.service and exited before the events were read
+    r.handle_event(event(EVENT_FORK, 77, cg.stat().st_ino, b"sh"))
+    p = r.process(77)
+    assert p is not None and p.provisional  # a fork's cgroup is its parent's: an exec may move it
+    r.handle_event(event(EVENT_EXEC, 77, cg.stat().st_ino, b"curl\0\0\0"))
+    p = r.process(77)
+    assert p is not None and (p.comm, p.container_id, p.opt_out, p.provisional) == (
+        "curl", "/system.slice/web.service", frozenset(), False)
+    r.handle_event(event(EVENT_EXIT, 77))
+    c = r.container_of_recent(77)
+    assert c is not None and c.id == "/system.slice/web.service" and r.from_event == 2
+    # an id no cgroup directory has (or 0, a kernel without cgroup v2): nothing is made up
+    r.handle_event(event(EVENT_EXEC, 78, 999_999_999, b"x"))
+    r.handle_event(event(EVENT_EXEC, 79, 0, b"x"))
+    assert r.process(78) is None and r.process(79) is None and r.from_event == 2
+
+
+def test_cgroup_ids_walk_again_for_an_id_asked_after_the_last_walk_then_every_rescan(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    clock = Clock(0.0)
+    ids = CgroupIds(str(tmp_path), rescan=1.0, clock=clock, burst=3)
+    assert ids.path((tmp_path / "a" / "b").stat().st_ino) == "/a/b" and ids.walks == 1
+    assert ids.path((tmp_path / "a").stat().st_ino) == "/a" and ids.walks == 1  # a hit: no walk
+    # a cgroup made after the last walk (a new container's client), asked for within the
+    # second: its first ask walks again
+    (tmp_path / "c").mkdir()
+    c = (tmp_path / "c").stat().st_ino
+    clock.t = 0.1
+    assert ids.path(c) == "/c" and ids.walks == 2
+    # an id no directory has: one walk for its first ask, none for the next ones until rescan
+    clock.t = 0.2
+    assert ids.path(999_999_999) is None and ids.walks == 3
+    clock.t = 0.3
+    assert ids.path(999_999_999) is None and ids.walks == 3
+    # at most `burst` walks a second: a fourth within it waits for rescan
+    (tmp_path / "d").mkdir()
+    d = (tmp_path / "d").stat().st_ino
+    assert ids.path(d) is None and ids.walks == 3
+    clock.t = 1.2
+    assert ids.path(d) == "/d" and ids.walks == 4
+    assert CgroupIds(None).path(c) is None and ids.path(0) is None
+    small = CgroupIds(str(tmp_path), limit=1, clock=clock)
+    assert small.path((tmp_path / "c").stat().st_ino) in ("/c", None) and len(small._paths) == 1

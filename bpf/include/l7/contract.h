@@ -20,6 +20,9 @@
 #define L7_MONGO 11
 #define L7_KAFKA 12
 #define L7_CASSANDRA 13
+#define L7_CLICKHOUSE 14
+#define L7_DUBBO2 15
+#define L7_FOUNDATIONDB 16
 
 /* Event flags (event.flags). */
 #define L7_OUTBOUND 1 /* the process made the connection: it is the client */
@@ -81,6 +84,7 @@ struct l7_hist {
 #define L7_STAT_REPLACED 1    /* a request replaced its connection's unanswered one */
 #define L7_STAT_PAIRED 2      /* pairs made */
 #define L7_STAT_HTTP_FULL 3   /* HTTP requests sent to user space to count (l7_http full) */
-#define L7_STATS 4
+#define L7_STAT_HANDOFF_LOST 4 /* reads/writes whose hand-off to the L7 program failed (l7_run) */
+#define L7_STATS 5
 
 #endif

@@ -29,6 +29,9 @@ static __always_inline u64 l7_unlinked(u64 v) {
 #include "l7/redis.h"
 #include "l7/zookeeper.h"
 #include "l7/cassandra.h"
+#include "l7/clickhouse.h"
+#include "l7/dubbo2.h"
+#include "l7/foundationdb.h"
 
 /* The protocol of a request whose first n bytes (n <= 16) are in b, or 0. */
 static __always_inline u32 l7_detect(u8 *b, u32 n, u64 size, u64 ptr) {
@@ -54,14 +57,23 @@ static __always_inline u32 l7_detect(u8 *b, u32 n, u64 size, u64 ptr) {
         return L7_KAFKA;
     if (l7_cassandra_request(b, n, size, ptr))
         return L7_CASSANDRA;
+    if (l7_clickhouse_request(b, n, size, ptr))
+        return L7_CLICKHOUSE;
+    if (l7_dubbo2_request(b, n, size, ptr))
+        return L7_DUBBO2;
+    if (l7_foundationdb_request(b, n, size, ptr))
+        return L7_FOUNDATIONDB;
     return 0;
 }
 
 /* Protocols paired in user space by their own ids (contract.h's stream protocols): the first
  * request l7_detect recognises makes its connection a stream connection. HTTP/2 multiplexes
- * streams; Kafka pipelines requests answered by correlation id; CQL multiplexes stream ids. */
+ * streams; Kafka pipelines requests answered by correlation id; CQL multiplexes stream ids;
+ * Dubbo2 answers requests by their request ids; FoundationDB sends each reply to its request's
+ * reply token. */
 static __always_inline int l7_streamed(u32 proto) {
-    return proto == L7_HTTP2 || proto == L7_KAFKA || proto == L7_CASSANDRA;
+    return proto == L7_HTTP2 || proto == L7_KAFKA || proto == L7_CASSANDRA || proto == L7_DUBBO2 ||
+           proto == L7_FOUNDATIONDB;
 }
 
 /* A read on a client's connection (or a server's, for its request) that is only the header of

@@ -9,6 +9,8 @@ exiting, so the agent sees the process alive while it handles the events.
     pg DSN                                      the Postgres script of the tests
     redis HOST PORT PASSWORD                    the Redis script of the tests
     dns NAME ...                                getaddrinfo (glibc's resolver) per name
+    dnsq SERVER QTYPE:NAME ...                  one query each (RFC 1035), in turn, on one UDP
+                                                socket connected to SERVER:53; the answers' RCODEs
 """
 
 from __future__ import annotations
@@ -104,6 +106,27 @@ def dns(args: list[str]) -> dict:
     return out
 
 
+def dnsq(args: list[str]) -> dict:
+    import struct
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(5)
+    s.connect((args[0], 53))
+    rcodes = []
+    for i, item in enumerate(args[1:]):
+        qtype, name = item.split(":", 1)
+        qname = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".") if p) + b"\0"
+        ident = 0x5000 + i
+        s.send(struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", int(qtype), 1))
+        while True:
+            r = s.recv(4096)
+            if r[:2] == struct.pack("!H", ident):
+                break
+        rcodes.append(r[3] & 0xF)
+    s.close()
+    return {"rcodes": rcodes}
+
+
 def main() -> None:
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "wait":  # libssl is mapped now; the caller waits for the agent to find it
@@ -112,7 +135,7 @@ def main() -> None:
         print(json.dumps({"ready": True}), flush=True)
         sys.stdin.readline()
         cmd, args = args[0], args[1:]
-    result = {"http": http, "pg": pg, "redis": redis_, "dns": dns}[cmd](args)
+    result = {"http": http, "pg": pg, "redis": redis_, "dns": dns, "dnsq": dnsq}[cmd](args)
     print(json.dumps(result), flush=True)
     sys.stdin.readline()
 

@@ -15,6 +15,7 @@ import json
 import socket
 import struct
 import sys
+import time
 
 FRAME_END = b"\xce"
 BODY = b"hello"
@@ -78,8 +79,21 @@ def message(queue: bytes) -> bytes:
     return publish + header + frame(3, 1, BODY)
 
 
+def connect(port: int, within: float = 30.0) -> Conn:
+    """A connection once the broker serves AMQP: a starting RabbitMQ accepts TCP before it is
+    ready and closes what it accepted then (seen once in a full suite run)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return Conn(port)
+        except (EOFError, ConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def publish(port: int, queue: str, specs: list[str]) -> dict:
-    c = Conn(port)
+    c = connect(port)
     q = queue.encode()
     c.s.sendall(method(1, 50, 10, struct.pack(">H", 0) + shortstr(q) + b"\0" + struct.pack(">I", 0)))
     c.expect(50, 11)  # Queue.Declare-Ok
