@@ -270,9 +270,12 @@ class NativeUnwinder:
             t.written = entries
             return
         m = self._maps
-        # Fewer first (the kernel never reads past the count), then the entries, then the count.
-        if len(entries) < len(t.written):
-            m.procs.set(m.procs.key(pid), m.procs.leaf(len(entries)))
+        # A new layout (an exec, a library loaded) replaces the old one whole: the count goes
+        # first, so that no sample walks a mix of the two (the binary's new mapping found, then
+        # the old libc's, at another address: such stacks ended in the first library frame);
+        # meanwhile the kernel walks the process by frame pointers. Then the entries, the count.
+        if t.written:
+            m.procs.delete(m.procs.key(pid))
         for i, (start, end, bias, rows_start, rows_count) in enumerate(entries):
             m.maps.set(m.maps.key(pid, i), m.maps.leaf(start, end, bias & (2**64 - 1), rows_start, rows_count))
         for i in range(len(entries), len(t.written)):

@@ -199,3 +199,37 @@ def test_rescans_follow_the_schedule(tmp_path: Path) -> None:
     now[0] = t.next_scan
     u.step()
     assert t.next_scan == now[0] + 30
+
+
+def test_a_new_layout_is_never_walked_mixed_with_the_old(tmp_path: Path) -> None:
+    """An exec (sh -> the program, as a test cgroup's spawn does it) moves libc: while the new
+    mappings are written, the kernel must not find the pid (it would walk the new binary's
+    mapping, then the old libc's)."""
+    procfs = Procfs(tmp_path)
+    py = os.path.realpath("/usr/bin/python3")
+    procfs.add(601, [(py, 12, 0x560000000000), (LIBC, 11, 0x7F0000000000)])
+    maps, fm = fake_maps()
+    seen: list[bool] = []
+
+    class Watched(FakeMap):
+        def set(self, k: Any, v: Any) -> bool:
+            seen.append(601 in fm["procs"].d)
+            return super().set(k, v)
+
+    fm["maps"] = Watched()
+    maps = NativeMaps(**fm)  # type: ignore[arg-type]
+    u = NativeUnwinder(str(tmp_path))
+    u.attach(maps)
+    u.track(601)
+    u.step()
+    assert fm["procs"].d == {601: 2} and seen == [False, False]
+    procfs.add(601, [(py, 12, 0x561000000000), (LIBC, 11, 0x7F2000000000)])
+    u.track(601)  # the exec
+    u.step()
+    assert seen == [False] * 4
+    assert fm["procs"].d == {601: 2}
+    assert fm["maps"].d[(601, 1)][0] == 0x7F2000000000
+    procfs.add(601, [(LIBC, 11, 0x7F2000000000)])  # fewer mappings
+    u.track(601)
+    u.step()
+    assert seen == [False] * 5 and fm["procs"].d == {601: 1} and (601, 1) not in fm["maps"].d
