@@ -24,11 +24,34 @@ BUSY = "import time\nend = time.time() + float(__import__('sys').argv[1])\nwhile
 
 
 def sample_prog(pid: int) -> tuple[int, int]:
-    """(run_time_ns, run_cnt) of the agent's perf-event program (BPF_PROG_TYPE_PERF_EVENT = 7)."""
+    """(run_time_ns, run_cnt) of the agent's perf-event programs (BPF_PROG_TYPE_PERF_EVENT = 7):
+    on_cpu_sample, whose runs include the native unwinder it tail-calls (a tail-called program
+    has no runs of its own in the kernel's stats)."""
+    ns = runs = 0
     for v in bpf_programs(pid).values():
         if v.get("prog_type") == 7:
-            return v.get("run_time_ns", 0), v.get("run_cnt", 0)
-    return 0, 0
+            ns += v.get("run_time_ns", 0)
+            runs += v.get("run_cnt", 0)
+    return ns, runs
+
+
+def settle_tables(agent: AgentProcess, quiet: float = 5.0, limit: float = 180.0) -> None:
+    """Steady state for the native unwinder too: wait until no unwind table has been built for
+    `quiet` seconds (at start the agent builds one per executable file of the host's profiled
+    processes: ~30 s of CPU for this host's 45 files), at most `limit` seconds."""
+    t0 = last_change = time.monotonic()
+    last = -1.0
+    while time.monotonic() - t0 < limit:
+        try:
+            built = sum(v for n, _, v in agent.metrics() if n == "coroot_agent_profiler_unwind_tables_built_total")
+        except Exception:  # noqa: BLE001 - not listening yet
+            built = -1.0
+        if built != last:
+            last, last_change = built, time.monotonic()
+        elif built >= 0 and time.monotonic() - last_change >= quiet:
+            print(f"  unwind tables settled: {built:.0f} built, {time.monotonic() - t0:.0f} s")
+            return
+        time.sleep(1)
 
 
 def measure(args: list[str], seconds: float, busy: bool) -> tuple[float, tuple[int, int]]:
@@ -44,6 +67,7 @@ def measure(args: list[str], seconds: float, busy: bool) -> tuple[float, tuple[i
             # Steady state: the first drains load the workers' ELF symbol tables once (~0.5 s of
             # CPU for python3's), which is not a per-second cost.
             time.sleep(5)
+        settle_tables(agent)
         p = psutil.Process(agent.proc.pid)
         c0, s0 = sum(p.cpu_times()[:2]), sample_prog(agent.proc.pid)
         time.sleep(seconds)

@@ -10,9 +10,17 @@
  * CPython processes (in `py_procs`, with their interpreter's offsets) also get their Python
  * stack walked at the sample (bpf/include/pyframes.h): stored once per distinct stack in
  * `py_stacks` under a hash of its code-object addresses, which the count key carries; user
- * space puts those frames in place of the interpreter's eval-loop frames. */
+ * space puts those frames in place of the interpreter's eval-loop frames.
+ *
+ * Processes whose executable files have unwind tables (in `unwind_procs`; bpf/include/unwind.h)
+ * get their user stack walked here by those tables rather than by frame pointers, in a second
+ * program (`on_cpu_unwind`, tail-called, then tail-calling itself, CA_NATIVE_FRAMES frames a
+ * run) that also counts the sample; the stack is stored once per distinct stack in
+ * `native_stacks` under a hash of its addresses, which the count key carries. A sample taken in
+ * the kernel (no user registers here) or a failed tail call falls back to frame pointers. */
 #include "common.h"
 #include "pyframes.h"
+#include "unwind.h"
 #include <uapi/linux/bpf_perf_event.h>
 
 #ifndef CA_PROFILE_STACKS
@@ -28,6 +36,17 @@ struct profile_key {
     s32 kernel_stack;
     u32 _pad;
     u64 py_stack; /* key in py_stacks; 0: no Python frames */
+    u64 native_stack; /* key in native_stacks (user_stack is then -1); 0: none */
+};
+
+/* The native walk's state across its tail calls. */
+struct native_state {
+    struct profile_key key;
+    u64 pc;
+    u64 sp;
+    u64 bp;
+    u64 hash; /* FNV-1a of the addresses so far */
+    struct native_stack stack;
 };
 
 BPF_STACK_TRACE(profile_stacks, CA_PROFILE_STACKS);
@@ -43,6 +62,14 @@ BPF_HASH(py_stacks, u64, struct py_stack, CA_PROFILE_STACKS); /* user space dele
  * before a drain reads it shows as an unknown Python frame. */
 BPF_TABLE("lru_hash", struct py_symbol_key, struct py_symbol, py_symbols, CA_PY_SYMBOLS);
 BPF_PERCPU_ARRAY(py_scratch, struct py_scratch, 1);
+
+BPF_ARRAY(unwind_rows, struct unwind_row, CA_UNWIND_ROWS);         /* user space writes */
+BPF_F_TABLE("hash", u32, u32, unwind_procs, CA_UNWIND_PROCS, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct unwind_map_key, struct unwind_map, unwind_maps, CA_UNWIND_PROCS * 16, BPF_F_NO_PREALLOC);
+BPF_HASH(native_stacks, u64, struct native_stack, CA_NATIVE_STACKS); /* user space deletes after a drain */
+BPF_PERCPU_ARRAY(native_scratch, struct native_state, 1);
+BPF_PERCPU_ARRAY(native_stats, u64, NATIVE_STATS);
+BPF_PROG_ARRAY(native_progs, 1); /* [0]: on_cpu_unwind (user space sets it) */
 
 /* A str's text, read as compact ASCII or compact non-ASCII by its state's `ascii` bit, with no
  * branch (each one multiplies the verifier's paths by the frames walked); returns the state,
@@ -132,16 +159,177 @@ static __always_inline u64 py_walk(struct py_proc *pp, u32 pid, struct py_scratc
     return hash;
 }
 
-/* Insert-if-absent below, so two CPUs seeing a new stack at once cannot overwrite each other;
- * written out per map because BCC rewrites map methods only on the map itself. */
+/* Count one sample. Insert-if-absent, so two CPUs seeing a new stack at once cannot overwrite
+ * each other; written out per map because BCC rewrites map methods only on the map itself. */
+static __always_inline void profile_count(struct profile_key *key) {
+    int zero = 0;
+    u32 *active = profile_active.lookup(&zero);
+    if (active && *active) {
+        u64 *count = profile_counts1.lookup(key);
+        if (!count) {
+            u64 one = 1;
+            if (profile_counts1.insert(key, &one) == 0)
+                return;
+            count = profile_counts1.lookup(key);
+        }
+        if (count)
+            __sync_fetch_and_add(count, 1);
+        else
+            profile_dropped.increment(0);
+        return;
+    }
+    u64 *count = profile_counts0.lookup(key);
+    if (!count) {
+        u64 one = 1;
+        if (profile_counts0.insert(key, &one) == 0)
+            return;
+        count = profile_counts0.lookup(key);
+    }
+    if (count)
+        __sync_fetch_and_add(count, 1);
+    else
+        profile_dropped.increment(0);
+}
+
+/* One frame up from (st->pc, st->sp, st->bp); `caller`: st->pc is a return address (its call
+ * is the byte before). Returns 0 when it stepped, 1 at the end of the stack. */
+static __always_inline int native_step(struct native_state *st, u32 caller) {
+    u64 pc = st->pc;
+    u64 target = pc - caller;
+    u32 n = 0;
+    u32 *count = unwind_procs.lookup(&st->key.pid);
+    if (count)
+        n = *count;
+    if (n > CA_UNWIND_MAPS)
+        n = CA_UNWIND_MAPS;
+    /* the last mapping that starts at or below the target */
+    struct unwind_map_key mk = {.pid = st->key.pid};
+    u32 lo = 0, hi = n;
+    for (int j = 0; j < CA_UNWIND_MAP_SEARCH; j++) {
+        if (lo >= hi)
+            break;
+        mk.index = (lo + hi) / 2;
+        struct unwind_map *m = unwind_maps.lookup(&mk);
+        if (!m) {
+            lo = 0;
+            break;
+        }
+        if (m->start <= target)
+            lo = mk.index + 1;
+        else
+            hi = mk.index;
+    }
+    u8 type = UNWIND_NONE;
+    s8 rbp_off = 0;
+    u16 cfa_off = 0;
+    if (lo > 0) {
+        mk.index = lo - 1;
+        struct unwind_map *m = unwind_maps.lookup(&mk);
+        if (m && target < m->end && target - m->bias <= 0xffffffffULL && m->rows_count) {
+            u32 rel = (u32)(target - m->bias);
+            u32 base = m->rows_start;
+            u32 rlo = 0, rhi = m->rows_count;
+            for (int j = 0; j < CA_UNWIND_SEARCH; j++) {
+                if (rlo >= rhi)
+                    break;
+                u32 mid = (rlo + rhi) / 2;
+                u32 idx = base + mid;
+                struct unwind_row *r = unwind_rows.lookup(&idx);
+                if (!r) {
+                    rlo = 0;
+                    break;
+                }
+                if (r->pc <= rel)
+                    rlo = mid + 1;
+                else
+                    rhi = mid;
+            }
+            if (rlo > 0) {
+                u32 idx = base + rlo - 1;
+                struct unwind_row *r = unwind_rows.lookup(&idx);
+                if (r) {
+                    type = r->type;
+                    rbp_off = (s8)r->rbp;
+                    cfa_off = r->cfa;
+                }
+            }
+        }
+    }
+    if (type == UNWIND_END)
+        return 1;
+    u64 cfa, bp = st->bp, ra = 0;
+    if (type == UNWIND_RSP || type == UNWIND_RBP || type == UNWIND_PLT) {
+        cfa = (type == UNWIND_RBP ? st->bp : st->sp) + (u64)cfa_off * 8;
+        if (type == UNWIND_PLT && (pc & 15) >= 11)
+            cfa += 8;
+        if (rbp_off)
+            bpf_probe_read_user(&bp, sizeof(bp), (void *)(cfa + (s64)rbp_off * 8));
+        native_stats.increment(NATIVE_BY_TABLE);
+    } else {
+        if (!st->bp)
+            return 1;
+        cfa = st->bp + 16;
+        bpf_probe_read_user(&bp, sizeof(bp), (void *)st->bp);
+        native_stats.increment(NATIVE_BY_FP);
+    }
+    if (cfa <= st->sp) /* the stack grows down: a caller's frame is above */
+        return 1;
+    if (bpf_probe_read_user(&ra, sizeof(ra), (void *)(cfa - 8)) || !ra)
+        return 1;
+    st->pc = ra;
+    st->sp = cfa;
+    st->bp = bp;
+    return 0;
+}
+
+/* The native walk: CA_NATIVE_FRAMES frames a run, then a tail call to itself; at the end the
+ * stack is stored and the sample counted. */
+int on_cpu_unwind(struct bpf_perf_event_data *ctx) {
+    int z = 0;
+    struct native_state *st = native_scratch.lookup(&z);
+    if (!st)
+        return 0;
+    int more = 1;
+    for (int i = 0; i < CA_NATIVE_FRAMES; i++) {
+        u32 d = st->stack.depth;
+        if (d >= CA_NATIVE_DEPTH) {
+            more = 0;
+            st->stack.truncated = 1;
+            break;
+        }
+        st->stack.pc[d & (CA_NATIVE_DEPTH - 1)] = st->pc;
+        st->stack.depth = d + 1;
+        st->hash = (st->hash ^ st->pc) * 1099511628211ULL;
+        if (native_step(st, d ? 1 : 0)) {
+            more = 0;
+            break;
+        }
+    }
+    if (more) {
+        if (st->stack.depth < CA_NATIVE_DEPTH) {
+            native_progs.call(ctx, 0);
+            native_stats.increment(NATIVE_NO_TAIL);
+        }
+        st->stack.truncated = 1;
+    }
+    u64 hash = (st->hash ^ st->stack.depth) * 1099511628211ULL;
+    if (!hash)
+        hash = 1;
+    native_stacks.insert(&hash, &st->stack); /* present already: the same frames */
+    native_stats.increment(NATIVE_STACKS);
+    st->key.native_stack = hash;
+    st->key.user_stack = -1;
+    profile_count(&st->key);
+    return 0;
+}
+
 int on_cpu_sample(struct bpf_perf_event_data *ctx) {
     u32 pid = ca_tgid();
     if (pid == 0)
         return 0; /* idle */
     if (!profile_pids.lookup(&pid))
         return 0;
-    struct profile_key key = {.pid = pid};
-    key.user_stack = profile_stacks.get_stackid(&ctx->regs, BPF_F_USER_STACK);
+    struct profile_key key = {.pid = pid, .user_stack = -1};
     key.kernel_stack = profile_stacks.get_stackid(&ctx->regs, 0);
     struct py_proc *pp = py_procs.lookup(&pid);
     if (pp) {
@@ -150,32 +338,23 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
         if (s)
             key.py_stack = py_walk(pp, pid, s);
     }
-    int zero = 0;
-    u32 *active = profile_active.lookup(&zero);
-    if (active && *active) {
-        u64 *count = profile_counts1.lookup(&key);
-        if (!count) {
-            u64 one = 1;
-            if (profile_counts1.insert(&key, &one) == 0)
-                return 0;
-            count = profile_counts1.lookup(&key);
+    /* In user mode the registers are the process's: walk by its unwind tables. */
+    if (unwind_procs.lookup(&pid) && PT_REGS_IP(&ctx->regs) < 0x800000000000ULL) {
+        int z = 0;
+        struct native_state *st = native_scratch.lookup(&z);
+        if (st) {
+            st->key = key;
+            st->pc = PT_REGS_IP(&ctx->regs);
+            st->sp = PT_REGS_SP(&ctx->regs);
+            st->bp = PT_REGS_FP(&ctx->regs);
+            st->hash = 14695981039346656037ULL;
+            st->stack.depth = 0;
+            st->stack.truncated = 0;
+            native_progs.call(ctx, 0);
+            native_stats.increment(NATIVE_NO_TAIL); /* not there: frame pointers below */
         }
-        if (count)
-            __sync_fetch_and_add(count, 1);
-        else
-            profile_dropped.increment(0);
-        return 0;
     }
-    u64 *count = profile_counts0.lookup(&key);
-    if (!count) {
-        u64 one = 1;
-        if (profile_counts0.insert(&key, &one) == 0)
-            return 0;
-        count = profile_counts0.lookup(&key);
-    }
-    if (count)
-        __sync_fetch_and_add(count, 1);
-    else
-        profile_dropped.increment(0);
+    key.user_stack = profile_stacks.get_stackid(&ctx->regs, BPF_F_USER_STACK);
+    profile_count(&key);
     return 0;
 }

@@ -24,6 +24,7 @@ if [ "$WANT_TEST" = 1 ]; then
            nginx-light postgresql redis-server dnsmasq-base wrk python3-psycopg python3-redis
            debootstrap mariadb-server)
     pkgs+=(libssl-dev)  # libssl.a: the static OpenSSL TLS test links its client against it
+    pkgs+=(binutils bpftool)  # unwind tables checked against readelf; the native-unwind test reads a BPF map
     # The heavier servers, runtimes and toolchains of single test modules (~1 GB installed).
     # COROOT_AGENT_SETUP_SERVERS=0 leaves them out (the bare-Debian bootstrap test does, to
     # stay within its time; those modules then fail, naming the package to install).

@@ -51,8 +51,8 @@ class Family:
     defines: tuple[str, ...] = ()  # set when the family is compiled in (other files test them)
     requires: tuple[str, ...] = ()  # families compiled in with it (their maps and hooks are used)
     pages: int = 0  # perf buffer pages per CPU when more than the default (ring size is in the C file)
-    # (prog array, function, "tracepoint" | "kprobe"): programs entered only by tail calls, put
-    # in slot 0 of their array right after the compile
+    # (prog array, function, "tracepoint" | "kprobe" | "perf_event"): programs entered only by tail
+    # calls, put in slot 0 of their array right after the compile
     tail_calls: tuple[tuple[str, str, str], ...] = ()
 
 
@@ -69,7 +69,7 @@ FAMILIES: dict[str, Family] = {
                              ("l7_run_uprobe", "l7_run_kprobe", "kprobe"))),
     "logs": Family("logs", "logs.c", ("log_events",), "log files opened for writing under /var/log (tracepoint)"),
     "profiler": Family("profiler", "profiler.c", (), "CPU stacks sampled by a cpu-clock perf event",
-                       perf_functions=("on_cpu_sample",)),
+                       perf_functions=("on_cpu_sample",), tail_calls=(("native_progs", "on_cpu_unwind", "perf_event"),)),
     "python": Family("python", "python.c", (), "CPython GIL waits: pthread_cond_timedwait in the C library (uprobes)",
                      uprobe_functions=("python_cond_wait_enter", "python_cond_wait_exit")),
     "nodejs": Family("nodejs", "nodejs.c", (), "Node.js event-loop blocked time: libuv's uv__io_poll and I/O callbacks "
@@ -417,9 +417,10 @@ def load(
     took = time.monotonic() - t0
     loaded = Loaded(bpf=bpf, families=families, ringbuf=ringbuf, compile_seconds=took)
     for name in families:
-        for array, fn, kind in FAMILIES[name].tail_calls:
+        for array, fn, kind in FAMILIES[name].tail_calls:  # before the programs that call them attach
             try:
-                prog = bpf.load_func(fn, BPF.TRACEPOINT if kind == "tracepoint" else BPF.KPROBE)
+                prog = bpf.load_func(fn, {"tracepoint": BPF.TRACEPOINT, "kprobe": BPF.KPROBE,
+                                             "perf_event": BPF.PERF_EVENT}[kind])
                 bpf[array][ctypes.c_int(0)] = ctypes.c_int(prog.fd)
             except Exception as e:  # noqa: BLE001
                 raise LoadError(f"probe family {name}: cannot load {fn} into {array}: {e}") from e

@@ -87,6 +87,27 @@ class BpfMap:
         except (KeyError, OSError, IndexError):
             pass
 
+    def array_write(self, start: int, leaves: bytes) -> bool:
+        """Slots start, start + 1, ... of an array map set from `leaves` (packed values, each the
+        map's value size), in one batch where the kernel has them (5.6+), else one by one."""
+        leaf = self._t.Leaf
+        n = len(leaves) // ctypes.sizeof(leaf)
+        if n == 0:
+            return True
+        keys = (self._t.Key * n)(*range(start, start + n))
+        values = (leaf * n).from_buffer_copy(leaves[:n * ctypes.sizeof(leaf)])
+        try:
+            self._t.items_update_batch(keys, values)
+            return True
+        except Exception:  # noqa: BLE001 - BCC raises bare Exception; no batch ops on this kernel
+            pass
+        try:
+            for i in range(n):
+                self._t[keys[i]] = values[i]
+        except (KeyError, OSError, IndexError):
+            return False
+        return True
+
     def walk_stack(self, stack_id: int) -> list[int]:
         """A stack-trace map's addresses for one id (leaf first), zeros left out."""
         try:

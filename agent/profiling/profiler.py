@@ -9,6 +9,8 @@ node agent: profiling/profiling.go): Labels `container.id`, `host.name`, `host.i
 
 CPython processes (agent/profiling/python.py) also get their Python frames walked in the kernel:
 those frames ("<qualname> <file>:<first line>") stand in place of the interpreter's eval loop.
+Native stacks are walked in the kernel by the unwind tables of the processes' files
+(agent/profiling/native.py), with frame pointers where a file has none.
 
 Keeps the kernel's `profile_pids` map equal to the processes that may be sampled: in a
 reported container, not opted out with COROOT_EBPF_PROFILING=disabled.
@@ -33,6 +35,7 @@ from agent.containers.registry import Process, Registry
 from agent.ebpf.maps import BpfMap, Programs
 from agent.hashing import fnv1a64
 from agent.metrics import Families
+from agent.profiling.native import NativeMaps, NativeUnwinder
 from agent.profiling.python import PythonFinder, decode_str, interleave, python_frame
 from agent.profiling.symbols import Symbolizer
 from agent.sinks import schema
@@ -74,12 +77,15 @@ class Maps:
     py_procs: BpfMap  # pid -> the interpreter's _PyRuntime address and offsets
     py_stacks: BpfMap  # hash -> a Python stack's code objects (leaf first)
     py_symbols: BpfMap  # (pid, code object) -> name, file, first line
+    native: NativeMaps  # unwind tables and the stacks walked by them
 
     @classmethod
     def of(cls, programs: Programs) -> Maps:
         m = programs.map
         return cls(m("profile_pids"), m("profile_active"), (m("profile_counts0"), m("profile_counts1")),
-                   m("profile_stacks"), m("profile_dropped"), m("py_procs"), m("py_stacks"), m("py_symbols"))
+                   m("profile_stacks"), m("profile_dropped"), m("py_procs"), m("py_stacks"), m("py_symbols"),
+                   NativeMaps(m("unwind_rows"), m("unwind_procs"), m("unwind_maps"), m("native_stacks"),
+                              m("native_stats")))
 
 
 class Profiler(Component):
@@ -116,9 +122,12 @@ class Profiler(Component):
         self._py_checked: dict[int, str] = {}
         self._py_pids: set[int] = set()  # ... and found to be one: in py_procs
         self._py_names: dict[tuple[int, int], str] = {}  # (pid, code object) -> frame
+        self.native = NativeUnwinder(registry.procfs)
+        self.native_stats = (0, 0, 0, 0)  # bpf/include/unwind.h NATIVE_*
 
     def attach(self, programs: Programs | None) -> None:
         self._maps = Maps.of(programs) if programs is not None else None
+        self.native.attach(self._maps.native if self._maps is not None else None)
         self.sync()
 
     # ----------------------------------------------------------- pid map ---
@@ -130,6 +139,7 @@ class Profiler(Component):
             if what == "removed":
                 cid = self._allowed.pop(proc.pid, None)
                 self._forget_python(proc.pid)
+                self.native.untrack(proc.pid)
                 if cid is not None:
                     self._set_pid(proc.pid, False)
                     self._exited[proc.pid] = cid
@@ -141,6 +151,8 @@ class Profiler(Component):
                 self.symbols.forget(proc.pid)
                 self._forget_python(proc.pid)
                 self._comm[proc.pid] = proc.comm
+                if proc.pid in self._allowed:
+                    self.native.track(proc.pid)  # an exec: new mappings
                 self._sync_one(proc.pid)
 
     def on_rename(self, old: str, new: str) -> None:
@@ -158,6 +170,7 @@ class Profiler(Component):
         if c is not None and ok and pid not in self._allowed:
             self._allowed[pid] = c.id
             self._set_pid(pid, True)
+            self.native.track(pid)
             p = self.registry.process(pid)
             if p is not None:
                 self._comm[pid] = p.comm
@@ -165,6 +178,7 @@ class Profiler(Component):
             del self._allowed[pid]
             self._set_pid(pid, False)
             self._forget_python(pid)
+            self.native.untrack(pid)
         p = self.registry.process(pid) if pid in self._allowed else None
         if p is not None and self._py_checked.get(pid) != p.comm and self._maps is not None:
             self._forget_python(pid)
@@ -193,6 +207,7 @@ class Profiler(Component):
                     del self._allowed[pid]
                     self._set_pid(pid, False)
                     self._forget_python(pid)
+                    self.native.untrack(pid)
             for pid in [p for p in self._comm if p not in live and p not in self._exited]:
                 del self._comm[pid]
             for pid in live:
@@ -218,8 +233,8 @@ class Profiler(Component):
         m.active.array_set(0, 1 - cur)
         time.sleep(0.005)  # let programs that read the old index finish
         counts_t = m.counts[cur]
-        items = [(int(k.pid), int(k.user_stack), int(k.kernel_stack), int(k.py_stack), int(v.value))
-                 for k, v in counts_t.items()]
+        items = [(int(k.pid), int(k.user_stack), int(k.kernel_stack), int(k.py_stack), int(k.native_stack),
+                  int(v.value)) for k, v in counts_t.items()]
         counts_t.clear()
         stacks_t = m.stacks
         out: dict[str, Counter[Stack]] = defaultdict(Counter)
@@ -227,7 +242,8 @@ class Profiler(Component):
         with self._lock:
             exited, self._exited = self._exited, {}
         py_used: set[int] = set()
-        for pid, ustack, kstack, pystack, n in items:
+        native_used: set[int] = set()
+        for pid, ustack, kstack, pystack, nstack, n in items:
             cid = self._allowed.get(pid) or exited.get(pid)
             if cid is None:
                 c = self.registry.container_of(pid)
@@ -242,6 +258,9 @@ class Profiler(Component):
             if ustack >= 0:
                 native = [frame(self.symbols.user(pid, a)) for a in stacks_t.walk_stack(ustack)]
                 used.add(ustack)
+            elif nstack:
+                native = self._native_frames(pid, nstack)
+                native_used.add(nstack)
             if pystack:
                 native = interleave(native, self._python_frames(pid, pystack))
                 py_used.add(pystack)
@@ -263,6 +282,10 @@ class Profiler(Component):
         py_keep = {int(k.py_stack) for k in other}
         for h in py_used - py_keep:
             m.py_stacks.delete(m.py_stacks.key(h))
+        native_keep = {int(k.native_stack) for k in other}
+        for h in native_used - native_keep:
+            m.native.stacks.delete(m.native.stacks.key(h))
+        self.native_stats = tuple(m.native.stats.percpu_sum(i) for i in range(4))  # type: ignore[assignment]
         for pid in exited:
             self.symbols.forget(pid)
             for k in [k for k in self._py_names if k[0] == pid]:
@@ -271,6 +294,20 @@ class Profiler(Component):
                 if pid not in self._allowed:
                     self._comm.pop(pid, None)
         self.drops = m.dropped.percpu_sum(0)
+        return out
+
+    def _native_frames(self, pid: int, stack_hash_: int) -> list[str]:
+        """A stack the kernel walked by unwind tables, leaf first; a caller's frame is named by
+        the byte before its return address (its call: the return address may be the first byte
+        of the next function after a call that does not return)."""
+        assert self._maps is not None
+        st = self._maps.native.stacks.get(self._maps.native.stacks.key(stack_hash_))
+        if st is None:
+            return [frame("[unknown]")]
+        pcs = [int(st.pc[i]) for i in range(min(int(st.depth), len(st.pc)))]
+        out = [frame(self.symbols.user(pid, pc if i == 0 else pc - 1)) for i, pc in enumerate(pcs)]
+        if st.truncated:
+            out.append(frame("[truncated stack]"))
         return out
 
     def _python_frames(self, pid: int, stack_hash_: int) -> list[str]:
@@ -338,8 +375,22 @@ class Profiler(Component):
         f.counter("coroot_agent_profiler_dropped_samples_total", "samples not counted: the kernel's count map was full", self.drops)
         for cache, n in self.symbols.sizes.items():
             f.gauge("coroot_agent_profiler_symbol_cache_entries", "entries in the symbolizer's caches", n, cache=cache)
+        nat = self.native
+        for what, n in nat.sizes().items():
+            f.gauge("coroot_agent_profiler_unwind_tables", "unwind tables: built (user space) and loaded (kernel)", n, what=what)
+        f.counter("coroot_agent_profiler_unwind_tables_built_total", "files whose unwind table was built", nat.built)
+        f.counter("coroot_agent_profiler_unwind_build_seconds_total", "time spent building unwind tables", nat.build_seconds)
+        f.counter("coroot_agent_profiler_unwind_cfi_bytes_total", "bytes of .eh_frame/.debug_frame read to build them", nat.cfi_bytes)
+        for what, n in sorted(nat.dropped.items()):
+            f.counter("coroot_agent_profiler_unwind_dropped_total", "files or mappings left without a table (no CFI, "
+                      "over a cap, evicted)", n, what=what)
+        for i, what in enumerate(("table", "frame_pointer")):
+            f.counter("coroot_agent_profiler_native_frames_total", "user frames the kernel stepped, by how", self.native_stats[i], by=what)
+        f.counter("coroot_agent_profiler_native_stacks_total", "user stacks walked by unwind tables", self.native_stats[2])
+        f.counter("coroot_agent_profiler_native_tail_call_failures_total", "native walks cut short: a tail call failed", self.native_stats[3])
 
     def start(self) -> None:
+        self.native.start()
         self._thread = threading.Thread(target=self._loop, name="profiler", daemon=True)
         self._thread.start()
 
@@ -359,6 +410,7 @@ class Profiler(Component):
     def close(self) -> None:
         """Stop the thread, write the last profile, and leave the kernel's maps alone after."""
         self._stop.set()
+        self.native.close()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
