@@ -255,7 +255,7 @@ class Agent:
             out.append(shipper)
         if "profiler" in self.families():
             out.append(Profiler(self.registry, self.sink, cfg.profiling_frequency, cfg.profiling_interval,
-                                host_id=const["machine_id"]))
+                                host_id=const["machine_id"], native_unwinding=cfg.native_unwinding))
         if "logs" in self.families():
             scrubber = Scrubber(emails=cfg.log_mask_emails, cards=cfg.log_mask_cards, tokens=cfg.log_mask_tokens,
                                 secrets=cfg.log_mask_secrets, headers=cfg.log_mask_headers,

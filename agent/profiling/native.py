@@ -104,7 +104,10 @@ class Tracked:
 class NativeUnwinder:
     def __init__(self, procfs: str = "/proc", kernel_rows: int = KERNEL_ROWS, max_tables: int = 64,
                  max_table_bytes: int = 64 << 20, rescan: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, enabled: bool = True) -> None:
+        """`enabled` False (--enable-native-unwinding not given): no table is built, and the
+        kernel walks every native stack by frame pointers."""
+        self.enabled = enabled
         self.procfs = procfs
         self.rescan = rescan
         self.max_tables = max_tables
@@ -133,6 +136,8 @@ class NativeUnwinder:
 
     def track(self, pid: int) -> None:
         """`pid` may be sampled (or exec'd: its mappings are new)."""
+        if not self.enabled:
+            return
         with self._lock:
             self._pending[pid] = True
         self._wake.set()

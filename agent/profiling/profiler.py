@@ -93,7 +93,7 @@ class Profiler(Component):
 
     def __init__(self, registry: Registry, sink: Sink | None, frequency: int, interval: float,
                  symbolizer: Symbolizer | None = None, wall: Callable[[], float] = time.time,
-                 host_id: str = "") -> None:
+                 host_id: str = "", native_unwinding: bool = True) -> None:
         self.registry = registry
         self.host_labels = {"host.name": socket.gethostname(), "host.id": host_id}
         self.sink = sink
@@ -122,7 +122,7 @@ class Profiler(Component):
         self._py_checked: dict[int, str] = {}
         self._py_pids: set[int] = set()  # ... and found to be one: in py_procs
         self._py_names: dict[tuple[int, int], str] = {}  # (pid, code object) -> frame
-        self.native = NativeUnwinder(registry.procfs)
+        self.native = NativeUnwinder(registry.procfs, enabled=native_unwinding)
         self.native_stats = (0, 0, 0, 0)  # bpf/include/unwind.h NATIVE_*
 
     def attach(self, programs: Programs | None) -> None:

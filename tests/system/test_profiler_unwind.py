@@ -20,7 +20,8 @@ import pytest
 from agent.profiling.profiler import frame_name
 from tests.system.helpers import AgentProcess, TestCgroups, rows, wait_for
 
-pytestmark = pytest.mark.agent_args("--profiling-interval", "2s", "--disable-l7-tracing", "--disable-log-parsing",
+pytestmark = pytest.mark.agent_args("--enable-native-unwinding", "--profiling-interval", "2s", "--disable-l7-tracing",
+                                    "--disable-log-parsing",
                                     "--disable-log-entries", "--disable-pinger", "--disable-jvm-monitoring")
 
 SRC = Path(__file__).parent / "workloads" / "unwind.c"

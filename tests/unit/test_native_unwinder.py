@@ -233,3 +233,12 @@ def test_a_new_layout_is_never_walked_mixed_with_the_old(tmp_path: Path) -> None
     u.track(601)
     u.step()
     assert seen == [False] * 5 and fm["procs"].d == {601: 1} and (601, 1) not in fm["maps"].d
+
+
+def test_without_enable_native_unwinding_no_process_is_tracked_and_no_table_built() -> None:
+    off = NativeUnwinder("/proc", enabled=False)
+    off.track(os.getpid())
+    assert off._pending == {} and off._tracked == {} and off.built == 0
+    on = NativeUnwinder("/proc")
+    on.track(os.getpid())
+    assert on._pending == {os.getpid(): True}
