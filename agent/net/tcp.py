@@ -59,6 +59,7 @@ CONN_OUTBOUND = 1
 MAX_CONNS = 65536  # user-space mirror of the kernel's bound
 MAX_RETRY = 10_000  # connect events of processes the registry does not know yet
 MAX_ACTUALS = 65536  # (container, destination) -> last actual destination, for lost connects
+MAX_ATTEMPTS = 65536  # destination IPs remembered with their last connect attempt (for ip_to_fqdn)
 
 
 def _addr(family: int, raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -184,7 +185,10 @@ class TcpTracker(Component):
                     return
                 if c is None:
                     return
+                self._attempts.pop(dst, None)  # oldest first: the bound drops the least recent
                 self._attempts[dst] = time.monotonic()
+                if len(self._attempts) > MAX_ATTEMPTS:
+                    del self._attempts[next(iter(self._attempts))]
                 if kind == EV_CONNECT_FAILED:  # only when the kernel's map had no room for it
                     self._failed[(c.id, self._domain_of(dst, dport, dst) or dst_ep)] += 1
                     return

@@ -10,6 +10,7 @@ import pytest
 
 from agent.containers.registry import Container, Process
 from agent.metrics import Families
+from agent.net import tcp
 from agent.net.conntrack import parse
 from agent.net.public import PublicFilter
 from agent.net.tcp import EV_CONNECT, EV_CONNECT_FAILED, TCP_EVENT, TcpTracker, _hex_addr, endpoint
@@ -273,3 +274,13 @@ def test_destination_ips_are_those_connected_to_lately_or_still_open(tmp_path: P
     later = time.monotonic() + 1
     assert t.destination_ips(later) == {"10.0.0.7"}  # the open connection only
     assert t.destination_ips(0.0) == {"10.0.0.7"}  # the old attempts are forgotten
+
+
+def test_connect_attempts_are_remembered_for_at_most_max_attempts_ips(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tcp, "MAX_ATTEMPTS", 2)
+    t, _ = tracker(tmp_path)
+    for fd, ip in enumerate(("10.0.0.1", "10.0.0.2", "10.0.0.1", "10.0.0.3"), start=3):
+        t.handle_event(connect_event(100, fd, ip, 9, kind=EV_CONNECT_FAILED))
+    # 10.0.0.2 was the least recent when 10.0.0.3 came: dropped; 10.0.0.1 was attempted again
+    assert set(t._attempts) == {"10.0.0.1", "10.0.0.3"}
