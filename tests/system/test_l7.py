@@ -439,6 +439,41 @@ def test_a_forking_server_serves_its_connections_from_the_child_that_reads_them(
         srv.wait()
 
 
+def test_spans_through_dnat_show_the_backend_that_answered(
+        agent: AgentProcess, cgroups: TestCgroups, tmp_path: Path) -> None:
+    """A client that dials a virtual address DNATed to a backend (as a Kubernetes Service is):
+    its TCP and HTTP series keep destination=<virtual> and actual_destination=<backend>, and its
+    spans show the backend, as the node agent's NewTrace(ActualDestinationIfKnown()) does:
+    net.peer.name/net.peer.port and http.url's host. The Coroot server finds a service's client
+    spans by net.peer.name among its instances' listen addresses (inboundSpansFilter)."""
+    hosts = TwoHosts()
+    vip, port = f"10.201.{hosts.k}.100", "8000"  # on the veth's subnet: routed, then DNATed
+    try:
+        server_cid = cgroups.create("dnat-server")
+        cgroups.spawn(server_cid, hosts.argv(hosts.srv, sys.executable, "-m", "http.server", port, "--bind",
+                                             "0.0.0.0", "--directory", str(tmp_path)),
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert wait_for(lambda: f":{port} " in hosts.run(hosts.srv, "ss", "-tlnH"), 10)
+        nft = hosts.argv(hosts.cli, "nft")
+        subprocess.run([*nft, "add table ip cadnat"], check=True)
+        subprocess.run([*nft, "add chain ip cadnat out { type nat hook output priority -100 ; }"], check=True)
+        subprocess.run([*nft, f"add rule ip cadnat out ip daddr {vip} tcp dport 80 dnat to {hosts.srv_ip}:{port}"],
+                       check=True)
+        cid = cgroups.create("dnat-client")
+        c = run_client(cgroups, cid, "http", vip, "80", "/:4", argv_prefix=tuple(hosts.argv(hosts.cli)))
+        assert c.result["statuses"] == {"200": 4}
+        lbl = {"destination": f"{vip}:80", "actual_destination": f"{hosts.srv_ip}:{port}"}
+        assert wait_counts(agent, "container_http_requests_total", {"2xx": 4}, container_id=cid, **lbl) == {"2xx": 4}
+        got = spans(agent, cid, 4)
+        peers = {(s["SpanAttributes"]["net.peer.name"], s["SpanAttributes"]["net.peer.port"],
+                  s["SpanAttributes"]["http.url"]) for s in got}
+        assert peers == {(hosts.srv_ip, port, f"http://{hosts.srv_ip}:{port}/")}, peers
+        assert len(got) == 4
+        c.finish()
+    finally:
+        hosts.cleanup()
+
+
 def test_a_destination_from_an_answer_of_several_public_addresses_is_folded_into_its_domain(
         agent: AgentProcess, cgroups: TestCgroups, tmp_path: Path) -> None:
     """As the node agent labels it (common.NewDestinationKey, common/net.go:261-271): a client
