@@ -193,6 +193,16 @@ def rows(store: AgentProcess | str, sql: str) -> list[dict]:
     return [json.loads(line) for line in r.stdout.splitlines()]
 
 
+def profile_stacks(storage: str, service: str) -> list[tuple[list[str], int]]:
+    """A service's stored CPU profile: (stack, leaf first, as stored; its summed value) pairs."""
+    found = rows(storage, (
+        "SELECT s.Stack AS stack, sum(p.Value) AS value FROM profiling_samples p "
+        "JOIN (SELECT ServiceName, Hash, any(Stack) AS Stack FROM profiling_stacks GROUP BY ServiceName, Hash) s "
+        "ON s.ServiceName = p.ServiceName AND s.Hash = p.StackHash "
+        f"WHERE p.Type = 'ebpf:cpu:nanoseconds' AND p.ServiceName = '{service}' GROUP BY stack"))
+    return [(list(r["stack"]), int(r["value"])) for r in found]
+
+
 class TestCgroups:
     """Containers without a runtime: cgroups under system.slice in the v2 hierarchy."""
 

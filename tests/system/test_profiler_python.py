@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.helpers import AgentProcess, TestCgroups, rows
+from tests.system.helpers import AgentProcess, TestCgroups, profile_stacks
 
 # the profiler alone: the other probe families would only lengthen the agent's start
 pytestmark = pytest.mark.agent_args("--profiling-interval", "3s", "--disable-l7-tracing", "--disable-log-parsing",
@@ -21,15 +21,6 @@ WORKLOAD = Path(__file__).parent / "workloads" / "py_burn.py"
 PYTHON = "/usr/bin/python3"
 # CPU seconds the workload burns: 99 Hz gives ~590 samples whatever the machine's load.
 CPU_SECONDS = 6
-
-
-def stacks_of(storage: str, service: str) -> list[tuple[list[str], int]]:
-    found = rows(storage, (
-        "SELECT s.Stack AS stack, sum(p.Value) AS value FROM profiling_samples p "
-        "JOIN (SELECT ServiceName, Hash, any(Stack) AS Stack FROM profiling_stacks GROUP BY ServiceName, Hash) s "
-        "ON s.ServiceName = p.ServiceName AND s.Hash = p.StackHash "
-        f"WHERE p.Type = 'ebpf:cpu:nanoseconds' AND p.ServiceName = '{service}' GROUP BY stack"))
-    return [(list(r["stack"]), int(r["value"])) for r in found]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +37,7 @@ def profiled(agent: AgentProcess) -> Iterator[dict]:
         code = agent.stop()
         cg.cleanup()
     assert code == 0, agent.log()[-3000:]
-    yield {"cpu": cpu, "stacks": stacks_of(agent.storage, cid)}
+    yield {"cpu": cpu, "stacks": profile_stacks(agent.storage, cid)}
 
 
 def py(name: str, line: int) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent.profiling.profiler import frame_name
-from tests.system.helpers import AgentProcess, TestCgroups, rows, wait_for
+from tests.system.helpers import AgentProcess, TestCgroups, profile_stacks, wait_for
 
 pytestmark = pytest.mark.agent_args("--enable-native-unwinding", "--profiling-interval", "2s", "--disable-l7-tracing",
                                     "--disable-log-parsing",
@@ -36,12 +36,7 @@ def binary(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def stacks_of(storage: str, service: str) -> list[tuple[list[str], int]]:
-    found = rows(storage, (
-        "SELECT s.Stack AS stack, sum(p.Value) AS value FROM profiling_samples p "
-        "JOIN (SELECT ServiceName, Hash, any(Stack) AS Stack FROM profiling_stacks GROUP BY ServiceName, Hash) s "
-        "ON s.ServiceName = p.ServiceName AND s.Hash = p.StackHash "
-        f"WHERE p.Type = 'ebpf:cpu:nanoseconds' AND p.ServiceName = '{service}' GROUP BY stack"))
-    return [([frame_name(f) for f in r["stack"]], int(r["value"])) for r in found]
+    return [([frame_name(f) for f in stack], value) for stack, value in profile_stacks(storage, service)]
 
 
 @pytest.fixture(scope="module")
