@@ -171,7 +171,7 @@ class L7Tracer(Component):
         self._last_resolve = 0.0
         self._clock_offset = time.time_ns() - time.monotonic_ns()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
         self._spans = SpanColumns()  # spans made since the last hand-over to the sink
-        self._peers: dict[tuple[str, str, int, str | None], tuple[Peer, dict[str, str]]] = {}
+        self._peers: dict[tuple[str, str | None], tuple[Peer, dict[str, str]]] = {}
         self._resources: dict[str, tuple[str, dict[str, str]]] = {}  # container -> service.name, resource
         self.requests = 0
         self.spans_written = 0
@@ -370,7 +370,7 @@ class L7Tracer(Component):
         host:port (tracing/tracing.go). Always an address, never
         a DNS name, unless the destination is folded into its domain (several public
         addresses, common.NewDestinationKey: then the domain and the dialled port)."""
-        key = (conn.destination, conn.dst, conn.dport, conn.actual)
+        key = (conn.destination, conn.actual)  # the destination holds the dialled address and port
         hit = self._peers.get(key)
         if hit is None:
             actual = conn.destination if conn.actual is None else conn.actual

@@ -16,8 +16,6 @@ _ALWAYS = [ipaddress.ip_network(n) for n in (
     "fc00::/7",  # unique local
 )]
 _NEVER = [ipaddress.ip_network(n) for n in ("169.254.0.0/16", "fe80::/10")]
-_PRIVATE = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
-                                               "127.0.0.0/8", "::1/128", "fc00::/7")]
 
 
 def normalize(ip: IP) -> IP:
@@ -28,9 +26,10 @@ def normalize(ip: IP) -> IP:
 
 def is_external(ip: str) -> bool:
     """common.IsIpExternal (common/net.go:50-63): neither loopback nor private (RFC 1918,
-    100.64/10, fc00::/7). Link-local counts as external there too."""
+    100.64/10, fc00::/7): the ranges that are always tracked. Link-local counts as external
+    there too."""
     a = ipaddress.ip_address(ip)
-    return not any(a.version == n.version and a in n for n in _PRIVATE)
+    return not any(a.version == n.version and a in n for n in _ALWAYS)
 
 
 class PublicFilter:
