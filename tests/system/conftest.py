@@ -12,7 +12,14 @@ from typing import Any
 
 import pytest
 
-from tests.system.helpers import AGENT_DEFAULTS, AGENT_LOGS, AgentFactory, AgentProcess, TestCgroups
+from tests.system.helpers import (
+    AGENT_DEFAULTS,
+    AGENT_LOGS,
+    AGENT_STORES,
+    AgentFactory,
+    AgentProcess,
+    TestCgroups,
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -58,11 +65,13 @@ def _root() -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def _agent_logs() -> None:
-    """Agent logs of earlier test runs that are over go (a run still going, e.g. another
-    engineer's, keeps its own); this run's stay after it, for reading."""
-    for run in os.listdir(AGENT_LOGS) if os.path.isdir(AGENT_LOGS) else ():
-        if not (run.isdigit() and os.path.exists(f"/proc/{run}")):
-            shutil.rmtree(os.path.join(AGENT_LOGS, run), ignore_errors=True)
+    """Agent logs and stores of earlier test runs that are over go (a run still going, e.g.
+    another engineer's, keeps its own; one whose pid this run now has is over); this run's stay
+    after it, for reading."""
+    for top in (AGENT_LOGS, AGENT_STORES):
+        for run in os.listdir(top) if os.path.isdir(top) else ():
+            if not (run.isdigit() and os.path.exists(f"/proc/{run}")) or run == str(os.getpid()):
+                shutil.rmtree(os.path.join(top, run), ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -5,6 +5,7 @@ Test files import from here, never from each other."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -66,6 +67,12 @@ def free_port() -> int:
 # are over when a new one starts, so /tmp keeps one run's worth, not a file per agent started.
 AGENT_LOGS = "/tmp/coroot-agent-test-logs"
 AGENT_LOG_DIR = f"{AGENT_LOGS}/{os.getpid()}"
+# The agents' stores, likewise one directory per run, and a name no other agent of the run had:
+# a store left by an agent that was killed (or by an earlier run whose ports repeat) must never
+# be opened by a later agent, which would read the old run's rows as its own.
+AGENT_STORES = "/tmp/coroot-agent-test-stores"
+AGENT_STORE_DIR = f"{AGENT_STORES}/{os.getpid()}"
+_store_ids = itertools.count(1)
 
 
 class AgentProcess:
@@ -79,7 +86,7 @@ class AgentProcess:
         `listen_host`: 0.0.0.0 for an agent other hosts reach."""
         self.prefix = list(prefix)
         self.port = free_port()
-        self.storage = f"/tmp/coroot-agent-test-{self.port}"
+        self.storage = f"{AGENT_STORE_DIR}/{self.port}-{next(_store_ids)}"
         self.args = ["--listen", f"{listen_host}:{self.port}", "--storage-path", self.storage,
                      "--wal-dir", f"{self.storage}/wal", *args]
         self.env = {k: v for k, v in os.environ.items() if k != "CONFIG"} | dict(env or {})
