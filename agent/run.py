@@ -242,7 +242,8 @@ class Agent:
                 RestartCounter(self.registry), DiskCollector(self.registry, procfs=cfg.procfs_root),
                 RegistryMetrics(self.registry), DelayCollector(self.registry, interval=cfg.scrape_interval)]
         if cfg.pinger_enabled:
-            out.append(Pinger(self.registry, self.tcp, interval=cfg.scrape_interval, procfs=cfg.procfs_root))
+            out.append(Pinger(self.registry, self.tcp, interval=cfg.scrape_interval, procfs=cfg.procfs_root,
+                              ns_helper=cfg.drop_capabilities and "CAP_SYS_ADMIN" not in caps.keep_after_start()))
         if cfg.jvm_enabled:
             self.jvm = JvmMetrics(self.registry, procfs=cfg.procfs_root)
             out.append(self.jvm)

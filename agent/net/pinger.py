@@ -19,9 +19,12 @@ Privileges: an ICMP socket is raw (CAP_NET_RAW) or, without it, a datagram "ping
 when the group is inside the namespace's net.ipv4.ping_group_range). The agent's own
 namespace's socket is opened at attach, while the capabilities are still held, and kept: the
 agent drops CAP_NET_RAW after attach, and an open socket keeps working. Another namespace needs
-setns(CLONE_NEWNET), i.e. CAP_SYS_ADMIN, which the agent gives up after attach: containers in
-their own namespaces are pinged only while the agent holds it (--keep-capabilities; kernels
-before 5.8 keep it for the BPF maps), else skipped and counted in
+setns(CLONE_NEWNET), i.e. CAP_SYS_ADMIN, which the agent gives up after attach: when it held it at
+start, a helper process started before the drop (agent/net/nsopener.py: it keeps CAP_SYS_ADMIN,
+CAP_NET_RAW and CAP_SYS_PTRACE and only opens ICMP sockets in a given process's namespace)
+hands the pinger a socket per namespace and round. An agent that keeps CAP_SYS_ADMIN
+(--keep-capabilities; kernels before 5.8 keep it for the BPF maps) enters the namespace itself.
+An agent started without CAP_SYS_ADMIN skips other namespaces and counts them in
 coroot_agent_pinger_skipped_total{reason="netns"}.
 Measures and reports; ships nothing.
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import ipaddress
 import logging
 import os
@@ -41,10 +45,12 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from agent import caps
 from agent.component import Component
 from agent.containers.registry import Registry
 from agent.ebpf.maps import Programs
 from agent.metrics import Families
+from agent.net.nsopener import KEEP, NsOpener, open_icmp
 from agent.net.tcp import TcpTracker
 
 log = logging.getLogger(__name__)
@@ -113,12 +119,12 @@ class IcmpSocket:
     @classmethod
     def open(cls) -> IcmpSocket:
         """Raw when allowed, else a ping socket. OSError when neither is."""
-        try:
-            s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-            raw = True
-        except PermissionError:
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
-            raw = False
+        s, raw = open_icmp()
+        return cls.of(s, raw)
+
+    @classmethod
+    def of(cls, s: socket.socket, raw: bool) -> IcmpSocket:
+        """An ICMP socket opened here or elsewhere (the namespace helper's), made ready."""
         try:
             s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             s.setblocking(False)
@@ -150,7 +156,11 @@ class Pinger(Component):
     name = "pinger"
 
     def __init__(self, registry: Registry, tcp: TcpTracker, interval: float, timeout: float = TIMEOUT,
-                 max_targets: int = MAX_TARGETS, rate: int = RATE, procfs: str = "/proc") -> None:
+                 max_targets: int = MAX_TARGETS, rate: int = RATE, procfs: str = "/proc",
+                 ns_helper: bool = False) -> None:
+        """`ns_helper`: the agent will drop CAP_SYS_ADMIN after attach; start the namespace
+        helper (agent/net/nsopener.py) then, while it is held, to open sockets in containers'
+        namespaces afterwards."""
         self.registry = registry
         self.tcp = tcp
         self.interval = interval
@@ -165,6 +175,8 @@ class Pinger(Component):
         self._own: IcmpSocket | None = None  # the agent's own namespace's socket, opened at attach
         self._own_netns: int | None = None
         self._own_ns_fd = -1
+        self._ns_helper = ns_helper
+        self._opener: NsOpener | None = None
         self._seq = 0
         self._warned: set[str] = set()
         self.rounds = 0
@@ -188,6 +200,16 @@ class Pinger(Component):
         except OSError as e:
             log.warning("pinger: no ICMP socket (%s): grant CAP_NET_RAW or set net.ipv4.ping_group_range; "
                         "container_net_latency_seconds is not measured", e)
+        if self._ns_helper and "CAP_SYS_ADMIN" in caps.held():
+            opener = NsOpener(self.procfs)
+            try:
+                opener.start()
+                self._opener = opener
+                log.info("pinger: containers' network namespaces are entered by a helper process (pid %d) that "
+                         "keeps only %s", opener.pid, ", ".join(sorted(KEEP)))
+            except OSError as e:
+                log.warning("pinger: cannot start the namespace helper (%s): containers in their own network "
+                            "namespaces are not pinged", e)
 
     def start(self) -> None:
         if self._own_ns_fd < 0:
@@ -206,6 +228,9 @@ class Pinger(Component):
         if self._own_ns_fd >= 0:
             os.close(self._own_ns_fd)
             self._own_ns_fd = -1
+        if self._opener is not None:
+            self._opener.close()
+            self._opener = None
 
     def tick(self, now: float, gone: list[str]) -> None:
         if gone:
@@ -281,7 +306,7 @@ class Pinger(Component):
                 return {}
             self._own.drain()
             return self.ping(self._own, ips)
-        s = self._open_in(pid)
+        s = self._open_in(pid, netns)
         if s is None:
             self.skipped["netns"] += len(ips)
             return {}
@@ -290,14 +315,31 @@ class Pinger(Component):
         finally:
             s.close()
 
-    def _open_in(self, pid: int) -> IcmpSocket | None:
-        """An ICMP socket in pid's network namespace: this thread enters it, opens the socket
-        and returns to the agent's namespace. None when not allowed (warned once a reason)."""
+    def _open_in(self, pid: int, netns: int | None) -> IcmpSocket | None:
+        """An ICMP socket in pid's network namespace: from the namespace helper when there is
+        one, else this thread enters the namespace (with CAP_SYS_ADMIN), opens the socket and
+        returns to the agent's. None when not allowed (warned once a reason)."""
         libc = ctypes.CDLL(None, use_errno=True)
         try:
             fd = os.open(f"{self.procfs}/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return None  # the process is gone: its connections go at the next tick
+        if self._opener is not None:
+            try:
+                inode = netns or os.fstat(fd).st_ino
+            finally:
+                os.close(fd)
+            opened, code = self._opener.open_icmp(pid, inode)
+            if opened is None:
+                if code not in (errno.ENOENT, errno.ESRCH, errno.ESTALE):  # not a process gone or recycled
+                    self._warn_once(f"helper-{code}", "pinger: the namespace helper cannot open an ICMP socket in "
+                                    "a container's namespace (%s)", os.strerror(code))
+                return None
+            try:
+                return IcmpSocket.of(opened.sock, opened.raw)
+            except OSError as e:
+                self._warn_once("socket", "pinger: an ICMP socket from the namespace helper is unusable (%s)", e)
+                return None
         try:
             if libc.setns(fd, CLONE_NEWNET) != 0:
                 self._warn_once("setns", "pinger: cannot enter containers' network namespaces (%s): they are not "

@@ -65,6 +65,12 @@ def free_port() -> int:
 # The agents' logs: kept after a test for its failure's message and for reading, in one
 # directory per test run (the pytest process's pid); conftest.py removes those of runs that
 # are over when a new one starts, so /tmp keeps one run's worth, not a file per agent started.
+def setpriv(names: Sequence[str]) -> list[str]:
+    """A command prefix that runs the command with only `names` in its capability bounding set."""
+    bset = ",".join(["-all", *("+" + c.removeprefix("CAP_").lower() for c in names)])
+    return ["setpriv", f"--bounding-set={bset}", "--inh-caps=-all", "--"]
+
+
 AGENT_LOGS = "/tmp/coroot-agent-test-logs"
 AGENT_LOG_DIR = f"{AGENT_LOGS}/{os.getpid()}"
 # The agents' stores, likewise one directory per run, and a name no other agent of the run had:

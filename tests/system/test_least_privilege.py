@@ -17,6 +17,7 @@ from tests.system.helpers import (
     coroot_agent,
     free_port,
     run_client,
+    setpriv,
     wait_for,
 )
 from tests.system.servers import Nginx
@@ -30,11 +31,6 @@ def required_here() -> list[str]:
     """REQUIRED, less what this machine's own bounding set lacks (this test machine's root has
     no CAP_SYS_RESOURCE at all; the kernel, 5.11+, charges maps to memory cgroups instead)."""
     return [c for c in caps.REQUIRED_NAMES if c in machine_bounding_set()]
-
-
-def setpriv(names: list[str]) -> list[str]:
-    bset = ",".join(["-all", *("+" + c.removeprefix("CAP_").lower() for c in names)])
-    return ["setpriv", f"--bounding-set={bset}", "--inh-caps=-all", "--"]
 
 
 def check(names: list[str]) -> str:

@@ -8,20 +8,25 @@ answers nothing itself; the fast host's kernel answers at once; the silent host 
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import psutil
 import pytest
 
+from agent import caps
 from tests.system.helpers import (
     AgentFactory,
     AgentProcess,
     RemoteHost,
     TestCgroups,
     TwoHosts,
+    setpriv,
     wait_for,
 )
 
@@ -115,21 +120,67 @@ def test_latency_of_each_active_destination_from_the_hosts_namespace(
     assert (agent.value("coroot_agent_pinger_replies_total") or 0) >= 3 * 2
 
 
-def test_a_container_in_its_own_namespace_is_pinged_from_there_only_with_cap_sys_admin(
+def helper_of(agent: AgentProcess) -> psutil.Process:
+    found = [c for c in psutil.Process(agent.pid).children() if c.name() == "coroot-nsopener"]
+    assert len(found) == 1, [(c.pid, c.name()) for c in psutil.Process(agent.pid).children()]
+    return found[0]
+
+
+def status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def test_a_container_in_its_own_namespace_is_pinged_from_there_through_the_namespace_helper(
         agent: AgentProcess, agent_factory: AgentFactory, cgroups: TestCgroups) -> None:
     two = TwoHosts()
     try:
         serve(cgroups, cgroups.create("ping-srv"), two.argv(two.srv))
         cid = cgroups.create("ping-netns-client")
         hold(cgroups, cid, two.srv_ip, two.argv(two.cli))
-        # The module's agent dropped CAP_SYS_ADMIN: it cannot enter the namespace, and says so.
-        assert wait_for(lambda: (agent.value("coroot_agent_pinger_skipped_total", reason="netns") or 0) >= 1, SETTLE)
-        assert latency(agent, cid) == {}
-        assert "cannot enter containers' network namespaces" in agent.log()
-        # An agent that keeps its capabilities enters it: 10.201.K.2 is reachable only from there.
+        # The module's agent dropped CAP_SYS_ADMIN after attach; its helper, started before the
+        # drop, opens the socket in the client's namespace: 10.201.K.2 is reachable only from there.
+        assert wait_for(lambda: two.srv_ip in latency(agent, cid), SETTLE), agent.log()[-3000:]
+        assert latency(agent, cid)[two.srv_ip] < 0.010
+        assert "CAP_SYS_ADMIN" not in caps.names_of(int(status(agent.pid)["CapEff"], 16))
+        assert not agent.value("coroot_agent_pinger_skipped_total", reason="netns")
+
+        # The helper holds exactly three capabilities, no_new_privs, and nothing but its end of
+        # the agent's socket pair and its own namespace (no BPF object, no listening socket, no
+        # store file; stderr is the agent's).
+        helper = helper_of(agent)
+        st = status(helper.pid)
+        assert caps.names_of(int(st["CapEff"], 16)) == {"CAP_SYS_ADMIN", "CAP_NET_RAW", "CAP_SYS_PTRACE"}
+        assert caps.names_of(int(st["CapPrm"], 16)) == {"CAP_SYS_ADMIN", "CAP_NET_RAW", "CAP_SYS_PTRACE"}
+        assert st["NoNewPrivs"] == "1"
+        fds = {int(n): os.readlink(f"/proc/{helper.pid}/fd/{n}") for n in os.listdir(f"/proc/{helper.pid}/fd")}
+        assert fds[0] == fds[1] == "/dev/null" and fds[2] == os.readlink(f"/proc/{agent.pid}/fd/2"), fds
+        own_ns = os.readlink(f"/proc/{helper.pid}/ns/net")
+        assert sorted(t.split(":")[0] for n, t in fds.items() if n > 2) == ["net", "socket"], fds  # its own netns
+        assert own_ns in fds.values(), fds
+        # that socket: an unnamed Unix socket pair's end (nobody can connect to it); no inet socket
+        conns = helper.net_connections("all")
+        assert [(c.family, c.type, c.laddr, c.raddr) for c in conns] == \
+            [(socket.AF_UNIX, socket.SOCK_SEQPACKET, "", "")], conns
+        # An unprivileged user cannot reach it: its descriptors, memory and environment are closed.
+        for path in (f"/proc/{helper.pid}/fd", f"/proc/{helper.pid}/environ", f"/proc/{helper.pid}/mem"):
+            r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--",
+                                "cat" if not path.endswith("/fd") else "ls", path], capture_output=True, text=True)
+            assert r.returncode != 0 and "Permission denied" in r.stderr, (path, r)
+
+        # An agent that keeps CAP_SYS_ADMIN enters the namespace itself, with no helper.
         kept = agent_factory("--keep-capabilities", "--scrape-interval", "1s")
         assert wait_for(lambda: two.srv_ip in latency(kept, cid), SETTLE), kept.log()[-3000:]
         assert latency(kept, cid)[two.srv_ip] < 0.010
+        assert not [c for c in psutil.Process(kept.pid).children() if c.name() == "coroot-nsopener"]
+
+        # An agent started without CAP_SYS_ADMIN cannot enter it, and says so.
+        names = [c for c in (*caps.REQUIRED_NAMES, "CAP_NET_RAW") if c in caps.held("CapBnd")]
+        without = agent_factory("--scrape-interval", "1s", prefix=setpriv(names))
+        assert wait_for(lambda: (without.value("coroot_agent_pinger_skipped_total", reason="netns") or 0) >= 1,
+                        SETTLE), without.log()[-3000:]
+        assert latency(without, cid) == {}
+        assert "cannot enter containers' network namespaces" in without.log()
     finally:
         two.cleanup()
 
@@ -146,3 +197,10 @@ def test_disable_pinger_sends_nothing_and_exports_no_latency(
     assert "container_net_latency_seconds" not in names
     assert not any(n.startswith("coroot_agent_pinger_") for n in names)
     assert "pinger:" not in off.log()
+
+
+def test_the_namespace_helper_ends_with_its_agent(agent: AgentProcess) -> None:
+    """Last in the module: it stops the module's agent."""
+    helper = helper_of(agent)
+    assert agent.stop() == 0
+    assert wait_for(lambda: not helper.is_running() or helper.status() == psutil.STATUS_ZOMBIE, 5)
