@@ -77,3 +77,34 @@ def ensure_mounted() -> MountState:
     if errors and not state.tracefs:
         log.error("tracefs is not available: %s", state.error)
     return state
+
+
+def remove_uprobe_events(names: dict[str, int]) -> None:
+    """Remove these probe definitions of this agent from tracing/uprobe_events where they are
+    still there: a detach of a probe whose process has exited can leave its definition behind
+    (busy at that moment), and BCC forgets it either way. `names`: name -> tries left; a name
+    is dropped once gone or out of tries."""
+    events = tracefs_events_dir()
+    path = os.path.join(os.path.dirname(events), "uprobe_events") if events else ""
+    try:
+        with open(path) as f:
+            defined = {line.split()[0].split("/", 1)[-1] for line in f if line.strip()}
+    except OSError:
+        names.clear()  # no uprobe_events: BCC used the perf PMU, which leaves nothing behind
+        return
+    for name in list(names):
+        if name not in defined:
+            del names[name]
+            continue
+        try:  # one write(2) (a buffered file in append mode seeks first, which tracefs refuses)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            try:
+                os.write(fd, f"-:uprobes/{name}\n".encode())
+            finally:
+                os.close(fd)
+            del names[name]
+        except OSError:
+            names[name] -= 1
+            if names[name] <= 0:
+                log.debug("could not remove the uprobe definition %s", name)
+                del names[name]

@@ -40,7 +40,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent import caps
+from agent import caps, module_command
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +171,10 @@ class NsOpener:
     def start(self) -> None:
         """Start the helper; OSError when it cannot be started."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        argv, cwd = module_command("agent.net.nsopener", "--fd", str(theirs.fileno()), "--procfs", self.procfs)
         try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "agent.net.nsopener", "--fd", str(theirs.fileno()), "--procfs", self.procfs],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+            self._proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, cwd=cwd)
         except OSError:
             mine.close()
             raise

@@ -111,37 +111,6 @@ def _event_names(target: str, addr: int, pid: int) -> list[str]:
     return [f"p_{base}", f"r_{base}"]
 
 
-def _remove_events(names: dict[str, int]) -> None:
-    """Remove these probe definitions of this agent from tracing/uprobe_events where they are
-    still there: a detach of a probe whose process has exited can leave its definition behind
-    (busy at that moment), and BCC forgets it either way. `names`: name -> tries left; a name
-    is dropped once gone or out of tries."""
-    events = tracefs.tracefs_events_dir()
-    path = os.path.join(os.path.dirname(events), "uprobe_events") if events else ""
-    try:
-        with open(path) as f:
-            defined = {line.split()[0].split("/", 1)[-1] for line in f if line.strip()}
-    except OSError:
-        names.clear()  # no uprobe_events: BCC used the perf PMU, which leaves nothing behind
-        return
-    for name in list(names):
-        if name not in defined:
-            del names[name]
-            continue
-        try:  # one write(2) (a buffered file in append mode seeks first, which tracefs refuses)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-            try:
-                os.write(fd, f"-:uprobes/{name}\n".encode())
-            finally:
-                os.close(fd)
-            del names[name]
-        except OSError:
-            names[name] -= 1
-            if names[name] <= 0:
-                log.debug("python: could not remove the probe definition %s", name)
-                del names[name]
-
-
 @dataclass
 class _Tracked:
     pid: int
@@ -221,7 +190,7 @@ class PythonGilMetrics(ProcessFollower):
                 for name in _event_names(target, addr, pid):
                     stale[name] = STALE_TRIES
             if stale:
-                _remove_events(stale)
+                tracefs.remove_uprobe_events(stale)
 
     # ------------------------------------------------------------ processes --
 
@@ -357,7 +326,7 @@ class PythonGilMetrics(ProcessFollower):
         # Through uprobe_events, BCC defines the probe before it opens it for the process, and
         # leaves the definition behind when that fails (the process has exited): remove it.
         assert lib.address is not None
-        _remove_events({n: 1 for n in _event_names(lib.target, lib.address, pid) if n.startswith(kind)})
+        tracefs.remove_uprobe_events({n: 1 for n in _event_names(lib.target, lib.address, pid) if n.startswith(kind)})
 
     # -------------------------------------------------------------- answers --
 

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -69,6 +70,17 @@ def setpriv(names: Sequence[str]) -> list[str]:
     """A command prefix that runs the command with only `names` in its capability bounding set."""
     bset = ",".join(["-all", *("+" + c.removeprefix("CAP_").lower() for c in names)])
     return ["setpriv", f"--bounding-set={bset}", "--inh-caps=-all", "--"]
+
+
+def releasers_of(pid: int) -> list[psutil.Process]:
+    """The agent.ebpf.release processes an agent started at its stop (they detach its probes
+    after it has exited)."""
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "agent.ebpf.release" in cmd and "--agent-pid" in cmd and cmd[cmd.index("--agent-pid") + 1] == str(pid):
+            out.append(p)
+    return out
 
 
 AGENT_LOGS = "/tmp/coroot-agent-test-logs"

@@ -16,6 +16,7 @@ from tests.system.helpers import (
     TestCgroups,
     coroot_agent,
     free_port,
+    releasers_of,
     run_client,
     setpriv,
     wait_for,
@@ -75,6 +76,7 @@ def test_every_probe_family_loads_and_works_with_exactly_the_required_set(
         # CAP_SYS_ADMIN BCC defines every uprobe there), not even for an attach that failed.
         pid = agent.proc.pid
         agent.stop()
+        assert wait_for(lambda: not releasers_of(pid), 30)  # they go once its probes are detached
         left = [line for line in Path("/sys/kernel/tracing/uprobe_events").read_text().splitlines()
                 if line.split()[0].endswith(f"_bcc_{pid}")]
         assert left == [], left

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.ebpf import tracefs
 from tests.system.helpers import (
     L7_CLIENT,
     REPO,
@@ -26,18 +27,19 @@ from tests.system.helpers import (
     cpu_burners,
     free_port,
     log_counts,
+    releasers_of,
     rows,
     run_client,
     wait_for,
 )
 from tests.system.servers import Nginx
 
-# Seconds from the signal to the process's exit. Issue 14 asks for 2 s: bench/stop.py measures
-# 1.3-1.4 s idle and with both cores busy, but the stop under load below (nginx and log traffic,
-# ~780 rows to flush) took 2.1-2.2 s: detaching 31 perf-event tracepoints and 8 uprobes is
-# serialised in the kernel (two RCU grace periods each, ~1.1 s for all). Timing bounds are for
-# bench/; this one guards against regressions only.
-STOP_DEADLINE = 4.0
+# Seconds from the signal to the process's exit: issue 14's 2 s, under load (two CPU burners,
+# nginx and log traffic, ~780 rows to flush). The probes' detach, ~1.6-2 s in the kernel (RCU
+# grace periods under the trace event lock, one probe after the other), is left to a process the
+# agent hands them to (agent/ebpf/release.py); the stop measured 0.2-0.8 s with it, 2.1-2.6 s
+# without. bench/stop.py prints the figures.
+STOP_DEADLINE = 2.0
 
 
 def run_check(*args: str) -> subprocess.CompletedProcess[str]:
@@ -104,14 +106,41 @@ def stop_and_time(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> t
     return code, time.monotonic() - t0
 
 
+def programs_of(pid: int) -> set[int]:
+    """Ids of the BPF programs a process holds a descriptor of (its fdinfo's prog_id)."""
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:bpf-prog":
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    out |= {int(line.split()[1]) for line in f if line.startswith("prog_id:")}
+        except OSError:
+            continue
+    return out
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_detaches_probes_and_exits_0_within_2s(agent_factory: AgentFactory, sig: int) -> None:
+    """The agent exits, then every probe of its goes (the process it hands them to detaches
+    them): its programs, which only its probes held then, are freed, and no uprobe definition
+    of its is left in uprobe_events."""
     a = agent_factory(defaults=False)
     assert a.proc is not None
+    pid = a.proc.pid
+    programs = programs_of(pid)
+    assert len(programs) >= 20, programs
     code, took = stop_and_time(a.proc, sig)
     assert code == 0, a.log()
     assert took <= STOP_DEADLINE, f"stopped in {took:.2f} s; the log's end:\n" + "\n".join(a.log().splitlines()[-12:])
-    assert "stopped" in a.log()
+    assert "stopped" in a.log() and "handed to a process that detaches them" in a.log()
+    assert wait_for(lambda: not releasers_of(pid), 30)
+    left = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
+                                     check=True).stdout or "[]")
+    assert not programs & {p["id"] for p in left}, sorted(programs & {p["id"] for p in left})
+    events = tracefs.tracefs_events_dir()
+    assert events is not None
+    defined = Path(os.path.dirname(events), "uprobe_events").read_text()
+    assert f"_bcc_{pid} " not in defined and not defined.rstrip().endswith(f"_bcc_{pid}"), defined
 
 
 BACKGROUND_LOG = """

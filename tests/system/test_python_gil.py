@@ -156,7 +156,7 @@ def test_a_probe_definition_left_behind_is_removed_from_uprobe_events() -> None:
     defined = Path(path).read_text()
     assert all(n in defined for n in names)
     left = dict.fromkeys(names, 3)
-    gil._remove_events(left)
+    tracefs.remove_uprobe_events(left)
     assert left == {}
     defined = Path(path).read_text()
     assert not any(n in defined for n in names)
