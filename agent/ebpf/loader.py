@@ -332,6 +332,29 @@ class Loaded:
 
 
 @functools.cache
+def _deferred_bpf() -> Any:
+    """BCC's BPF class, but the constructor leaves the attach of the `tracepoint__*` programs
+    (BCC's autoload) to `attach_auto()`: they tail-call into programs the loader puts in their
+    arrays after the compile (the verifier takes ~3.5 s over L7's two), and a hooked syscall in
+    between would fail its tail call (counted as a lost hand-off: ~230 of a busy connection's
+    writes at each start)."""
+    from bcc import BPF
+
+    class DeferredBPF(BPF):  # type: ignore[misc]  # bcc ships no type information
+        _deferred = True  # a class attribute: BPF.__init__ calls _trace_autoload before any of ours is set
+
+        def _trace_autoload(self) -> None:
+            if not self._deferred:
+                super()._trace_autoload()
+
+        def attach_auto(self) -> None:
+            self._deferred = False
+            super()._trace_autoload()
+
+    return DeferredBPF
+
+
+@functools.cache
 def _bpf_attach_uprobe() -> Callable[..., int]:
     """libbcc's bpf_attach_uprobe with its real prototype: seven arguments, the last the USDT
     reference counter's offset in the file (0: none). BCC's Python binding (0.26, Debian 12)
@@ -445,7 +468,7 @@ def load(
     text = program_text(families, bpf_dir)
     t0 = time.monotonic()
     try:
-        bpf = BPF(text=text, cflags=cflags)
+        bpf = _deferred_bpf()(text=text, cflags=cflags)
     except Exception as e:  # BCC raises bare Exception on compile/attach errors
         raise LoadError(f"probe families {', '.join(families)}: {e}") from e
     took = time.monotonic() - t0
@@ -458,6 +481,10 @@ def load(
                 bpf[array][ctypes.c_int(0)] = ctypes.c_int(prog.fd)
             except Exception as e:  # noqa: BLE001
                 raise LoadError(f"probe family {name}: cannot load {fn} into {array}: {e}") from e
+    try:  # the tracepoint__ programs, now that what they tail-call is in place
+        bpf.attach_auto()
+    except Exception as e:  # noqa: BLE001
+        raise LoadError(f"probe families {', '.join(families)}: {e}") from e
     for name in families:
         for fn in FAMILIES[name].perf_functions:
             from bcc import PerfSWConfig, PerfType

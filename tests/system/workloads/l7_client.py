@@ -2,8 +2,9 @@
 (counts and, for HTTP, the durations it measured) and then waits for a line on stdin before
 exiting, so the agent sees the process alive while it handles the events.
 
-    http HOST PORT [--ca CA] [--header K:V] PATH:COUNT ...
-                                                one keep-alive connection (TLS with --ca)
+    http HOST PORT [--ca CA] [--header K:V] [--reconnect] PATH:COUNT ...
+                                                one keep-alive connection (TLS with --ca);
+                                                --reconnect: a new connection per request
     wait CMD ARGS...                            import ssl, print {"ready": true}, wait for a line
                                                 on stdin, then run CMD
     pg DSN                                      the Postgres script of the tests
@@ -37,6 +38,8 @@ def http(args: list[str]) -> dict:
         name, _, value = rest[1].partition(":")
         headers[name] = value
         rest = rest[2:]
+    reconnect = bool(rest) and rest[0] == "--reconnect"
+    rest = rest[1:] if reconnect else rest
     durations: list[float] = []
     statuses: dict[str, int] = {}
     for spec in rest:
@@ -48,6 +51,8 @@ def http(args: list[str]) -> dict:
             r.read()
             durations.append(time.perf_counter() - t0)
             statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
+            if reconnect:
+                conn.close()  # the next request connects again
     return {"statuses": statuses, "durations": durations}
 
 
