@@ -21,9 +21,9 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.system.helpers import AgentProcess, TestCgroups, bpf_programs, wait_for  # noqa: E402
+from tests.gobuild import go_build  # noqa: E402
+from tests.system.helpers import REPO, AgentProcess, TestCgroups, bpf_programs, wait_for  # noqa: E402
 from tests.system.servers import Nginx  # noqa: E402
-from tests.system.test_l7_gotls import WORKLOADS, go_build  # noqa: E402
 
 
 def prog_names(progs: dict[str, dict[str, int]]) -> dict[str, str]:
@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--rate", type=int, default=2000)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gotls-bench-"))
-    client = go_build(WORKLOADS / "client.go", work / "client", work)
+    client = go_build(REPO / "tests" / "system" / "workloads" / "gotls" / "client.go", work / "client", work)
     cg = TestCgroups()
     nginx = Nginx()
     agent = AgentProcess(["--min-container-age", "0s", "--traces-sampling", "1.0"])

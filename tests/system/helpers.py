@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 from prometheus_client.core import Metric
@@ -767,3 +768,17 @@ def bpf_programs(pid: int) -> dict[str, dict[str, int]]:
             out[info["prog_id"].strip()] = {k: int(info[k]) for k in
                                              ("prog_type", "run_time_ns", "run_cnt", "recursion_misses") if k in info}
     return out
+
+
+def span(i: int, base_ns: int) -> tuple[Any, ...]:
+    """A span row in otel_traces insert-column order; every 10th has an event and a link."""
+    ev = i % 10 == 0
+    return (
+        base_ns + i, f"{i:032x}", f"{i:016x}", "" if i % 2 == 0 else f"{i - 1:016x}", "",
+        "GET" if i % 3 else "query", "SPAN_KIND_CLIENT", f"/system.slice/svc{i % 7}.service",
+        {"host.name": "node-1", "container.id": f"/system.slice/svc{i % 7}.service"},
+        {"http.url": f"http://10.0.0.1:80/p/{i}", "http.status_code": str(200 + i % 3)},
+        1_000_000 + i, "STATUS_CODE_ERROR" if i % 50 == 0 else "STATUS_CODE_UNSET", "",
+        [base_ns + i + 5] if ev else [], ["exception"] if ev else [], [{"k": f"v{i}"}] if ev else [],
+        [f"{i:032x}"] if ev else [], ["0"] if ev else [], [""] if ev else [], [{}] if ev else [],
+    )

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.system.helpers import AgentProcess, TestCgroups, wait_for
+from tests.system.l7helpers import by_status, spans, wait_counts
 from tests.system.servers import Nginx
-from tests.system.test_l7 import by_status, spans, wait_counts
 
 pytestmark = pytest.mark.agent_without("profiling")  # tests/system/conftest.py: families its tests never read
 

@@ -17,7 +17,7 @@ from agent.sinks import schema
 from agent.sinks.batcher import Sink
 from agent.sinks.spool import Spool
 from agent.sinks.store import Store, StoreError
-from tests.system.helpers import ClickHouseFront, free_port, make_test_ca
+from tests.system.helpers import ClickHouseFront, free_port, make_test_ca, span
 
 LC, MAP = "LowCardinality(String)", "Map(LowCardinality(String), String)"
 # Reference §5, with Nested columns as ClickHouse reports them (flattened to arrays).
@@ -70,20 +70,6 @@ def make_store(tmp_path: Path) -> Iterator[StoreFactory]:
 
 def rows_of(store: Store, sql: str) -> list[list[str]]:
     return [line.split("\t") for line in store.query(sql, "TSVRaw").decode().splitlines()]
-
-
-def span(i: int, base_ns: int) -> tuple[Any, ...]:
-    """A span row in otel_traces insert-column order; every 10th has an event and a link."""
-    ev = i % 10 == 0
-    return (
-        base_ns + i, f"{i:032x}", f"{i:016x}", "" if i % 2 == 0 else f"{i - 1:016x}", "",
-        "GET" if i % 3 else "query", "SPAN_KIND_CLIENT", f"/system.slice/svc{i % 7}.service",
-        {"host.name": "node-1", "container.id": f"/system.slice/svc{i % 7}.service"},
-        {"http.url": f"http://10.0.0.1:80/p/{i}", "http.status_code": str(200 + i % 3)},
-        1_000_000 + i, "STATUS_CODE_ERROR" if i % 50 == 0 else "STATUS_CODE_UNSET", "",
-        [base_ns + i + 5] if ev else [], ["exception"] if ev else [], [{"k": f"v{i}"}] if ev else [],
-        [f"{i:032x}"] if ev else [], ["0"] if ev else [], [""] if ev else [], [{}] if ev else [],
-    )
 
 
 def test_describe_matches_the_reference_and_show_create_has_codecs_and_ttl(make_store: StoreFactory) -> None:
