@@ -23,11 +23,7 @@ from agent import config  # noqa: E402
 from agent.sinks.batcher import Sink  # noqa: E402
 from agent.sinks.spool import Spool  # noqa: E402
 from agent.sinks.store import Store  # noqa: E402
-from tests.system.helpers import (  # noqa: E402
-    AgentProcess,
-    ClickHouseFront,
-    span,  # noqa: E402
-)
+from tests.system.helpers import AgentProcess, ClickHouseFront, span  # noqa: E402
 
 
 def through_sink(store: Store, n: int, tmp: str) -> float:
