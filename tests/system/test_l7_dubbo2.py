@@ -86,5 +86,6 @@ def test_calls_in_flight_together_answered_out_of_order_each_counted_once(
     ids = [a["id"] for a in mine]
     assert ids != sorted(ids)  # answered out of order
     assert Counter((s["SpanName"], s["StatusCode"]) for s in got) == {(f"{GREETING}/slow", UNSET): 8}
-    # each call's duration is its own: the first answered waited least
-    assert max(s["Duration"] for s in got) - min(s["Duration"] for s in got) > DELAY_MS / 4 * 1e6
+    # each call's duration is its own, not one for all: 140 ms apart at most from the responder's
+    # delays (400 to 260 ms); 77 ms was seen on a machine at load 9-16, hence the bound of 50
+    assert max(s["Duration"] for s in got) - min(s["Duration"] for s in got) > DELAY_MS / 8 * 1e6
