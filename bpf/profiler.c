@@ -199,17 +199,18 @@ static __always_inline void profile_count(struct profile_key *key) {
 static __always_inline int native_step(struct native_state *st, u32 caller) {
     u64 pc = st->pc;
     u64 target = pc - caller;
-    u8 type = UNWIND_NONE;
-    s8 rbp_off = 0;
-    u16 cfa_off = 0;
     u32 slot = (u32)((target * 0x9E3779B97F4A7C15ULL) >> 32) & (CA_UNWIND_CACHE - 1);
     struct unwind_cache_entry *ce = unwind_cache.lookup(&slot);
-    if (ce && ce->addr == target && ce->pid == st->key.pid && ce->gen == st->gen) {
-        type = ce->type;
-        rbp_off = (s8)ce->rbp;
-        cfa_off = ce->cfa;
+    if (!ce)
+        return 1;
+    if (ce->addr == target && ce->pid == st->key.pid && ce->gen == st->gen) {
         native_stats.increment(NATIVE_CACHED);
     } else {
+        /* the rule goes into the cache entry, and is read from there either way: one state for
+         * the verifier after the two paths, not one per value the searches leave */
+        u8 type = UNWIND_NONE;
+        u8 rbp = 0;
+        u16 cfa = 0;
         u32 n = st->maps;
         if (n > CA_UNWIND_MAPS)
             n = CA_UNWIND_MAPS;
@@ -257,21 +258,22 @@ static __always_inline int native_step(struct native_state *st, u32 caller) {
                     struct unwind_row *r = unwind_rows.lookup(&idx);
                     if (r) {
                         type = r->type;
-                        rbp_off = (s8)r->rbp;
-                        cfa_off = r->cfa;
+                        rbp = r->rbp;
+                        cfa = r->cfa;
                     }
                 }
             }
         }
-        if (ce) {
-            ce->addr = target;
-            ce->pid = st->key.pid;
-            ce->gen = st->gen;
-            ce->type = type;
-            ce->rbp = (u8)rbp_off;
-            ce->cfa = cfa_off;
-        }
+        ce->addr = target;
+        ce->pid = st->key.pid;
+        ce->gen = st->gen;
+        ce->type = type;
+        ce->rbp = rbp;
+        ce->cfa = cfa;
     }
+    u8 type = *(volatile u8 *)&ce->type; /* volatile: loaded, not the values just stored */
+    s8 rbp_off = (s8) * (volatile u8 *)&ce->rbp;
+    u16 cfa_off = *(volatile u16 *)&ce->cfa;
     if (type == UNWIND_END)
         return 1;
     u64 cfa, bp = st->bp, ra = 0;
