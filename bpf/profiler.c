@@ -46,6 +46,8 @@ struct native_state {
     u64 sp;
     u64 bp;
     u64 hash; /* FNV-1a of the addresses so far */
+    u32 maps; /* the process's mappings in unwind_maps and their generation (unwind_procs) */
+    u32 gen;
     struct native_stack stack;
 };
 
@@ -64,10 +66,11 @@ BPF_TABLE("lru_hash", struct py_symbol_key, struct py_symbol, py_symbols, CA_PY_
 BPF_PERCPU_ARRAY(py_scratch, struct py_scratch, 1);
 
 BPF_ARRAY(unwind_rows, struct unwind_row, CA_UNWIND_ROWS);         /* user space writes */
-BPF_F_TABLE("hash", u32, u32, unwind_procs, CA_UNWIND_PROCS, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", u32, struct unwind_proc, unwind_procs, CA_UNWIND_PROCS, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", struct unwind_map_key, struct unwind_map, unwind_maps, CA_UNWIND_PROCS * 16, BPF_F_NO_PREALLOC);
 BPF_HASH(native_stacks, u64, struct native_stack, CA_NATIVE_STACKS); /* user space deletes after a drain */
 BPF_PERCPU_ARRAY(native_scratch, struct native_state, 1);
+BPF_PERCPU_ARRAY(unwind_cache, struct unwind_cache_entry, CA_UNWIND_CACHE);
 BPF_PERCPU_ARRAY(native_stats, u64, NATIVE_STATS);
 BPF_PROG_ARRAY(native_progs, 1); /* [0]: on_cpu_unwind (user space sets it) */
 
@@ -196,65 +199,81 @@ static __always_inline void profile_count(struct profile_key *key) {
 static __always_inline int native_step(struct native_state *st, u32 caller) {
     u64 pc = st->pc;
     u64 target = pc - caller;
-    u32 n = 0;
-    u32 *count = unwind_procs.lookup(&st->key.pid);
-    if (count)
-        n = *count;
-    if (n > CA_UNWIND_MAPS)
-        n = CA_UNWIND_MAPS;
-    /* the last mapping that starts at or below the target */
-    struct unwind_map_key mk = {.pid = st->key.pid};
-    u32 lo = 0, hi = n;
-    for (int j = 0; j < CA_UNWIND_MAP_SEARCH; j++) {
-        if (lo >= hi)
-            break;
-        mk.index = (lo + hi) / 2;
-        struct unwind_map *m = unwind_maps.lookup(&mk);
-        if (!m) {
-            lo = 0;
-            break;
-        }
-        if (m->start <= target)
-            lo = mk.index + 1;
-        else
-            hi = mk.index;
-    }
-    u8 type = UNWIND_NONE;
-    s8 rbp_off = 0;
-    u16 cfa_off = 0;
-    if (lo > 0) {
-        mk.index = lo - 1;
-        struct unwind_map *m = unwind_maps.lookup(&mk);
-        if (m && target < m->end && target - m->bias <= 0xffffffffULL && m->rows_count) {
-            u32 rel = (u32)(target - m->bias);
-            u32 base = m->rows_start;
-            u32 rlo = 0, rhi = m->rows_count;
-            for (int j = 0; j < CA_UNWIND_SEARCH; j++) {
-                if (rlo >= rhi)
-                    break;
-                u32 mid = (rlo + rhi) / 2;
-                u32 idx = base + mid;
-                struct unwind_row *r = unwind_rows.lookup(&idx);
-                if (!r) {
-                    rlo = 0;
-                    break;
-                }
-                if (r->pc <= rel)
-                    rlo = mid + 1;
-                else
-                    rhi = mid;
+    u32 slot = (u32)((target * 0x9E3779B97F4A7C15ULL) >> 32) & (CA_UNWIND_CACHE - 1);
+    struct unwind_cache_entry *ce = unwind_cache.lookup(&slot);
+    if (!ce)
+        return 1;
+    if (ce->addr == target && ce->pid == st->key.pid && ce->gen == st->gen) {
+        native_stats.increment(NATIVE_CACHED);
+    } else {
+        /* the rule goes into the cache entry, and is read from there either way: one state for
+         * the verifier after the two paths, not one per value the searches leave */
+        u8 type = UNWIND_NONE;
+        u8 rbp = 0;
+        u16 cfa = 0;
+        u32 n = st->maps;
+        if (n > CA_UNWIND_MAPS)
+            n = CA_UNWIND_MAPS;
+        /* the last mapping that starts at or below the target */
+        struct unwind_map_key mk = {.pid = st->key.pid};
+        u32 lo = 0, hi = n;
+        for (int j = 0; j < CA_UNWIND_MAP_SEARCH; j++) {
+            if (lo >= hi)
+                break;
+            mk.index = (lo + hi) / 2;
+            struct unwind_map *m = unwind_maps.lookup(&mk);
+            if (!m) {
+                lo = 0;
+                break;
             }
-            if (rlo > 0) {
-                u32 idx = base + rlo - 1;
-                struct unwind_row *r = unwind_rows.lookup(&idx);
-                if (r) {
-                    type = r->type;
-                    rbp_off = (s8)r->rbp;
-                    cfa_off = r->cfa;
+            if (m->start <= target)
+                lo = mk.index + 1;
+            else
+                hi = mk.index;
+        }
+        if (lo > 0) {
+            mk.index = lo - 1;
+            struct unwind_map *m = unwind_maps.lookup(&mk);
+            if (m && target < m->end && target - m->bias <= 0xffffffffULL && m->rows_count) {
+                u32 rel = (u32)(target - m->bias);
+                u32 base = m->rows_start;
+                u32 rlo = 0, rhi = m->rows_count;
+                for (int j = 0; j < CA_UNWIND_SEARCH; j++) {
+                    if (rlo >= rhi)
+                        break;
+                    u32 mid = (rlo + rhi) / 2;
+                    u32 idx = base + mid;
+                    struct unwind_row *r = unwind_rows.lookup(&idx);
+                    if (!r) {
+                        rlo = 0;
+                        break;
+                    }
+                    if (r->pc <= rel)
+                        rlo = mid + 1;
+                    else
+                        rhi = mid;
+                }
+                if (rlo > 0) {
+                    u32 idx = base + rlo - 1;
+                    struct unwind_row *r = unwind_rows.lookup(&idx);
+                    if (r) {
+                        type = r->type;
+                        rbp = r->rbp;
+                        cfa = r->cfa;
+                    }
                 }
             }
         }
+        ce->addr = target;
+        ce->pid = st->key.pid;
+        ce->gen = st->gen;
+        ce->type = type;
+        ce->rbp = rbp;
+        ce->cfa = cfa;
     }
+    u8 type = *(volatile u8 *)&ce->type; /* volatile: loaded, not the values just stored */
+    s8 rbp_off = (s8) * (volatile u8 *)&ce->rbp;
+    u16 cfa_off = *(volatile u16 *)&ce->cfa;
     if (type == UNWIND_END)
         return 1;
     u64 cfa, bp = st->bp, ra = 0;
@@ -339,10 +358,13 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
             key.py_stack = py_walk(pp, pid, s);
     }
     /* In user mode the registers are the process's: walk by its unwind tables. */
-    if (unwind_procs.lookup(&pid) && PT_REGS_IP(&ctx->regs) < 0x800000000000ULL) {
+    struct unwind_proc *up = unwind_procs.lookup(&pid);
+    if (up && PT_REGS_IP(&ctx->regs) < 0x800000000000ULL) {
         int z = 0;
         struct native_state *st = native_scratch.lookup(&z);
         if (st) {
+            st->maps = up->count;
+            st->gen = up->gen;
             st->key = key;
             st->pc = PT_REGS_IP(&ctx->regs);
             st->sp = PT_REGS_SP(&ctx->regs);

@@ -14,7 +14,9 @@ the rest, off the profiler's thread:
   room is needed; a file that does not fit is left out (counted), and its processes fall back
   to frame pointers in its code;
 - writes each process's mappings (start, end, load bias, the file's rows) to `unwind_maps` and
-  their number to `unwind_procs`, which the kernel tests to walk the process at all.
+  their number to `unwind_procs`, which the kernel tests to walk the process at all, with a new
+  generation each time (never reused): the kernel's per-CPU cache of the rules it found is keyed
+  by (pid, generation, address), so no entry of an exec'd or remapped process is used again.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ RESCAN_AFTER = (2.0, 6.0, 20.0)  # seconds after a process is first seen
 @dataclass(frozen=True)
 class NativeMaps:
     rows: BpfMap  # index -> row
-    procs: BpfMap  # pid -> number of mappings
+    procs: BpfMap  # pid -> (number of mappings, generation)
     maps: BpfMap  # (pid, index) -> mapping
     stacks: BpfMap  # hash -> native stack
     stats: BpfMap  # per-CPU counters (bpf/include/unwind.h NATIVE_*)
@@ -128,6 +130,7 @@ class NativeUnwinder:
         self.built = 0
         self.build_seconds = 0.0
         self.cfi_bytes = 0
+        self._generation = 0  # of the last write of a process's mappings
 
     def attach(self, maps: NativeMaps | None) -> None:
         self._maps = maps
@@ -286,7 +289,8 @@ class NativeUnwinder:
         for i in range(len(entries), len(t.written)):
             m.maps.delete(m.maps.key(pid, i))
         if entries:
-            m.procs.set(m.procs.key(pid), m.procs.leaf(len(entries)))
+            self._generation = self._generation % 0xFFFFFFFF + 1  # never 0; 2^32 writes before a reuse
+            m.procs.set(m.procs.key(pid), m.procs.leaf(len(entries), self._generation))
         else:
             m.procs.delete(m.procs.key(pid))
         t.written = entries

@@ -123,7 +123,7 @@ class Profiler(Component):
         self._py_pids: set[int] = set()  # ... and found to be one: in py_procs
         self._py_names: dict[tuple[int, int], str] = {}  # (pid, code object) -> frame
         self.native = NativeUnwinder(registry.procfs, enabled=native_unwinding)
-        self.native_stats = (0, 0, 0, 0)  # bpf/include/unwind.h NATIVE_*
+        self.native_stats = (0, 0, 0, 0, 0)  # bpf/include/unwind.h NATIVE_*
 
     def attach(self, programs: Programs | None) -> None:
         self._maps = Maps.of(programs) if programs is not None else None
@@ -285,7 +285,7 @@ class Profiler(Component):
         native_keep = {int(k.native_stack) for k in other}
         for h in native_used - native_keep:
             m.native.stacks.delete(m.native.stacks.key(h))
-        self.native_stats = tuple(m.native.stats.percpu_sum(i) for i in range(4))  # type: ignore[assignment]
+        self.native_stats = tuple(m.native.stats.percpu_sum(i) for i in range(5))  # type: ignore[assignment]
         for pid in exited:
             self.symbols.forget(pid)
             for k in [k for k in self._py_names if k[0] == pid]:
@@ -388,6 +388,8 @@ class Profiler(Component):
             f.counter("coroot_agent_profiler_native_frames_total", "user frames the kernel stepped, by how", self.native_stats[i], by=what)
         f.counter("coroot_agent_profiler_native_stacks_total", "user stacks walked by unwind tables", self.native_stats[2])
         f.counter("coroot_agent_profiler_native_tail_call_failures_total", "native walks cut short: a tail call failed", self.native_stats[3])
+        f.counter("coroot_agent_profiler_native_cached_frames_total", "user frames whose rule the kernel's per-CPU cache "
+                  "had (no search)", self.native_stats[4])
 
     def start(self) -> None:
         self.native.start()

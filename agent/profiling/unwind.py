@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from agent.profiling import cfi
+
 log = logging.getLogger(__name__)
 
 # CFA rule types (bpf/include/unwind.h UNWIND_*)
@@ -124,50 +126,64 @@ def _rule(cfa: tuple[int, int] | bytes | None, regs: dict[int, tuple[str, int]])
     return (RSP if cfa[0] == REG_RSP else RBP), cfa[1], rbp
 
 
-def _run(instructions: list[Any], cie: Any, pc: int, cfa: tuple[int, int] | bytes | None,
+_RULES: dict[tuple[Any, Any, Any], tuple[int, int, int]] = {}  # _rule's results, by what they depend on
+
+
+def _rule_of(cfa: tuple[int, int] | bytes | None, regs: dict[int, tuple[str, int]]) -> tuple[int, int, int]:
+    key = (cfa, regs.get(REG_RA), regs.get(REG_RBP))
+    r = _RULES.get(key)
+    if r is None:
+        if len(_RULES) > 4096:
+            _RULES.clear()
+        r = _RULES[key] = _rule(cfa, regs)
+    return r
+
+
+def _run(instructions: list[tuple[Any, ...]], cie: Any, pc: int, cfa: tuple[int, int] | bytes | None,
          regs: dict[int, tuple[str, int]], initial: dict[int, tuple[str, int]] | None,
          out: list[tuple[int, int, int, int]] | None) -> tuple[tuple[int, int] | bytes | None, dict[int, tuple[str, int]]]:
-    """Execute CFA instructions from state (pc, cfa, regs); each row in effect from a location
-    on is appended to `out` as (pc, type, cfa offset, rbp offset)."""
+    """Execute CFA instructions ((opcode, *args) as agent/profiling/cfi.py decodes them) from
+    state (pc, cfa, regs); each row in effect from a location on is appended to `out` as (pc,
+    type, cfa offset, rbp offset)."""
     caf = cie["code_alignment_factor"]
     daf = cie["data_alignment_factor"]
     stack: list[tuple[tuple[int, int] | bytes | None, dict[int, tuple[str, int]]]] = []
     regs = dict(regs)
     for ins in instructions:
-        op, args = ins.opcode, ins.args
-        if op in (0x40, 0x02, 0x03, 0x04):  # advance_loc, advance_loc1/2/4
+        op = ins[0]  # the commonest first
+        if op == 0x40 or op == 0x02 or op == 0x03 or op == 0x04:  # advance_loc, advance_loc1/2/4
             if out is not None:
-                out.append((pc, *_rule(cfa, regs)))
-            pc += args[0] * caf
+                out.append((pc, *_rule_of(cfa, regs)))
+            pc += ins[1] * caf
+        elif op == 0x0E:  # def_cfa_offset
+            cfa = (cfa[0], ins[1]) if isinstance(cfa, tuple) else None
+        elif op == 0x80 or op == 0x05 or op == 0x11:  # offset, offset_extended, offset_extended_sf
+            regs[ins[1]] = ("offset", ins[2] * daf)
         elif op == 0x01:  # set_loc
             if out is not None:
-                out.append((pc, *_rule(cfa, regs)))
-            pc = args[0]
+                out.append((pc, *_rule_of(cfa, regs)))
+            pc = ins[1]
         elif op == 0x0C:  # def_cfa
-            cfa = (args[0], args[1])
+            cfa = (ins[1], ins[2])
         elif op == 0x12:  # def_cfa_sf
-            cfa = (args[0], args[1] * daf)
+            cfa = (ins[1], ins[2] * daf)
         elif op == 0x0D:  # def_cfa_register
-            cfa = (args[0], cfa[1] if isinstance(cfa, tuple) else 0)
-        elif op == 0x0E:  # def_cfa_offset
-            cfa = (cfa[0], args[0]) if isinstance(cfa, tuple) else None
+            cfa = (ins[1], cfa[1] if isinstance(cfa, tuple) else 0)
         elif op == 0x13:  # def_cfa_offset_sf
-            cfa = (cfa[0], args[0] * daf) if isinstance(cfa, tuple) else None
+            cfa = (cfa[0], ins[1] * daf) if isinstance(cfa, tuple) else None
         elif op == 0x0F:  # def_cfa_expression
-            cfa = bytes(args[0])
-        elif op in (0x80, 0x05, 0x11):  # offset, offset_extended, offset_extended_sf
-            regs[args[0]] = ("offset", args[1] * daf)
+            cfa = bytes(ins[1])
         elif op == 0x07:  # undefined
-            regs[args[0]] = ("undefined", 0)
+            regs[ins[1]] = ("undefined", 0)
         elif op == 0x08:  # same_value
-            regs.pop(args[0], None)
+            regs.pop(ins[1], None)
         elif op in (0x09, 0x10, 0x16, 0x14, 0x15):  # register, expression, val_*: not followed
-            regs[args[0]] = ("other", 0)
-        elif op in (0xC0, 0x06):  # restore, restore_extended
-            if initial is not None and args[0] in initial:
-                regs[args[0]] = initial[args[0]]
+            regs[ins[1]] = ("other", 0)
+        elif op == 0xC0 or op == 0x06:  # restore, restore_extended
+            if initial is not None and ins[1] in initial:
+                regs[ins[1]] = initial[ins[1]]
             else:
-                regs.pop(args[0], None)
+                regs.pop(ins[1], None)
         elif op == 0x0A:  # remember_state
             stack.append((cfa, dict(regs)))
         elif op == 0x0B:  # restore_state
@@ -175,14 +191,14 @@ def _run(instructions: list[Any], cie: Any, pc: int, cfa: tuple[int, int] | byte
                 cfa, regs = stack.pop()
         # nop (0x00), GNU_args_size (0x2e), others: no change to the rules we keep
     if out is not None:
-        out.append((pc, *_rule(cfa, regs)))
+        out.append((pc, *_rule_of(cfa, regs)))
     return cfa, regs
 
 
-def build(path: str, max_rows: int = MAX_ROWS) -> UnwindTable:
-    """The unwind table of the ELF file at `path`; TableError when it has none we can use."""
+def build(path: str, max_rows: int = MAX_ROWS, decoder: str = "bytes") -> UnwindTable:
+    """The unwind table of the ELF file at `path`; TableError when it has none we can use.
+    `decoder`: "bytes" (agent/profiling/cfi.py) or "pyelftools" (its reference, for tests)."""
     from elftools.common.exceptions import ELFError
-    from elftools.dwarf.callframe import CIE, FDE
 
     t0 = time.monotonic()
     try:
@@ -194,17 +210,18 @@ def build(path: str, max_rows: int = MAX_ROWS) -> UnwindTable:
                              if s["p_type"] == "PT_LOAD")
             if elf["e_machine"] != "EM_X86_64":
                 raise TableError(f"{path}: {elf['e_machine']}, not x86-64")
-            sizes = sum(s.data_size for s in (elf.get_section_by_name(n) for n in (".eh_frame", ".debug_frame"))
-                        if s is not None)
+            sections = [elf.get_section_by_name(n) for n in (".eh_frame", ".debug_frame")]
+            sizes = sum(s.data_size for s in sections if s is not None)
             if sizes > max_rows * ROW.size:  # ~6 bytes of CFI a row: more rows than max_rows
                 raise TableError(f"{path}: {sizes} bytes of call frame information, too big (rows, more than "
                                  f"{max_rows} expected)")
-            dwarf = elf.get_dwarf_info(relocate_dwarf_sections=False, follow_links=False)
-            sources = []
-            if dwarf.has_EH_CFI():
-                sources.append(dwarf.EH_CFI_entries())
-            if dwarf.has_CFI():
-                sources.append(dwarf.CFI_entries())
+            if decoder == "pyelftools":
+                sources = _pyelftools_entries(elf)
+            else:
+                sources = [cfi.entries(s.data(), s["sh_addr"], n == 0) for n, s in enumerate(sections)
+                           if s is not None and s["sh_type"] != "SHT_NOBITS" and s.data_size]
+                if sections[0] is None or sections[0]["sh_type"] == "SHT_NOBITS" or not sections[0].data_size:
+                    sources.insert(0, [])  # the second source is .debug_frame's
             rows: list[tuple[int, int, int, int]] = []
             covered: list[tuple[int, int]] = []
             fdes = 0
@@ -212,9 +229,7 @@ def build(path: str, max_rows: int = MAX_ROWS) -> UnwindTable:
             for n, entries in enumerate(sources):
                 seen = sorted(covered)
                 for e in entries:
-                    if not isinstance(e, FDE) or e.cie is None or isinstance(e, CIE):
-                        continue
-                    start, size = e["initial_location"], e["address_range"]
+                    start, size = e.initial_location, e.address_range
                     if size <= 0:
                         continue
                     if n and _overlaps(seen, start, start + size):
@@ -222,19 +237,48 @@ def build(path: str, max_rows: int = MAX_ROWS) -> UnwindTable:
                     cie = e.cie
                     state = cie_states.get((n, cie.offset))  # offsets in their own section
                     if state is None:
-                        state = cie_states[(n, cie.offset)] = _run(cie.instructions, cie.header, 0, None, {}, None, None)
+                        state = cie_states[(n, cie.offset)] = _run(cie.instructions, cie, 0, None, {}, None, None)
                     fde_rows: list[tuple[int, int, int, int]] = []
-                    _run(e.instructions, cie.header, start, state[0], state[1], state[1], fde_rows)
+                    _run(e.instructions, cie, start, state[0], state[1], state[1], fde_rows)
                     rows.extend(r for r in fde_rows if start <= r[0] < start + size)
                     rows.append((start + size, NONE, 0, -1))  # the end: rbp -1 marks it for _pack
                     covered.append((start, start + size))
                     fdes += 1
-    except (OSError, ELFError, ValueError, KeyError, AssertionError, AttributeError, TypeError) as e:
+    except (OSError, ELFError, ValueError, KeyError, AssertionError, AttributeError, TypeError, IndexError,
+            cfi.CFIError) as e:
         raise TableError(f"{path}: {e}") from e
     if not rows:
         raise TableError(f"{path}: no call frame information")
     packed = _pack(rows, max_rows, path)
     return UnwindTable(packed, fdes, time.monotonic() - t0, sizes, segments)
+
+
+def _pyelftools_entries(elf: Any) -> list[list[cfi.FDE]]:
+    """.eh_frame's FDEs, then .debug_frame's, decoded by pyelftools (the reference of cfi.py)."""
+    from elftools.dwarf.callframe import CIE, FDE
+
+    dwarf = elf.get_dwarf_info(relocate_dwarf_sections=False, follow_links=False)
+    sources = [dwarf.EH_CFI_entries() if dwarf.has_EH_CFI() else [], dwarf.CFI_entries() if dwarf.has_CFI() else []]
+    out: list[list[cfi.FDE]] = []
+    for entries in sources:
+        cies: dict[int, cfi.CIE] = {}
+        fdes = []
+        for e in entries:
+            if not isinstance(e, FDE) or e.cie is None or isinstance(e, CIE):
+                continue
+            c = e.cie
+            if c.offset not in cies:
+                h = c.header
+                cies[c.offset] = cfi.CIE(c.offset, h["code_alignment_factor"], h["data_alignment_factor"],
+                                         h["return_address_register"], 0, 0, False, _tuples(c.instructions))
+            fdes.append(cfi.FDE(e.offset, cies[c.offset], e["initial_location"], e["address_range"],
+                                _tuples(e.instructions)))
+        out.append(fdes)
+    return out
+
+
+def _tuples(instructions: list[Any]) -> list[tuple[Any, ...]]:
+    return [(i.opcode, *(bytes(a) if isinstance(a, list) else a for a in i.args)) for i in instructions]
 
 
 def _overlaps(sorted_ranges: list[tuple[int, int]], start: int, end: int) -> bool:

@@ -4,7 +4,8 @@
  *
  * unwind_rows: every loaded file's rows, one file's rows contiguous and sorted by address
  *   (user space allocates the ranges). A row holds from its pc up to the next row's.
- * unwind_procs: pid -> how many mappings it has in unwind_maps.
+ * unwind_procs: pid -> how many mappings it has in unwind_maps and the generation of that
+ *   table: user space gives every write of a process's mappings a new one (never reused).
  * unwind_maps: (pid, i) -> its i-th executable file mapping, sorted by start: the range, the
  *   load bias (address in the process - address in the file) and the file's rows.
  *
@@ -12,7 +13,16 @@
  * less the bias (binary search, CA_UNWIND_SEARCH steps), then CFA = rsp or rbp + offset, the
  * return address at CFA - 8, the caller's rbp at CFA + offset or unchanged, rsp = CFA. No
  * mapping or no row: one frame-pointer step instead (return address at rbp + 8, the caller's
- * rbp at rbp). Lookups go through maps, never by a computed index into one value, so the
+ * rbp at rbp).
+ *
+ * unwind_cache: per CPU, direct-mapped by the looked-up address, the rule found for (pid,
+ * generation, address): consecutive samples of the same code (the same call sites: every
+ * caller's frame of a busy loop) skip both searches. An entry of an older generation (the
+ * process exec'd, mapped or unmapped files since) or another pid never matches. The rows it
+ * copies cannot change under a generation: user space reuses a file's rows only once no
+ * process maps it, and a process's new files come with a new generation.
+ *
+ * Lookups go through maps, never by a computed index into one value, so the
  * verifier does not track the searches' bounds precisely (no state per branch taken). */
 #ifndef COROOT_AGENT_UNWIND_H
 #define COROOT_AGENT_UNWIND_H
@@ -46,6 +56,23 @@ struct unwind_row {
     u16 cfa;  /* in 8-byte words */
 };
 
+struct unwind_proc {
+    u32 count; /* mappings in unwind_maps */
+    u32 gen;   /* generation of the process's mappings, never 0 */
+};
+
+#define CA_UNWIND_CACHE 1024 /* entries per CPU: a power of two (the slot is masked) */
+
+struct unwind_cache_entry {
+    u64 addr; /* the address looked up */
+    u32 pid;
+    u32 gen;
+    u8 type;
+    u8 rbp;
+    u16 cfa;
+    u32 _pad;
+};
+
 struct unwind_map_key {
     u32 pid;
     u32 index;
@@ -69,6 +96,7 @@ struct native_stack {
 #define NATIVE_BY_FP 1    /* frames stepped by frame pointer (no mapping, no row) */
 #define NATIVE_STACKS 2   /* stacks walked */
 #define NATIVE_NO_TAIL 3  /* a tail call failed: the stack is cut there */
-#define NATIVE_STATS 4
+#define NATIVE_CACHED 4   /* frames whose rule came from unwind_cache */
+#define NATIVE_STATS 5
 
 #endif

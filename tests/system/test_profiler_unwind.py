@@ -25,7 +25,9 @@ pytestmark = pytest.mark.agent_args("--enable-native-unwinding", "--profiling-in
                                     "--disable-log-entries", "--disable-pinger", "--disable-jvm-monitoring")
 
 SRC = Path(__file__).parent / "workloads" / "unwind.c"
+EXEC_SRC = Path(__file__).parent / "workloads" / "unwind_exec.c"
 CPU_SECONDS = 5  # ~495 samples at 99 Hz, whatever the machine's load
+EXEC_SECONDS = 2  # each of the two programs of the exec test
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,53 @@ def stacks_of(storage: str, service: str) -> list[tuple[list[str], int]]:
 
 
 @pytest.fixture(scope="module")
-def profiled(binary: str, agent: AgentProcess) -> Iterator[dict]:
+def exec_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """unwind_exec.c twice: the same code at the same addresses, frames of 64 and 512 words."""
+    d = tmp_path_factory.mktemp("bin")
+    out = []
+    for tag, pad in (("_x", 64), ("_y", 512)):
+        out.append(str(d / f"unwind_exec{tag}"))
+        subprocess.run(["gcc", "-O2", "-fomit-frame-pointer", "-fno-inline", f"-DTAG={tag}", f"-DPAD={pad}",
+                        "-o", out[-1], str(EXEC_SRC)], check=True)
+    syms = [{n.removesuffix(tag): a for a, _, n in (ln.split() for ln in subprocess.run(
+        ["nm", f], capture_output=True, text=True, check=True).stdout.splitlines() if ln.count(" ") == 2)}
+        for f, tag in zip(out, ("_x", "_y"), strict=True)]
+    for fn in ("main", "top", "mid", "leaf"):  # the premise: the same addresses
+        assert syms[0][fn] == syms[1][fn], (fn, syms)
+    return out[0], out[1]
+
+
+def _exec_workload(agent: AgentProcess, cg: TestCgroups, pair: tuple[str, str]) -> str:
+    """One process, pid and addresses kept (no ASLR), runs unwind_exec_x, then execs
+    unwind_exec_y: each burns EXEC_SECONDS once the kernel has the agent's tables of it (for
+    the second: the new file's rows at the same mapping address)."""
+    cid = cg.create("prof-unwind-exec")
+    p = cg.spawn(cid, ["setarch", "-R", pair[0], str(EXEC_SECONDS), pair[1]], stdin=subprocess.PIPE,
+                 stdout=subprocess.PIPE)
+    assert p.stdout is not None and p.stdin is not None
+    try:
+        assert p.stdout.readline().strip() == b"ready"
+        assert wait_for(lambda: kernel_has_tables(p.pid), 60, interval=0.2), agent.log()[-3000:]
+        first = kernel_maps(p.pid)
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == b"ready"  # exec'd: the same pid
+        # the binary's mapping (the lowest address) now with the second file's rows
+        low = min(first)
+        assert wait_for(lambda: kernel_has_tables(p.pid) and kernel_maps(p.pid).get(low, first[low]) != first[low],
+                        60, interval=0.2), agent.log()[-3000:]
+        assert min(kernel_maps(p.pid)) == low  # the same addresses: only the generation tells them apart
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        assert p.stdout.readline().startswith(b"done")
+        p.communicate(b"\n")
+    finally:
+        p.kill()
+    return cid
+
+
+@pytest.fixture(scope="module")
+def profiled(binary: str, exec_pair: tuple[str, str], agent: AgentProcess) -> Iterator[dict]:
     cg = TestCgroups()
     t0 = time.monotonic()
     took = {}
@@ -62,6 +110,8 @@ def profiled(binary: str, agent: AgentProcess) -> Iterator[dict]:
         metrics = {n + str({k: v for k, v in sorted(lb.items()) if k in ("what", "by")}): v
                    for n, lb, v in agent.metrics() if n.startswith("coroot_agent_profiler_")}
         p.communicate(b"\n")
+        exec_cid = _exec_workload(agent, cg, exec_pair)
+        took["exec"] = time.monotonic() - t0
     finally:
         code = agent.stop()
         took["stop"] = time.monotonic() - t0
@@ -70,7 +120,7 @@ def profiled(binary: str, agent: AgentProcess) -> Iterator[dict]:
     stacks = stacks_of(agent.storage, cid)
     took["read"] = time.monotonic() - t0
     print("seconds since the agent started:", {k: round(v, 1) for k, v in took.items()})
-    yield {"cpu": cpu, "stacks": stacks, "metrics": metrics}
+    yield {"cpu": cpu, "stacks": stacks, "metrics": metrics, "exec_stacks": stacks_of(agent.storage, exec_cid)}
 
 
 def kernel_has_tables(pid: int) -> bool:
@@ -79,10 +129,15 @@ def kernel_has_tables(pid: int) -> bool:
     machine cannot hold it): the exec'd program's, not those of the shell the spawn began in."""
     now = {int(line.split("-")[0], 16) for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
            if len(f := line.split()) > 5 and "x" in f[1] and f[5].startswith("/")}
+    return bool(now) and set(kernel_maps(pid)) == now
+
+
+def kernel_maps(pid: int) -> dict[int, tuple[int, int]]:
+    """The process's mappings in unwind_maps: start -> (rows_start, rows_count)."""
     r = subprocess.run(["bpftool", "-j", "map", "dump", "name", "unwind_maps"], capture_output=True, text=True)
     if r.returncode != 0 or not r.stdout.strip():
-        return False
-    kernel = set()
+        return {}
+    kernel = {}
     todo = [json.loads(r.stdout)]
     while todo:
         x = todo.pop()
@@ -91,9 +146,10 @@ def kernel_has_tables(pid: int) -> bool:
         elif isinstance(x, dict):
             f = x.get("formatted", {})
             if isinstance(f.get("key"), dict) and f["key"].get("pid") == pid:
-                kernel.add(int(f["value"]["start"]))
+                v = f["value"]
+                kernel[int(v["start"])] = (int(v["rows_start"]), int(v["rows_count"]))
             todo += [v for v in x.values() if isinstance(v, list | dict)]
-    return bool(now) and kernel == now
+    return kernel
 
 
 def _metric(agent: AgentProcess, name: str) -> float:
@@ -184,6 +240,22 @@ def test_samples_reach_main_and_the_split_follows_the_work(profiled: dict) -> No
     assert abs(total / 1e9 - profiled["cpu"]) <= 0.2 * profiled["cpu"], (total / 1e9, profiled["cpu"])
 
 
+def test_an_exec_at_the_same_addresses_is_walked_by_the_new_files_rules(profiled: dict) -> None:
+    """The kernel's cache of rules (bpf/include/unwind.h unwind_cache) must not give the
+    exec'd program the first program's rules: the same pid, the same addresses, frames 8x
+    bigger. Every sample of each leaf has its own program's whole chain; with a stale rule the
+    second's stacks end in garbage after the leaf."""
+    stacks = profiled["exec_stacks"]
+    period = 1_000_000_000 // 99
+    for tag in ("_x", "_y"):
+        mine = [s for s, _ in stacks if s and s[0] == "leaf" + tag]
+        assert mine, sorted(stacks, key=lambda x: -x[1])[:5]
+        bad = [s for s in mine if s[:4] != ["leaf" + tag, "mid" + tag, "top" + tag, "main"]]
+        assert not bad, (tag, bad[:5])
+        n = sum(v for s, v in stacks if s and s[0] == "leaf" + tag) // period
+        assert n >= 0.4 * 99 * EXEC_SECONDS, (tag, n)
+
+
 def test_tables_are_reported(profiled: dict) -> None:
     m = profiled["metrics"]
     assert m["coroot_agent_profiler_unwind_tables_built_total{}"] >= 2  # the binary and libc at least
@@ -192,3 +264,5 @@ def test_tables_are_reported(profiled: dict) -> None:
     by_table = m["coroot_agent_profiler_native_frames_total{'by': 'table'}"]
     assert by_table > 0
     assert m["coroot_agent_profiler_native_tail_call_failures_total{}"] == 0
+    # the busy loops' callers come from the kernel's cache of rules, most of their frames
+    assert m["coroot_agent_profiler_native_cached_frames_total{}"] >= 0.5 * by_table

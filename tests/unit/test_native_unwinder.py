@@ -108,7 +108,8 @@ def test_tables_built_once_per_file_and_shared(tmp_path: Path) -> None:
     assert fm["rows"].writes == 2
     libc_rows = len(build(LIBC))
     assert u.space.used == libc_rows + len(build(py))
-    assert fm["procs"].d == {101: 1, 102: 1, 103: 1, 104: 2}
+    assert {p: v[0] for p, v in fm["procs"].d.items()} == {101: 1, 102: 1, 103: 1, 104: 2}
+    assert sorted(v[1] for v in fm["procs"].d.values()) == [1, 2, 3, 4]  # a generation each
     start, end, bias, rows_start, rows_count = fm["maps"].d[(101, 0)]
     assert rows_count == libc_rows and fm["maps"].d[(102, 0)][3:] == (rows_start, rows_count)
     # the load bias puts libc's text at its file address: qsort's row found at qsort's address
@@ -132,7 +133,7 @@ def test_untrack_clears_the_kernel_and_frees_room_when_needed(tmp_path: Path) ->
     u.attach(maps)
     u.track(201)
     u.step()
-    assert fm["procs"].d == {201: 1}
+    assert fm["procs"].d == {201: (1, 1)}
     u.track(202)
     u.step()
     assert u.dropped["rows_full"] == 1  # libc is still used by 201: python3 does not fit
@@ -145,7 +146,7 @@ def test_untrack_clears_the_kernel_and_frees_room_when_needed(tmp_path: Path) ->
     u._tracked[202].next_scan = 0
     u._tracked[202].layout = ()
     u.step()
-    assert fm["procs"].d == {202: 1}
+    assert fm["procs"].d == {202: (1, 2)}
     assert u.sizes()["loaded_files"] == 1
 
 
@@ -162,7 +163,7 @@ def test_a_file_without_a_table_is_remembered_and_counted(tmp_path: Path) -> Non
     u.track(301)
     u.step()
     assert u.dropped["no_table"] == 1
-    assert fm["procs"].d == {301: 1}
+    assert fm["procs"].d == {301: (1, 1)}
     u.track(301)  # an exec: read again, the bad file not built again
     u.step()
     assert u.dropped["no_table"] == 1
@@ -222,17 +223,17 @@ def test_a_new_layout_is_never_walked_mixed_with_the_old(tmp_path: Path) -> None
     u.attach(maps)
     u.track(601)
     u.step()
-    assert fm["procs"].d == {601: 2} and seen == [False, False]
+    assert fm["procs"].d == {601: (2, 1)} and seen == [False, False]
     procfs.add(601, [(py, 12, 0x561000000000), (LIBC, 11, 0x7F2000000000)])
     u.track(601)  # the exec
     u.step()
     assert seen == [False] * 4
-    assert fm["procs"].d == {601: 2}
+    assert fm["procs"].d == {601: (2, 2)}  # a new generation: the kernel's cached rules of 1 are dead
     assert fm["maps"].d[(601, 1)][0] == 0x7F2000000000
     procfs.add(601, [(LIBC, 11, 0x7F2000000000)])  # fewer mappings
     u.track(601)
     u.step()
-    assert seen == [False] * 5 and fm["procs"].d == {601: 1} and (601, 1) not in fm["maps"].d
+    assert seen == [False] * 5 and fm["procs"].d == {601: (1, 3)} and (601, 1) not in fm["maps"].d
 
 
 def test_without_enable_native_unwinding_no_process_is_tracked_and_no_table_built() -> None:
