@@ -203,7 +203,7 @@ class Config:
     clickhouse_ca_file: str = _opt("", "str", "CA bundle for ClickHouse TLS", flag="--clickhouse-ca-file", yaml="global_clickhouse.ca_file")
     clickhouse_cluster: str = _opt("", "str", "ClickHouse cluster name: ON CLUSTER DDL, replicated and distributed tables", flag="--clickhouse-cluster", yaml="global_clickhouse.cluster")
     store_spool_size: int = _opt(500_000_000, "size", "disk bound of the store spool (batches waiting while ClickHouse is down)", flag="--store-spool-size", yaml="storage.spool_size")
-    store_batch_rows: int = _opt(10_000, "int", "rows per ClickHouse insert (a batch is written when full or old)", flag="--store-batch-rows", yaml="storage.batch_rows", check=_positive)
+    store_batch_rows: int = _opt(50_000, "int", "rows per ClickHouse insert (a batch is written when full or old)", flag="--store-batch-rows", yaml="storage.batch_rows", check=_positive)
     store_batch_age: float = _opt(5.0, "duration", "a batch is written at the latest this long after its first row", flag="--store-batch-age", yaml="storage.batch_age", check=_positive)
     traces_ttl: float = _opt(7 * 86400.0, "duration", "how long spans are kept", flag="--traces-ttl", yaml="storage.traces_ttl", check=_positive)
     logs_ttl: float = _opt(7 * 86400.0, "duration", "how long log records are kept", flag="--logs-ttl", yaml="storage.logs_ttl", check=_positive)

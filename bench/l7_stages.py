@@ -144,10 +144,11 @@ def run_once(args: argparse.Namespace, cg: TestCgroups, cid: str, url: str, pace
         cpu0 = sum(proc.cpu_times()[:2])
         threads0 = thread_cpu(proc.pid)
         spy = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "--nonblocking",
-                                "-r", str(args.hz), "-d", str(int(args.seconds + 3)), "-f", "raw", "-o", raw, "--gil",
+                                "-r", str(args.hz), "-d", str(int(args.seconds + 6)), "-f", "raw", "-o", raw, "--gil",
                                 "-p", str(proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         rps, p99, total = bench_l7.wrk(cg, cid, url, args.seconds, connections, paced)
         spy.wait(timeout=60)
+        bench_l7.wait_stored(agent, 60)  # every span in the store: its insert is part of a request's cost
         cpu = sum(proc.cpu_times()[:2]) - cpu0
         threads = by_thread_name(threads0, thread_cpu(proc.pid))
         with open(f"/proc/{proc.pid}/comm") as f:
@@ -172,7 +173,7 @@ def run_once(args: argparse.Namespace, cg: TestCgroups, cid: str, url: str, pace
                 shutil.move(raw, args.keep)
             else:
                 os.unlink(raw)
-    # the samples cover the load plus up to 3 s of draining: CPU is counted over the same span
+    # the samples cover the load plus up to 6 s of draining; CPU also the wait for the last insert
     cpu_us = cpu * 1e6 / total
     row: dict[str, float] = {"requests": total, "rps": rps, "base_rps": base_rps, "p99": p99 / base_p99,
                              "cpu": cpu_us, "kernel": sum(ns.values()) / total, "spans": spans, "lost": lost,

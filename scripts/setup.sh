@@ -21,7 +21,7 @@ pkgs=(python3-bpfcc python3-venv python3-pip)
 if [ "$WANT_TEST" = 1 ]; then
     # gcc alone compiles nothing on a bare Debian: libc6-dev has the C headers and crt files.
     pkgs+=(gcc libc6-dev iproute2 procps curl openssl prometheus nftables ethtool
-           nginx-light postgresql redis-server dnsmasq-base wrk python3-psycopg python3-redis
+           nginx-light postgresql redis-server dnsmasq-base wrk hey python3-psycopg python3-redis
            debootstrap mariadb-server)
     pkgs+=(libssl-dev)  # libssl.a: the static OpenSSL TLS test links its client against it
     pkgs+=(binutils bpftool)  # unwind tables checked against readelf; the native-unwind test reads a BPF map

@@ -198,6 +198,7 @@ class Http(p.Protocol):
 
     id = contract.HTTP
     name = "http"
+    span_by_path = True
     stem = p.Stem("http", "requests")
     kernel_requests = tuple(f"{m} /x HTTP/1.1\r\nHost: a\r\n\r\n".encode() for m in METHODS)
     kernel_non_requests = (b"HTTP/1.1 200 OK\r\n\r\n", b"GETX / HTTP/1.1\r\n", b"get / HTTP/1.1\r\n",

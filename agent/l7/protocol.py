@@ -149,6 +149,10 @@ class Protocol:
     # a one-way message protocol, every call that carries messages — comes to `feed` in order,
     # and the plug-in makes requests itself; `parse` is not called.
     streaming: ClassVar[bool] = False
+    # True when span() depends only on the request's method, path and code, the peer and tls
+    # (and the settings): the tracer then reuses a span's attributes for the same request to the
+    # same peer instead of building them again (their dicts are shared, never changed)
+    span_by_path: ClassVar[bool] = False
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

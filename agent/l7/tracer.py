@@ -173,6 +173,9 @@ class L7Tracer(Component):
         self._spans = SpanColumns()  # spans made since the last hand-over to the sink
         self._peers: dict[tuple[str, str | None], tuple[Peer, dict[str, str]]] = {}
         self._resources: dict[str, tuple[str, dict[str, str]]] = {}  # container -> service.name, resource
+        # (destination, actual, tls, protocol, method, path, code) -> span name, attributes, status,
+        # message, or () for no span: plug-ins whose span() depends on only these (span_by_path)
+        self._made: dict[tuple[Any, ...], tuple[str, dict[str, str], str, str] | tuple[()]] = {}
         self.requests = 0
         self.spans_written = 0
         self.unattributed = 0
@@ -341,14 +344,25 @@ class L7Tracer(Component):
               sampled: bool = False) -> None:
         if not sampled and self.sampling < 1.0 and random.random() >= self.sampling:
             return
-        peer, peer_attrs = self._peer(conn)
-        span = plugin.span(r, peer, tls)
-        if span is None:
+        made = None
+        if plugin.span_by_path:  # the same request to the same peer: the span made last time
+            skey = (conn.destination, conn.actual, tls, plugin.id, r.method, r.path, r.code)
+            made = self._made.get(skey)
+        if made is None:
+            peer, peer_attrs = self._peer(conn)
+            span = plugin.span(r, peer, tls)
+            if span is not None:
+                attrs = peer_attrs.copy()
+                if tls:
+                    attrs["tls"] = "true"
+                attrs.update(span.attributes)
+                made = (span.name, attrs, span.status, span.message)
+            if plugin.span_by_path:
+                if len(self._made) >= MAX_CACHED:
+                    self._made.clear()
+                self._made[skey] = made or ()
+        if not made:  # None, or () cached: the plug-in makes no span of this request
             return
-        attrs = peer_attrs.copy()
-        if tls:
-            attrs["tls"] = "true"
-        attrs.update(span.attributes)
         hit = self._resources.get(cid)
         if hit is None:
             app = service_name(cid)
@@ -356,8 +370,8 @@ class L7Tracer(Component):
             if len(self._resources) >= MAX_CACHED:
                 self._resources.clear()
             self._resources[cid] = hit
-        self._spans.add(start_mono + self._clock_offset, span.name, hit[0], hit[1], attrs, int(r.duration * 1e9),
-                        span.status, span.message)
+        self._spans.add(start_mono + self._clock_offset, made[0], hit[0], hit[1], made[1], int(r.duration * 1e9),
+                        made[2], made[3])
         self.spans_written += 1
 
     def _peer(self, conn: Conn) -> tuple[Peer, dict[str, str]]:
