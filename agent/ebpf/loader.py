@@ -146,6 +146,8 @@ class Loaded:
     ringbuf: bool
     compile_seconds: float
     perf_events: int = 0
+    # starts the process the probes are handed to at the stop (False: it did not start)
+    release: Callable[[list[int], list[str]], bool] = field(default=lambda fds, uprobes: start_release(fds, uprobes))
     _perf_lost: dict[str, int] = field(default_factory=dict)
     _callbacks: list[object] = field(default_factory=list)  # keep ctypes callbacks alive
     _detaching: list[threading.Thread] = field(default_factory=list)
@@ -297,13 +299,7 @@ class Loaded:
         if not fds:
             return True
         uprobes = [ev.decode() if isinstance(ev, bytes) else str(ev) for ev in b.uprobe_fds]
-        argv, cwd = module_command("agent.ebpf.release", "--agent-pid", str(os.getpid()),
-                                   *(f"--fd={fd}" for fd in fds), *(f"--uprobe-event={ev}" for ev in uprobes))
-        try:
-            subprocess.Popen(argv, pass_fds=fds, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             start_new_session=True)
-        except OSError as e:
-            log.warning("cannot start the process that detaches the probes (%s): detaching them here", e)
+        if not self.release(fds, uprobes):
             return False
         for fd in fds:
             with contextlib.suppress(OSError):
@@ -390,6 +386,20 @@ def _attach_uprobe(bpf: Any, path: str, symbol: str | None, addr: int | None, fn
         lib.bpf_detach_uprobe(ev_name)
         raise Exception(f"Failed to attach BPF to {'uretprobe' if ret else 'uprobe'}")  # noqa: TRY002 - as BCC's
     bpf._add_uprobe_fd(ev_name, fd)
+
+
+def start_release(fds: list[int], uprobes: list[str]) -> bool:
+    """Start agent.ebpf.release with these perf event descriptors (inherited) and BCC's names of
+    these uprobe events; False when it cannot start."""
+    argv, cwd = module_command("agent.ebpf.release", "--agent-pid", str(os.getpid()),
+                               *(f"--fd={fd}" for fd in fds), *(f"--uprobe-event={ev}" for ev in uprobes))
+    try:
+        subprocess.Popen(argv, pass_fds=fds, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         start_new_session=True)
+    except OSError as e:
+        log.warning("cannot start the process that detaches the probes (%s): detaching them here", e)
+        return False
+    return True
 
 
 def _run_all(jobs: list[Callable[[], None]]) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import ctypes
 import http.server
 import logging
+import os
+import select
 import socket
 import threading
 import time
@@ -498,7 +500,9 @@ def test_probes_detach_side_by_side_and_nothing_attaches_after(monkeypatch: pyte
     bcc = FakeBcc(tracepoints=32, uprobes=8, wait=0.1)
     monkeypatch.setattr(loader, "_attach_uprobe",  # the real one resolves the symbol in the file
                         lambda bpf, path, symbol, addr, fn, ret, pid: bpf.attach_uprobe(path, symbol, fn))
-    loaded = loader.Loaded(bpf=bcc, families=("proc",), ringbuf=True, compile_seconds=1.0)
+    # the process the probes are handed to does not start: they are detached here, side by side
+    loaded = loader.Loaded(bpf=bcc, families=("proc",), ringbuf=True, compile_seconds=1.0,
+                           release=lambda fds, uprobes: False)
     loaded.attach_uprobe("/lib/libssl.so", "SSL_read", "ssl_read_enter")
     t0 = time.monotonic()
     loaded.begin_detach()
@@ -515,6 +519,27 @@ def test_probes_detach_side_by_side_and_nothing_attaches_after(monkeypatch: pyte
     f = Families({})
     loader.BpfStats(loaded).self_metrics(f)  # after close: nothing, no error
     assert list(f) == []
+
+
+def test_probes_are_handed_to_a_process_that_closes_them_after_the_agent() -> None:
+    """The real agent.ebpf.release, with pipes' write ends standing in for perf event
+    descriptors: the agent's copies are closed at once, BCC forgets them, and the pipes reach
+    end of file when that process, the last holder, has closed them too."""
+    pipes = [os.pipe() for _ in range(3)]
+    bcc = FakeBcc(tracepoints=0, uprobes=0, wait=0.0)
+    bcc.tracepoint_fds = {b"cat:a": pipes[0][1], b"cat:b": pipes[1][1]}
+    bcc.uprobe_fds = {b"p_lib_x": pipes[2][1]}
+    loaded = loader.Loaded(bpf=bcc, families=("proc",), ringbuf=True, compile_seconds=1.0)
+    loaded.begin_detach()
+    assert not bcc.tracepoint_fds and not bcc.uprobe_fds
+    for r, w in pipes:
+        with pytest.raises(OSError):
+            os.fstat(w)  # ours closed
+        ready, _, _ = select.select([r], [], [], 20)
+        assert ready and os.read(r, 1) == b""  # and the other process's: no writer left
+        os.close(r)
+    loaded.close()
+    assert bcc.cleaned
 
 
 # ------------------------------------------------------- remote write --
