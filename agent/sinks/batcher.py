@@ -70,6 +70,7 @@ class Sink(Component):
         max_rows: int = 10_000,
         max_age: float = 5.0,
         max_pending: int = 4,
+        max_pending_rows: int = 100_000,
         backoff: tuple[float, float] = (1.0, 30.0),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -78,6 +79,7 @@ class Sink(Component):
         self.max_rows = max_rows
         self.max_age = max_age
         self.max_pending = max_pending
+        self.max_pending_rows = max_pending_rows
         self.backoff_min, self.backoff_max = backoff
         self._clock = clock
         self._lock = threading.Lock()
@@ -137,8 +139,11 @@ class Sink(Component):
     def _seal_locked(self, b: Batch) -> None:
         del self._open[b.table]
         self._ready.append(b)
-        while len(self._ready) > self.max_pending:
-            self._to_spool(self._ready.popleft())  # memory stays bounded while the store lags
+        # memory stays bounded while the store lags: at most max_pending sealed batches, and
+        # beyond the newest one at most max_pending_rows rows in them (batches of 50,000 rows)
+        while len(self._ready) > self.max_pending or (
+                len(self._ready) > 1 and sum(len(r) for r in self._ready) > self.max_pending_rows):
+            self._to_spool(self._ready.popleft())
 
     # ------------------------------------------------------------ flusher --
 

@@ -444,6 +444,20 @@ def test_sink_close_writes_a_batch_of_every_table_however_many(tmp_path: Path) -
     assert len(sink.spool) == 0
 
 
+def test_sealed_batches_waiting_for_the_store_are_bounded_by_rows_too(tmp_path: Path) -> None:
+    """Batches of 50,000 rows: at most 100,000 rows wait in memory; the oldest go to the spool."""
+    store = FakeStore(fail=True)
+    sink = Sink(store, Spool(str(tmp_path / "spool"), 1 << 30), max_rows=50_000)  # type: ignore[arg-type]
+    row = schema.row("otel_logs", {})
+    for _ in range(3 * 50_000):
+        sink.add("otel_logs", row)
+    assert [len(b) for b in sink._ready] == [50_000, 50_000]
+    assert sum(e.count for e in sink.spool._entries) == 50_000
+    sink.add_columns("otel_logs", [[v] * 120_000 for v in row])  # one call past the bound: kept whole
+    assert [len(b) for b in sink._ready] == [120_000]
+    assert sum(e.count for e in sink.spool._entries) == 150_000
+
+
 def test_sink_close_spools_at_once_while_the_store_is_failing(tmp_path: Path) -> None:
     store = FakeStore(fail=True)
     sink = Sink(store, Spool(str(tmp_path / "spool"), 1 << 20), backoff=(30.0, 60.0))  # type: ignore[arg-type]
