@@ -29,10 +29,13 @@ static __always_inline int rustls_on_io(struct conn_key *ckey, struct conn *c, i
     struct rustls_plain *p = rustls_pending.lookup(&id);
     if (!p)
         return 0;
-    *buf = p->buf;
-    *size = p->len;
-    *kind = IO_BUF;
+    struct rustls_plain plain = *p;
     rustls_pending.delete(&id);
+    if (bpf_ktime_get_ns() - plain.at_ns > RUSTLS_PENDING_NS)
+        return 0; /* its socket write was another thread's, or never came */
+    *buf = plain.buf;
+    *size = plain.len;
+    *kind = IO_BUF;
     if (!(c->flags & CONN_GO_TLS))
         c->flags |= CONN_GO_TLS; /* its reads carry ciphertext from now on */
     return 1;
@@ -94,8 +97,13 @@ int rustls_write_exit(struct pt_regs *ctx) {
     struct rustls_call cc = *call;
     rustls_calls.delete(&id);
     struct rustls_plain p = {};
-    if (rustls_result(ctx, &cc, &p.buf, &p.len))
-        rustls_pending.insert(&id, &p); /* not over an earlier part of the same message */
+    if (!rustls_result(ctx, &cc, &p.buf, &p.len))
+        return 0;
+    p.at_ns = bpf_ktime_get_ns();
+    struct rustls_plain *first = rustls_pending.lookup(&id);
+    if (first && p.at_ns - first->at_ns <= RUSTLS_PENDING_NS)
+        return 0; /* an earlier part of the same message waits: it starts the message */
+    rustls_pending.update(&id, &p);
     return 0;
 }
 

@@ -11,7 +11,9 @@
  * same thread. So:
  *  - Writer::write's plaintext waits per thread (rustls_pending) until the thread's next socket
  *    write on a tracked connection, whose bytes it replaces, marked TLS (the first plaintext since
- *    that thread's last socket write: a message written in parts starts with its first part);
+ *    that thread's last socket write: a message written in parts starts with its first part; one
+ *    that waited longer than RUSTLS_PENDING_NS — its socket write never came on this thread — is
+ *    dropped, so it can neither stand for a later message nor keep one out);
  *  - a socket read of a process using rustls leaves its fd per thread (rustls_last_fd), which the
  *    next Reader::read takes: its plaintext is handed to the L7 pairing on that connection.
  * A connection paired so is marked CONN_GO_TLS (gotls.h: its syscalls carry ciphertext and are
@@ -26,6 +28,8 @@
 #ifndef COROOT_AGENT_RUSTLS_H
 #define COROOT_AGENT_RUSTLS_H
 
+#define RUSTLS_PENDING_NS 100000000ULL /* 100 ms */
+
 struct rustls_call {
     u64 a0, a1, a2, a3; /* rdi, rsi, rdx, rcx at the entry */
     u32 fd;             /* Reader::read: the socket the thread read last (has_fd) */
@@ -35,6 +39,7 @@ struct rustls_call {
 struct rustls_plain {
     u64 buf;
     u64 len;
+    u64 at_ns; /* when Writer::write returned */
 };
 
 /* A tracked connection's socket read or write (bpf/l7.c, before anything else): a read leaves
