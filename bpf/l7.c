@@ -39,6 +39,7 @@
 #define CA_SELF_TGID 0
 #endif
 #include "gotls.h" /* Go crypto/tls uprobes (they hand their plaintext to l7_run below) */
+#include "rustls.h" /* rustls uprobes: bpf/rustls.c, compiled after this file */
 
 struct l7_key {
     u32 tgid;
@@ -614,9 +615,12 @@ int l7_run_kprobe(struct pt_regs *ctx) { return l7_run(ctx, 0); }
 /* The hooks' hand-offs: each is the last thing its hook does. */
 static __always_inline void l7_on_io_more(void *ctx, struct conn_key *ckey, struct conn *c, u64 buf, u32 kind,
                                           u64 size, int sent, u32 more) {
-    if (c->flags & CONN_GO_TLS) /* Go TLS: ciphertext, its plaintext comes from gotls.h */
+    u32 tls = 0;
+    if (rustls_on_io(ckey, c, sent, &buf, &kind, &size)) /* rustls.h: its plaintext for its ciphertext */
+        tls = L7_TLS;
+    else if (c->flags & CONN_GO_TLS) /* Go TLS: ciphertext, its plaintext comes from gotls.h */
         return;
-    if (l7_call_set(ckey, buf, kind, size, sent, 0, L7_RUN_IO, more))
+    if (l7_call_set(ckey, buf, kind, size, sent, tls, L7_RUN_IO, more))
         l7_run_tp.call(ctx, 0);
     l7_count(L7_STAT_HANDOFF_LOST); /* reached only when the tail call failed */
 }

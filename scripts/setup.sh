@@ -39,6 +39,8 @@ if [ "$WANT_TEST" = 1 ]; then
         pkgs+=(dbus-daemon)  # a real D-Bus peer for the systemd client's wire format (test_systemd_dbus.py)
         pkgs+=(nodejs)  # the Node.js event-loop test runs a script under Debian's node
         pkgs+=(rustc)  # the rustls finder's unit test compiles a stand-in crate
+        # the rustls test's client and server: built offline with Debian's cargo against Debian's crates
+        pkgs+=(cargo librust-rustls-dev librust-rustls-pemfile-dev)
     fi
 fi
 missing=()

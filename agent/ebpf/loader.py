@@ -57,6 +57,7 @@ class Family:
     # (prog array, function, "tracepoint" | "kprobe" | "perf_event"): programs entered only by tail
     # calls, put in slot 0 of their array right after the compile
     tail_calls: tuple[tuple[str, str, str], ...] = ()
+    more_sources: tuple[str, ...] = ()  # files in bpf/ compiled right after `source`, as part of it
 
 
 FAMILIES: dict[str, Family] = {
@@ -66,10 +67,12 @@ FAMILIES: dict[str, Family] = {
                  "OpenSSL plaintext (tracepoints, uprobes)",
                  uprobe_functions=tuple(f"ssl_{op}{ex}_{end}" for op in ("write", "read") for ex in ("", "_ex")
                                         for end in ("enter", "exit"))
-                 + ("go_tls_write_enter", "go_tls_read_enter", "go_tls_read_return"),  # Go crypto/tls
+                 + ("go_tls_write_enter", "go_tls_read_enter", "go_tls_read_return")  # Go crypto/tls
+                 + ("rustls_write_enter", "rustls_write_exit", "rustls_read_enter", "rustls_read_exit"),  # rustls
                  defines=("CA_L7",), requires=("tcp",), pages=256,
                  tail_calls=(("l7_run_tp", "l7_run_tracepoint", "tracepoint"),
-                             ("l7_run_uprobe", "l7_run_kprobe", "kprobe"))),
+                             ("l7_run_uprobe", "l7_run_kprobe", "kprobe")),
+                 more_sources=("rustls.c",)),
     "logs": Family("logs", "logs.c", ("log_events",), "log files opened for writing under /var/log (tracepoint)"),
     "profiler": Family("profiler", "profiler.c", (), "CPU stacks sampled by a cpu-clock perf event",
                        perf_functions=("on_cpu_sample",), tail_calls=(("native_progs", "on_cpu_unwind", "perf_event"),)),
@@ -126,13 +129,15 @@ def program_text(families: Iterable[str], bpf_dir: Path = BPF_DIR) -> str:
     lines = []
     for name in with_requirements(families):  # FAMILIES order: l7 follows tcp
         fam = FAMILIES[name]
-        path = bpf_dir / fam.source
-        text = path.read_text()
-        if re.search(r"\bk(ret)?probe__|attach_kprobe", text):
-            raise LoadError(f"{path}: uses a kprobe; only tracepoints, uprobes and perf events are allowed")
-        # Inlined, not #included: BCC generates the tracepoint argument structs only for
-        # TRACEPOINT_PROBEs it finds in the main text. #line keeps errors naming the file.
-        lines.append(f'#line 1 "{path}"\n{text}')
+        for source in (fam.source, *fam.more_sources):
+            path = bpf_dir / source
+            text = path.read_text()
+            if re.search(r"\bk(ret)?probe__|attach_kprobe", text):
+                raise LoadError(f"{path}: uses a kprobe; only tracepoints, uprobes and perf events are allowed")
+            # Inlined, not #included: BCC generates the tracepoint argument structs only for
+            # TRACEPOINT_PROBEs it finds in the main text (and rewrites map calls only there).
+            # #line keeps errors naming the file.
+            lines.append(f'#line 1 "{path}"\n{text}')
     return "\n".join(lines) + "\n"
 
 

@@ -21,7 +21,10 @@ what it is (Go or not, and why not traced) is remembered per file, at most MAX_S
 An executable that defines SSL_write and SSL_read itself (OpenSSL or BoringSSL linked
 statically: Node.js builds that bundle OpenSSL, Envoy) gets the libssl uprobes at those symbols'
 addresses (agent/l7/tlsbin.py finds them), once per file, at most MAX_STATIC_SSL files. rustls
-is found the same way but not traced yet (tlsbin.py says why).
+is found the same way (its Writer::write and Reader::read) and gets uprobes and uretprobes on both
+(bpf/include/rustls.h), once per file, at most MAX_RUSTLS files; each process found running such a
+file is entered in the kernel's rustls_tgids, so that its socket reads leave their fd for its
+Reader::read from its first request on.
 
 What was found and attached for each process, or why not, is kept per file and per process
 (`describe`: /api/processes and `coroot-agent check` show it).
@@ -59,6 +62,9 @@ MAX_GO_BINARIES = 64  # Go executables with uprobes (each: Write, Read and Read'
 MAX_SEEN = 8192  # executables remembered as not traced (not Go, no crypto/tls, ...), oldest forgotten first
 MAX_STATIC_SSL = 64  # executables with OpenSSL linked in that get uprobes (each: up to 8 probes)
 MAX_PROCESSES = 16384  # processes whose TLS libraries are remembered for describe()
+MAX_RUSTLS = 64  # executables with rustls that get uprobes (each: 4 probes)
+# (rustls function in tlsbin.Linked.rustls, program prefix in bpf/rustls.c)
+RUSTLS_PROBES = (("write", "rustls_write"), ("read", "rustls_read"))
 
 # Found.library values
 OPENSSL, OPENSSL_STATIC, GO, RUSTLS = "openssl", "openssl-static", "go", "rustls"
@@ -125,6 +131,7 @@ class TlsAttacher(Component):
         self.go_binaries: dict[tuple[int, int], GoBinary] = {}
         self.go_skipped: dict[tuple[int, int], str] = {}  # executables not traced, and why
         self.static_ssl: dict[tuple[int, int], Library] = {}  # executables with OpenSSL linked in, attached
+        self.rustls: dict[tuple[int, int], Library] = {}  # executables with rustls, attached
         self.files: dict[tuple[int, int], list[Found]] = {}  # per file: what was found (MAX_SEEN, oldest out)
         self.processes: dict[int, list[tuple[int, int]]] = {}  # pid -> its libssl files and executable
         self._queue: list[tuple[float, int]] = []
@@ -142,7 +149,9 @@ class TlsAttacher(Component):
     def on_process(self, what: str, proc: Process) -> None:
         """Registry listener: look at a new process's libraries a little later."""
         if what == "removed":
-            self.processes.pop(proc.pid, None)
+            keys = self.processes.pop(proc.pid, None)
+            if keys and any(k in self.rustls for k in keys):
+                self._rustls_tgid(proc.pid, False)
             return
         if what != "added":
             return
@@ -168,6 +177,8 @@ class TlsAttacher(Component):
                 len(self.go_binaries))
         f.gauge("coroot_agent_tls_static_executables", "Executables with OpenSSL linked in with uprobes attached",
                 len(self.static_ssl))
+        f.gauge("coroot_agent_tls_rustls_executables", "Executables with rustls with uprobes attached",
+                len(self.rustls))
 
     def describe(self, pid: int) -> list[dict[str, object]] | None:
         """The TLS libraries found in a process and whether they are traced, or why not (one
@@ -214,6 +225,8 @@ class TlsAttacher(Component):
         exe = self.scan_exe(pid)
         if exe is not None:
             keys.append(exe)
+            if exe in self.rustls:
+                self._rustls_tgid(pid, True)
         if self.programs is None:
             return  # the agent stops
         if pid not in self.processes:
@@ -231,7 +244,7 @@ class TlsAttacher(Component):
         except OSError:  # gone already, or a kernel thread
             return None
         key = (st.st_dev, st.st_ino)
-        if key not in self.files and key not in self.static_ssl:
+        if key not in self.files and key not in self.static_ssl and key not in self.rustls:
             try:
                 linked = tlsbin.inspect_path(exe)
             except OSError:  # the process is gone: the file may be looked at with the next one
@@ -242,9 +255,7 @@ class TlsAttacher(Component):
             if linked.static_openssl:
                 self._attach_static(key, exe, path, linked)
             if linked.rustls:
-                self._found(key, Found(RUSTLS, path, False, (
-                    f"rustls Writer::write and Reader::read found ({', '.join(sorted(linked.rustls))}) in "
-                    f"{'/'.join(linked.tables)}; not traced: the agent has no rustls probes yet")))
+                self._attach_rustls(key, exe, path, linked)
         self.scan_go(pid, key, exe, path)
         return key
 
@@ -266,6 +277,64 @@ class TlsAttacher(Component):
             self.static_ssl[key] = lib
         elif not os.path.exists(exe):  # the process is gone: another may run the file
             self.files.pop(key, None)
+
+    def _attach_rustls(self, key: tuple[int, int], exe: str, path: str, linked: tlsbin.Linked) -> None:
+        """Uprobes and uretprobes on rustls's Writer::write and Reader::read, all or none."""
+        programs = self.programs
+        assert programs is not None
+        found = f"rustls Writer::write and Reader::read found ({', '.join(sorted(linked.rustls))}) in " \
+                f"{'/'.join(linked.tables)}"
+        missing = [name for name, _ in RUSTLS_PROBES if name not in linked.rustls]
+        if missing:
+            self._found(key, Found(RUSTLS, path, False, f"{found}; not traced: no {', '.join(missing)}"))
+            return
+        if len(self.rustls) >= MAX_RUSTLS:
+            why = f"not traced: already {MAX_RUSTLS} executables with rustls traced"
+            log.info("TLS: rustls in %s is %s", path, why)
+            self._found(key, Found(RUSTLS, path, False, f"{found}; {why}"))
+            return
+        target = self._short_path(key, exe)
+        done: list[tuple[str, int, bool]] = []
+        for name, prefix in RUSTLS_PROBES:
+            addr = linked.rustls[name]
+            symbol = f"rustls_{name}"
+            for ret in (False, True):
+                try:
+                    programs.attach_uprobe(target, symbol, f"{prefix}_{'exit' if ret else 'enter'}", ret=ret,
+                                           addr=addr)
+                except ProgramsClosing:
+                    return  # the agent stops: neither attached nor failed
+                except AttachError as e:
+                    log.warning("TLS: %s; rustls in %s is not traced", e, path)
+                    for sym, a, r in done:  # an entry without its return would leave calls open
+                        try:
+                            programs.detach_uprobe(target, sym, ret=r, addr=a)
+                        except AttachError:
+                            pass
+                    if os.path.exists(exe):  # else the process is gone: another may run the file
+                        self._found(key, Found(RUSTLS, path, False, f"{found}; not traced: attach refused: {e}"))
+                    else:
+                        self.files.pop(key, None)
+                    return
+                done.append((symbol, addr, ret))
+        self.rustls[key] = Library(path, len(done))
+        self._found(key, Found(RUSTLS, path, True, f"{found}: {len(done)} uprobes"))
+        log.info("TLS: %d rustls uprobes on %s", len(done), path)
+
+    def _rustls_tgid(self, pid: int, add: bool) -> None:
+        """Enter a process running a traced rustls executable in the kernel's rustls_tgids (or
+        take it out): its socket reads then leave their fd for its Reader::read."""
+        if self.programs is None:
+            return
+        try:
+            m = self.programs.map("rustls_tgids")
+            key = m.key(pid)
+            if add:
+                m.set(key, m.leaf(1))
+            else:
+                m.delete(key)
+        except (KeyError, AttributeError) as e:  # the l7 family is not loaded (or a stand-in)
+            log.debug("TLS: rustls_tgids: %s", e)
 
     def scan_go(self, pid: int, key: tuple[int, int], exe: str, path: str) -> None:
         """Attach the Go crypto/tls probes to the process's executable if it needs them."""

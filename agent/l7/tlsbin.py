@@ -7,14 +7,11 @@ attaches):
   same uprobes as a shared libssl's. A symbol the executable only imports (undefined: it comes
   from a libssl.so the process maps) does not count.
 - rustls: the mangled `<rustls::conn::Writer as std::io::Write>::write` and
-  `<rustls::conn::Reader as std::io::Read>::read` (Rust's legacy mangling, rustc's default).
-  FOUND ONLY, NOT TRACED: rustls does no I/O of its own (the plaintext is written into its
-  buffer and the ciphertext leaves later, in write_tls, on a socket the library never sees), so
-  joining its plaintext to a connection needs a probe path in bpf/l7.c that pairs the buffer
-  with the thread's next socket syscall; that path does not exist yet. No program using the
-  real rustls crate can be built here (crates are not reachable from this machine and Debian's
-  packages were not tried within this change): the finder is tested on a stand-in crate named
-  `rustls` with the same module path, compiled by rustc (tests/unit/test_tlsbin.py).
+  `<rustls::conn::Reader as std::io::Read>::read`, in Rust's legacy mangling (rustc's default)
+  or v0 (`-C symbol-mangling-version=v0`). rustls does no I/O of its own: bpf/include/rustls.h
+  says how their plaintext is joined to the program's socket calls. Tested on a real rustls
+  program built here with Debian's rustls crate (tests/rustbuild.py) and, for the mangling
+  forms, on a stand-in crate named `rustls` with the same module path (tests/unit/test_tlsbin.py).
 
 The string tables are searched for the names' bytes first, so a binary without them costs one
 read of its symbol string tables; only the symbol entries whose name is at one of the offsets
@@ -36,6 +33,10 @@ OPENSSL = ("SSL_write", "SSL_read", "SSL_write_ex", "SSL_read_ex")
 # releases one module deeper): the writer and the reader's path inside the mangled name.
 RUSTLS_WRITE = re.compile(rb"_ZN[0-9]+_\$LT\$rustls\.\.conn\.\.(?:[a-z_]+\.\.)?Writer\$u20\$as\$u20\$std\.\.io\.\.Write\$GT\$5write17h[0-9a-f]{16}E\x00")
 RUSTLS_READ = re.compile(rb"_ZN[0-9]+_\$LT\$rustls\.\.conn\.\.(?:[a-z_]+\.\.)?Reader\$u20\$as\$u20\$std\.\.io\.\.Read\$GT\$4read17h[0-9a-f]{16}E\x00")
+# v0 mangling: an impl (`_RNvX`) in rustls::conn (or a module under it) of std::io::Write for
+# Writer, its function `write` (and Read/Reader/read); the crates' hashes vary.
+RUSTLS_WRITE_V0 = re.compile(rb"_RNvX[0-9A-Za-z_]*?6rustls4conn(?:[0-9A-Za-z_]*?)6WriterNtNtCs[0-9A-Za-z]+_3std2io5Write5write\x00")
+RUSTLS_READ_V0 = re.compile(rb"_RNvX[0-9A-Za-z_]*?6rustls4conn(?:[0-9A-Za-z_]*?)6ReaderNtNtCs[0-9A-Za-z]+_3std2io4Read4read\x00")
 SHN_UNDEF = 0
 STT_FUNC = 2
 MAX_STRTAB = 256 << 20  # a larger symbol string table is not read (bounded memory per look)
@@ -119,6 +120,9 @@ def inspect(f: BinaryIO) -> Linked:
         if b"rustls..conn" in names:
             rust.update((off, "write") for off in _pattern_offsets(names, RUSTLS_WRITE))
             rust.update((off, "read") for off in _pattern_offsets(names, RUSTLS_READ))
+        if b"6rustls4conn" in names:
+            rust.update((off, "write") for off in _pattern_offsets(names, RUSTLS_WRITE_V0))
+            rust.update((off, "read") for off in _pattern_offsets(names, RUSTLS_READ_V0))
         for key, addr in _defined(elf, symtab, wanted).items():
             found.openssl.setdefault(key, addr)
         for key, addr in _defined(elf, symtab, rust).items():

@@ -28,6 +28,8 @@ def test_every_family_file_exists_and_is_inlined_with_line_markers() -> None:
     text = loader.program_text(loader.FAMILIES)
     for fam in loader.FAMILIES.values():
         assert f'#line 1 "{loader.BPF_DIR / fam.source}"' in text
+        for more in fam.more_sources:  # right after its family's file (it uses that file's functions)
+            assert text.index(f'#line 1 "{loader.BPF_DIR / more}"') > text.index(f'#line 1 "{loader.BPF_DIR / fam.source}"')
 
 
 def test_ring_buffer_needs_5_8() -> None:
