@@ -206,16 +206,16 @@ class Conn:
             self.reply(version, stream, op, code, out, statement)
 
     def reply(self, version: int, stream: int, op: int, code: int, body: bytes, statement: str) -> None:
-        try:
-            self.send(version, stream, code, body)
-        except OSError:
-            return
-        with LOCK:
+        with LOCK:  # logged before it is sent: a client that has its answer finds it logged
             sys.stdout.write(json.dumps({"op": NAMES.get(op, str(op)), "stream": stream, "version": version,
                                          "lz4": self.lz4,
                                          "status": "failed" if code == ERROR else "ok",
                                          "statement": statement}) + "\n")
             sys.stdout.flush()
+        try:
+            self.send(version, stream, code, body)
+        except OSError:
+            return
 
     def serve(self) -> None:
         buf = b""

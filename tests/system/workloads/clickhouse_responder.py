@@ -186,15 +186,13 @@ def serve(sock: socket.socket, revision: int) -> None:
                 while c.uvarint() == DATA and block(c):
                     pass
                 missing = MISSING.search(text)
+                with LOCK:  # logged before it is sent: a client that has its answer finds it logged
+                    print(json.dumps({"query": text, "status": "failed" if missing else "ok"}), flush=True)
                 if missing:
-                    status = "failed"
                     sock.sendall(exception(UNKNOWN_TABLE, f"Table default.{missing.group(0)} does not exist."))
                 else:
-                    status = "ok"
                     sock.sendall(data_block(rev, []))
                     sock.sendall(data_block(rev, [1]) + bytes([S_END]))
-                with LOCK:
-                    print(json.dumps({"query": text, "status": status}), flush=True)
             else:
                 return
     except (Closed, OSError):

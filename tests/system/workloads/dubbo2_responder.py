@@ -107,10 +107,10 @@ class Connection:
             self.conn.sendall(b"\xda\xbb" + bytes([flags, status]) + rid + len(body).to_bytes(4, "big") + body)
 
     def answer(self, serialization: int, rid: bytes, service: str, method: str, status: int, body: bytes) -> None:
-        self.send(serialization, status, rid, body)
-        with LOG:
+        with LOG:  # logged before it is sent: a client that has its answer finds it logged
             print(json.dumps({"id": int.from_bytes(rid, "big"), "service": service, "method": method,
                               "status": status}), flush=True)
+        self.send(serialization, status, rid, body)
 
     def serve(self) -> None:
         try:

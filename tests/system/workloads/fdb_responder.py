@@ -33,10 +33,10 @@ def serve(conn: socket.socket, delay_ms: int) -> None:
     lock = threading.Lock()
 
     def answer(file_id: int, token: bytes, key: bytes, error: int | None) -> None:
+        with LOG:  # logged before it is sent: a client that has its answer finds it logged
+            print(json.dumps({"type": w.NAMES[file_id], "key": key.decode(), "error": error}), flush=True)
         with lock:
             conn.sendall(w.reply(token, REPLIES[file_id], error))
-        with LOG:
-            print(json.dumps({"type": w.NAMES[file_id], "key": key.decode(), "error": error}), flush=True)
 
     try:
         conn.sendall(w.connect_packet())
