@@ -279,3 +279,56 @@ def answered_client(agent: AgentProcess, cgroups: TestCgroups, server: CgroupSer
         yield cid, mine
     finally:
         finish(p)
+
+
+class ReadyClient:
+    """A TLS client the tests built (Go, rustls): started with `argv`, it connects, prints
+    {"ready": true} and waits; run() makes its requests and returns the JSON line it prints;
+    finish() lets it exit."""
+
+    def __init__(self, cgroups: TestCgroups, cid: str, argv: Sequence[str], what: str) -> None:
+        self.what = what
+        self.proc = cgroups.spawn(cid, list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        assert json.loads(self.proc.stdout.readline()) == {"ready": True}
+
+    def run(self) -> dict:
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, f"the {self.what} client failed (exit {self.proc.wait()})"
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def finish(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+def tls_diagnostics(agent: AgentProcess, cid: str) -> str:
+    """What the agent knows of the container and its own L7 counters, for a failure message."""
+    lines = [f"{n}{lb} {v}" for n, lb, v in agent.metrics()
+             if lb.get("container_id") == cid or n.startswith(("coroot_agent_l7", "coroot_agent_lost", "coroot_agent_tls"))]
+    return "\n".join(lines + [line for line in agent.log().splitlines() if "WARNING" in line or "ERROR" in line])
+
+
+def check_tls_client_side(agent: AgentProcess, cid: str, port: int, ok: int, missing: int) -> None:
+    """A TLS client's `ok` requests to /ok (200) and `missing` to /missing (404) over one
+    connection to 127.0.0.1:port: counted exactly, a span each with tls="true"."""
+    want = {"2xx": ok, "4xx": missing}
+    dest = f"127.0.0.1:{port}"
+    assert wait_counts(agent, "container_http_requests_total", want, container_id=cid) == want, tls_diagnostics(agent, cid)
+    assert by_status(agent, "container_http_requests_total", container_id=cid, destination=dest,
+                     actual_destination=dest) == want
+    got = spans(agent, cid, ok + missing)
+    assert len(got) == ok + missing, tls_diagnostics(agent, cid)
+    urls: dict[tuple[str, str], int] = {}
+    for s in got:
+        attrs = s["SpanAttributes"]
+        assert s["SpanName"] == "GET" and s["SpanKind"] == "SPAN_KIND_CLIENT"
+        assert attrs["tls"] == "true" and attrs["net.peer.port"] == str(port)
+        key = (attrs["http.url"], attrs["http.status_code"])
+        urls[key] = urls.get(key, 0) + 1
+    assert urls == {(f"https://{dest}/ok", "200"): ok, (f"https://{dest}/missing", "404"): missing}

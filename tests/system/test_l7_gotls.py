@@ -6,7 +6,6 @@ of each connection and one span per request with tls="true"."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -28,7 +27,13 @@ from tests.system.helpers import (
     wait_for,
     wait_port,
 )
-from tests.system.l7helpers import by_status, nginx_in, spans, wait_counts
+from tests.system.l7helpers import (
+    ReadyClient,
+    check_tls_client_side,
+    nginx_in,
+    tls_diagnostics,
+    wait_counts,
+)
 from tests.system.servers import Nginx
 
 pytestmark = pytest.mark.agent_without("profiling")  # tests/system/conftest.py: families its tests never read
@@ -69,66 +74,20 @@ def attached(agent: AgentProcess, binary: str) -> None:
     assert ok, "\n".join(line for line in agent.log().splitlines() if "TLS" in line or "ERROR" in line)
 
 
-class GoClient:
-    def __init__(self, cgroups: TestCgroups, cid: str, binary: str, ca: str, url: str) -> None:
-        self.proc = cgroups.spawn(cid, [binary, "-wait", "-ca", ca, url, f"/ok:{OK}", f"/missing:{MISSING}"],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None and self.proc.stdin is not None
-        assert json.loads(self.proc.stdout.readline()) == {"ready": True}
-
-    def run(self) -> dict:
-        assert self.proc.stdout is not None and self.proc.stdin is not None
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, f"the Go client failed (exit {self.proc.wait()})"
-        return json.loads(line)  # type: ignore[no-any-return]
-
-    def finish(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("\n")
-        self.proc.stdin.close()
-        self.proc.wait(10)
-
-
-def diagnostics(agent: AgentProcess, cid: str) -> str:
-    """What the agent knows of the container and its own L7 counters, for a failure message."""
-    lines = [f"{n}{lb} {v}" for n, lb, v in agent.metrics()
-             if lb.get("container_id") == cid or n.startswith(("coroot_agent_l7", "coroot_agent_lost", "coroot_agent_tls"))]
-    return "\n".join(lines + [line for line in agent.log().splitlines() if "WARNING" in line or "ERROR" in line])
-
-
-def check_client_side(agent: AgentProcess, cid: str, port: int) -> None:
-    want = {"2xx": OK, "4xx": MISSING}
-    dest = f"127.0.0.1:{port}"
-    assert wait_counts(agent, "container_http_requests_total", want, container_id=cid) == want, diagnostics(agent, cid)
-    assert by_status(agent, "container_http_requests_total", container_id=cid, destination=dest,
-                     actual_destination=dest) == want
-    got = spans(agent, cid, OK + MISSING)
-    assert len(got) == OK + MISSING, diagnostics(agent, cid)
-    urls: dict[tuple[str, str], int] = {}
-    for s in got:
-        attrs = s["SpanAttributes"]
-        assert s["SpanName"] == "GET" and s["SpanKind"] == "SPAN_KIND_CLIENT"
-        assert attrs["tls"] == "true" and attrs["net.peer.port"] == str(port)
-        key = (attrs["http.url"], attrs["http.status_code"])
-        urls[key] = urls.get(key, 0) + 1
-    assert urls == {(f"https://{dest}/ok", "200"): OK, (f"https://{dest}/missing", "404"): MISSING}
-
-
 @pytest.mark.parametrize("build", ["normal", "stripped", "pie"])
 def test_go_https_client_to_nginx_counted_exactly_with_tls_spans(
         agent: AgentProcess, cgroups: TestCgroups, nginx: tuple[Nginx, str], go: GoBuilds, build: str) -> None:
     server, server_cid = nginx
     binary = {"normal": go.client, "stripped": go.stripped, "pie": go.pie}[build]
     cid = cgroups.create(f"gotls-{build}")
-    client = GoClient(cgroups, cid, binary, server.ca, f"https://127.0.0.1:{server.tls_port}")
+    client = ReadyClient(cgroups, cid, [binary, "-wait", "-ca", server.ca, f"https://127.0.0.1:{server.tls_port}",
+                         f"/ok:{OK}", f"/missing:{MISSING}"], "Go")
     attached(agent, binary)
     line = agent.log().split(f"Go crypto/tls uprobes on {binary} ")[1].split("\n")[0]
     assert ("functions from symtab" if build == "normal" else "functions from pclntab") in line, line
     assert client.run() == {"statuses": {"200": OK, "404": MISSING}}
     try:
-        check_client_side(agent, cid, server.tls_port)
+        check_tls_client_side(agent, cid, server.tls_port, OK, MISSING)
         # nginx (OpenSSL) saw the same requests
         want = {"2xx": OK, "4xx": MISSING}
         assert wait_counts(agent, "container_http_inbound_requests_total", want, container_id=server_cid) == want
@@ -146,14 +105,15 @@ def test_go_https_server_inbound_counts_exact(
     wait_port("127.0.0.1", port, proc=server)
     attached(agent, go.server)
     cid = cgroups.create("gotls-server-client")
-    client = GoClient(cgroups, cid, go.client, ca, f"https://127.0.0.1:{port}")
+    client = ReadyClient(cgroups, cid, [go.client, "-wait", "-ca", ca, f"https://127.0.0.1:{port}",
+                         f"/ok:{OK}", f"/missing:{MISSING}"], "Go")
     attached(agent, go.client)
     assert client.run() == {"statuses": {"200": OK, "404": MISSING}}
     try:
         want = {"2xx": OK, "4xx": MISSING}
         assert wait_counts(agent, "container_http_inbound_requests_total", want, container_id=server_cid) == want, \
-            diagnostics(agent, server_cid)
-        check_client_side(agent, cid, port)
+            tls_diagnostics(agent, server_cid)
+        check_tls_client_side(agent, cid, port, OK, MISSING)
     finally:
         client.finish()
         server.kill()
@@ -208,7 +168,8 @@ def test_short_lived_go_processes_leak_no_probes_and_an_early_exit_hides_nothing
     server = Nginx()
     try:
         server.start(cgroups, cgroups.create("gotls-short-nginx"))
-        client = GoClient(cgroups, cid, str(early), server.ca, f"https://127.0.0.1:{server.tls_port}")
+        client = ReadyClient(cgroups, cid, [str(early), "-wait", "-ca", server.ca, f"https://127.0.0.1:{server.tls_port}",
+                         f"/ok:{OK}", f"/missing:{MISSING}"], "Go")
         attached(agent, str(early))
         assert client.run() == {"statuses": {"200": OK, "404": MISSING}}
         client.finish()
