@@ -36,6 +36,7 @@ from agent.l7.tls import TlsAttacher
 from agent.l7.tracer import L7Tracer, Masks
 from agent.logs.collector import LogCollector
 from agent.logs.pii import Scrubber
+from agent.memory import MemoryMetrics
 from agent.metrics import Families, host_labels
 from agent.net.pinger import Pinger
 from agent.net.public import PublicFilter
@@ -265,6 +266,9 @@ class Agent:
                                     entries=cfg.log_entries_enabled,
                                     patterns_per_container=cfg.log_patterns_per_container,
                                     scrubber=scrubber, host_id=const["machine_id"]))
+        # last to start: it gives the start-up code pages back
+        out.append(MemoryMetrics(interval=cfg.scrape_interval,
+                                 engine_resident=self.store.engine_resident if self.store else None))
         return out
 
     def _check_capabilities(self) -> None:

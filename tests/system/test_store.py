@@ -4,6 +4,7 @@ which cannot be installed here)."""
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -140,6 +141,35 @@ def test_100k_spans_round_trip_through_the_sink(make_store: StoreFactory, tmp_pa
     # the histogram view counts every span, as the server's does (Root = 1 marks the even ones)
     assert rows_of(store, "SELECT sum(Total), sum(Failed) FROM otel_traces_histogram") == [["100000", "2000"]]
     assert rows_of(store, "SELECT sumIf(Total, Root = 1) FROM otel_traces_histogram") == [["50000"]]
+
+
+def test_inserts_leave_no_garbage_and_the_engine_has_an_agents_caches(make_store: StoreFactory) -> None:
+    """An insert's columns are freed when it returns (clickhouse-connect's insert context is a
+    reference cycle that held them until a full collection), and the embedded engine starts
+    with the agent's cache sizes, not a database server's 5 GB."""
+    store = make_store()
+    store.open()
+    store.migrate()
+    base = time.time_ns() // 10**9 * 10**9
+    columns = schema.TABLES_BY_NAME["otel_traces"].insert_columns
+    store.insert("otel_traces", columns, [span(i, base) for i in range(100)], "warm-up")  # one-time set-up garbage
+    rows = [span(i, base) for i in range(100, 5_100)]
+    gc.collect()
+    gc.disable()
+    try:
+        store.insert("otel_traces", columns, rows, "gc-probe")
+        unreachable = gc.collect()
+    finally:
+        gc.enable()
+    assert unreachable == 0, unreachable  # 26 before: the insert context and its per-block lists, holding the columns
+    assert rows_of(store, "SELECT count() FROM otel_traces") == [["5100"]]
+    settings = dict(store._need().query(
+        "SELECT name, value FROM system.server_settings WHERE name IN "
+        "('mark_cache_size', 'primary_index_cache_size', 'uncompressed_cache_size')").result_rows)
+    assert settings == {"mark_cache_size": str(32 << 20), "primary_index_cache_size": str(32 << 20),
+                        "uncompressed_cache_size": "0"}
+    resident = store.engine_resident()  # coroot_agent_memory_bytes{part="engine_heap"}
+    assert resident is not None and 1 << 20 < resident < 1 << 30, resident
 
 
 def test_spool_bound_holds_while_the_store_is_down(make_store: StoreFactory, tmp_path: Path) -> None:
