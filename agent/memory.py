@@ -99,6 +99,26 @@ def page_out(markers: Iterable[str] | None) -> int:
     return max(0, before - _rss())
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+
+
+def tune_malloc() -> bool:
+    """glibc's allocator, set for a long-running process with a few busy threads: at most two
+    arenas (one per thread by default, each keeping what it freed), large blocks (an insert's
+    buffers) always from mmap and so returned at free (the threshold otherwise grows to the
+    largest block freed so far, up to 32 MB, and later ones stay in the heap), and free memory
+    at the top of the heap returned beyond 1 MB. False where the C library is not glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    ok = mallopt(M_ARENA_MAX, 2) == 1
+    ok &= mallopt(M_MMAP_THRESHOLD, 256 << 10) == 1
+    ok &= mallopt(M_TRIM_THRESHOLD, 1 << 20) == 1
+    return bool(ok)
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * PAGE

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
-from agent import __version__, caps, units
+from agent import __version__, caps, memory, units
 from agent.api.server import ApiServer, Response
 from agent.component import Component
 from agent.config import Config
@@ -140,6 +140,7 @@ class Agent:
     def start(self) -> None:
         t0 = time.monotonic()
         log.info("coroot-agent %s starting", __version__)
+        memory.tune_malloc()
         mounts = tracefs.ensure_mounted()
         if not mounts.ok:
             raise RuntimeError(f"tracefs is not available ({mounts.error}); run `coroot-agent check`")

@@ -99,3 +99,7 @@ def test_self_metrics_series() -> None:
     m.self_metrics(f)
     names = {fam.name for fam in f}
     assert names == {"coroot_agent_memory_bytes", "coroot_agent_memory_paged_out_bytes"}
+
+
+def test_tune_malloc_on_glibc() -> None:
+    assert memory.tune_malloc() is True  # Debian: glibc takes all three settings
