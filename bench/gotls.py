@@ -5,7 +5,8 @@ port, in test cgroups, with the agent at sampling 1.0 (every request a span). Pr
 programs alone, and every program of the agent (which also sees the rest of this shared
 machine's traffic, so that figure is an upper bound). Asserts nothing.
 
-Run as root: `python bench/gotls.py [--requests 20000] [--rate 2000]`.
+Run as root: `python bench/gotls.py [--requests 20000] [--rate 2000] [--go 1.15]` (--go 1.15: the
+client built with Go 1.15, traced through the stack-ABI programs; tests.gobuild.old_go fetches it).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.gobuild import go_build  # noqa: E402
+from tests.gobuild import OLD_GO, go_build, old_go  # noqa: E402
 from tests.system.helpers import REPO, AgentProcess, TestCgroups, bpf_programs, wait_for  # noqa: E402
 from tests.system.servers import Nginx  # noqa: E402
 
@@ -43,9 +44,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--rate", type=int, default=2000)
+    ap.add_argument("--go", choices=sorted(OLD_GO), help="build the client with this old Go (default: Debian's go)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gotls-bench-"))
-    client = go_build(REPO / "tests" / "system" / "workloads" / "gotls" / "client.go", work / "client", work)
+    client = go_build(REPO / "tests" / "system" / "workloads" / "gotls" / "client.go", work / "client", work,
+                      go=old_go(args.go) if args.go else "go")
     cg = TestCgroups()
     nginx = Nginx()
     agent = AgentProcess(["--min-container-age", "0s", "--traces-sampling", "1.0"])

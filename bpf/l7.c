@@ -844,35 +844,38 @@ static __always_inline struct conn *go_tls_conn(u64 tls_conn, struct conn_key *k
 }
 
 /* Write(b []byte), at its entry: it writes all of b or fails; the request's time starts here. */
-int go_tls_write_enter(struct pt_regs *ctx) {
+static __always_inline int go_tls_write(struct pt_regs *ctx, u64 tls_conn, u64 buf, u64 len) {
     struct conn_key key = {};
-    struct conn *c = go_tls_conn(GO_REG1(ctx), &key);
-    u64 len = GO_REG3(ctx);
+    struct conn *c = go_tls_conn(tls_conn, &key);
     if (c && len)
-        l7_on_io_tls(ctx, &key, GO_REG2(ctx), len, 1);
+        l7_on_io_tls(ctx, &key, buf, len, 1);
     return 0;
 }
 
+int go_tls_write_enter(struct pt_regs *ctx) { return go_tls_write(ctx, GO_REG1(ctx), GO_REG2(ctx), GO_REG3(ctx)); }
+
 /* Read(b []byte): the buffer at its entry, kept per goroutine until a RET gives the count. */
-int go_tls_read_enter(struct pt_regs *ctx) {
+static __always_inline int go_tls_read(u64 g, u64 tls_conn, u64 buf) {
     struct conn_key key = {};
-    if (!go_tls_conn(GO_REG1(ctx), &key))
+    if (!g || !go_tls_conn(tls_conn, &key))
         return 0;
-    struct go_tls_read_key rk = {.g = GO_G(ctx), .tgid = key.tgid};
-    struct go_tls_read r = {.buf = GO_REG2(ctx), .fd = key.fd};
+    struct go_tls_read_key rk = {.g = g, .tgid = key.tgid};
+    struct go_tls_read r = {.buf = buf, .fd = key.fd};
     go_tls_reads.update(&rk, &r);
     return 0;
 }
 
-int go_tls_read_return(struct pt_regs *ctx) {
-    struct go_tls_read_key rk = {.g = GO_G(ctx), .tgid = ca_tgid()};
+int go_tls_read_enter(struct pt_regs *ctx) { return go_tls_read(GO_G(ctx), GO_REG1(ctx), GO_REG2(ctx)); }
+
+/* Read's results at one of its RETs: n (the count, <= 0: nothing read) of goroutine g. */
+static __always_inline int go_tls_read_done(struct pt_regs *ctx, u64 g, s64 n) {
+    struct go_tls_read_key rk = {.g = g, .tgid = ca_tgid()};
     struct go_tls_read *r = go_tls_reads.lookup(&rk);
     if (!r)
         return 0;
     struct conn_key key = {.tgid = rk.tgid, .fd = r->fd};
     u64 buf = r->buf;
     go_tls_reads.delete(&rk);
-    s64 n = (s64)GO_REG1(ctx); /* (n int, err error): n in the first result register */
     if (n <= 0)
         return 0;
     struct conn *c = conns.lookup(&key);
@@ -898,4 +901,23 @@ int go_tls_read_return(struct pt_regs *ctx) {
     }
     l7_on_io_tls(ctx, &key, buf, (u64)n, 0);
     return 0;
+}
+
+/* (n int, err error): n in the first result register */
+int go_tls_read_return(struct pt_regs *ctx) { return go_tls_read_done(ctx, GO_G(ctx), (s64)GO_REG1(ctx)); }
+
+/* The stack ABI (ABI0, Go before 1.17 on amd64): arguments and results on the goroutine's
+ * stack above the return address; a Read is keyed by its *tls.Conn (gotls.h). */
+int go_tls_write_enter_stack(struct pt_regs *ctx) {
+    return go_tls_write(ctx, go_stack_word(ctx, GO_STACK_RECV), go_stack_word(ctx, GO_STACK_BUF),
+                        go_stack_word(ctx, GO_STACK_LEN));
+}
+
+int go_tls_read_enter_stack(struct pt_regs *ctx) {
+    u64 tls_conn = go_stack_word(ctx, GO_STACK_RECV);
+    return go_tls_read(tls_conn, tls_conn, go_stack_word(ctx, GO_STACK_BUF));
+}
+
+int go_tls_read_return_stack(struct pt_regs *ctx) {
+    return go_tls_read_done(ctx, go_stack_word(ctx, GO_STACK_RECV), (s64)go_stack_word(ctx, GO_STACK_N));
 }

@@ -2,8 +2,10 @@
 they return, read from the ELF file alone, for the uprobes of bpf/include/gotls.h.
 
 - The Go version comes from the build info (`.go.buildinfo`, which every Go 1.13+ binary has,
-  stripped or not). Only the register ABI (Go 1.17+ on amd64) is traced: the probes read their
-  arguments from registers.
+  stripped or not), and with it the calling convention the probes read: the register ABI (Go
+  1.17+ on amd64, 1.18+ on arm64: arguments, results and the goroutine in registers) or the
+  older stack ABI (ABI0: arguments and results on the goroutine's stack, a Read keyed by its
+  *tls.Conn; traced on amd64 only, STACK_ABI mirrors the offsets of gotls.h).
 - The functions are found in `.symtab` when the binary has one, otherwise in `.gopclntab`, the
   runtime's own function table, which `-ldflags="-s -w"` keeps (the runtime needs it for stack
   traces). Its function table gives each function's entry and, from the next entry, its end.
@@ -31,7 +33,12 @@ from elftools.elf.elffile import ELFFile
 
 WRITE = "crypto/tls.(*Conn).Write"
 READ = "crypto/tls.(*Conn).Read"
-MIN_VERSION = (1, 17)  # the register ABI on amd64
+MIN_VERSION = (1, 13)  # the first with build info (.go.buildinfo): older binaries are not recognised
+REGISTER_ABI = {"x64": (1, 17), "arm64": (1, 18)}  # the first release with the register ABI
+REGISTER, STACK = "register", "stack"
+# The stack ABI, x64 (ABI0): words above the stack pointer at the entry of (*Conn).Write/Read and
+# at each RET, the return address at 0. Mirrors GO_STACK_* in bpf/include/gotls.h.
+STACK_ABI = {"receiver": 8, "buf": 16, "len": 24, "n": 40}
 
 # The path bpf/include/gotls.h follows: (struct, member) -> offset. Mirrors GO_TLS_* there.
 OFFSETS = {
@@ -69,12 +76,25 @@ class GoTls:
     source: str  # where the functions were found: "symtab" or "pclntab"
     offsets_from: str  # "dwarf" (checked against the binary's own) or "table"
     arch: str = "x64"
+    abi: str = REGISTER  # REGISTER or STACK: which programs of bpf/l7.c read the calls
 
 
 def parse_version(v: str) -> tuple[int, int]:
     """(major, minor) of "go1.19.8", "go1.21rc2", "devel go1.22-abc Tue ...": (0, 0) if unreadable."""
     m = re.search(r"\bgo(\d+)\.(\d+)", v)
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def abi_of(version: str, arch: str) -> str:
+    """REGISTER or STACK: how a binary of Go `version` on `arch` passes arguments; GoBinaryError
+    for what the probes cannot read."""
+    v = parse_version(version)
+    if v < MIN_VERSION:
+        raise GoBinaryError(f"{version}: Go before 1.13 is not traced")
+    abi = REGISTER if v >= REGISTER_ABI[arch] else STACK
+    if abi == STACK and arch != "x64":
+        raise GoBinaryError(f"{version} on {arch}: the stack ABI is traced on amd64 only")
+    return abi
 
 
 def _uvarint(data: bytes, pos: int) -> tuple[int, int]:
@@ -328,8 +348,7 @@ def inspect(f: BinaryIO) -> GoTls:
     if arch is None:
         raise GoBinaryError(f"unsupported architecture {machine}")
     version = go_version(elf)
-    if parse_version(version) < MIN_VERSION:
-        raise GoBinaryError(f"{version}: only the register ABI (Go 1.17+) is traced")
+    abi = abi_of(version, arch)
     names = {WRITE, READ}
     source = "symtab"
     found = _symtab_functions(elf, names)
@@ -361,7 +380,7 @@ def inspect(f: BinaryIO) -> GoTls:
                 raise GoBinaryError(f"{version}: {key[0]}.{key[1]} is at {got}, the probes read {want}")
         if all(key in members for key in OFFSETS):
             offsets_from = "dwarf"
-    return GoTls(version, funcs[WRITE], funcs[READ], source, offsets_from, arch)
+    return GoTls(version, funcs[WRITE], funcs[READ], source, offsets_from, arch, abi)
 
 
 def inspect_path(path: str) -> GoTls:

@@ -366,9 +366,10 @@ class TlsAttacher(Component):
         programs = self.programs
         assert programs is not None
         target = self._short_path(key, exe)
-        probes = [(found.write.name, found.write.entry, "go_tls_write_enter"),
-                  (found.read.name, found.read.entry, "go_tls_read_enter")]
-        probes += [(found.read.name, ret, "go_tls_read_return") for ret in found.read.returns]
+        sfx = "_stack" if found.abi == gotls.STACK else ""  # bpf/l7.c: the stack ABI's programs
+        probes = [(found.write.name, found.write.entry, f"go_tls_write_enter{sfx}"),
+                  (found.read.name, found.read.entry, f"go_tls_read_enter{sfx}")]
+        probes += [(found.read.name, ret, f"go_tls_read_return{sfx}") for ret in found.read.returns]
         done: list[tuple[str, int]] = []
         for name, addr, fn in probes:
             try:
@@ -388,10 +389,11 @@ class TlsAttacher(Component):
                 return
             done.append((name, addr))
         self.go_binaries[key] = GoBinary(path, found.version, len(done), found.source)
-        self._found(key, Found(GO, path, True, f"{found.version}: {len(done)} uprobes, functions from "
-                               f"{found.source}, offsets from {found.offsets_from}"))
-        log.info("TLS: %d Go crypto/tls uprobes on %s (%s, functions from %s, offsets from %s)",
-                 len(done), path, found.version, found.source, found.offsets_from)
+        self._found(key, Found(GO, path, True, f"Go crypto/tls ({found.abi} ABI): attached, {found.version}: "
+                               f"{len(done)} uprobes, functions from {found.source}, offsets from "
+                               f"{found.offsets_from}"))
+        log.info("TLS: %d Go crypto/tls uprobes on %s (%s, functions from %s, offsets from %s, %s ABI)",
+                 len(done), path, found.version, found.source, found.offsets_from, found.abi)
 
     def _short_path(self, key: tuple[int, int], host_path: str) -> str:
         link = os.path.join(self.link_dir, f"{key[0]}-{key[1]}")

@@ -43,8 +43,30 @@
 #define GO_G(x) ((x)->r14)
 #endif
 
+/* The stack ABI (ABI0, Go before 1.17 on amd64). At the entry of a method such as
+ * func (c *Conn) Read(b []byte) (int, error), and again at each of its RETs (the frame popped),
+ * the stack pointer points at the return address and the arguments and results follow it, in
+ * the caller's frame: c, b's pointer, length and capacity, then n and err. The goroutine (g) is
+ * not in a register but in thread-local storage (fs base - 8), and the kernel's record of a
+ * thread's fs base is at an offset of task_struct that the headers BCC compiles with need not
+ * match (the closest headers of another kernel): a Read is keyed instead by its receiver, the
+ * *tls.Conn, still in its argument slot at the RET (Read does not assign c; the slot moves with
+ * the goroutine's stack, its value does not). Two goroutines in Read of one tls.Conn at once
+ * (Read serialises them on the conn's input lock) would share the key: the first to return
+ * takes the later one's buffer, the other's read is missed. Mirror: agent/l7/gotls.py STACK_ABI. */
+#define GO_STACK_RECV 8
+#define GO_STACK_BUF 16
+#define GO_STACK_LEN 24
+#define GO_STACK_N 40 /* after b's capacity at 32 */
+
+static __always_inline u64 go_stack_word(struct pt_regs *ctx, int off) {
+    u64 v = 0;
+    bpf_probe_read_user(&v, sizeof(v), (void *)(PT_REGS_SP(ctx) + off));
+    return v;
+}
+
 struct go_tls_read_key {
-    u64 g; /* the goroutine */
+    u64 g; /* the goroutine (register ABI), or the *tls.Conn (stack ABI) */
     u32 tgid;
     u32 _pad;
 };

@@ -151,6 +151,30 @@ def test_offsets_mirror_the_bpf_header() -> None:
     assert gotls.OFFSETS[("net.netFD", "pfd")] == 0
 
 
+def test_stack_abi_offsets_mirror_the_bpf_header() -> None:
+    header = (Path(__file__).parents[2] / "bpf" / "include" / "gotls.h").read_text()
+    defines = {m.group(1): int(m.group(2)) for m in re.finditer(r"#define (GO_STACK_\w+) (\d+)", header)}
+    assert defines == {f"GO_STACK_{k.upper()}": v for k, v in
+                       {"recv": gotls.STACK_ABI["receiver"], "buf": gotls.STACK_ABI["buf"],
+                        "len": gotls.STACK_ABI["len"], "n": gotls.STACK_ABI["n"]}.items()}
+    # ABI0 on amd64: the return address, then c, b (pointer, length, capacity), then n
+    assert list(gotls.STACK_ABI.values()) == [8, 16, 24, 40]
+
+
+@pytest.mark.parametrize(("version", "arch", "want"), [
+    ("go1.19.8", "x64", gotls.REGISTER), ("go1.17", "x64", gotls.REGISTER), ("go1.16.15", "x64", gotls.STACK),
+    ("go1.15.15", "x64", gotls.STACK), ("go1.13", "x64", gotls.STACK), ("go1.18", "arm64", gotls.REGISTER),
+    ("go1.12.17", "x64", "Go before 1.13 is not traced"),
+    ("go1.17.13", "arm64", "the stack ABI is traced on amd64 only"),
+])
+def test_abi_by_version_and_architecture(version: str, arch: str, want: str) -> None:
+    if want in (gotls.REGISTER, gotls.STACK):
+        assert gotls.abi_of(version, arch) == want
+    else:
+        with pytest.raises(gotls.GoBinaryError, match=want):
+            gotls.abi_of(version, arch)
+
+
 def test_returns_by_disassembly() -> None:
     # mov rbx, rax; ret; nop; ret 8; int3 (padding)
     code = b"\x48\x89\xc3\xc3\x90\xc2\x08\x00\xcc"
@@ -264,6 +288,23 @@ def test_attacher_probes_write_read_and_each_ret_once_per_file(go: Builds, tmp_p
     assert "does not use crypto/tls" in t.go_skipped[(os.stat(go.hello).st_dev, os.stat(go.hello).st_ino)]
     t.scan([7, 8, 9])  # looked at once per file
     assert len(progs.attached) == 2 + len(want.read.returns) and progs.calls == len(progs.attached)
+
+
+def test_attacher_puts_the_stack_abi_programs_on_an_older_go(
+        go: Builds, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A binary whose build info says Go 1.15 gets the stack-ABI programs (the real Go 1.15
+    binaries are traced end to end by tests/system/test_l7_gotls_abi0.py)."""
+    monkeypatch.setattr(gotls, "go_version", lambda elf: "go1.15.15")
+    procfs = go_process(tmp_path, 7, go.stripped)
+    progs = Programs()
+    t = tls_mod.TlsAttacher(procfs=procfs, link_dir=str(tmp_path / "links"), pids=lambda: [7])
+    t.attach(progs)  # type: ignore[arg-type]
+    want = gotls.inspect_path(str(go.stripped))
+    assert want.abi == gotls.STACK
+    assert [fn for _, _, fn, _ in progs.attached] == [
+        "go_tls_write_enter_stack", "go_tls_read_enter_stack", *["go_tls_read_return_stack"] * len(want.read.returns)]
+    [found] = t.describe(7)
+    assert found["attached"] and str(found["detail"]).startswith("Go crypto/tls (stack ABI): attached, go1.15.15")
 
 
 def test_attacher_undoes_a_partial_attach_and_remembers_why(go: Builds, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"io/ioutil"
 	"net/http"
 	"os"
 	"strconv"
@@ -29,7 +30,7 @@ func main() {
 	wait := flag.Bool("wait", false, "print ready and wait for a line before the requests")
 	rate := flag.Int("rate", 0, "requests a second at most (0: as fast as they go)")
 	flag.Parse()
-	pem, err := os.ReadFile(*caFile)
+	pem, err := ioutil.ReadFile(*caFile)
 	if err != nil {
 		fail(err)
 	}
@@ -72,12 +73,12 @@ func main() {
 			if err != nil {
 				fail(err)
 			}
-			io.Copy(io.Discard, resp.Body)
+			io.Copy(ioutil.Discard, resp.Body)
 			resp.Body.Close()
 			statuses[strconv.Itoa(resp.StatusCode)]++
 		}
 	}
-	result := map[string]any{"statuses": statuses}
+	result := map[string]interface{}{"statuses": statuses}
 	if *rate > 0 {
 		result["seconds"] = time.Since(start).Seconds()
 	}
