@@ -45,6 +45,7 @@ from agent.node.cgroups import CgroupCollector
 from agent.node.node import NodeCollector
 from agent.profiling.profiler import Profiler
 from agent.query import StoreLock, api_handler, socket_path
+from agent.runtime.dotnet import DotNetMetrics
 from agent.runtime.jvm import JvmMetrics
 from agent.runtime.nodejs import NodejsMetrics
 from agent.runtime.python import PythonGilMetrics
@@ -132,6 +133,7 @@ class Agent:
         self._poller: threading.Thread | None = None
         self.started_at = 0.0
         self.jvm: JvmMetrics | None = None
+        self.dotnet: DotNetMetrics | None = None
         self.tls: TlsAttacher | None = None
 
     def families(self) -> list[str]:
@@ -249,6 +251,9 @@ class Agent:
         if cfg.jvm_enabled:
             self.jvm = JvmMetrics(self.registry, procfs=cfg.procfs_root)
             out.append(self.jvm)
+        if cfg.dotnet_enabled:
+            self.dotnet = DotNetMetrics(self.registry, procfs=cfg.procfs_root, interval=cfg.dotnet_interval)
+            out.append(self.dotnet)
         if "python" in self.families():
             out.append(PythonGilMetrics(self.registry, procfs=cfg.procfs_root))
         if "nodejs" in self.families():
@@ -355,7 +360,8 @@ class Agent:
 
     def _api_processes(self, query: str, _body: bytes) -> Response:
         """Every process the registry knows: pid, comm, container and opt-outs (?pid=N for one);
-        for a JVM, `jvm`: where its counters are read from, or why there are none; `tls`: the TLS
+        for a JVM, `jvm`: where its counters are read from, or why there are none; for a .NET process,
+        `dotnet`: its diagnostics socket and whether its counters are read, or why not; `tls`: the TLS
         libraries found in it and whether they are traced, or why not (once it was looked at)."""
         want = parse_qs(query).get("pid")
         pids = [int(p) for p in want if p.isdigit()] if want else sorted(self.registry.pids())
@@ -370,6 +376,9 @@ class Agent:
             jvm = self.jvm.describe(pid) if self.jvm is not None else None
             if jvm is not None:
                 out[-1]["jvm"] = jvm
+            dotnet = self.dotnet.describe(pid) if self.dotnet is not None else None
+            if dotnet is not None:
+                out[-1]["dotnet"] = dotnet
             tls = self.tls.describe(pid) if self.tls is not None else None
             if tls is not None:
                 out[-1]["tls"] = tls

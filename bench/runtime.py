@@ -19,8 +19,13 @@ iteration, one uv__io_poll call each) in a test cgroup, timed without the agent 
 following the process: nanoseconds each iteration costs more, and the BPF programs' own run
 time per call.
 
+.NET: the agent's cost is decoding the nettrace stream of each process's System.Runtime
+EventCounters; timed on the session recorded from the real .NET Core 3.1.23 runtime
+(tests/unit/data/dotnet31_system_runtime.nettrace): per counter event and per report of the
+19 counters .NET 3.1 sends each interval.
+
 Run as root: `python bench/runtime.py [--jvms 4] [--rounds 200] [--calls 200000] [--iterations 200000]
-[--only jvm|python|nodejs]`.
+[--only jvm|python|nodejs|dotnet]`.
 """
 
 from __future__ import annotations
@@ -220,13 +225,47 @@ def bench_nodejs(iterations: int) -> None:
         a.cleanup()
 
 
+def bench_dotnet(rounds: int) -> None:
+    from agent.runtime import dotnet, nettrace
+
+    data = (Path(__file__).resolve().parent.parent / "tests" / "unit" / "data"
+            / "dotnet31_system_runtime.nettrace").read_bytes()
+
+    def one() -> int:
+        pos = [0]
+
+        def read(n: int) -> bytes:
+            b = data[pos[0]:pos[0] + n]
+            pos[0] += len(b)
+            return b
+
+        r = nettrace.Reader(read)
+        c = dotnet.Counters()
+        events = 0
+        try:
+            r.open()
+            while not r.ended:
+                for ev in r.next_block():
+                    c.add(ev.values)
+                    events += 1
+        except nettrace.Invalid:
+            pass  # the recording ends mid-object
+        return events
+
+    events = one()
+    us = per_call_us(one, rounds)
+    print(json.dumps({"runtime": "dotnet", "events": events, "us_per_recording": round(us, 1),
+                      "us_per_counter_event": round(us / events, 2),
+                      "us_per_report_of_19_counters": round(us / events * 19, 1)}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--jvms", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--calls", type=int, default=200_000)
     ap.add_argument("--iterations", type=int, default=200_000)
-    ap.add_argument("--only", choices=("jvm", "python", "nodejs"))
+    ap.add_argument("--only", choices=("jvm", "python", "nodejs", "dotnet"))
     args = ap.parse_args()
     if args.only in (None, "jvm"):
         bench_jvm(args.jvms, args.rounds)
@@ -234,6 +273,8 @@ def main() -> None:
         bench_python(args.calls)
     if args.only in (None, "nodejs"):
         bench_nodejs(args.iterations)
+    if args.only in (None, "dotnet"):
+        bench_dotnet(args.rounds)
 
 
 if __name__ == "__main__":
