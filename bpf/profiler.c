@@ -137,6 +137,11 @@ static __always_inline u64 py_walk(struct py_proc *pp, u32 pid, struct py_scratc
             break;
         u64 code = 0;
         bpf_probe_read_user(&code, sizeof(code), (void *)(frame + pp->frame_code));
+        u8 owner = 0;
+        if (pp->frame_owner)
+            bpf_probe_read_user(&owner, sizeof(owner), (void *)(frame + pp->frame_owner));
+        if (owner == 3) /* FRAME_OWNED_BY_CSTACK: an entry frame, no code object */
+            code = 0;
         s->stack.code[i] = code;
         hash = (hash ^ code) * 1099511628211ULL;
         depth = i + 1;

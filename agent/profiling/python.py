@@ -7,7 +7,10 @@ PY_VERSION_HEX the interpreter was built as, read from the file). The version pi
 structure offsets the kernel needs; they are per version because CPython moves its thread
 state and frame fields between minor releases. Offsets of 3.11 are measured on Debian 12's
 python3.11 (tests/unit/test_python_offsets.py checks them against the running interpreter
-through ctypes). ELF facts are cached per file (device, inode).
+through ctypes); 3.13+ interpreters carry their own (`_Py_DebugOffsets`, the start of
+`_PyRuntime`'s initialised data, read from the file; tests/system/test_profiler_python_versions.py
+walks Debian 13's python3.13 with them). Before 3.11 the version comes from the file's name and
+is refused (UNSUPPORTED says why), as is 3.12. ELF facts are cached per file (device, inode).
 
 Frames: a Python frame is stored as the server stores any frame, "<qualname> <file>:<line>"
 (line: the code object's first line); the interpreter's native frames from the first
@@ -47,7 +50,10 @@ class Offsets:
     str_state: int
     str_ascii: int
     str_compact: int
+    frame_owner: int = 0  # _PyInterpreterFrame.owner (3.13): entry frames (owned by the C stack) skipped
 
+
+NO_CFRAME = 0xFFFF  # tstate_cframe: the current frame is a field of the thread state
 
 OFFSETS: dict[tuple[int, int], Offsets] = {
     # CPython 3.11 on x86-64 (Include/internal/pycore_runtime.h, pycore_interp.h, cpython/pystate.h,
@@ -56,6 +62,14 @@ OFFSETS: dict[tuple[int, int], Offsets] = {
                      cframe_frame=8, frame_code=32, frame_previous=48, code_name=128, code_file=112,
                      code_line=72, str_state=32, str_ascii=48, str_compact=72),
 }
+# Versions the walk has no tested offsets for, and why they are refused rather than guessed.
+UNSUPPORTED = {
+    (3, 9): "no native thread id in PyThreadState before 3.11 (only pthread_self), which the kernel does not match yet",
+    (3, 8): "no native thread id in PyThreadState before 3.11; no 3.8 interpreter runs in the tests",
+    (3, 10): "no native thread id in PyThreadState before 3.11; no 3.10 interpreter runs in the tests",
+    (3, 12): "untested: no 3.12 interpreter runs in the tests (Debian ships none); its entry frames need skipping",
+}
+DEBUG_COOKIE = b"xdebugpy"
 
 _PROC = struct.Struct("<QQQ16H")
 
@@ -67,6 +81,7 @@ class Interpreter:
     runtime_vaddr: int
     version: tuple[int, int]
     segments: tuple[tuple[int, int, int], ...]  # (p_offset, p_filesz, p_vaddr) of PT_LOAD
+    debug: Offsets | None = None  # 3.13+: from the _Py_DebugOffsets at the start of _PyRuntime
 
 
 @dataclass(frozen=True)
@@ -82,14 +97,16 @@ class PyProc:
         o = self.offsets
         return (self.runtime, self.pidns[0], self.pidns[1], o.interp_head, o.threads_head, o.tstate_next,
                 o.tstate_native_tid, o.tstate_cframe, o.cframe_frame, o.frame_code, o.frame_previous,
-                o.code_name, o.code_file, o.code_line, o.str_state, o.str_ascii, o.str_compact)
+                o.code_name, o.code_file, o.code_line, o.str_state, o.str_ascii, o.str_compact, o.frame_owner)
 
     def pack(self) -> bytes:
-        return _PROC.pack(*self.fields(), 0, 0)
+        return _PROC.pack(*self.fields(), 0)
 
 
-def read_interpreter(path: str) -> Interpreter | None:
-    """`_PyRuntime` and `Py_Version` from an ELF's symbols; None if it is no CPython 3.11+."""
+def read_interpreter(path: str, name: str | None = None) -> Interpreter | None:
+    """`_PyRuntime` and the version from an ELF's symbols (`Py_Version`, 3.11+) or, before 3.11,
+    from the file's name (python3.9, libpython3.9.so.1.0); on 3.13+ the `_Py_DebugOffsets` that
+    `_PyRuntime` starts with, read from the file's initialised data. None if it is no CPython."""
     from elftools.common.exceptions import ELFError
     from elftools.elf.elffile import ELFFile
     from elftools.elf.sections import SymbolTableSection
@@ -100,8 +117,8 @@ def read_interpreter(path: str) -> Interpreter | None:
             segments = tuple((s["p_offset"], s["p_filesz"], s["p_vaddr"]) for s in elf.iter_segments()
                              if s["p_type"] == "PT_LOAD")
             found: dict[str, int] = {}
-            for name in (".dynsym", ".symtab"):
-                sec = elf.get_section_by_name(name)
+            for section in (".dynsym", ".symtab"):
+                sec = elf.get_section_by_name(section)
                 if not isinstance(sec, SymbolTableSection):
                     continue
                 for want in ("_PyRuntime", "Py_Version"):
@@ -109,17 +126,64 @@ def read_interpreter(path: str) -> Interpreter | None:
                         syms = sec.get_symbol_by_name(want)
                         if syms and syms[0]["st_value"]:
                             found[want] = syms[0]["st_value"]
-            if "_PyRuntime" not in found or "Py_Version" not in found:
+            if "_PyRuntime" not in found:
                 return None
-            version_at = _file_offset(segments, found["Py_Version"])
-            if version_at is None:
+            version: tuple[int, int] | None = None
+            version_at = _file_offset(segments, found["Py_Version"]) if "Py_Version" in found else None
+            if version_at is not None:
+                f.seek(version_at)
+                hexversion = int.from_bytes(f.read(4), "little")
+                version = ((hexversion >> 24) & 0xFF, (hexversion >> 16) & 0xFF)
+            elif "Py_Version" not in found:
+                m = _NAMED_VERSION.search(os.path.basename(name or path))
+                if m:
+                    version = (int(m.group(1)), int(m.group(2)))
+            if version is None:
                 return None
-            f.seek(version_at)
-            hexversion = int.from_bytes(f.read(4), "little")
+            debug = None
+            if version >= (3, 13):
+                runtime_at = _file_offset(segments, found["_PyRuntime"])
+                if runtime_at is None:
+                    return None
+                f.seek(runtime_at)
+                debug = parse_debug_offsets(f.read(DEBUG_OFFSETS_SIZE))
     except (OSError, ELFError, ValueError) as e:
         log.debug("no interpreter in %s: %s", path, e)
         return None
-    return Interpreter(found["_PyRuntime"], ((hexversion >> 24) & 0xFF, (hexversion >> 16) & 0xFF), segments)
+    return Interpreter(found["_PyRuntime"], version, segments, debug)
+
+
+_NAMED_VERSION = re.compile(r"python(\d)\.(\d+)")
+
+# _Py_DebugOffsets (Include/internal/pycore_debug_offsets.h, 3.13): a cookie, the version,
+# then sections of u64 offsets, each section starting with the structure's size. Indexes of
+# the u64 words the walk needs.
+_DEBUG_WORDS = {
+    "version": 1, "interp_head": 5, "threads_head": 9, "tstate_next": 21, "tstate_native_tid": 25,
+    "tstate_frame": 23, "frame_previous": 29, "frame_code": 30, "frame_owner": 33, "code_file": 35,
+    "code_qualname": 37, "code_line": 39, "str_state": 68, "str_ascii_size": 70,
+}
+DEBUG_OFFSETS_SIZE = 8 * 80
+
+
+def parse_debug_offsets(raw: bytes) -> Offsets | None:
+    """The walk's offsets from a 3.13+ interpreter's `_Py_DebugOffsets`; None without its cookie
+    or with an offset that does not fit the kernel's u16."""
+    if len(raw) < DEBUG_OFFSETS_SIZE or raw[:8] != DEBUG_COOKIE:
+        return None
+    w = {k: int.from_bytes(raw[8 * i:8 * i + 8], "little") for k, i in _DEBUG_WORDS.items()}
+    ascii_size = w["str_ascii_size"]
+    out = Offsets(interp_head=w["interp_head"], threads_head=w["threads_head"], tstate_next=w["tstate_next"],
+                  tstate_native_tid=w["tstate_native_tid"], tstate_cframe=NO_CFRAME, cframe_frame=w["tstate_frame"],
+                  frame_code=w["frame_code"], frame_previous=w["frame_previous"], code_name=w["code_qualname"],
+                  code_file=w["code_file"], code_line=w["code_line"], str_state=w["str_state"],
+                  str_ascii=ascii_size, str_compact=ascii_size + 16,  # + utf8_length, utf8
+                  frame_owner=w["frame_owner"])
+    if not out.frame_owner or any(v >= NO_CFRAME for v in (out.interp_head, out.frame_owner, out.threads_head, out.tstate_next, out.tstate_native_tid,
+                                    out.cframe_frame, out.frame_code, out.frame_previous, out.code_name,
+                                    out.code_file, out.code_line, out.str_state, out.str_compact)):
+        return None
+    return out
 
 
 def _file_offset(segments: tuple[tuple[int, int, int], ...], vaddr: int) -> int | None:
@@ -136,6 +200,13 @@ def load_bias(segments: tuple[tuple[int, int, int], ...], map_start: int, map_of
         if off - (off % 4096) <= map_offset < off + max(size, 1):
             return map_start - map_offset - (va - off)
     return None
+
+
+def offsets_for(interp: Interpreter) -> Offsets | None:
+    """3.13+: the interpreter's own debug offsets; earlier: the measured table."""
+    if interp.version >= (3, 13):
+        return interp.debug
+    return OFFSETS.get(interp.version)
 
 
 class PythonFinder:
@@ -160,15 +231,16 @@ class PythonFinder:
             path = parts[5].strip()
             key = (parts[3], int(parts[4]))
             if key not in self._files:
-                self._files[key] = read_interpreter(f"{self.procfs}/{pid}/root{path}")
+                self._files[key] = self._read(pid, parts[0], parts[3], int(parts[4]), path)
                 if len(self._files) > self.max_files:
                     self._files.popitem(last=False)
             interp = self._files[key]
             if interp is None:
                 continue
-            offsets = OFFSETS.get(interp.version)
+            offsets = offsets_for(interp)
             if offsets is None:
-                log.debug("pid %d: CPython %d.%d, no frame offsets for it", pid, *interp.version)
+                log.debug("pid %d: CPython %d.%d, no frame offsets for it: %s", pid, *interp.version,
+                          UNSUPPORTED.get(interp.version, "not a supported version"))
                 return None
             start = int(parts[0].split("-")[0], 16)
             bias = load_bias(interp.segments, start, int(parts[2], 16))
@@ -180,6 +252,29 @@ class PythonFinder:
             except OSError:
                 pidns = (0, 0)
             return PyProc(pid, bias + interp.runtime_vaddr, interp.version, offsets, pidns)
+        return None
+
+
+    def _read(self, pid: int, span: str, dev: str, inode: int, path: str) -> Interpreter | None:
+        """The mapped file itself (map_files, where the agent may read it), else the path under
+        the process's root, else the path as the agent sees it if that is the same file (a
+        chrooted process's map shows the path outside its root)."""
+        start, end = (int(x, 16) for x in span.split("-"))
+        tries = [f"{self.procfs}/{pid}/map_files/{start:x}-{end:x}", f"{self.procfs}/{pid}/root{path}", path]
+        major, minor = (int(x, 16) for x in dev.split(":"))
+        for i, at in enumerate(tries):
+            if i == 2:
+                try:
+                    st = os.stat(at)
+                except OSError:
+                    break
+                if st.st_ino != inode or (os.major(st.st_dev), os.minor(st.st_dev)) != (major, minor):
+                    break
+            elif not os.access(at, os.R_OK):
+                continue
+            found = read_interpreter(at, path)
+            if found is not None:
+                return found
         return None
 
 

@@ -32,7 +32,7 @@ struct py_proc {
     u16 tstate_native_tid;
     u16 tstate_cframe;   /* 0xffff: the frame hangs off the thread state directly (3.13) */
     u16 cframe_frame;    /* _PyCFrame.current_frame (or PyThreadState.current_frame) */
-    u16 frame_code;      /* _PyInterpreterFrame.f_code */
+    u16 frame_code;      /* _PyInterpreterFrame.f_code / f_executable */
     u16 frame_previous;
     u16 code_name;       /* co_qualname */
     u16 code_file;
@@ -40,7 +40,8 @@ struct py_proc {
     u16 str_state;       /* PyASCIIObject.state */
     u16 str_ascii;       /* data of a compact ASCII str (sizeof PyASCIIObject) */
     u16 str_compact;     /* data of a compact non-ASCII str (sizeof PyCompactUnicodeObject) */
-    u16 _pad[2];
+    u16 frame_owner;     /* _PyInterpreterFrame.owner (3.13); 0: none. Entry frames give code 0 */
+    u16 _pad;
 };
 
 struct py_stack {

@@ -10,11 +10,18 @@ import sys
 import threading
 
 from agent.profiling.python import (
+    DEBUG_OFFSETS_SIZE,
+    NO_CFRAME,
     OFFSETS,
+    UNSUPPORTED,
+    Interpreter,
+    Offsets,
     PythonFinder,
     decode_str,
     interleave,
     load_bias,
+    offsets_for,
+    parse_debug_offsets,
     python_frame,
 )
 
@@ -92,3 +99,36 @@ def test_load_bias_from_a_mapping_of_a_pie_and_a_fixed_address_file() -> None:
 
 def test_no_interpreter_without_a_readable_memory_map() -> None:
     assert PythonFinder(procfs="/nonexistent").find(1) is None
+
+
+# The first 71 u64 words of Debian 13's python3.13 (3.13.5) _PyRuntime, its _Py_DebugOffsets
+# (cookie, version, free_threaded, then sections each led by the structure's size).
+DEBUG_3_13 = [0, 0x30D05F0, 0, 283376, 608, 632, 194976, 7272, 7264, 7344, 7400, 7656, 7640, 7648, 16, 7752, 0,
+              7768, 7760, 304, 0, 8, 16, 72, 152, 160, 232, 32, 80, 8, 0, 56, 72, 70, 208, 112, 120, 128, 136, 68,
+              52, 96, 104, 200, 16, 8, 416, 24, 88, 168, 32, 24, 16, 40, 24, 16, 48, 32, 40, 24, 16, 32, 16, 24, 40,
+              16, 32, 64, 32, 16, 40]
+
+
+def debug_bytes(words: list[int]) -> bytes:
+    raw = b"xdebugpy" + b"".join(w.to_bytes(8, "little") for w in words[1:])
+    return raw + bytes(DEBUG_OFFSETS_SIZE - len(raw))
+
+
+def test_3_13_offsets_come_from_the_interpreters_debug_offsets() -> None:
+    o = parse_debug_offsets(debug_bytes(DEBUG_3_13))
+    assert o == Offsets(interp_head=632, threads_head=7344, tstate_next=8, tstate_native_tid=160,
+                        tstate_cframe=NO_CFRAME, cframe_frame=72, frame_code=0, frame_previous=8, code_name=128,
+                        code_file=112, code_line=68, str_state=32, str_ascii=40, str_compact=56, frame_owner=70)
+    assert parse_debug_offsets(b"xdebugpz" + debug_bytes(DEBUG_3_13)[8:]) is None  # no cookie
+    assert parse_debug_offsets(debug_bytes(DEBUG_3_13)[:100]) is None  # short
+    far = list(DEBUG_3_13)
+    far[25] = 0x10000  # native_thread_id beyond the kernel's u16
+    assert parse_debug_offsets(debug_bytes(far)) is None
+
+
+def test_versions_without_tested_offsets_are_refused_with_a_reason() -> None:
+    segs = ((0, 0x1000, 0),)
+    for v in ((3, 8), (3, 9), (3, 10), (3, 12)):
+        assert offsets_for(Interpreter(0x100, v, segs)) is None and UNSUPPORTED[v]
+    assert offsets_for(Interpreter(0x100, (3, 11), segs)) == OFFSETS[(3, 11)]
+    assert offsets_for(Interpreter(0x100, (3, 13), segs)) is None  # no debug offsets read
