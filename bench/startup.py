@@ -1,6 +1,7 @@
 """Start-up to the first /metrics answer (budget 10 s, BCC compilation and opening the embedded
 store included) and the agent's RSS after start, with the embedded store (the default; chDB
-alone is ~290 MB). RSS with a remote store (budget 150 MB) is printed by bench/store.py.
+alone is ~290 MB when it opens, most of it start-up pages the agent gives back: agent/memory.py).
+RSS with a remote store is printed by bench/store.py, and under load by bench/memory.py.
 Prints figures; asserts nothing.
 
 Run as root: `make bench` or `python bench/startup.py [--runs N]`.

@@ -22,9 +22,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import struct
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from agent.logs import safeopen
 
 log = logging.getLogger(__name__)
 
@@ -256,23 +260,31 @@ class PythonFinder:
 
 
     def _read(self, pid: int, span: str, dev: str, inode: int, path: str) -> Interpreter | None:
-        """The mapped file itself (map_files, where the agent may read it), else the path under
-        the process's root, else the path as the agent sees it if that is the same file (a
-        chrooted process's map shows the path outside its root)."""
+        """The mapped file itself: through map_files (where the agent may read it), else the
+        path resolved inside the process's root (never led out of it: safeopen), else the path
+        as the agent sees it (a chrooted process's map shows the path outside its root). The
+        path is the traced process's to change: whatever is opened is a regular file, opened
+        without blocking, and read only if it is the very file mapped (device, inode)."""
         start, end = (int(x, 16) for x in span.split("-"))
-        tries = [f"{self.procfs}/{pid}/map_files/{start:x}-{end:x}", f"{self.procfs}/{pid}/root{path}", path]
         major, minor = (int(x, 16) for x in dev.split(":"))
-        for i, at in enumerate(tries):
-            if i == 2:
-                try:
-                    st = os.stat(at)
-                except OSError:
-                    break
-                if st.st_ino != inode or (os.major(st.st_dev), os.minor(st.st_dev)) != (major, minor):
-                    break
-            elif not os.access(at, os.R_OK):
+        opens: list[Callable[[], int]] = [
+            lambda: os.open(f"{self.procfs}/{pid}/map_files/{start:x}-{end:x}", safeopen.READ_FLAGS),
+            lambda: safeopen.open_in_root(f"{self.procfs}/{pid}/root", path),
+            lambda: os.open(path, safeopen.READ_FLAGS | os.O_NOFOLLOW),
+        ]
+        for opener in opens:
+            try:
+                fd = opener()
+            except OSError:
                 continue
-            found = read_interpreter(at, path)
+            try:
+                st = os.fstat(fd)
+                if (not stat.S_ISREG(st.st_mode) or st.st_ino != inode
+                        or (os.major(st.st_dev), os.minor(st.st_dev)) != (major, minor)):
+                    continue
+                found = read_interpreter(f"/proc/self/fd/{fd}", path)
+            finally:
+                os.close(fd)
             if found is not None:
                 return found
         return None

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
+import psutil
 import pytest
 
 from tests.system.helpers import (
@@ -142,3 +143,21 @@ def test_every_exported_family_has_the_node_agents_name_type_and_labels(agent: A
                            "missing": sorted((want | CONST_LABELS) - labels)}
     assert wrong == {}, "\n".join(f"{n}: {d}" for n, d in wrong.items())
     assert len([n for n in got if n in FAMILIES]) >= len(PRODUCED)
+
+
+def test_the_agents_memory_by_part_adds_up_to_its_rss(agent: AgentProcess, traffic: None) -> None:
+    """coroot_agent_memory_bytes{part} (agent/memory.py) splits the agent's RSS: every part is
+    there (embedded store: the engine's heap too), and together they are the process's RSS as
+    the kernel counts it, read a moment apart (an insert moves it by tens of MB)."""
+
+    def parts() -> dict[str, float]:
+        return {lb["part"]: v for n, lb, v in agent.metrics() if n == "coroot_agent_memory_bytes"}
+
+    assert wait_for(lambda: "engine_heap" in parts(), 30, interval=0.5), parts()
+    got = parts()
+    rss = psutil.Process(agent.pid).memory_info().rss
+    assert set(got) == {"engine_code", "compiler_code", "bpf_maps", "other_files", "engine_heap", "anonymous"}
+    assert all(v >= 0 for v in got.values()) and got["engine_heap"] > 0 and got["bpf_maps"] > 0, got
+    assert 0.6 * rss < sum(got.values()) < 1.4 * rss, (sum(got.values()), rss, got)
+    paged_out = agent.value("coroot_agent_memory_paged_out_bytes")
+    assert paged_out is not None and paged_out > 50 << 20, paged_out  # at least LLVM's start-up pages
