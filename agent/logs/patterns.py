@@ -80,12 +80,15 @@ _UUID = re.compile(r"[a-fA-F0-9]{8}-[a-fA-F0-9]{4}-[a-fA-F0-9]{4}-[a-fA-F0-9]{4}
 _DIGITS = re.compile(r"[0-9]+")
 _WORD = re.compile(r"[A-Za-z][A-Za-z._-]*[A-Za-z]")
 _OPEN = {"]": "[", ")": "(", "}": "{"}
+_OPENERS = re.compile(r"[\[({\"']")
 MAX_WORDS = 100
 MAX_DIFF = 1
 
 
 def _outside_quotes_and_brackets(s: str) -> str:
     """`s` without quoted strings and (nested) bracketed groups; a backslash escapes a quote."""
+    if not _OPENERS.search(s):
+        return s  # nothing opens a quote or a group: every character is kept (the common line)
     out: list[str] = []
     quote = ""
     brackets: list[str] = []
