@@ -191,6 +191,21 @@ def open_in_root(root: str, path: str, prefix: str = "/", use_openat2: bool = Tr
     return reopen_regular(resolve_in_root(root, path, prefix, use_openat2), path)
 
 
+def open_mapped(procfs: str, pid: int, path: str, dev: str, inode: int) -> int:
+    """A read-only, non-blocking descriptor of a file process `pid` maps, named by its maps
+    line (`path`, and `dev` as "MAJOR:MINOR" in hex with `inode`): resolved inside the
+    process's root (never led out of it), and only if it is the very file mapped. The path is
+    the process's to change after it mapped the file: a symlink, FIFO or other file put there
+    is refused. Raises Refused or OSError."""
+    fd = open_in_root(f"{procfs}/{pid}/root", path)
+    st = os.fstat(fd)
+    major, minor = (int(x, 16) for x in dev.split(":"))
+    if st.st_ino != inode or (os.major(st.st_dev), os.minor(st.st_dev)) != (major, minor):
+        os.close(fd)
+        raise Refused("changed", path, "not the file the process maps")
+    return fd
+
+
 def open_proc_fd(procfs: str, pid: int, fd: int, prefix: str) -> tuple[int, str]:
     """The file a process holds as descriptor `fd`, opened for reading, and its path as the
     process sees it. The path is taken from the kernel (readlink of /proc/PID/fd/N), not from

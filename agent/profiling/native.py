@@ -22,6 +22,7 @@ the rest, off the profiler's thread:
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.ebpf.maps import BpfMap
+from agent.logs import safeopen
 from agent.profiling.symbols import Mapping, read_maps
 from agent.profiling.unwind import ROW, TableError, UnwindTable, build
 
@@ -231,12 +233,20 @@ class NativeUnwinder:
         if key in self._tables:
             self._tables.move_to_end(key)
             return self._tables[key]
+        try:  # the path is the traced process's: resolved inside its root, the mapped file only
+            fd = safeopen.open_mapped(self.procfs, pid, m.path, m.dev, m.inode)
+        except OSError as e:
+            log.debug("pid %d: %s not read: %s", pid, m.path, e)
+            self.dropped["not_opened"] += 1
+            return None  # not remembered: another process mapping the file may open it
         try:
-            table: UnwindTable | None = build(f"{self.procfs}/{pid}/root{m.path}")
+            table: UnwindTable | None = build(f"/proc/self/fd/{fd}")
         except TableError as e:
             log.debug("no unwind table: %s", e)
             self.dropped["no_table" if "rows, more than" not in str(e) else "rows"] += 1
             table = None
+        finally:
+            os.close(fd)
         if table is not None:
             self.built += 1
             self.build_seconds += table.build_seconds

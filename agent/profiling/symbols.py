@@ -16,6 +16,8 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from agent.logs import safeopen
+
 log = logging.getLogger(__name__)
 
 
@@ -187,22 +189,33 @@ class Symbolizer:
         if key in self._binaries:
             self._binaries.move_to_end(key)
             return self._binaries[key]
-        table = _load_elf(f"{self.procfs}/{pid}/root{m.path}")
+        try:  # the path is the traced process's: resolved inside its root, the mapped file only
+            fd = safeopen.open_mapped(self.procfs, pid, m.path, m.dev, m.inode)
+        except OSError as e:
+            log.debug("pid %d: %s not read: %s", pid, m.path, e)
+            return None  # not remembered: another process mapping the file may open it
+        try:
+            table = _load_elf(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
         self._binaries[key] = table
         if len(self._binaries) > self.max_binaries:
             self._binaries.popitem(last=False)
         return table
 
     def _perf_map(self, pid: int) -> tuple[list[int], list[int], list[str]] | None:
-        path = f"{self.procfs}/{pid}/root/tmp/perf-{pid}.map"
-        try:
-            mtime = os.stat(path).st_mtime
+        try:  # the process's own /tmp, never led out of its root; a regular file, not blocking
+            fd = safeopen.open_in_root(f"{self.procfs}/{pid}/root", f"/tmp/perf-{pid}.map", prefix="/tmp")
         except OSError:
             return None
-        cached = self._perf_maps.get(pid)
-        if cached is None or cached[0] != mtime:
-            cached = (mtime, read_perf_map(path))
-            self._perf_maps[pid] = cached
+        try:
+            mtime = os.fstat(fd).st_mtime
+            cached = self._perf_maps.get(pid)
+            if cached is None or cached[0] != mtime:
+                cached = (mtime, read_perf_map(f"/proc/self/fd/{fd}"))
+                self._perf_maps[pid] = cached
+        finally:
+            os.close(fd)
         return cached[1]
 
     def user(self, pid: int, addr: int) -> str:

@@ -5,7 +5,6 @@ tests/system/test_profiler_unwind.py)."""
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,17 @@ from agent.profiling import native, unwind
 from agent.profiling.native import NativeMaps, NativeUnwinder, RowSpace
 from agent.profiling.unwind import ROW
 
-build = functools.cache(unwind.build)  # each file's table built once for the whole module
+_built: dict[tuple[int, int], unwind.UnwindTable] = {}
+
+
+def build(path: str) -> unwind.UnwindTable:
+    """Each file's table built once for the whole module, by (device, inode): the unwinder
+    builds from /proc/self/fd/N, whose numbers are reused for other files."""
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino)
+    if key not in _built:
+        _built[key] = unwind.build(path)
+    return _built[key]
 
 
 @pytest.fixture(autouse=True)
@@ -71,6 +80,12 @@ def test_row_space_first_fit_and_merge() -> None:
     assert s.free == [(0, 100)] and s.used == 0
 
 
+def devino(path: str | Path) -> str:
+    """'MAJOR:MINOR INODE' of a file, as /proc/PID/maps writes them."""
+    st = os.stat(path)
+    return f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x} {st.st_ino}"
+
+
 class Procfs:
     """/proc/PID/maps and /proc/PID/root for made-up pids, with real files mapped."""
 
@@ -79,16 +94,18 @@ class Procfs:
         (root / "root").mkdir()
 
     def add(self, pid: int, files: list[tuple[str, int, int]]) -> None:
-        """files: (path, inode, start) mapped r-xp at offset of its first executable segment."""
+        """files: (path, inode, start) mapped r-xp at offset of its first executable segment.
+        The maps line carries the file's real device and inode (the unwinder reads only the
+        file that is mapped); `inode` only names the entry in the tests."""
         d = self.root / str(pid)
         d.mkdir(exist_ok=True)
         if not (d / "root").exists():
             (d / "root").symlink_to("/")
         lines = []
-        for path, inode, start in files:
+        for path, _inode, start in files:
             t = build(path)
             off, size, _ = next(s for s in t.segments if s[0] > 0)  # the text segment
-            lines.append(f"{start:x}-{start + ((size + 4095) & ~4095):x} r-xp {off:08x} 08:01 {inode} {path}\n")
+            lines.append(f"{start:x}-{start + ((size + 4095) & ~4095):x} r-xp {off:08x} {devino(path)} {path}\n")
         (d / "maps").write_text("".join(lines))
 
 
@@ -156,7 +173,7 @@ def test_a_file_without_a_table_is_remembered_and_counted(tmp_path: Path) -> Non
     bogus = tmp_path / "bogus"
     bogus.write_bytes(b"\x7fELF not really")
     (tmp_path / "301" / "maps").write_text((tmp_path / "301" / "maps").read_text()
-                                           + f"7f1000000000-7f1000001000 r-xp 00000000 08:01 99 {bogus}\n")
+                                           + f"7f1000000000-7f1000001000 r-xp 00000000 {devino(bogus)} {bogus}\n")
     maps, fm = fake_maps()
     u = NativeUnwinder(str(tmp_path))
     u.attach(maps)
