@@ -70,6 +70,9 @@ def profiled(burn: str, agent: AgentProcess) -> Iterator[dict]:
         wait_for(lambda: rows(agent, f"SELECT count() AS n FROM profiling_stacks WHERE ServiceName = '{jit_cid}' "
                                      "AND has(Stack, 'jitted_spin_loop :0')") != [{"n": 0}], 60, interval=1)
         p_jit.kill()
+        p_jit.wait()
+        if os.path.exists(f"/tmp/perf-{p_jit.pid}.map"):  # the "JIT" leaves its map, as a killed one would
+            os.unlink(f"/tmp/perf-{p_jit.pid}.map")
         # 500 short-lived processes: the symbol caches must not keep them
         for _ in range(50):
             batch = [cg.spawn(churn, [burn, "burn", "0.01"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
