@@ -48,11 +48,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent.component import Component
 from agent.containers.registry import Process, Registry
 from agent.logs import safeopen
 from agent.metrics import Families
 from agent.runtime import nettrace
+from agent.runtime.follow import RoundThread
 from agent.runtime.jvm import ns_pid
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,6 @@ INTERVAL_SECONDS = 5  # EventCounterIntervalSec, as the node agent's
 IO_TIMEOUT = 0.5  # connect and each command's answer (the node agent's dial timeout)
 MAX_PROCESSES = 64
 MAX_CLASSIFY_PER_ROUND = 1024
-ROUND_SECONDS = 1.0
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 60.0
 MAPS_MAX = 4 << 20
 CMDLINE_MAX = 64 << 10
@@ -300,7 +299,7 @@ class _DotNet:
     sock: socket.socket | None = None
 
 
-class DotNetMetrics(Component):
+class DotNetMetrics(RoundThread):
     """container_dotnet_* for the .NET processes of every reported container."""
 
     name = "dotnet"
@@ -315,9 +314,7 @@ class DotNetMetrics(Component):
         self._pending: dict[int, None] = {}
         self._procs: dict[int, _DotNet] = {}
         self._relook: dict[int, tuple[float, int]] = {}  # pid -> (when, looks so far)
-        self._synced = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._init_thread()
         self.sessions: dict[str, int] = {}  # result -> count
         self.dropped = 0
 
@@ -348,24 +345,8 @@ class DotNetMetrics(Component):
 
     # ------------------------------------------------------------ thread ---
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="dotnet", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.round()
-            except Exception:  # noqa: BLE001 - the next round tries again
-                log.exception("dotnet: looking at processes")
-            self._stop.wait(ROUND_SECONDS)
-
     def round(self) -> None:
-        if not self._synced:
-            self._synced = True
-            with self._lock:
-                for pid in self.registry.pids():
-                    self._pending[pid] = None
+        self._sync_pending()
         now = self._clock()
         with self._lock:
             for pid, (when, _) in list(self._relook.items()):
@@ -484,9 +465,7 @@ class DotNetMetrics(Component):
             procs = list(self._procs.values())
             for d in procs:
                 self._forget(d)
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
-            self._thread = None
+        self._stop_thread()
         for d in procs:
             if d.thread is not None:
                 d.thread.join(timeout=1.0)

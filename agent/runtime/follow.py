@@ -5,12 +5,15 @@ processes the registry already knew. What looking at a process means is the subc
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 
 from agent.component import Component
 from agent.containers.registry import Process, Registry
 from agent.ebpf.maps import Programs
+
+log = logging.getLogger(__name__)
 
 MAX_QUEUED = 8192  # processes waiting to be looked at; more are dropped (and counted)
 MAX_CLASSIFY_PER_TICK = 512
@@ -66,3 +69,47 @@ class ProcessFollower(Component):
     def _untrack(self, pid: int) -> None:
         """Stop following a process (gone, or no longer the runtime)."""
         raise NotImplementedError
+
+
+class RoundThread(Component):
+    """The shape of a runtime reader with a thread of its own (agent/runtime/jvm.py, dotnet.py):
+    `round()` about every `every` seconds until `close`; a round that raises is logged and the
+    next one tries again. `_sync_pending` queues, once, the processes the registry already knew."""
+
+    every = 1.0
+    _pending: dict[int, None]
+    _lock: threading.Lock
+    registry: Registry
+
+    def _init_thread(self) -> None:
+        self._synced = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.round()
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.exception("%s: a round failed", self.name)
+            self._stop.wait(self.every)
+
+    def round(self) -> None:
+        raise NotImplementedError
+
+    def _sync_pending(self) -> None:
+        if not self._synced:
+            self._synced = True
+            with self._lock:
+                for pid in self.registry.pids():
+                    self._pending[pid] = None
+
+    def _stop_thread(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+            self._thread = None

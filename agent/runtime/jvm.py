@@ -43,16 +43,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.component import Component
 from agent.containers.registry import Process, Registry
 from agent.logs import safeopen
 from agent.metrics import Families
 from agent.runtime import hsperfdata
+from agent.runtime.follow import RoundThread
 
 log = logging.getLogger(__name__)
 
 REFRESH_SECONDS = 5.0  # a JVM's counters are read again after this
-ROUND_SECONDS = 1.0
 MAX_JVMS = 4096
 MAX_READS_PER_ROUND = 64
 MAX_CLASSIFY_PER_ROUND = 1024
@@ -265,7 +264,7 @@ class _Jvm:
     backoff: float = REFRESH_SECONDS
 
 
-class JvmMetrics(Component):
+class JvmMetrics(RoundThread):
     """container_jvm_* for the JVMs of every reported container."""
 
     name = "jvm"
@@ -279,9 +278,7 @@ class JvmMetrics(Component):
         self._lock = threading.Lock()
         self._pending: dict[int, None] = {}  # pids to look at, in arrival order
         self._jvms: dict[int, _Jvm] = {}
-        self._synced = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._init_thread()
         self.reads: dict[str, int] = {}  # result -> count
         self.dropped = 0
 
@@ -300,25 +297,9 @@ class JvmMetrics(Component):
 
     # ------------------------------------------------------------ thread ---
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="jvm", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.round()
-            except Exception:  # noqa: BLE001 - the next round tries again
-                log.exception("jvm: reading counters")
-            self._stop.wait(ROUND_SECONDS)
-
     def round(self) -> None:
         """Look at the processes that came, then read the JVMs that are due (bounded)."""
-        if not self._synced:
-            self._synced = True
-            with self._lock:
-                for pid in self.registry.pids():
-                    self._pending[pid] = None
+        self._sync_pending()
         with self._lock:
             batch = list(self._pending)[:MAX_CLASSIFY_PER_ROUND]
             for pid in batch:
@@ -403,10 +384,7 @@ class JvmMetrics(Component):
                 j.backoff = min(j.backoff * 2, MISSING_BACKOFF_MAX)
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
-            self._thread = None
+        self._stop_thread()
 
     # ----------------------------------------------------------- answers ---
 
