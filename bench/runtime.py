@@ -31,6 +31,7 @@ Run as root: `python bench/runtime.py [--jvms 4] [--rounds 200] [--calls 200000]
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shutil
 import subprocess
@@ -232,14 +233,7 @@ def bench_dotnet(rounds: int) -> None:
             / "dotnet31_system_runtime.nettrace").read_bytes()
 
     def one() -> int:
-        pos = [0]
-
-        def read(n: int) -> bytes:
-            b = data[pos[0]:pos[0] + n]
-            pos[0] += len(b)
-            return b
-
-        r = nettrace.Reader(read)
+        r = nettrace.Reader(io.BytesIO(data).read)
         c = dotnet.Counters()
         events = 0
         try:

@@ -5,6 +5,7 @@ on garbage: the reader raises nettrace.Invalid and nothing else."""
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import struct
@@ -22,14 +23,7 @@ DATA = Path(__file__).parent / "data" / "dotnet31_system_runtime.nettrace"
 
 
 def events_of(data: bytes) -> tuple[list[nettrace.Event], nettrace.Reader, str]:
-    pos = [0]
-
-    def read(n: int) -> bytes:
-        b = data[pos[0]:pos[0] + n]
-        pos[0] += len(b)
-        return b
-
-    r = nettrace.Reader(read)
+    r = nettrace.Reader(io.BytesIO(data).read)
     out: list[nettrace.Event] = []
     err = ""
     try:
